@@ -1,0 +1,177 @@
+/* simd.c - scalar, AVX2+FMA and AVX-512F kernels and their run-time dispatch. */
+#include "simd.h"
+#include "../f16.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+/* ---- scalar ---------------------------------------------------------- */
+
+static float dot_scalar(const float *a, const float *b, size_t n) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static void dot4_scalar(const float *rows, size_t n, const float *x, float *y) {
+    for (int r = 0; r < 4; r++) y[r] = dot_scalar(rows + (size_t)r * n, x, n);
+}
+
+static void axpy_scalar(float *y, float a, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void f16_scalar(const uint16_t *src, float *dst, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = eng_f16_to_f32(src[i]);
+}
+
+/* ---- AVX2 + FMA ------------------------------------------------------ */
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+AVX2 static float dot_avx2(const float *a, const float *b, size_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+AVX2 static void dot4_avx2(const float *rows, size_t n, const float *x, float *y) {
+    const float *r0 = rows, *r1 = rows + n, *r2 = rows + 2 * n, *r3 = rows + 3 * n;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + i), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + i), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + i), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + i), xv, a3);
+    }
+    float s[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+    for (; i < n; i++) {
+        s[0] += r0[i] * x[i];
+        s[1] += r1[i] * x[i];
+        s[2] += r2[i] * x[i];
+        s[3] += r3[i] * x[i];
+    }
+    memcpy(y, s, sizeof(s));
+}
+
+AVX2 static void axpy_avx2(float *y, float a, const float *x, size_t n) {
+    __m256 av = _mm256_set1_ps(a);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+AVX2 static void f16_avx2(const uint16_t *src, float *dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = eng_f16_to_f32(src[i]);
+}
+
+/* ---- AVX-512F -------------------------------------------------------- */
+
+#define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+AVX512 static float dot_avx512(const float *a, const float *b, size_t n) {
+    __m512 s0 = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    float s = _mm512_reduce_add_ps(s0);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+AVX512 static void dot4_avx512(const float *rows, size_t n, const float *x, float *y) {
+    const float *r0 = rows, *r1 = rows + n, *r2 = rows + 2 * n, *r3 = rows + 3 * n;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 xv = _mm512_loadu_ps(x + i);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + i), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + i), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + i), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + i), xv, a3);
+    }
+    float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                  _mm512_reduce_add_ps(a3)};
+    for (; i < n; i++) {
+        s[0] += r0[i] * x[i];
+        s[1] += r1[i] * x[i];
+        s[2] += r2[i] * x[i];
+        s[3] += r3[i] * x[i];
+    }
+    memcpy(y, s, sizeof(s));
+}
+
+AVX512 static void axpy_avx512(float *y, float a, const float *x, size_t n) {
+    __m512 av = _mm512_set1_ps(a);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+AVX512 static void f16_avx512(const uint16_t *src, float *dst, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i < n; i++) dst[i] = eng_f16_to_f32(src[i]);
+}
+
+/* ---- dispatch -------------------------------------------------------- */
+
+static const simd_ops_t ops_scalar = {"scalar", dot4_scalar, dot_scalar, axpy_scalar, f16_scalar};
+static const simd_ops_t ops_avx2 = {"avx2", dot4_avx2, dot_avx2, axpy_avx2, f16_avx2};
+static const simd_ops_t ops_avx512 = {"avx512", dot4_avx512, dot_avx512, axpy_avx512, f16_avx512};
+
+simd_ops_t simd = {"scalar", dot4_scalar, dot_scalar, axpy_scalar, f16_scalar};
+
+static int have(const char *name) {
+    __builtin_cpu_init();
+    if (strcmp(name, "scalar") == 0) return 1;
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(name, "avx2") == 0) return avx2;
+    if (strcmp(name, "avx512") == 0) return avx2 && __builtin_cpu_supports("avx512f");
+    return 0;
+}
+
+int simd_select(const char *name) {
+    if (!have(name)) return -1;
+    if (strcmp(name, "avx512") == 0) simd = ops_avx512;
+    else if (strcmp(name, "avx2") == 0) simd = ops_avx2;
+    else simd = ops_scalar;
+    return 0;
+}
+
+void simd_init(void) {
+    if (simd_select("avx512") != 0 && simd_select("avx2") != 0) simd_select("scalar");
+}

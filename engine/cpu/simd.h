@@ -1,0 +1,27 @@
+/* simd.h - private: the CPU's vector kernels, chosen at run time.
+ *
+ * Each kernel has a portable scalar version and AVX2+FMA / AVX-512F versions
+ * compiled with target attributes; simd_init() picks the widest the CPU has.
+ */
+#ifndef TIDALD_CPU_SIMD_H
+#define TIDALD_CPU_SIMD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    const char *name;
+    /* y[r] = dot(rows + r*n, x) for r < 4: four rows share each load of x */
+    void (*dot4)(const float *rows, size_t n, const float *x, float *y);
+    float (*dot)(const float *a, const float *b, size_t n);
+    /* y += a * x */
+    void (*axpy)(float *y, float a, const float *x, size_t n);
+    void (*f16_to_f32)(const uint16_t *src, float *dst, size_t n);
+} simd_ops_t;
+
+extern simd_ops_t simd;
+
+void simd_init(void);
+int simd_select(const char *name); /* 0 ok, -1 unavailable */
+
+#endif

@@ -1,0 +1,256 @@
+/* forward.c - the batched Llama forward pass over paged KV sequences.
+ *
+ * One call processes every token of a step: decode tokens of running
+ * sequences and prefill chunks of new ones. Projections run as one matmul
+ * over all T tokens (weights read once per step); attention runs per
+ * sequence through its block table. Activations live in buffers sized once
+ * for max_batch_tokens, so a step allocates nothing.
+ */
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct eng_ctx {
+    const eng_model_t *m;
+    eng_backend_t *be;
+    kv_pool_t pool;
+    eng_ctx_params_t p;
+    /* activations, max_batch_tokens rows each */
+    float *x, *xn, *q, *k, *v, *att, *ffg, *ffu;
+    float *logit_in;  /* final-normed rows that want logits */
+    float *logit_buf; /* max_seqs rows of n_vocab: last-token logits of a step */
+    uint32_t *pos;
+    int32_t *ids;
+    eng_attn_seq_t *aseq;
+};
+
+void eng_ctx_params_default(eng_ctx_params_t *p) {
+    memset(p, 0, sizeof(*p));
+    p->block_size = 16;
+    p->max_batch_tokens = 512;
+    p->max_seqs = 16;
+}
+
+static void *alloc_f(size_t rows, size_t cols) { return malloc(sizeof(float) * rows * cols); }
+
+int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t *p, char *msg) {
+    *out = NULL;
+    const eng_hparams_t *hp = &m->hp;
+    eng_ctx_t *c = calloc(1, sizeof(*c));
+    if (!c) return eng_fail(msg, ENG_ENOMEM, "out of memory");
+    c->m = m;
+    c->p = *p;
+    if (!c->p.block_size) c->p.block_size = 16;
+    if (!c->p.max_batch_tokens) c->p.max_batch_tokens = 512;
+    if (!c->p.max_seqs) c->p.max_seqs = 16;
+    if (!c->p.n_ctx) c->p.n_ctx = hp->n_ctx_train;
+    int rc;
+    if (c->p.block_size > 4096 || c->p.max_batch_tokens > 65536 || c->p.max_seqs > 4096 ||
+        c->p.n_ctx > (1u << 24)) {
+        rc = eng_fail(msg, ENG_EINVAL, "context parameters out of range");
+        goto fail;
+    }
+    uint32_t kvd = hp->n_head_kv * hp->head_dim;
+    uint32_t n_blocks;
+    if (c->p.kv_mem_bytes) {
+        n_blocks = kv_pool_blocks_for_bytes(hp->n_layer, kvd, c->p.block_size, c->p.kv_mem_bytes);
+    } else {
+        uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size;
+        uint64_t nb = per_seq * c->p.max_seqs;
+        n_blocks = nb > UINT32_MAX / 2 ? UINT32_MAX / 2 : (uint32_t)nb;
+    }
+    if (n_blocks == 0) {
+        rc = eng_fail(msg, ENG_EINVAL, "KV memory budget is smaller than one block");
+        goto fail;
+    }
+    if ((rc = kv_pool_init(&c->pool, hp->n_layer, kvd, c->p.block_size, n_blocks, msg))) goto fail;
+    if ((rc = eng_cpu_backend_create(&c->be, c->p.n_threads, msg))) goto fail;
+    size_t widest = hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd;
+    if (c->be->ops->reserve(c->be, widest, c->p.block_size, c->p.max_seqs) != 0) {
+        rc = eng_fail(msg, ENG_ENOMEM, "out of memory for backend scratch");
+        goto fail;
+    }
+    size_t T = c->p.max_batch_tokens;
+    c->x = alloc_f(T, hp->n_embd);
+    c->xn = alloc_f(T, hp->n_embd);
+    c->q = alloc_f(T, hp->n_embd);
+    c->k = alloc_f(T, kvd);
+    c->v = alloc_f(T, kvd);
+    c->att = alloc_f(T, hp->n_embd);
+    c->ffg = alloc_f(T, hp->n_ff);
+    c->ffu = alloc_f(T, hp->n_ff);
+    c->logit_in = alloc_f(T > c->p.max_seqs ? T : c->p.max_seqs, hp->n_embd);
+    c->logit_buf = alloc_f(c->p.max_seqs, hp->n_vocab);
+    c->pos = malloc(sizeof(uint32_t) * T);
+    c->ids = malloc(sizeof(int32_t) * T);
+    c->aseq = malloc(sizeof(eng_attn_seq_t) * c->p.max_seqs);
+    if (!c->x || !c->xn || !c->q || !c->k || !c->v || !c->att || !c->ffg || !c->ffu ||
+        !c->logit_in || !c->logit_buf || !c->pos || !c->ids || !c->aseq) {
+        rc = eng_fail(msg, ENG_ENOMEM, "out of memory for activations");
+        goto fail;
+    }
+    *out = c;
+    return 0;
+fail:
+    eng_ctx_free(c);
+    return rc;
+}
+
+void eng_ctx_free(eng_ctx_t *c) {
+    if (!c) return;
+    if (c->be) c->be->ops->destroy(c->be);
+    kv_pool_close(&c->pool);
+    free(c->x);
+    free(c->xn);
+    free(c->q);
+    free(c->k);
+    free(c->v);
+    free(c->att);
+    free(c->ffg);
+    free(c->ffu);
+    free(c->logit_in);
+    free(c->logit_buf);
+    free(c->pos);
+    free(c->ids);
+    free(c->aseq);
+    free(c);
+}
+
+kv_pool_t *eng_ctx_kv_pool(eng_ctx_t *c) { return &c->pool; }
+uint32_t eng_ctx_n_ctx(const eng_ctx_t *c) { return c->p.n_ctx; }
+const char *eng_ctx_backend_name(const eng_ctx_t *c) { return c->be->ops->name; }
+
+/* Check the whole batch and reserve KV space before anything is written. */
+static int prepare(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, uint32_t *T_out,
+                   char *msg) {
+    const eng_hparams_t *hp = &c->m->hp;
+    if (n_items == 0 || n_items > c->p.max_seqs)
+        return eng_fail(msg, ENG_EINVAL, "batch of %u sequences (1..%u allowed)", n_items,
+                        c->p.max_seqs);
+    uint64_t T = 0;
+    for (uint32_t i = 0; i < n_items; i++) {
+        eng_batch_item_t *it = &items[i];
+        if (!it->seq || it->seq->pool != &c->pool || !it->n_tokens || !it->tokens)
+            return eng_fail(msg, ENG_EINVAL, "batch item %u is empty or foreign", i);
+        for (uint32_t j = 0; j < i; j++)
+            if (items[j].seq == it->seq)
+                return eng_fail(msg, ENG_EINVAL, "sequence appears twice in one batch");
+        if ((uint64_t)it->seq->n_tokens + it->n_tokens > c->p.n_ctx)
+            return eng_fail(msg, ENG_ERANGE, "sequence of %u + %u tokens exceeds the context of %u",
+                            it->seq->n_tokens, it->n_tokens, c->p.n_ctx);
+        for (uint32_t j = 0; j < it->n_tokens; j++)
+            if (it->tokens[j] < 0 || (uint32_t)it->tokens[j] >= hp->n_vocab)
+                return eng_fail(msg, ENG_ERANGE, "token id %d is outside the vocabulary of %u",
+                                it->tokens[j], hp->n_vocab);
+        T += it->n_tokens;
+    }
+    if (T > c->p.max_batch_tokens)
+        return eng_fail(msg, ENG_EINVAL, "batch of %llu tokens exceeds the step budget of %u",
+                        (unsigned long long)T, c->p.max_batch_tokens);
+    uint32_t need = 0;
+    for (uint32_t i = 0; i < n_items; i++) {
+        kv_seq_t *s = items[i].seq;
+        uint32_t want = (s->n_tokens + items[i].n_tokens + c->pool.block_size - 1) /
+                        c->pool.block_size;
+        if (want > s->n_blocks) need += want - s->n_blocks;
+    }
+    if (need > c->pool.n_free)
+        return eng_fail(msg, ENG_ENOSPACE, "KV cache needs %u free blocks, has %u", need,
+                        c->pool.n_free);
+    for (uint32_t i = 0; i < n_items; i++) {
+        int rc = kv_seq_reserve(items[i].seq, items[i].seq->n_tokens + items[i].n_tokens);
+        if (rc) return eng_fail(msg, rc, "KV reservation failed");
+    }
+    *T_out = (uint32_t)T;
+    return 0;
+}
+
+int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *msg) {
+    uint32_t T = 0;
+    int rc = prepare(c, items, n_items, &T, msg);
+    if (rc) return rc;
+    const eng_model_t *m = c->m;
+    const eng_hparams_t *hp = &m->hp;
+    eng_backend_t *be = c->be;
+    const eng_backend_ops_t *op = be->ops;
+    uint32_t d = hp->n_embd, kvd = hp->n_head_kv * hp->head_dim;
+
+    uint32_t t = 0;
+    for (uint32_t i = 0; i < n_items; i++) {
+        eng_batch_item_t *it = &items[i];
+        c->aseq[i] = (eng_attn_seq_t){it->seq, t, it->n_tokens, it->seq->n_tokens};
+        for (uint32_t j = 0; j < it->n_tokens; j++, t++) {
+            c->ids[t] = it->tokens[j];
+            c->pos[t] = it->seq->n_tokens + j;
+        }
+    }
+    op->get_rows(be, &m->tok_embd, c->ids, T, c->x);
+    eng_attn_shape_t shape = {hp->n_head, hp->n_head_kv, hp->head_dim,
+                              1.0f / sqrtf((float)hp->head_dim)};
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
+        const eng_layer_t *L = &m->layers[l];
+        op->rmsnorm(be, c->x, L->attn_norm, c->xn, T, d, hp->rms_eps);
+        op->matmul(be, &L->wq, c->xn, c->q, T);
+        op->matmul(be, &L->wk, c->xn, c->k, T);
+        op->matmul(be, &L->wv, c->xn, c->v, T);
+        op->rope(be, c->q, c->pos, T, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base,
+                 m->rope_freqs);
+        op->rope(be, c->k, c->pos, T, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base,
+                 m->rope_freqs);
+        /* append this step's keys and values through the block tables */
+        for (uint32_t i = 0; i < n_items; i++) {
+            const eng_attn_seq_t *a = &c->aseq[i];
+            for (uint32_t j = 0; j < a->n_q; j++) {
+                memcpy(kv_seq_k(a->seq, l, a->pos0 + j), c->k + (size_t)(a->q_start + j) * kvd,
+                       sizeof(float) * kvd);
+                memcpy(kv_seq_v(a->seq, l, a->pos0 + j), c->v + (size_t)(a->q_start + j) * kvd,
+                       sizeof(float) * kvd);
+            }
+        }
+        op->attention(be, &shape, l, c->q, c->aseq, n_items, c->att);
+        op->matmul(be, &L->wo, c->att, c->xn, T);
+        op->add(be, c->x, c->xn, (size_t)T * d);
+        op->rmsnorm(be, c->x, L->ffn_norm, c->xn, T, d, hp->rms_eps);
+        op->matmul(be, &L->w_gate, c->xn, c->ffg, T);
+        op->matmul(be, &L->w_up, c->xn, c->ffu, T);
+        op->swiglu(be, c->ffg, c->ffu, (size_t)T * hp->n_ff);
+        op->matmul(be, &L->w_down, c->ffg, c->xn, T);
+        op->add(be, c->x, c->xn, (size_t)T * d);
+    }
+    for (uint32_t i = 0; i < n_items; i++) items[i].seq->n_tokens += items[i].n_tokens;
+
+    /* Logits only for the rows that asked. Last-token rows of all items go through one output
+     * matmul (the vocabulary projection is the largest weight); all-token items get their own. */
+    uint32_t R = 0;
+    for (uint32_t i = 0; i < n_items; i++) {
+        eng_batch_item_t *it = &items[i];
+        if (!it->logits) continue;
+        size_t row = c->aseq[i].q_start;
+        if (it->all_logits) {
+            op->rmsnorm(be, c->x + row * d, m->output_norm, c->logit_in, it->n_tokens, d,
+                        hp->rms_eps);
+            op->matmul(be, &m->output, c->logit_in, it->logits, it->n_tokens);
+        }
+    }
+    for (uint32_t i = 0; i < n_items; i++) {
+        eng_batch_item_t *it = &items[i];
+        if (!it->logits || it->all_logits) continue;
+        size_t row = c->aseq[i].q_start + it->n_tokens - 1;
+        op->rmsnorm(be, c->x + row * d, m->output_norm, c->logit_in + (size_t)R * d, 1, d,
+                    hp->rms_eps);
+        R++;
+    }
+    if (R) {
+        op->matmul(be, &m->output, c->logit_in, c->logit_buf, R);
+        R = 0;
+        for (uint32_t i = 0; i < n_items; i++) {
+            eng_batch_item_t *it = &items[i];
+            if (!it->logits || it->all_logits) continue;
+            memcpy(it->logits, c->logit_buf + (size_t)R++ * hp->n_vocab,
+                   sizeof(float) * hp->n_vocab);
+        }
+    }
+    return 0;
+}

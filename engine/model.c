@@ -1,0 +1,203 @@
+/* model.c - Llama-family hyper-parameters and weights from GGUF metadata.
+ *
+ * Accepts the `llama` architecture (Llama 2/3, TinyLlama, SmolLM, Mistral
+ * without sliding window all convert to it) and `mistral`. Every tensor's
+ * shape is checked against the hyper-parameters before use.
+ */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int get_u32(const gguf_t *g, const char *arch, const char *suffix, uint32_t *out,
+                   bool required, char *msg) {
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    uint64_t v;
+    int rc = gguf_get_u64(g, key, &v, msg);
+    if (rc < 0) return rc;
+    if (rc == 1) return required ? eng_fail(msg, ENG_EFORMAT, "missing metadata '%s'", key) : 0;
+    if (v == 0 || v > (1u << 30))
+        return eng_fail(msg, ENG_EFORMAT, "metadata '%s' = %llu is out of range", key,
+                        (unsigned long long)v);
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static int get_f32(const gguf_t *g, const char *arch, const char *suffix, float *out,
+                   char *msg) {
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    double v;
+    int rc = gguf_get_f64(g, key, &v, msg);
+    if (rc < 0) return rc;
+    if (rc == 0) {
+        if (!(v > 0) || !isfinite(v))
+            return eng_fail(msg, ENG_EFORMAT, "metadata '%s' = %g must be positive", key, v);
+        *out = (float)v;
+    }
+    return 0;
+}
+
+/* Find a 2-D tensor of shape [cols, rows] (ggml order) and describe it. */
+static int weight(const gguf_t *g, const char *name, uint32_t cols, uint32_t rows,
+                  eng_tensor_t *out, char *msg) {
+    const gguf_tensor_t *t = gguf_tensor(g, name);
+    if (!t) return eng_fail(msg, ENG_EFORMAT, "missing tensor '%s'", name);
+    if (t->ne[0] != cols || t->ne[1] != rows || t->ne[2] != 1 || t->ne[3] != 1)
+        return eng_fail(msg, ENG_EFORMAT,
+                        "tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%u, %u]", name,
+                        (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                        (unsigned long long)t->ne[2], (unsigned long long)t->ne[3], cols, rows);
+    size_t align = t->type == GGML_F32 ? 4 : 2;
+    if ((uintptr_t)t->data % align)
+        return eng_fail(msg, ENG_EFORMAT, "tensor '%s' data is not %zu-byte aligned", name, align);
+    out->type = t->type;
+    out->rows = rows;
+    out->cols = cols;
+    out->row_bytes = gguf_row_bytes(t->type, cols);
+    out->data = t->data;
+    return 0;
+}
+
+/* A 1-D F32 vector of n elements. */
+static int vector(const gguf_t *g, const char *name, uint32_t n, const float **out, bool required,
+                  char *msg) {
+    const gguf_tensor_t *t = gguf_tensor(g, name);
+    if (!t) return required ? eng_fail(msg, ENG_EFORMAT, "missing tensor '%s'", name) : 0;
+    if (t->type != GGML_F32 || t->ne[0] != n || t->n_dims != 1)
+        return eng_fail(msg, ENG_EFORMAT, "tensor '%s' must be F32 of %u elements", name, n);
+    if ((uintptr_t)t->data % 4)
+        return eng_fail(msg, ENG_EFORMAT, "tensor '%s' is not 4-byte aligned", name);
+    *out = t->data;
+    return 0;
+}
+
+static int load_hparams(eng_model_t *m, char *msg) {
+    const gguf_t *g = m->gguf;
+    eng_hparams_t *hp = &m->hp;
+    const char *arch = gguf_get_str(g, "general.architecture");
+    if (!arch) return eng_fail(msg, ENG_EFORMAT, "missing metadata 'general.architecture'");
+    if (strcmp(arch, "llama") != 0 && strcmp(arch, "mistral") != 0)
+        return eng_fail(msg, ENG_EUNSUPPORTED,
+                        "architecture '%s' is not supported (tidald runs llama and mistral)",
+                        arch);
+    snprintf(hp->arch, sizeof(hp->arch), "%s", arch);
+    const char *name = gguf_get_str(g, "general.name");
+    snprintf(hp->name, sizeof(hp->name), "%s", name ? name : "model");
+    int rc;
+    if ((rc = get_u32(g, arch, "context_length", &hp->n_ctx_train, true, msg)) ||
+        (rc = get_u32(g, arch, "embedding_length", &hp->n_embd, true, msg)) ||
+        (rc = get_u32(g, arch, "block_count", &hp->n_layer, true, msg)) ||
+        (rc = get_u32(g, arch, "feed_forward_length", &hp->n_ff, true, msg)) ||
+        (rc = get_u32(g, arch, "attention.head_count", &hp->n_head, true, msg)))
+        return rc;
+    hp->n_head_kv = hp->n_head;
+    if ((rc = get_u32(g, arch, "attention.head_count_kv", &hp->n_head_kv, false, msg))) return rc;
+    if (hp->n_embd % hp->n_head)
+        return eng_fail(msg, ENG_EFORMAT, "embedding length %u is not a multiple of %u heads",
+                        hp->n_embd, hp->n_head);
+    if (hp->n_head % hp->n_head_kv)
+        return eng_fail(msg, ENG_EFORMAT, "%u heads are not a multiple of %u KV heads",
+                        hp->n_head, hp->n_head_kv);
+    hp->head_dim = hp->n_embd / hp->n_head;
+    if ((rc = get_u32(g, arch, "attention.key_length", &hp->head_dim, false, msg))) return rc;
+    if (hp->head_dim * hp->n_head != hp->n_embd)
+        return eng_fail(msg, ENG_EUNSUPPORTED, "head size %u x %u heads != embedding %u",
+                        hp->head_dim, hp->n_head, hp->n_embd);
+    hp->n_rot = hp->head_dim;
+    if ((rc = get_u32(g, arch, "rope.dimension_count", &hp->n_rot, false, msg))) return rc;
+    if (hp->n_rot > hp->head_dim || hp->n_rot % 2)
+        return eng_fail(msg, ENG_EFORMAT, "rope dimension count %u must be even and <= %u",
+                        hp->n_rot, hp->head_dim);
+    hp->rms_eps = 1e-5f;
+    hp->rope_base = 10000.0f;
+    if ((rc = get_f32(g, arch, "attention.layer_norm_rms_epsilon", &hp->rms_eps, msg)) ||
+        (rc = get_f32(g, arch, "rope.freq_base", &hp->rope_base, msg)))
+        return rc;
+    char key[128];
+    snprintf(key, sizeof(key), "%s.attention.sliding_window", arch);
+    uint64_t sw = 0;
+    if (gguf_get_u64(g, key, &sw, NULL) == 0 && sw && sw < hp->n_ctx_train)
+        fprintf(stderr,
+                "tidald: warning: model declares a %llu-token sliding window; tidald attends "
+                "densely, so outputs past %llu tokens differ from windowed attention\n",
+                (unsigned long long)sw, (unsigned long long)sw);
+    const gguf_tensor_t *emb = gguf_tensor(g, "token_embd.weight");
+    if (!emb) return eng_fail(msg, ENG_EFORMAT, "missing tensor 'token_embd.weight'");
+    if (emb->ne[1] > (1u << 24))
+        return eng_fail(msg, ENG_EFORMAT, "vocabulary of %llu tokens is too large",
+                        (unsigned long long)emb->ne[1]);
+    hp->n_vocab = (uint32_t)emb->ne[1];
+    return 0;
+}
+
+static int load_weights(eng_model_t *m, char *msg) {
+    const gguf_t *g = m->gguf;
+    const eng_hparams_t *hp = &m->hp;
+    uint32_t d = hp->n_embd, kvd = hp->n_head_kv * hp->head_dim, qd = hp->n_head * hp->head_dim;
+    int rc;
+    if ((rc = weight(g, "token_embd.weight", d, hp->n_vocab, &m->tok_embd, msg))) return rc;
+    if ((rc = vector(g, "output_norm.weight", d, &m->output_norm, true, msg))) return rc;
+    if (gguf_tensor(g, "output.weight")) {
+        if ((rc = weight(g, "output.weight", d, hp->n_vocab, &m->output, msg))) return rc;
+    } else {
+        m->output = m->tok_embd;
+        m->hp.tied_output = true;
+    }
+    if ((rc = vector(g, "rope_freqs.weight", hp->n_rot / 2, &m->rope_freqs, false, msg)))
+        return rc;
+    m->layers = calloc(hp->n_layer, sizeof(eng_layer_t));
+    if (!m->layers) return eng_fail(msg, ENG_ENOMEM, "out of memory");
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
+        eng_layer_t *L = &m->layers[l];
+        char n[96];
+#define W(field, suffix, cols, rows)                                                               \
+    snprintf(n, sizeof(n), "blk.%u.%s.weight", l, suffix);                                         \
+    if ((rc = weight(g, n, cols, rows, &L->field, msg))) return rc;
+#define V(field, suffix)                                                                           \
+    snprintf(n, sizeof(n), "blk.%u.%s.weight", l, suffix);                                         \
+    if ((rc = vector(g, n, d, &L->field, true, msg))) return rc;
+        V(attn_norm, "attn_norm")
+        V(ffn_norm, "ffn_norm")
+        W(wq, "attn_q", d, qd)
+        W(wk, "attn_k", d, kvd)
+        W(wv, "attn_v", d, kvd)
+        W(wo, "attn_output", qd, d)
+        W(w_gate, "ffn_gate", d, hp->n_ff)
+        W(w_up, "ffn_up", d, hp->n_ff)
+        W(w_down, "ffn_down", hp->n_ff, d)
+#undef W
+#undef V
+    }
+    m->hp.weight_type = m->layers[0].wq.type;
+    return 0;
+}
+
+int eng_model_load(eng_model_t **out, const char *path, char *msg) {
+    *out = NULL;
+    eng_model_t *m = calloc(1, sizeof(*m));
+    if (!m) return eng_fail(msg, ENG_ENOMEM, "out of memory");
+    int rc = gguf_open(&m->gguf, path, msg);
+    if (rc) goto fail;
+    if ((rc = load_hparams(m, msg)) || (rc = load_weights(m, msg))) goto fail;
+    if ((rc = eng__tokenizer_load(&m->tok, m->gguf, m->hp.n_vocab, msg))) goto fail;
+    *out = m;
+    return 0;
+fail:
+    eng_model_free(m);
+    return rc;
+}
+
+void eng_model_free(eng_model_t *m) {
+    if (!m) return;
+    eng__tokenizer_free(m->tok);
+    free(m->layers);
+    gguf_close(m->gguf);
+    free(m);
+}
+
+const eng_hparams_t *eng_model_hparams(const eng_model_t *m) { return &m->hp; }
+const eng_tokenizer_t *eng_model_tokenizer(const eng_model_t *m) { return m->tok; }

@@ -1,0 +1,86 @@
+/* kvcache.c - block pool (free-list stack) and block tables. */
+#include "kvcache.h"
+#include "../engine/err.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static size_t block_floats(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size) {
+    return (size_t)n_layer * 2 * block_size * kv_dim;
+}
+
+uint32_t kv_pool_blocks_for_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                                  size_t mem_bytes) {
+    size_t per = block_floats(n_layer, kv_dim, block_size) * sizeof(float);
+    if (!per) return 0;
+    size_t n = mem_bytes / per;
+    return n > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)n;
+}
+
+int kv_pool_init(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                 uint32_t n_blocks, char *msg) {
+    memset(p, 0, sizeof(*p));
+    if (!n_layer || !kv_dim || !block_size || !n_blocks)
+        return eng_fail(msg, ENG_EINVAL, "KV pool: every dimension must be positive");
+    size_t per = block_floats(n_layer, kv_dim, block_size);
+    if (per > SIZE_MAX / sizeof(float) / n_blocks)
+        return eng_fail(msg, ENG_ERANGE, "KV pool: size overflows");
+    p->data = calloc(per * n_blocks, sizeof(float));
+    p->free_list = malloc(sizeof(uint32_t) * n_blocks);
+    if (!p->data || !p->free_list) {
+        free(p->data);
+        free(p->free_list);
+        memset(p, 0, sizeof(*p));
+        return eng_fail(msg, ENG_ENOMEM, "KV pool: cannot allocate %u blocks of %zu bytes",
+                        n_blocks, per * sizeof(float));
+    }
+    p->n_layer = n_layer;
+    p->kv_dim = kv_dim;
+    p->block_size = block_size;
+    p->n_blocks = n_blocks;
+    /* hand out low block ids first */
+    for (uint32_t i = 0; i < n_blocks; i++) p->free_list[i] = n_blocks - 1 - i;
+    p->n_free = n_blocks;
+    return 0;
+}
+
+void kv_pool_close(kv_pool_t *p) {
+    free(p->data);
+    free(p->free_list);
+    memset(p, 0, sizeof(*p));
+}
+
+void kv_seq_init(kv_seq_t *s, kv_pool_t *pool) {
+    memset(s, 0, sizeof(*s));
+    s->pool = pool;
+}
+
+int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens) {
+    kv_pool_t *p = s->pool;
+    uint32_t need = (uint32_t)(((uint64_t)n_tokens + p->block_size - 1) / p->block_size);
+    if (need > s->cap_blocks) {
+        uint32_t cap = s->cap_blocks ? s->cap_blocks : 8;
+        while (cap < need) cap *= 2;
+        uint32_t *nb = realloc(s->blocks, sizeof(uint32_t) * cap);
+        if (!nb) return ENG_ENOMEM;
+        s->blocks = nb;
+        s->cap_blocks = cap;
+    }
+    while (s->n_blocks < need) {
+        if (!p->n_free) return ENG_ENOSPACE;
+        s->blocks[s->n_blocks++] = p->free_list[--p->n_free];
+    }
+    return 0;
+}
+
+void kv_seq_reset(kv_seq_t *s) {
+    kv_pool_t *p = s->pool;
+    while (s->n_blocks) p->free_list[p->n_free++] = s->blocks[--s->n_blocks];
+    s->n_tokens = 0;
+}
+
+void kv_seq_close(kv_seq_t *s) {
+    if (s->pool) kv_seq_reset(s);
+    free(s->blocks);
+    memset(s, 0, sizeof(*s));
+}

@@ -1,0 +1,66 @@
+/* kvcache.h - the paged KV block pool and per-sequence block tables.
+ *
+ * One pool of fixed-size blocks is sized at start-up. A block holds
+ * `block_size` token slots for every layer: keys and values of kv_dim floats
+ * each. A sequence owns a block table mapping its logical blocks to physical
+ * ones; attention reads keys and values through that table. Blocks are handed
+ * out from a free list in O(1) and returned when a sequence is reset or freed.
+ *
+ * Not thread-safe: the engine thread owns the pool. Attention kernels may read
+ * concurrently while no allocation is in progress.
+ */
+#ifndef TIDALD_KVCACHE_H
+#define TIDALD_KVCACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    uint32_t n_layer;
+    uint32_t kv_dim;     /* n_head_kv * head_dim */
+    uint32_t block_size; /* tokens per block */
+    uint32_t n_blocks;
+    float *data;         /* n_blocks * n_layer * 2 * block_size * kv_dim floats */
+    uint32_t *free_list; /* stack of free block ids */
+    uint32_t n_free;
+} kv_pool_t;
+
+typedef struct {
+    kv_pool_t *pool;
+    uint32_t *blocks; /* block table: logical -> physical */
+    uint32_t n_blocks, cap_blocks;
+    uint32_t n_tokens; /* tokens whose K/V are stored */
+} kv_seq_t;
+
+/* Size a pool of n_blocks blocks. Returns 0 or a negative eng_err_t (msg filled). */
+int kv_pool_init(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                 uint32_t n_blocks, char *msg);
+void kv_pool_close(kv_pool_t *p);
+/* How many blocks fit in mem_bytes for the given shape (at least 0). */
+uint32_t kv_pool_blocks_for_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                                  size_t mem_bytes);
+static inline double kv_pool_usage(const kv_pool_t *p) {
+    return p->n_blocks ? (double)(p->n_blocks - p->n_free) / p->n_blocks : 0.0;
+}
+
+void kv_seq_init(kv_seq_t *s, kv_pool_t *pool);
+/* Ensure capacity for n_tokens total; allocates blocks. ENG_ENOSPACE if the pool is exhausted
+ * (already allocated blocks are kept, so the caller may retry after freeing others). */
+int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens);
+/* Drop all tokens and return every block to the pool. */
+void kv_seq_reset(kv_seq_t *s);
+void kv_seq_close(kv_seq_t *s);
+
+/* Address of the key (or value) vector of token `pos` in `layer`. pos < capacity. */
+static inline float *kv_seq_k(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
+    const kv_pool_t *p = s->pool;
+    uint32_t b = s->blocks[pos / p->block_size];
+    size_t slab = (size_t)p->block_size * p->kv_dim;
+    return p->data + ((size_t)b * p->n_layer + layer) * 2 * slab +
+           (size_t)(pos % p->block_size) * p->kv_dim;
+}
+static inline float *kv_seq_v(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
+    return kv_seq_k(s, layer, pos) + (size_t)s->pool->block_size * s->pool->kv_dim;
+}
+
+#endif

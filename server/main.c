@@ -1,0 +1,187 @@
+/* main.c - the tidald command line: subcommand dispatch and `generate`.
+ *
+ * `generate` loads a model, prefills the prompt in chunks, then decodes one
+ * token at a time, streaming whole UTF-8 text to stdout as it is produced.
+ * Everything diagnostic goes to stderr.
+ */
+#include "../config/config.h"
+#include "../engine/engine.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: tidald <command> [options]\n\n"
+               "commands:\n"
+               "  generate   generate text from a prompt (tidald generate --help)\n"
+               "  help       show this help\n\n"
+               "The HTTP server (`tidald serve`, and `tidald` with no command) lands with the\n"
+               "server issue; until then `tidald` with no command prints this help.\n");
+}
+
+static int cmd_generate(int argc, char **argv) {
+    cfg_generate_t cfg;
+    char msg[ENG_ERRMSG_LEN] = {0};
+    if (cfg_generate_parse(&cfg, argc, argv, msg) != 0) {
+        fprintf(stderr, "tidald generate: %s\n", msg);
+        return 2;
+    }
+    if (cfg.help) {
+        cfg_generate_help(stdout);
+        return 0;
+    }
+    if (!cfg.seed_set) cfg.seed = (uint64_t)time(NULL);
+
+    int status = 1;
+    eng_model_t *model = NULL;
+    eng_ctx_t *ctx = NULL;
+    eng_sampler_t *smp = NULL;
+    int32_t *prompt = NULL;
+    float *logits = NULL;
+    kv_seq_t seq = {0};
+    double t0 = now_s();
+    if (eng_model_load(&model, cfg.model, msg) != 0) {
+        fprintf(stderr, "tidald: cannot load model: %s\n", msg);
+        goto done;
+    }
+    const eng_hparams_t *hp = eng_model_hparams(model);
+    const eng_tokenizer_t *tok = eng_model_tokenizer(model);
+    eng_ctx_params_t cp;
+    eng_ctx_params_default(&cp);
+    cp.n_threads = cfg.threads;
+    cp.n_ctx = (uint32_t)cfg.ctx_size;
+    cp.max_seqs = 1;
+    cp.max_batch_tokens = (uint32_t)cfg.batch_size;
+    if (eng_ctx_create(&ctx, model, &cp, msg) != 0) {
+        fprintf(stderr, "tidald: cannot create context: %s\n", msg);
+        goto done;
+    }
+    double t_load = now_s() - t0;
+    if (cfg.verbose)
+        fprintf(stderr,
+                "tidald: %s (%s) layers=%u embd=%u heads=%u/%u vocab=%u ctx=%u backend=%s/%s "
+                "load=%.3fs seed=%llu\n",
+                hp->name, hp->arch, hp->n_layer, hp->n_embd, hp->n_head, hp->n_head_kv,
+                hp->n_vocab, eng_ctx_n_ctx(ctx), eng_ctx_backend_name(ctx), eng_cpu_simd_name(),
+                t_load, (unsigned long long)cfg.seed);
+
+    size_t n_prompt;
+    if (eng_tokenize(tok, cfg.prompt, strlen(cfg.prompt), eng_tok_add_bos(tok), &prompt, &n_prompt,
+                     msg) != 0) {
+        fprintf(stderr, "tidald: prompt: %s\n", msg);
+        goto done;
+    }
+    if (n_prompt == 0) {
+        fprintf(stderr, "tidald: the prompt is empty and the model adds no BOS token\n");
+        goto done;
+    }
+    if (n_prompt >= eng_ctx_n_ctx(ctx)) {
+        fprintf(stderr, "tidald: the prompt is %zu tokens; the context holds %u\n", n_prompt,
+                eng_ctx_n_ctx(ctx));
+        goto done;
+    }
+    eng_sampler_params_t sp;
+    eng_sampler_params_default(&sp);
+    sp.temperature = cfg.temperature;
+    sp.top_k = cfg.top_k;
+    sp.top_p = cfg.top_p;
+    sp.min_p = cfg.min_p;
+    sp.repetition_penalty = cfg.repeat_penalty;
+    sp.presence_penalty = cfg.presence_penalty;
+    sp.frequency_penalty = cfg.frequency_penalty;
+    sp.penalty_last_n = (uint32_t)cfg.repeat_last_n;
+    sp.seed = cfg.seed;
+    if (eng_sampler_params_check(&sp, msg) != 0 ||
+        eng_sampler_create(&smp, &sp, hp->n_vocab) != 0) {
+        fprintf(stderr, "tidald: sampler: %s\n", msg[0] ? msg : "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < n_prompt; i++) eng_sampler_accept(smp, prompt[i]);
+    logits = malloc(sizeof(float) * hp->n_vocab);
+    if (!logits) {
+        fprintf(stderr, "tidald: out of memory\n");
+        goto done;
+    }
+    kv_seq_init(&seq, eng_ctx_kv_pool(ctx));
+
+    double t1 = now_s();
+    for (size_t done_n = 0; done_n < n_prompt;) {
+        uint32_t n = (uint32_t)(n_prompt - done_n < (size_t)cp.max_batch_tokens
+                                    ? n_prompt - done_n
+                                    : cp.max_batch_tokens);
+        eng_batch_item_t it = {&seq, prompt + done_n, n, logits, false};
+        if (eng_forward(ctx, &it, 1, msg) != 0) {
+            fprintf(stderr, "tidald: prefill: %s\n", msg);
+            goto done;
+        }
+        done_n += n;
+    }
+    double t2 = now_s();
+    eng_detok_t dt;
+    eng_detok_init(&dt, tok);
+    char out[1024];
+    int32_t n_gen = 0;
+    const char *stop_reason = "length";
+    while (n_gen < cfg.max_tokens) {
+        int32_t id = eng_sampler_sample(smp, logits);
+        eng_sampler_accept(smp, id);
+        n_gen++;
+        if (eng_tok_is_eog(tok, id)) {
+            stop_reason = "eos";
+            break;
+        }
+        size_t w = eng_detok_push(&dt, id, out, sizeof(out));
+        fwrite(out, 1, w, stdout);
+        fflush(stdout);
+        if (n_gen == cfg.max_tokens) break;
+        if (seq.n_tokens + 1 > eng_ctx_n_ctx(ctx)) {
+            stop_reason = "context full";
+            break;
+        }
+        eng_batch_item_t it = {&seq, &id, 1, logits, false};
+        if (eng_forward(ctx, &it, 1, msg) != 0) {
+            fprintf(stderr, "\ntidald: decode: %s\n", msg);
+            goto done;
+        }
+    }
+    size_t w = eng_detok_flush(&dt, out, sizeof(out));
+    fwrite(out, 1, w, stdout);
+    fputc('\n', stdout);
+    fflush(stdout);
+    double t3 = now_s();
+    if (cfg.verbose)
+        fprintf(stderr,
+                "tidald: prompt %zu tokens in %.3fs (%.1f tok/s); generated %d tokens in %.3fs "
+                "(%.1f tok/s); stop: %s\n",
+                n_prompt, t2 - t1, n_prompt / (t2 - t1 + 1e-12), n_gen, t3 - t2,
+                n_gen / (t3 - t2 + 1e-12), stop_reason);
+    status = 0;
+done:
+    if (seq.pool) kv_seq_close(&seq);
+    free(logits);
+    free(prompt);
+    eng_sampler_free(smp);
+    eng_ctx_free(ctx);
+    eng_model_free(model);
+    return status;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 ||
+        strcmp(argv[1], "-h") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "generate") == 0) return cmd_generate(argc - 1, argv + 1);
+    fprintf(stderr, "tidald: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,26 @@
+/* synth_model.h - synthetic Llama GGUF models: random weights from a fixed seed,
+ * full llama metadata and a SentencePiece-style vocabulary, so that llama.cpp
+ * could load them too.
+ *
+ * A model is named SHAPE-TYPE, e.g. "tiny-f32", "m100-f16", "long-f16", where
+ * TYPE is f32, f16, bf16 or q8_0 (the type of the 2-D weights; norms stay F32).
+ */
+#ifndef TIDALD_TOOLS_SYNTH_MODEL_H
+#define TIDALD_TOOLS_SYNTH_MODEL_H
+
+#include <stdint.h>
+
+typedef struct {
+    const char *name;
+    uint32_t n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx;
+    int tied; /* output shares token_embd */
+    const char *about;
+} synth_shape_t;
+
+/* The named shapes, NULL-terminated. */
+extern const synth_shape_t synth_shapes[];
+
+/* Write model `name` (SHAPE-TYPE) to path. 0 or -1 with msg (256 bytes) filled. */
+int synth_write(const char *name, const char *path, uint64_t seed, char *msg);
+
+#endif
