@@ -4,6 +4,7 @@
 # runs every test twice: optimized, and under ASan+UBSan. The CUDA backend is
 # added by the CUDA issue; nothing here needs a GPU.
 
+SHELL   := /bin/bash
 CC      ?= cc
 BUILD   ?= build
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
@@ -31,7 +32,7 @@ MODEL_DIR  := $(BUILD)/models
 DEFAULT_MODEL ?= $(MODEL_DIR)/small-f32.gguf
 SHARED_MODEL := ../shared/models/stories260K.gguf
 
-.PHONY: all deps run test unit-test asan-test format format-check bench fuzz clean models
+.PHONY: all deps run test unit-test asan-test cli-test format format-check bench fuzz clean models
 
 all: $(BUILD)/tidald $(BUILD)/mkmodel
 
@@ -90,15 +91,24 @@ $(ASAN_TEST_BIN): $(call obj,$(ASAN_DIR),$(TEST_SRC) $(TEST_LIB_SRC))
 $(ASAN_DIR)/tidald: $(call obj,$(ASAN_DIR),$(MAIN_SRC) $(ENGINE_SRC))
 	$(CC) $(CFLAGS_ALL) $(SAN) $^ -o $@ $(LDLIBS)
 
-unit-test: $(TEST_BIN) $(BUILD)/tidald $(MODEL_DIR)/tiny-f32.gguf
-	TIDALD_BUILD=$(BUILD) $(TEST_BIN) --jobs 2
+TEST_TMP := $(BUILD)/test-tmp
+unit-test: $(TEST_BIN)
+	rm -rf $(TEST_TMP) && mkdir -p $(TEST_TMP)
+	TIDALD_TEST_TMP=$(abspath $(TEST_TMP)) $(TEST_BIN) --jobs 2
 
-asan-test: $(ASAN_TEST_BIN) $(ASAN_DIR)/tidald $(MODEL_DIR)/tiny-f32.gguf
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  TIDALD_BUILD=$(BUILD) TIDALD_BIN=$(ASAN_DIR)/tidald $(ASAN_TEST_BIN) --jobs 2
+# Criterion reports a test before its process exits, so a leak found at exit would not fail
+# it: the log is scanned for any sanitizer report as well.
+SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+           UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+asan-test: $(ASAN_TEST_BIN) $(ASAN_DIR)/tidald
+	@set -o pipefail 2>/dev/null || true; \
+	rm -rf $(TEST_TMP) && mkdir -p $(TEST_TMP); \
+	TIDALD_TEST_TMP=$(abspath $(TEST_TMP)) $(SAN_ENV) $(ASAN_TEST_BIN) --jobs 2 2>&1 | tee $(ASAN_DIR)/unit.log; st=$$?; \
+	if grep -qE 'ERROR: (Address|Leak)Sanitizer|runtime error:' $(ASAN_DIR)/unit.log; then \
+	  echo "asan-test: sanitizer reports above"; exit 1; fi; exit $$st
 
-cli-test: $(BUILD)/tidald $(ASAN_DIR)/tidald
-	TIDALD_BIN=$(ASAN_DIR)/tidald sh tests/integration/cli.sh
+cli-test: $(BUILD)/tidald $(ASAN_DIR)/tidald $(BUILD)/mkmodel
+	$(SAN_ENV) TIDALD_BIN=$(ASAN_DIR)/tidald MKMODEL=$(BUILD)/mkmodel bash tests/integration/cli.sh
 
 test: deps
 	$(MAKE) format-check

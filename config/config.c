@@ -45,7 +45,8 @@ static const flag_t gen_flags[] = {
     {"--temperature", F_FLOAT, 0, 100, OFF(temperature), "T",
      "sampling temperature; 0 decodes greedily (default 0.8)"},
     {"--top-p", F_FLOAT, 1e-9, 1, OFF(top_p), "P", "nucleus sampling mass, 1 = off (default 0.95)"},
-    {"--top-k", F_INT, 0, 1 << 24, OFF(top_k), "K", "keep the K most likely tokens, 0 = off (default 40)"},
+    {"--top-k", F_INT, 0, 1 << 24, OFF(top_k), "K",
+     "keep the K most likely tokens, 0 = off (default 40)"},
     {"--min-p", F_FLOAT, 0, 1, OFF(min_p), "P",
      "drop tokens below P x the top probability, 0 = off (default 0.05)"},
     {"--repeat-penalty", F_FLOAT, 1e-6, 100, OFF(repeat_penalty), "R",
@@ -60,7 +61,8 @@ static const flag_t gen_flags[] = {
     {"--threads", F_INT, 0, 256, OFF(threads), "N", "CPU worker threads, 0 = all CPUs (default 0)"},
     {"--ctx-size", F_INT, 0, 1 << 24, OFF(ctx_size), "N",
      "context window, 0 = the model's (default 0)"},
-    {"--batch-size", F_INT, 1, 65536, OFF(batch_size), "N", "prompt tokens per forward pass (default 512)"},
+    {"--batch-size", F_INT, 1, 65536, OFF(batch_size), "N",
+     "prompt tokens per forward pass (default 512)"},
     {"--verbose", F_BOOL, 0, 0, OFF(verbose), "", "print model and timing details to stderr"},
     {"--help", F_BOOL, 0, 0, OFF(help), "", "show this help"},
 };
@@ -99,8 +101,10 @@ int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
             *(bool *)base = true;
             continue;
         }
-        if (a[alen] == '=') val = a + alen + 1;
-        else if (i + 1 < argc) val = argv[++i];
+        if (a[alen] == '=')
+            val = a + alen + 1;
+        else if (i + 1 < argc)
+            val = argv[++i];
         else {
             snprintf(msg, CFG_ERRMSG_LEN, "%s needs a value (%s)", f->flag, f->arg);
             return -1;
@@ -108,7 +112,9 @@ int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
         long long iv;
         double dv;
         switch (f->type) {
-        case F_STR: *(const char **)base = val; break;
+        case F_STR:
+            *(const char **)base = val;
+            break;
         case F_INT:
             if (cfg_parse_int(val, (long long)f->lo, (long long)f->hi, &iv)) goto bad;
             *(int32_t *)base = (int32_t)iv;
@@ -127,7 +133,8 @@ int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
             c->seed_set = true;
             break;
         }
-        case F_BOOL: break;
+        case F_BOOL:
+            break;
         }
         continue;
     bad:

@@ -22,8 +22,8 @@ typedef struct {
     uint32_t n_vocab, n_ctx_train, n_embd, n_layer, n_ff;
     uint32_t n_head, n_head_kv, head_dim, n_rot;
     float rms_eps, rope_base;
-    bool tied_output;        /* output projection shares token_embd */
-    uint32_t weight_type;    /* ggml type of the attention weights (for display) */
+    bool tied_output;     /* output projection shares token_embd */
+    uint32_t weight_type; /* ggml type of the attention weights (for display) */
 } eng_hparams_t;
 
 typedef struct eng_model eng_model_t;
@@ -53,8 +53,7 @@ int eng_tokenize(const eng_tokenizer_t *t, const char *text, size_t len, bool ad
                  int32_t **out, size_t *n_out, char *msg);
 /* The bytes a token stands for (control tokens: none). Returns the byte count written, at most
  * cap; *needed (if not NULL) gets the full length. */
-size_t eng_token_bytes(const eng_tokenizer_t *t, int32_t id, char *buf, size_t cap,
-                       size_t *needed);
+size_t eng_token_bytes(const eng_tokenizer_t *t, int32_t id, char *buf, size_t cap, size_t *needed);
 
 /* Streaming detokenizer: collects token bytes and releases only whole UTF-8 sequences. */
 typedef struct {
@@ -74,12 +73,12 @@ size_t eng_detok_flush(eng_detok_t *d, char *out, size_t cap);
 /* ===== context and forward pass ======================================= */
 
 typedef struct {
-    int n_threads;            /* 0: all online CPUs */
-    uint32_t block_size;      /* KV tokens per block (default 16) */
-    size_t kv_mem_bytes;      /* KV pool budget; 0: enough for max_seqs * n_ctx */
-    uint32_t n_ctx;           /* per-sequence context; 0: the model's training context */
+    int n_threads;             /* 0: all online CPUs */
+    uint32_t block_size;       /* KV tokens per block (default 16) */
+    size_t kv_mem_bytes;       /* KV pool budget; 0: enough for max_seqs * n_ctx */
+    uint32_t n_ctx;            /* per-sequence context; 0: the model's training context */
     uint32_t max_batch_tokens; /* tokens per forward call (default 512) */
-    uint32_t max_seqs;        /* sequences per forward call (default 16) */
+    uint32_t max_seqs;         /* sequences per forward call (default 16) */
 } eng_ctx_params_t;
 
 typedef struct eng_ctx eng_ctx_t;
@@ -98,8 +97,8 @@ typedef struct {
     kv_seq_t *seq;
     const int32_t *tokens;
     uint32_t n_tokens;
-    float *logits;    /* n_vocab floats for the last token (or n_tokens*n_vocab), or NULL */
-    bool all_logits;  /* logits for every token of the item, not only the last */
+    float *logits;   /* n_vocab floats for the last token (or n_tokens*n_vocab), or NULL */
+    bool all_logits; /* logits for every token of the item, not only the last */
 } eng_batch_item_t;
 
 /* Run one batched forward pass. Every item's KV is appended and seq->n_tokens advanced.

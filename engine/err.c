@@ -5,15 +5,24 @@
 
 const char *eng_strerror(int err) {
     switch (err) {
-    case ENG_OK: return "ok";
-    case ENG_ENOMEM: return "out of memory";
-    case ENG_EIO: return "I/O error";
-    case ENG_EFORMAT: return "malformed input";
-    case ENG_EUNSUPPORTED: return "unsupported";
-    case ENG_EINVAL: return "invalid argument";
-    case ENG_ERANGE: return "out of range";
-    case ENG_ENOSPACE: return "KV cache full";
-    default: return "unknown error";
+    case ENG_OK:
+        return "ok";
+    case ENG_ENOMEM:
+        return "out of memory";
+    case ENG_EIO:
+        return "I/O error";
+    case ENG_EFORMAT:
+        return "malformed input";
+    case ENG_EUNSUPPORTED:
+        return "unsupported";
+    case ENG_EINVAL:
+        return "invalid argument";
+    case ENG_ERANGE:
+        return "out of range";
+    case ENG_ENOSPACE:
+        return "KV cache full";
+    default:
+        return "unknown error";
     }
 }
 

@@ -36,8 +36,8 @@ static inline uint16_t eng_f32_to_f16(float f) {
     uint32_t ax = x & 0x7fffffffu;
     if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
     if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* overflow to inf */
-    if (ax < 0x38800000u) {                                   /* subnormal or zero */
-        float a = eng_bits_to_f32(ax) * 16777216.0f;          /* in units of 2^-24 */
+    if (ax < 0x38800000u) {                                  /* subnormal or zero */
+        float a = eng_bits_to_f32(ax) * 16777216.0f;         /* in units of 2^-24 */
         uint32_t m = (uint32_t)a;
         float r = a - (float)m;
         if (r > 0.5f || (r == 0.5f && (m & 1))) m++;
@@ -50,7 +50,9 @@ static inline uint16_t eng_f32_to_f16(float f) {
     return (uint16_t)(sign | h);
 }
 
-static inline float eng_bf16_to_f32(uint16_t b) { return eng_bits_to_f32((uint32_t)b << 16); }
+static inline float eng_bf16_to_f32(uint16_t b) {
+    return eng_bits_to_f32((uint32_t)b << 16);
+}
 static inline uint16_t eng_f32_to_bf16(float f) {
     uint32_t x = eng_f32_to_bits(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40);

@@ -33,7 +33,9 @@ void eng_ctx_params_default(eng_ctx_params_t *p) {
     p->max_seqs = 16;
 }
 
-static void *alloc_f(size_t rows, size_t cols) { return malloc(sizeof(float) * rows * cols); }
+static void *alloc_f(size_t rows, size_t cols) {
+    return malloc(sizeof(float) * rows * cols);
+}
 
 int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t *p, char *msg) {
     *out = NULL;
@@ -118,9 +120,15 @@ void eng_ctx_free(eng_ctx_t *c) {
     free(c);
 }
 
-kv_pool_t *eng_ctx_kv_pool(eng_ctx_t *c) { return &c->pool; }
-uint32_t eng_ctx_n_ctx(const eng_ctx_t *c) { return c->p.n_ctx; }
-const char *eng_ctx_backend_name(const eng_ctx_t *c) { return c->be->ops->name; }
+kv_pool_t *eng_ctx_kv_pool(eng_ctx_t *c) {
+    return &c->pool;
+}
+uint32_t eng_ctx_n_ctx(const eng_ctx_t *c) {
+    return c->p.n_ctx;
+}
+const char *eng_ctx_backend_name(const eng_ctx_t *c) {
+    return c->be->ops->name;
+}
 
 /* Check the whole batch and reserve KV space before anything is written. */
 static int prepare(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, uint32_t *T_out,
@@ -152,8 +160,8 @@ static int prepare(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, uint
     uint32_t need = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         kv_seq_t *s = items[i].seq;
-        uint32_t want = (s->n_tokens + items[i].n_tokens + c->pool.block_size - 1) /
-                        c->pool.block_size;
+        uint32_t want =
+            (s->n_tokens + items[i].n_tokens + c->pool.block_size - 1) / c->pool.block_size;
         if (want > s->n_blocks) need += want - s->n_blocks;
     }
     if (need > c->pool.n_free)

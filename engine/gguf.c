@@ -42,8 +42,12 @@ static int rd(cursor_t *c, void *dst, size_t n, const char *what) {
     return 0;
 }
 
-static int rd_u32(cursor_t *c, uint32_t *v, const char *what) { return rd(c, v, 4, what); }
-static int rd_u64(cursor_t *c, uint64_t *v, const char *what) { return rd(c, v, 8, what); }
+static int rd_u32(cursor_t *c, uint32_t *v, const char *what) {
+    return rd(c, v, 4, what);
+}
+static int rd_u64(cursor_t *c, uint64_t *v, const char *what) {
+    return rd(c, v, 8, what);
+}
 
 /* A GGUF string: u64 length then bytes. Returns a pointer into the buffer. */
 static int rd_str_ref(cursor_t *c, const char **s, uint64_t *n, const char *what) {
@@ -74,27 +78,76 @@ static int rd_str_dup(cursor_t *c, char **out, size_t *out_len, const char *what
 
 static size_t scalar_size(uint32_t t) {
     switch (t) {
-    case GGUF_U8: case GGUF_I8: case GGUF_BOOL: return 1;
-    case GGUF_U16: case GGUF_I16: return 2;
-    case GGUF_U32: case GGUF_I32: case GGUF_F32: return 4;
-    case GGUF_U64: case GGUF_I64: case GGUF_F64: return 8;
-    default: return 0;
+    case GGUF_U8:
+    case GGUF_I8:
+    case GGUF_BOOL:
+        return 1;
+    case GGUF_U16:
+    case GGUF_I16:
+        return 2;
+    case GGUF_U32:
+    case GGUF_I32:
+    case GGUF_F32:
+        return 4;
+    case GGUF_U64:
+    case GGUF_I64:
+    case GGUF_F64:
+        return 8;
+    default:
+        return 0;
     }
 }
 
 static void widen(gguf_kv_t *kv, const uint8_t *p) {
     switch (kv->type) {
-    case GGUF_U8: kv->v.u = p[0]; break;
-    case GGUF_I8: kv->v.i = (int8_t)p[0]; break;
-    case GGUF_BOOL: kv->v.b = p[0] != 0; break;
-    case GGUF_U16: { uint16_t x; memcpy(&x, p, 2); kv->v.u = x; break; }
-    case GGUF_I16: { int16_t x; memcpy(&x, p, 2); kv->v.i = x; break; }
-    case GGUF_U32: { uint32_t x; memcpy(&x, p, 4); kv->v.u = x; break; }
-    case GGUF_I32: { int32_t x; memcpy(&x, p, 4); kv->v.i = x; break; }
-    case GGUF_F32: { float x; memcpy(&x, p, 4); kv->v.f = x; break; }
-    case GGUF_U64: memcpy(&kv->v.u, p, 8); break;
-    case GGUF_I64: memcpy(&kv->v.i, p, 8); break;
-    case GGUF_F64: memcpy(&kv->v.f, p, 8); break;
+    case GGUF_U8:
+        kv->v.u = p[0];
+        break;
+    case GGUF_I8:
+        kv->v.i = (int8_t)p[0];
+        break;
+    case GGUF_BOOL:
+        kv->v.b = p[0] != 0;
+        break;
+    case GGUF_U16: {
+        uint16_t x;
+        memcpy(&x, p, 2);
+        kv->v.u = x;
+        break;
+    }
+    case GGUF_I16: {
+        int16_t x;
+        memcpy(&x, p, 2);
+        kv->v.i = x;
+        break;
+    }
+    case GGUF_U32: {
+        uint32_t x;
+        memcpy(&x, p, 4);
+        kv->v.u = x;
+        break;
+    }
+    case GGUF_I32: {
+        int32_t x;
+        memcpy(&x, p, 4);
+        kv->v.i = x;
+        break;
+    }
+    case GGUF_F32: {
+        float x;
+        memcpy(&x, p, 4);
+        kv->v.f = x;
+        break;
+    }
+    case GGUF_U64:
+        memcpy(&kv->v.u, p, 8);
+        break;
+    case GGUF_I64:
+        memcpy(&kv->v.i, p, 8);
+        break;
+    case GGUF_F64:
+        memcpy(&kv->v.f, p, 8);
+        break;
     }
 }
 
@@ -145,13 +198,13 @@ static int parse_kv(cursor_t *c, gguf_kv_t *kv) {
 
 const char *gguf_type_name(uint32_t t) {
     static const char *names[] = {
-        [0] = "F32",      [1] = "F16",     [2] = "Q4_0",    [3] = "Q4_1",    [6] = "Q5_0",
-        [7] = "Q5_1",     [8] = "Q8_0",    [9] = "Q8_1",    [10] = "Q2_K",   [11] = "Q3_K",
-        [12] = "Q4_K",    [13] = "Q5_K",   [14] = "Q6_K",   [15] = "Q8_K",   [16] = "IQ2_XXS",
-        [17] = "IQ2_XS",  [18] = "IQ3_XXS", [19] = "IQ1_S", [20] = "IQ4_NL", [21] = "IQ3_S",
-        [22] = "IQ2_S",   [23] = "IQ4_XS", [24] = "I8",     [25] = "I16",    [26] = "I32",
-        [27] = "I64",     [28] = "F64",    [29] = "IQ1_M",  [30] = "BF16",   [34] = "TQ1_0",
-        [35] = "TQ2_0",   [39] = "MXFP4",
+        [0] = "F32",     [1] = "F16",      [2] = "Q4_0",   [3] = "Q4_1",    [6] = "Q5_0",
+        [7] = "Q5_1",    [8] = "Q8_0",     [9] = "Q8_1",   [10] = "Q2_K",   [11] = "Q3_K",
+        [12] = "Q4_K",   [13] = "Q5_K",    [14] = "Q6_K",  [15] = "Q8_K",   [16] = "IQ2_XXS",
+        [17] = "IQ2_XS", [18] = "IQ3_XXS", [19] = "IQ1_S", [20] = "IQ4_NL", [21] = "IQ3_S",
+        [22] = "IQ2_S",  [23] = "IQ4_XS",  [24] = "I8",    [25] = "I16",    [26] = "I32",
+        [27] = "I64",    [28] = "F64",     [29] = "IQ1_M", [30] = "BF16",   [34] = "TQ1_0",
+        [35] = "TQ2_0",  [39] = "MXFP4",
     };
     if (t < sizeof(names) / sizeof(names[0]) && names[t]) return names[t];
     return "unknown";
@@ -159,10 +212,15 @@ const char *gguf_type_name(uint32_t t) {
 
 size_t gguf_row_bytes(uint32_t t, uint64_t n) {
     switch (t) {
-    case GGML_F32: return n > SIZE_MAX / 4 ? 0 : (size_t)n * 4;
-    case GGML_F16: case GGML_BF16: return n > SIZE_MAX / 2 ? 0 : (size_t)n * 2;
-    case GGML_Q8_0: return (n % QK8_0) ? 0 : (size_t)(n / QK8_0) * (2 + QK8_0);
-    default: return 0;
+    case GGML_F32:
+        return n > SIZE_MAX / 4 ? 0 : (size_t)n * 4;
+    case GGML_F16:
+    case GGML_BF16:
+        return n > SIZE_MAX / 2 ? 0 : (size_t)n * 2;
+    case GGML_Q8_0:
+        return (n % QK8_0) ? 0 : (size_t)(n / QK8_0) * (2 + QK8_0);
+    default:
+        return 0;
     }
 }
 
@@ -186,8 +244,7 @@ static int parse_tensor(cursor_t *c, gguf_tensor_t *t) {
     }
     if ((rc = rd_u32(c, &t->type, "tensor type"))) return rc;
     if ((rc = rd_u64(c, &t->offset, "tensor offset"))) return rc;
-    if (t->type != GGML_F32 && t->type != GGML_F16 && t->type != GGML_BF16 &&
-        t->type != GGML_Q8_0)
+    if (t->type != GGML_F32 && t->type != GGML_F16 && t->type != GGML_BF16 && t->type != GGML_Q8_0)
         return eng_fail(c->msg, ENG_EUNSUPPORTED,
                         "tensor '%s' has type %s (%u); tidald supports F32, F16, BF16 and Q8_0",
                         t->name, gguf_type_name(t->type), t->type);
@@ -270,8 +327,8 @@ int gguf_parse(gguf_t **out, const void *data, size_t size, char *msg) {
     const gguf_kv_t *al = gguf_find(g, "general.alignment");
     if (al) {
         if (al->type != GGUF_U32 || al->v.u == 0 || (al->v.u & (al->v.u - 1)) || al->v.u > 65536) {
-            rc = eng_fail(msg, ENG_EFORMAT,
-                          "general.alignment must be a u32 power of two <= 65536");
+            rc =
+                eng_fail(msg, ENG_EFORMAT, "general.alignment must be a u32 power of two <= 65536");
             goto fail;
         }
         g->alignment = (size_t)al->v.u;
@@ -281,11 +338,8 @@ int gguf_parse(gguf_t **out, const void *data, size_t size, char *msg) {
         if ((rc = parse_tensor(&c, &g->tensors[i]))) goto fail;
     }
     size_t data_start = c.pos + (g->alignment - c.pos % g->alignment) % g->alignment;
-    if (data_start > size) {
-        rc = eng_fail(msg, ENG_EFORMAT, "GGUF truncated: data section starts past end of file");
-        goto fail;
-    }
-    size_t data_len = size - data_start;
+    /* a file without tensor data may end before the aligned data section */
+    size_t data_len = data_start > size ? 0 : size - data_start;
     for (size_t i = 0; i < g->n_tensors; i++) {
         gguf_tensor_t *t = &g->tensors[i];
         if (t->offset % g->alignment) {
@@ -330,7 +384,8 @@ int gguf_open(gguf_t **out, const char *path, char *msg) {
     }
     void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
-    if (m == MAP_FAILED) return eng_fail(msg, ENG_EIO, "cannot map '%s': %s", path, strerror(errno));
+    if (m == MAP_FAILED)
+        return eng_fail(msg, ENG_EIO, "cannot map '%s': %s", path, strerror(errno));
     int rc = gguf_parse(out, m, (size_t)st.st_size, msg);
     if (rc) {
         munmap(m, (size_t)st.st_size);
@@ -356,22 +411,35 @@ int gguf_get_u64(const gguf_t *g, const char *key, uint64_t *out, char *msg) {
     const gguf_kv_t *kv = gguf_find(g, key);
     if (!kv) return 1;
     switch (kv->type) {
-    case GGUF_U8: case GGUF_U16: case GGUF_U32: case GGUF_U64: *out = kv->v.u; return 0;
-    case GGUF_I8: case GGUF_I16: case GGUF_I32: case GGUF_I64:
+    case GGUF_U8:
+    case GGUF_U16:
+    case GGUF_U32:
+    case GGUF_U64:
+        *out = kv->v.u;
+        return 0;
+    case GGUF_I8:
+    case GGUF_I16:
+    case GGUF_I32:
+    case GGUF_I64:
         if (kv->v.i < 0) return eng_fail(msg, ENG_EFORMAT, "'%s' is negative", key);
         *out = (uint64_t)kv->v.i;
         return 0;
-    default: return eng_fail(msg, ENG_EFORMAT, "'%s' must be an integer (type %u)", key, kv->type);
+    default:
+        return eng_fail(msg, ENG_EFORMAT, "'%s' must be an integer (type %u)", key, kv->type);
     }
 }
 
 int gguf_get_f64(const gguf_t *g, const char *key, double *out, char *msg) {
     const gguf_kv_t *kv = gguf_find(g, key);
     if (!kv) return 1;
-    if (kv->type == GGUF_F32 || kv->type == GGUF_F64) *out = kv->v.f;
-    else if (kv->type == GGUF_U32 || kv->type == GGUF_U64) *out = (double)kv->v.u;
-    else if (kv->type == GGUF_I32 || kv->type == GGUF_I64) *out = (double)kv->v.i;
-    else return eng_fail(msg, ENG_EFORMAT, "'%s' must be a number (type %u)", key, kv->type);
+    if (kv->type == GGUF_F32 || kv->type == GGUF_F64)
+        *out = kv->v.f;
+    else if (kv->type == GGUF_U32 || kv->type == GGUF_U64)
+        *out = (double)kv->v.u;
+    else if (kv->type == GGUF_I32 || kv->type == GGUF_I64)
+        *out = (double)kv->v.i;
+    else
+        return eng_fail(msg, ENG_EFORMAT, "'%s' must be a number (type %u)", key, kv->type);
     return 0;
 }
 

@@ -14,9 +14,20 @@
 #include <stdint.h>
 
 enum gguf_vtype {
-    GGUF_U8 = 0, GGUF_I8 = 1, GGUF_U16 = 2, GGUF_I16 = 3, GGUF_U32 = 4, GGUF_I32 = 5,
-    GGUF_F32 = 6, GGUF_BOOL = 7, GGUF_STRING = 8, GGUF_ARRAY = 9, GGUF_U64 = 10,
-    GGUF_I64 = 11, GGUF_F64 = 12, GGUF_NTYPES
+    GGUF_U8 = 0,
+    GGUF_I8 = 1,
+    GGUF_U16 = 2,
+    GGUF_I16 = 3,
+    GGUF_U32 = 4,
+    GGUF_I32 = 5,
+    GGUF_F32 = 6,
+    GGUF_BOOL = 7,
+    GGUF_STRING = 8,
+    GGUF_ARRAY = 9,
+    GGUF_U64 = 10,
+    GGUF_I64 = 11,
+    GGUF_F64 = 12,
+    GGUF_NTYPES
 };
 
 /* ggml tensor types that tidald computes with; others are named in errors only. */
@@ -33,14 +44,14 @@ typedef struct {
         int64_t i;
         double f;
         bool b;
-    } v;                 /* scalar value, widened */
-    char *str;           /* GGUF_STRING: NUL-terminated copy */
-    size_t str_len;      /* its length (may contain NUL bytes) */
-    uint32_t arr_type;   /* GGUF_ARRAY: element type */
-    uint64_t arr_n;      /* number of elements */
-    const uint8_t *arr;  /* numeric elements, little-endian, in the mapping */
-    const char **arr_s;  /* string elements: pointers into the mapping ... */
-    uint64_t *arr_slen;  /* ... and their lengths (not NUL-terminated) */
+    } v;                /* scalar value, widened */
+    char *str;          /* GGUF_STRING: NUL-terminated copy */
+    size_t str_len;     /* its length (may contain NUL bytes) */
+    uint32_t arr_type;  /* GGUF_ARRAY: element type */
+    uint64_t arr_n;     /* number of elements */
+    const uint8_t *arr; /* numeric elements, little-endian, in the mapping */
+    const char **arr_s; /* string elements: pointers into the mapping ... */
+    uint64_t *arr_slen; /* ... and their lengths (not NUL-terminated) */
 } gguf_kv_t;
 
 typedef struct {
@@ -82,7 +93,8 @@ int gguf_get_bool(const gguf_t *g, const char *key, bool *out, char *msg);
 const char *gguf_get_str(const gguf_t *g, const char *key);
 
 const char *gguf_type_name(uint32_t ggml_type);
-/* Bytes of one row of n elements of a supported type; 0 if unsupported or n not a block multiple. */
+/* Bytes of one row of n elements of a supported type; 0 if unsupported or n not a block multiple.
+ */
 size_t gguf_row_bytes(uint32_t ggml_type, uint64_t n);
 
 #endif

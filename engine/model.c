@@ -26,8 +26,7 @@ static int get_u32(const gguf_t *g, const char *arch, const char *suffix, uint32
     return 0;
 }
 
-static int get_f32(const gguf_t *g, const char *arch, const char *suffix, float *out,
-                   char *msg) {
+static int get_f32(const gguf_t *g, const char *arch, const char *suffix, float *out, char *msg) {
     char key[128];
     snprintf(key, sizeof(key), "%s.%s", arch, suffix);
     double v;
@@ -82,8 +81,7 @@ static int load_hparams(eng_model_t *m, char *msg) {
     if (!arch) return eng_fail(msg, ENG_EFORMAT, "missing metadata 'general.architecture'");
     if (strcmp(arch, "llama") != 0 && strcmp(arch, "mistral") != 0)
         return eng_fail(msg, ENG_EUNSUPPORTED,
-                        "architecture '%s' is not supported (tidald runs llama and mistral)",
-                        arch);
+                        "architecture '%s' is not supported (tidald runs llama and mistral)", arch);
     snprintf(hp->arch, sizeof(hp->arch), "%s", arch);
     const char *name = gguf_get_str(g, "general.name");
     snprintf(hp->name, sizeof(hp->name), "%s", name ? name : "model");
@@ -100,8 +98,8 @@ static int load_hparams(eng_model_t *m, char *msg) {
         return eng_fail(msg, ENG_EFORMAT, "embedding length %u is not a multiple of %u heads",
                         hp->n_embd, hp->n_head);
     if (hp->n_head % hp->n_head_kv)
-        return eng_fail(msg, ENG_EFORMAT, "%u heads are not a multiple of %u KV heads",
-                        hp->n_head, hp->n_head_kv);
+        return eng_fail(msg, ENG_EFORMAT, "%u heads are not a multiple of %u KV heads", hp->n_head,
+                        hp->n_head_kv);
     hp->head_dim = hp->n_embd / hp->n_head;
     if ((rc = get_u32(g, arch, "attention.key_length", &hp->head_dim, false, msg))) return rc;
     if (hp->head_dim * hp->n_head != hp->n_embd)
@@ -147,8 +145,7 @@ static int load_weights(eng_model_t *m, char *msg) {
         m->output = m->tok_embd;
         m->hp.tied_output = true;
     }
-    if ((rc = vector(g, "rope_freqs.weight", hp->n_rot / 2, &m->rope_freqs, false, msg)))
-        return rc;
+    if ((rc = vector(g, "rope_freqs.weight", hp->n_rot / 2, &m->rope_freqs, false, msg))) return rc;
     m->layers = calloc(hp->n_layer, sizeof(eng_layer_t));
     if (!m->layers) return eng_fail(msg, ENG_ENOMEM, "out of memory");
     for (uint32_t l = 0; l < hp->n_layer; l++) {
@@ -199,5 +196,9 @@ void eng_model_free(eng_model_t *m) {
     free(m);
 }
 
-const eng_hparams_t *eng_model_hparams(const eng_model_t *m) { return &m->hp; }
-const eng_tokenizer_t *eng_model_tokenizer(const eng_model_t *m) { return m->tok; }
+const eng_hparams_t *eng_model_hparams(const eng_model_t *m) {
+    return &m->hp;
+}
+const eng_tokenizer_t *eng_model_tokenizer(const eng_model_t *m) {
+    return m->tok;
+}

@@ -24,5 +24,9 @@ struct eng_model {
 /* Build the tokenizer from GGUF metadata. */
 int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab, char *msg);
 void eng__tokenizer_free(eng_tokenizer_t *t);
+/* Split valid UTF-8 text into pre-tokenizer words (Llama-3 pattern, or GPT-2's): *ends gets the
+ * byte offset where each word ends (malloc'd). For tests. */
+int eng__pretokenize(const char *text, size_t len, bool gpt2, size_t **ends, size_t *n);
+bool eng__utf8_valid(const char *s, size_t n);
 
 #endif

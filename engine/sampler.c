@@ -64,7 +64,9 @@ static uint64_t splitmix64(uint64_t *x) {
     return z ^ (z >> 31);
 }
 
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static uint64_t rotl(uint64_t x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
 
 static uint64_t next_u64(uint64_t *s) {
     uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
@@ -172,7 +174,8 @@ int32_t eng_sampler_sample(eng_sampler_t *s, float *logits) {
     }
     size_t n = 0;
     for (uint32_t i = 0; i < V; i++)
-        if (logits[i] == logits[i] && logits[i] > -INFINITY) s->cand[n++] = (cand_t){(int32_t)i, logits[i], 0};
+        if (logits[i] == logits[i] && logits[i] > -INFINITY)
+            s->cand[n++] = (cand_t){(int32_t)i, logits[i], 0};
     if (!n) return 0;
     qsort(s->cand, n, sizeof(cand_t), cmp_desc);
     if (p->top_k > 0 && (size_t)p->top_k < n) n = (size_t)p->top_k;

@@ -94,10 +94,14 @@ static size_t utf8_valid_len(const unsigned char *s, size_t n) {
     size_t len;
     uint32_t cp;
     if (c < 0x80) return 1;
-    if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f;
-    else if (c >= 0xe0 && c <= 0xef) len = 3, cp = c & 0x0f;
-    else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07;
-    else return 0;
+    if (c >= 0xc2 && c <= 0xdf)
+        len = 2, cp = c & 0x1f;
+    else if (c >= 0xe0 && c <= 0xef)
+        len = 3, cp = c & 0x0f;
+    else if (c >= 0xf0 && c <= 0xf4)
+        len = 4, cp = c & 0x07;
+    else
+        return 0;
     if (len > n) return 0;
     for (size_t i = 1; i < len; i++) {
         if ((s[i] & 0xc0) != 0x80) return 0;
@@ -172,7 +176,9 @@ static int cp_to_byte(uint32_t cp) {
 /* ---- Unicode classes for pre-tokenization ---------------------------- */
 
 static locale_t g_utf8_locale;
-static void init_locale(void) { g_utf8_locale = newlocale(LC_CTYPE_MASK, "C.UTF-8", (locale_t)0); }
+static void init_locale(void) {
+    g_utf8_locale = newlocale(LC_CTYPE_MASK, "C.UTF-8", (locale_t)0);
+}
 
 static bool cp_is_number(uint32_t c) {
     if (c >= '0' && c <= '9') return true;
@@ -285,6 +291,39 @@ static size_t pre_match(const cps_t *t, size_t i, int pre) {
     return 1; /* a lone character no alternative takes */
 }
 
+int eng__pretokenize(const char *text, size_t len, bool gpt2, size_t **ends, size_t *n_out) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, init_locale);
+    *ends = NULL;
+    *n_out = 0;
+    if (!eng__utf8_valid(text, len)) return ENG_EINVAL;
+    cps_t cps = {0};
+    cps.cp = malloc(sizeof(uint32_t) * (len + 1));
+    cps.off = malloc(sizeof(size_t) * (len + 1));
+    size_t *e = malloc(sizeof(size_t) * (len + 1));
+    if (!cps.cp || !cps.off || !e) {
+        free(cps.cp), free(cps.off), free(e);
+        return ENG_ENOMEM;
+    }
+    for (size_t i = 0; i < len;) {
+        size_t l = utf8_valid_len((const unsigned char *)text + i, len - i);
+        cps.off[cps.n] = i;
+        cps.cp[cps.n++] = utf8_decode((const unsigned char *)text + i, l);
+        i += l;
+    }
+    cps.off[cps.n] = len;
+    size_t n = 0;
+    for (size_t i = 0; i < cps.n;) {
+        i += pre_match(&cps, i, gpt2 ? PRE_GPT2 : PRE_LLAMA3);
+        e[n++] = cps.off[i];
+    }
+    free(cps.cp);
+    free(cps.off);
+    *ends = e;
+    *n_out = n;
+    return 0;
+}
+
 /* ---- symbol merging ---------------------------------------------------- */
 
 typedef struct {
@@ -295,7 +334,7 @@ typedef struct {
 
 typedef struct {
     int32_t left, right;
-    float key; /* SPM: score (max first); BPE: -rank */
+    float key;  /* SPM: score (max first); BPE: -rank */
     size_t len; /* merged length, to detect stale entries */
 } bigram_t;
 
@@ -454,8 +493,10 @@ static int tokenize_spm(const eng_tokenizer_t *t, const char *text, size_t len, 
     size_t n = 0;
     if (t->add_space_prefix) memcpy(buf, "\xe2\x96\x81", 3), n = 3;
     for (size_t i = 0; i < len; i++) {
-        if (text[i] == ' ') memcpy(buf + n, "\xe2\x96\x81", 3), n += 3;
-        else buf[n++] = text[i];
+        if (text[i] == ' ')
+            memcpy(buf + n, "\xe2\x96\x81", 3), n += 3;
+        else
+            buf[n++] = text[i];
     }
     int rc = merge_word(t, buf, n, out);
     free(buf);
@@ -463,34 +504,16 @@ static int tokenize_spm(const eng_tokenizer_t *t, const char *text, size_t len, 
 }
 
 static int tokenize_bpe(const eng_tokenizer_t *t, const char *text, size_t len, ids_t *out) {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, init_locale);
-    cps_t cps = {0};
-    cps.cp = malloc(sizeof(uint32_t) * (len + 1));
-    cps.off = malloc(sizeof(size_t) * (len + 1));
+    size_t *ends = NULL, n_words = 0;
     char *word = malloc(len * 2 + 4); /* each byte maps to at most 2 UTF-8 bytes */
-    int rc = 0;
-    if (!cps.cp || !cps.off || !word) {
-        rc = ENG_ENOMEM;
-        goto done;
-    }
-    for (size_t i = 0; i < len;) {
-        size_t l = utf8_valid_len((const unsigned char *)text + i, len - i);
-        cps.off[cps.n] = i;
-        cps.cp[cps.n++] = utf8_decode((const unsigned char *)text + i, l);
-        i += l;
-    }
-    cps.off[cps.n] = len;
-    for (size_t i = 0; i < cps.n && !rc;) {
-        size_t m = pre_match(&cps, i, t->pre);
-        size_t b0 = cps.off[i], b1 = cps.off[i + m], wn = 0;
-        for (size_t b = b0; b < b1; b++) wn += utf8_encode(byte_to_cp((uint8_t)text[b]), word + wn);
+    int rc = word ? eng__pretokenize(text, len, t->pre == PRE_GPT2, &ends, &n_words) : ENG_ENOMEM;
+    for (size_t w = 0, start = 0; w < n_words && !rc; start = ends[w++]) {
+        size_t wn = 0;
+        for (size_t b = start; b < ends[w]; b++)
+            wn += utf8_encode(byte_to_cp((uint8_t)text[b]), word + wn);
         rc = merge_word(t, word, wn, out);
-        i += m;
     }
-done:
-    free(cps.cp);
-    free(cps.off);
+    free(ends);
     free(word);
     return rc;
 }
@@ -499,14 +522,14 @@ int eng_tokenize(const eng_tokenizer_t *t, const char *text, size_t len, bool ad
                  int32_t **out, size_t *n_out, char *msg) {
     *out = NULL;
     *n_out = 0;
-    if (!eng__utf8_valid(text, len))
-        return eng_fail(msg, ENG_EINVAL, "text is not valid UTF-8");
+    if (!eng__utf8_valid(text, len)) return eng_fail(msg, ENG_EINVAL, "text is not valid UTF-8");
     if (len > (SIZE_MAX / 8) - 8) return eng_fail(msg, ENG_ERANGE, "text too long");
     ids_t o = {0};
     int rc = 0;
     if (add_bos && t->bos >= 0) rc = ids_push(&o, t->bos);
-    if (!rc) rc = t->kind == ENG_TOK_SPM ? tokenize_spm(t, text, len, &o)
-                                         : tokenize_bpe(t, text, len, &o);
+    if (!rc)
+        rc = t->kind == ENG_TOK_SPM ? tokenize_spm(t, text, len, &o)
+                                    : tokenize_bpe(t, text, len, &o);
     if (!rc && !o.v) rc = ids_push(&o, 0), o.n = 0; /* a valid empty array */
     if (rc) {
         free(o.v);
@@ -666,8 +689,9 @@ static const gguf_kv_t *arr(const gguf_t *g, const char *key, uint32_t type, uin
         return NULL;
     }
     if (kv->type != GGUF_ARRAY || kv->arr_type != type || (n && kv->arr_n != n)) {
-        *rc = eng_fail(msg, ENG_EFORMAT, "metadata '%s' must be an array of %llu elements of type %u",
-                       key, (unsigned long long)n, type);
+        *rc =
+            eng_fail(msg, ENG_EFORMAT, "metadata '%s' must be an array of %llu elements of type %u",
+                     key, (unsigned long long)n, type);
         return NULL;
     }
     return kv;
@@ -678,7 +702,10 @@ static int token_id(const gguf_t *g, const char *key, uint32_t n, int32_t *out, 
     int rc = gguf_get_u64(g, key, &v, msg);
     if (rc < 0) return rc;
     if (rc == 1) return 0;
-    if (v == 0xffffffffull) { *out = -1; return 0; }
+    if (v == 0xffffffffull) {
+        *out = -1;
+        return 0;
+    }
     if (v >= n)
         return eng_fail(msg, ENG_EFORMAT, "'%s' = %llu is outside the vocabulary of %u", key,
                         (unsigned long long)v, n);
@@ -691,8 +718,10 @@ int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab
     const char *model = gguf_get_str(g, "tokenizer.ggml.model");
     if (!model) return eng_fail(msg, ENG_EFORMAT, "missing metadata 'tokenizer.ggml.model'");
     eng_tok_kind_t kind;
-    if (strcmp(model, "llama") == 0) kind = ENG_TOK_SPM;
-    else if (strcmp(model, "gpt2") == 0) kind = ENG_TOK_BPE;
+    if (strcmp(model, "llama") == 0)
+        kind = ENG_TOK_SPM;
+    else if (strcmp(model, "gpt2") == 0)
+        kind = ENG_TOK_BPE;
     else
         return eng_fail(msg, ENG_EUNSUPPORTED,
                         "tokenizer model '%s' is not supported (llama and gpt2 are)", model);
@@ -706,7 +735,8 @@ int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab
     if (rc) return rc;
     if (kind == ENG_TOK_SPM && !scores)
         return eng_fail(msg, ENG_EFORMAT, "SentencePiece vocabulary lacks 'tokenizer.ggml.scores'");
-    const gguf_kv_t *types = arr(g, "tokenizer.ggml.token_type", GGUF_I32, n_vocab, false, &rc, msg);
+    const gguf_kv_t *types =
+        arr(g, "tokenizer.ggml.token_type", GGUF_I32, n_vocab, false, &rc, msg);
     if (rc) return rc;
     const gguf_kv_t *merges = NULL;
     if (kind == ENG_TOK_BPE) {
@@ -750,7 +780,8 @@ int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab
         t->type[i] = ty;
         hmap_put(&t->vocab, t->piece[i], (uint32_t)pl, (int32_t)i);
         unsigned v;
-        if (kind == ENG_TOK_SPM && ty == TT_BYTE && pl == 6 && sscanf(t->piece[i], "<0x%2X>", &v) == 1)
+        if (kind == ENG_TOK_SPM && ty == TT_BYTE && pl == 6 &&
+            sscanf(t->piece[i], "<0x%2X>", &v) == 1)
             t->byte_tok[v & 0xff] = (int32_t)i;
     }
     if (merges) {
@@ -775,7 +806,8 @@ int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab
         t->pre = (pre && strcmp(pre, "gpt2") == 0) ? PRE_GPT2 : PRE_LLAMA3;
     }
     t->bos = t->eos = t->unk = -1;
-    if (kind == ENG_TOK_SPM) t->bos = 1 < n_vocab ? 1 : -1, t->eos = 2 < n_vocab ? 2 : -1, t->unk = 0;
+    if (kind == ENG_TOK_SPM)
+        t->bos = 1 < n_vocab ? 1 : -1, t->eos = 2 < n_vocab ? 2 : -1, t->unk = 0;
     if ((rc = token_id(g, "tokenizer.ggml.bos_token_id", n_vocab, &t->bos, msg)) ||
         (rc = token_id(g, "tokenizer.ggml.eos_token_id", n_vocab, &t->eos, msg)) ||
         (rc = token_id(g, "tokenizer.ggml.unknown_token_id", n_vocab, &t->unk, msg)))
@@ -794,8 +826,8 @@ int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab
     extra = -1;
     if ((rc = token_id(g, "tokenizer.ggml.eom_token_id", n_vocab, &extra, msg))) goto fail;
     if (extra >= 0) t->eog[extra] = true;
-    static const char *const ends[] = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
-                                       "<|endoftext|>", "<|eom_id|>"};
+    static const char *const ends[] = {"<|eot_id|>",    "<|im_end|>",    "<|end|>",
+                                       "<end_of_turn>", "<|endoftext|>", "<|eom_id|>"};
     for (uint32_t i = 0; i < n_vocab; i++)
         if (t->type[i] == TT_CONTROL)
             for (size_t k = 0; k < sizeof(ends) / sizeof(ends[0]); k++)
@@ -822,11 +854,21 @@ void eng__tokenizer_free(eng_tokenizer_t *t) {
     free(t);
 }
 
-eng_tok_kind_t eng_tok_kind(const eng_tokenizer_t *t) { return t->kind; }
-uint32_t eng_tok_n_vocab(const eng_tokenizer_t *t) { return t->n; }
-int32_t eng_tok_bos(const eng_tokenizer_t *t) { return t->bos; }
-int32_t eng_tok_eos(const eng_tokenizer_t *t) { return t->eos; }
-bool eng_tok_add_bos(const eng_tokenizer_t *t) { return t->add_bos; }
+eng_tok_kind_t eng_tok_kind(const eng_tokenizer_t *t) {
+    return t->kind;
+}
+uint32_t eng_tok_n_vocab(const eng_tokenizer_t *t) {
+    return t->n;
+}
+int32_t eng_tok_bos(const eng_tokenizer_t *t) {
+    return t->bos;
+}
+int32_t eng_tok_eos(const eng_tokenizer_t *t) {
+    return t->eos;
+}
+bool eng_tok_add_bos(const eng_tokenizer_t *t) {
+    return t->add_bos;
+}
 bool eng_tok_is_eog(const eng_tokenizer_t *t, int32_t id) {
     return id >= 0 && (uint32_t)id < t->n && t->eog[id];
 }

@@ -69,9 +69,9 @@ static int cmd_generate(int argc, char **argv) {
         fprintf(stderr,
                 "tidald: %s (%s) layers=%u embd=%u heads=%u/%u vocab=%u ctx=%u backend=%s/%s "
                 "load=%.3fs seed=%llu\n",
-                hp->name, hp->arch, hp->n_layer, hp->n_embd, hp->n_head, hp->n_head_kv,
-                hp->n_vocab, eng_ctx_n_ctx(ctx), eng_ctx_backend_name(ctx), eng_cpu_simd_name(),
-                t_load, (unsigned long long)cfg.seed);
+                hp->name, hp->arch, hp->n_layer, hp->n_embd, hp->n_head, hp->n_head_kv, hp->n_vocab,
+                eng_ctx_n_ctx(ctx), eng_ctx_backend_name(ctx), eng_cpu_simd_name(), t_load,
+                (unsigned long long)cfg.seed);
 
     size_t n_prompt;
     if (eng_tokenize(tok, cfg.prompt, strlen(cfg.prompt), eng_tok_add_bos(tok), &prompt, &n_prompt,
@@ -114,9 +114,9 @@ static int cmd_generate(int argc, char **argv) {
 
     double t1 = now_s();
     for (size_t done_n = 0; done_n < n_prompt;) {
-        uint32_t n = (uint32_t)(n_prompt - done_n < (size_t)cp.max_batch_tokens
-                                    ? n_prompt - done_n
-                                    : cp.max_batch_tokens);
+        uint32_t n =
+            (uint32_t)(n_prompt - done_n < (size_t)cp.max_batch_tokens ? n_prompt - done_n
+                                                                       : cp.max_batch_tokens);
         eng_batch_item_t it = {&seq, prompt + done_n, n, logits, false};
         if (eng_forward(ctx, &it, 1, msg) != 0) {
             fprintf(stderr, "tidald: prefill: %s\n", msg);

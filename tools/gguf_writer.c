@@ -26,7 +26,7 @@ struct gw {
 };
 
 static void put(gw_t *w, const void *p, size_t n) {
-    if (w->oom) return;
+    if (w->oom || !n) return;
     if (w->kv_len + n > w->kv_cap) {
         size_t cap = w->kv_cap ? w->kv_cap : 4096;
         while (cap < w->kv_len + n) cap *= 2;
@@ -41,8 +41,12 @@ static void put(gw_t *w, const void *p, size_t n) {
     memcpy(w->kv + w->kv_len, p, n);
     w->kv_len += n;
 }
-static void put_u32(gw_t *w, uint32_t v) { put(w, &v, 4); }
-static void put_u64(gw_t *w, uint64_t v) { put(w, &v, 8); }
+static void put_u32(gw_t *w, uint32_t v) {
+    put(w, &v, 4);
+}
+static void put_u64(gw_t *w, uint64_t v) {
+    put(w, &v, 8);
+}
 static void put_str(gw_t *w, const char *s) {
     put_u64(w, strlen(s));
     put(w, s, strlen(s));
@@ -53,7 +57,9 @@ static void key(gw_t *w, const char *k, uint32_t type) {
     w->n_kv++;
 }
 
-gw_t *gw_create(void) { return calloc(1, sizeof(gw_t)); }
+gw_t *gw_create(void) {
+    return calloc(1, sizeof(gw_t));
+}
 
 void gw_free(gw_t *w) {
     if (!w) return;
@@ -124,7 +130,9 @@ void gw_tensor(gw_t *w, const char *name, uint32_t n_dims, const uint64_t *ne, u
 }
 
 #define ALIGN 32
-static size_t pad(size_t n) { return (ALIGN - n % ALIGN) % ALIGN; }
+static size_t pad(size_t n) {
+    return (ALIGN - n % ALIGN) % ALIGN;
+}
 
 /* header bytes (magic .. tensor infos), and each tensor's offset */
 static int build_header(gw_t *w, uint8_t **out, size_t *len) {
@@ -209,17 +217,24 @@ int gw_write_mem(gw_t *w, uint8_t **out, size_t *len) {
 
 size_t gw_type_bytes(uint32_t type, size_t n) {
     switch (type) {
-    case 0: return 4 * n;
-    case 1: case 30: return 2 * n;
-    case 8: return n / 32 * 34;
-    default: return 0;
+    case 0:
+        return 4 * n;
+    case 1:
+    case 30:
+        return 2 * n;
+    case 8:
+        return n / 32 * 34;
+    default:
+        return 0;
     }
 }
 
 size_t gw_convert(uint32_t type, const float *src, size_t n, void *dst) {
     uint8_t *d = dst;
     switch (type) {
-    case 0: memcpy(dst, src, 4 * n); break;
+    case 0:
+        memcpy(dst, src, 4 * n);
+        break;
     case 1:
         for (size_t i = 0; i < n; i++) {
             uint16_t h = eng_f32_to_f16(src[i]);

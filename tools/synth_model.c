@@ -152,13 +152,19 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     for (const synth_shape_t *s = synth_shapes; s->name; s++)
         if (strcmp(s->name, shape_name) == 0) sh = s;
     uint32_t type;
-    if (strcmp(dash + 1, "f32") == 0) type = 0;
-    else if (strcmp(dash + 1, "f16") == 0) type = 1;
-    else if (strcmp(dash + 1, "bf16") == 0) type = 30;
-    else if (strcmp(dash + 1, "q8_0") == 0) type = 8;
-    else sh = NULL;
+    if (strcmp(dash + 1, "f32") == 0)
+        type = 0;
+    else if (strcmp(dash + 1, "f16") == 0)
+        type = 1;
+    else if (strcmp(dash + 1, "bf16") == 0)
+        type = 30;
+    else if (strcmp(dash + 1, "q8_0") == 0)
+        type = 8;
+    else
+        sh = NULL;
     if (!sh) {
-        snprintf(msg, 256, "unknown model '%s' (shapes: tiny small m100 long; types: f32 f16 bf16 q8_0)",
+        snprintf(msg, 256,
+                 "unknown model '%s' (shapes: tiny small m100 long; types: f32 f16 bf16 q8_0)",
                  name);
         return -1;
     }

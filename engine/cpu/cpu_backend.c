@@ -27,7 +27,9 @@ typedef struct {
     size_t task0_len;
 } cpu_ctx_t;
 
-static cpu_ctx_t *ctx_of(eng_backend_t *be) { return be->ctx; }
+static cpu_ctx_t *ctx_of(eng_backend_t *be) {
+    return be->ctx;
+}
 
 /* Make every worker's scratch hold at least n floats (engine thread only). */
 static int ensure_scratch(cpu_ctx_t *c, size_t n) {
@@ -45,8 +47,12 @@ static int ensure_scratch(cpu_ctx_t *c, size_t n) {
 static void row_to_f32(const eng_tensor_t *w, uint32_t r, float *dst) {
     const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
     switch (w->type) {
-    case GGML_F32: memcpy(dst, src, (size_t)w->cols * 4); break;
-    case GGML_F16: simd.f16_to_f32((const uint16_t *)src, dst, w->cols); break;
+    case GGML_F32:
+        memcpy(dst, src, (size_t)w->cols * 4);
+        break;
+    case GGML_F16:
+        simd.f16_to_f32((const uint16_t *)src, dst, w->cols);
+        break;
     case GGML_BF16:
         for (uint32_t i = 0; i < w->cols; i++) {
             uint16_t b;
@@ -125,9 +131,8 @@ static void cpu_rmsnorm(eng_backend_t *be, const float *x, const float *weight, 
     }
 }
 
-static void cpu_rope(eng_backend_t *be, float *x, const uint32_t *pos, uint32_t T,
-                     uint32_t n_heads, uint32_t head_dim, uint32_t n_rot, float base,
-                     const float *freq_factors) {
+static void cpu_rope(eng_backend_t *be, float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads,
+                     uint32_t head_dim, uint32_t n_rot, float base, const float *freq_factors) {
     (void)be;
     float theta_scale = powf(base, -2.0f / (float)n_rot);
     for (uint32_t t = 0; t < T; t++) {
@@ -237,8 +242,7 @@ static void cpu_get_rows(eng_backend_t *be, const eng_tensor_t *w, const int32_t
     for (uint32_t t = 0; t < T; t++) row_to_f32(w, (uint32_t)ids[t], out + (size_t)t * w->cols);
 }
 
-static int cpu_reserve(eng_backend_t *be, size_t max_cols, uint32_t block_size,
-                       uint32_t max_seqs) {
+static int cpu_reserve(eng_backend_t *be, size_t max_cols, uint32_t block_size, uint32_t max_seqs) {
     cpu_ctx_t *c = ctx_of(be);
     size_t need = 4 * max_cols > block_size ? 4 * max_cols : block_size;
     if (ensure_scratch(c, need) != 0) return ENG_ENOMEM;

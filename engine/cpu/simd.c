@@ -84,7 +84,8 @@ AVX2 static void axpy_avx2(float *y, float a, const float *x, size_t n) {
     __m256 av = _mm256_set1_ps(a);
     size_t i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+        _mm256_storeu_ps(y + i,
+                         _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
 }
 
@@ -136,7 +137,8 @@ AVX512 static void axpy_avx512(float *y, float a, const float *x, size_t n) {
     __m512 av = _mm512_set1_ps(a);
     size_t i = 0;
     for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+        _mm512_storeu_ps(y + i,
+                         _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
 }
 
@@ -166,9 +168,12 @@ static int have(const char *name) {
 
 int simd_select(const char *name) {
     if (!have(name)) return -1;
-    if (strcmp(name, "avx512") == 0) simd = ops_avx512;
-    else if (strcmp(name, "avx2") == 0) simd = ops_avx2;
-    else simd = ops_scalar;
+    if (strcmp(name, "avx512") == 0)
+        simd = ops_avx512;
+    else if (strcmp(name, "avx2") == 0)
+        simd = ops_avx2;
+    else
+        simd = ops_scalar;
     return 0;
 }
 

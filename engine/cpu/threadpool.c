@@ -103,7 +103,9 @@ void pool_destroy(pool_t *p) {
     free(p);
 }
 
-int pool_size(const pool_t *p) { return p->n_threads; }
+int pool_size(const pool_t *p) {
+    return p->n_threads;
+}
 
 void pool_run(pool_t *p, pool_fn_t fn, void *arg, size_t n, size_t chunk) {
     if (!n) return;

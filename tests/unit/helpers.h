@@ -1,0 +1,17 @@
+/* helpers.h - shared fixtures for the unit tests: model paths, temp files, RNG. */
+#ifndef TIDALD_TESTS_HELPERS_H
+#define TIDALD_TESTS_HELPERS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define STORIES_PATH "../shared/models/stories260K.gguf"
+
+/* True if the shared stories260K model is present; otherwise the caller skips. */
+bool have_stories(void);
+/* Path of a synthetic model (e.g. "tiny-f32") generated once per test process into /tmp. */
+const char *synth_path(const char *name);
+float frand(uint64_t *s); /* uniform in [-1, 1) */
+
+#endif

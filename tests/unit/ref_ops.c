@@ -1,0 +1,99 @@
+/* ref_ops.c - the scalar oracle: the maths in plain loops, in double where it helps. */
+#include "ref_ops.h"
+#include "../../engine/f16.h"
+#include "../../engine/gguf.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+void ref_row(const eng_tensor_t *w, uint32_t r, float *dst) {
+    const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+    for (uint32_t i = 0; i < w->cols; i++) {
+        uint16_t h;
+        switch (w->type) {
+        case GGML_F32:
+            memcpy(&dst[i], src + 4 * i, 4);
+            break;
+        case GGML_F16:
+            memcpy(&h, src + 2 * i, 2);
+            dst[i] = eng_f16_to_f32(h);
+            break;
+        case GGML_BF16:
+            memcpy(&h, src + 2 * i, 2);
+            dst[i] = eng_bf16_to_f32(h);
+            break;
+        case GGML_Q8_0: {
+            const uint8_t *b = src + (i / 32) * 34;
+            memcpy(&h, b, 2);
+            dst[i] = eng_f16_to_f32(h) * (float)(int8_t)b[2 + i % 32];
+            break;
+        }
+        }
+    }
+}
+
+void ref_matmul(const eng_tensor_t *w, const float *x, float *y, uint32_t T) {
+    float *row = malloc(sizeof(float) * w->cols);
+    for (uint32_t r = 0; r < w->rows; r++) {
+        ref_row(w, r, row);
+        for (uint32_t t = 0; t < T; t++) {
+            double s = 0;
+            for (uint32_t i = 0; i < w->cols; i++) s += (double)row[i] * x[(size_t)t * w->cols + i];
+            y[(size_t)t * w->rows + r] = (float)s;
+        }
+    }
+    free(row);
+}
+
+void ref_rmsnorm(const float *x, const float *w, float *out, uint32_t T, uint32_t n, float eps) {
+    for (uint32_t t = 0; t < T; t++) {
+        double ss = 0;
+        for (uint32_t i = 0; i < n; i++) ss += (double)x[t * n + i] * x[t * n + i];
+        double scale = 1.0 / sqrt(ss / n + eps);
+        for (uint32_t i = 0; i < n; i++) out[t * n + i] = (float)(x[t * n + i] * scale * w[i]);
+    }
+}
+
+void ref_rope(float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads, uint32_t hd,
+              uint32_t n_rot, float base, const float *ff) {
+    for (uint32_t t = 0; t < T; t++)
+        for (uint32_t h = 0; h < n_heads; h++) {
+            float *v = x + ((size_t)t * n_heads + h) * hd;
+            for (uint32_t i = 0; i < n_rot; i += 2) {
+                double theta = pos[t] * pow(base, -(double)i / n_rot);
+                if (ff) theta /= ff[i / 2];
+                double a = v[i], b = v[i + 1];
+                v[i] = (float)(a * cos(theta) - b * sin(theta));
+                v[i + 1] = (float)(a * sin(theta) + b * cos(theta));
+            }
+        }
+}
+
+void ref_attention(const eng_attn_shape_t *sh, const float *q, const float *k, const float *v,
+                   uint32_t pos, float *out) {
+    uint32_t hd = sh->head_dim, kvd = sh->n_head_kv * hd, group = sh->n_head / sh->n_head_kv;
+    double *s = malloc(sizeof(double) * (pos + 1));
+    for (uint32_t h = 0; h < sh->n_head; h++) {
+        uint32_t kvh = h / group;
+        double mx = -INFINITY, sum = 0;
+        for (uint32_t p = 0; p <= pos; p++) {
+            double d = 0;
+            for (uint32_t i = 0; i < hd; i++)
+                d += (double)q[h * hd + i] * k[p * kvd + kvh * hd + i];
+            s[p] = d * sh->scale;
+            if (s[p] > mx) mx = s[p];
+        }
+        for (uint32_t p = 0; p <= pos; p++) sum += s[p] = exp(s[p] - mx);
+        for (uint32_t i = 0; i < hd; i++) {
+            double o = 0;
+            for (uint32_t p = 0; p <= pos; p++) o += s[p] / sum * v[p * kvd + kvh * hd + i];
+            out[h * hd + i] = (float)o;
+        }
+    }
+    free(s);
+}
+
+void ref_swiglu(float *g, const float *u, size_t n) {
+    for (size_t i = 0; i < n; i++) g[i] = (float)(g[i] / (1.0 + exp(-(double)g[i])) * u[i]);
+}

@@ -1,0 +1,18 @@
+/* ref_ops.h - plain scalar reference implementations of every backend op: the oracle. */
+#ifndef TIDALD_TESTS_REF_OPS_H
+#define TIDALD_TESTS_REF_OPS_H
+
+#include "../../engine/backend.h"
+
+void ref_row(const eng_tensor_t *w, uint32_t r, float *dst);
+void ref_matmul(const eng_tensor_t *w, const float *x, float *y, uint32_t T);
+void ref_rmsnorm(const float *x, const float *w, float *out, uint32_t T, uint32_t n, float eps);
+void ref_rope(float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads, uint32_t hd,
+              uint32_t n_rot, float base, const float *ff);
+/* attention over contiguous keys/values k[p][kv_dim], v[p][kv_dim] for one query at position
+ * pos (attends to 0..pos), all heads */
+void ref_attention(const eng_attn_shape_t *sh, const float *q, const float *k, const float *v,
+                   uint32_t pos, float *out);
+void ref_swiglu(float *g, const float *u, size_t n);
+
+#endif

@@ -1,0 +1,283 @@
+/* test_engine.c - the forward pass: llama.cpp parity on stories260K, batching and chunking
+ * invariance, weight types, and refusals that leave the state untouched. */
+#include "../../engine/engine.h"
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    eng_model_t *m;
+    eng_ctx_t *c;
+    uint32_t V;
+} fx_t;
+
+static void fx_open(fx_t *f, const char *path, uint32_t max_seqs, uint32_t threads) {
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_model_load(&f->m, path, msg), 0, "%s", msg);
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.max_seqs = max_seqs;
+    p.n_threads = (int)threads;
+    p.block_size = 4; /* small blocks: every sequence spans several */
+    cr_assert_eq(eng_ctx_create(&f->c, f->m, &p, msg), 0, "%s", msg);
+    f->V = eng_model_hparams(f->m)->n_vocab;
+}
+
+static void fx_close(fx_t *f) {
+    eng_ctx_free(f->c);
+    eng_model_free(f->m);
+}
+
+static int32_t argmax(const float *x, uint32_t n) {
+    int32_t b = 0;
+    for (uint32_t i = 1; i < n; i++)
+        if (x[i] > x[b]) b = (int32_t)i;
+    return b;
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n) {
+    double e = 0;
+    for (size_t i = 0; i < n; i++) e = fmax(e, fabs((double)a[i] - b[i]));
+    return e;
+}
+
+/* Greedy-generate n tokens after a prompt; returns the ids (malloc'd). */
+static int32_t *greedy(fx_t *f, const int32_t *prompt, uint32_t n_prompt, uint32_t n) {
+    kv_seq_t s;
+    kv_seq_init(&s, eng_ctx_kv_pool(f->c));
+    float *logits = malloc(sizeof(float) * f->V);
+    int32_t *out = malloc(sizeof(int32_t) * n);
+    char msg[ENG_ERRMSG_LEN];
+    eng_batch_item_t it = {&s, prompt, n_prompt, logits, false};
+    cr_assert_eq(eng_forward(f->c, &it, 1, msg), 0, "%s", msg);
+    for (uint32_t i = 0; i < n; i++) {
+        out[i] = argmax(logits, f->V);
+        eng_batch_item_t d = {&s, &out[i], 1, logits, false};
+        cr_assert_eq(eng_forward(f->c, &d, 1, msg), 0, "%s", msg);
+    }
+    kv_seq_close(&s);
+    free(logits);
+    return out;
+}
+
+Test(engine, test_greedy_ids_match_llama_cpp_on_stories260K) {
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    fx_t f;
+    fx_open(&f, STORIES_PATH, 4, 2);
+    const int32_t prompt[] = {1, 403, 407, 261, 378};
+    const int32_t want[] = {432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338};
+    int32_t *got = greedy(&f, prompt, 5, 12);
+    for (int i = 0; i < 12; i++)
+        cr_expect_eq(got[i], want[i], "token %d: %d, want %d", i, got[i], want[i]);
+    free(got);
+    fx_close(&f);
+}
+
+Test(engine, test_greedy_text_matches_llama_cpp_on_stories260K) {
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    fx_t f;
+    fx_open(&f, STORIES_PATH, 1, 1);
+    const eng_tokenizer_t *t = eng_model_tokenizer(f.m);
+    int32_t *prompt;
+    size_t np;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_tokenize(t, "Once upon a time", 16, true, &prompt, &np, msg), 0);
+    const char *want =
+        ", there was a little girl named Lily. She loved to play outside in the park. "
+        "One day, she saw a big, red ball. She wanted to play with it, but it was too "
+        "high.";
+    int32_t *ids = greedy(&f, prompt, (uint32_t)np, 80);
+    char text[1024] = {0};
+    size_t w = 0;
+    eng_detok_t d;
+    eng_detok_init(&d, t);
+    for (int i = 0; i < 80 && w < strlen(want); i++)
+        w += eng_detok_push(&d, ids[i], text + w, sizeof(text) - w - 1);
+    text[w] = 0;
+    cr_expect(strncmp(text, want, strlen(want)) == 0, "got: %s", text);
+    free(ids);
+    free(prompt);
+    fx_close(&f);
+}
+
+/* Prefill in one pass == prefill in chunks == token by token (logits of every position). */
+static void check_chunking(const char *path) {
+    fx_t f;
+    fx_open(&f, path, 2, 2);
+    int32_t toks[23];
+    for (int i = 0; i < 23; i++) toks[i] = 3 + (i * 37) % (int32_t)(f.V - 3);
+    float *all = malloc(sizeof(float) * 23 * f.V), *one = malloc(sizeof(float) * f.V);
+    char msg[ENG_ERRMSG_LEN];
+    kv_seq_t a, b;
+    kv_seq_init(&a, eng_ctx_kv_pool(f.c));
+    kv_seq_init(&b, eng_ctx_kv_pool(f.c));
+    eng_batch_item_t it = {&a, toks, 23, all, true};
+    cr_assert_eq(eng_forward(f.c, &it, 1, msg), 0, "%s", msg);
+    cr_expect_eq(a.n_tokens, 23);
+    uint32_t chunks[] = {1, 6, 3, 13};
+    uint32_t done = 0;
+    for (int k = 0; k < 4; k++) {
+        eng_batch_item_t c = {&b, toks + done, chunks[k], one, false};
+        cr_assert_eq(eng_forward(f.c, &c, 1, msg), 0, "%s", msg);
+        done += chunks[k];
+        double e = max_abs_diff(one, all + (size_t)(done - 1) * f.V, f.V);
+        cr_expect_lt(e, 1e-4, "%s: position %u differs by %g", path, done - 1, e);
+    }
+    kv_seq_close(&a);
+    kv_seq_close(&b);
+    free(all), free(one);
+    fx_close(&f);
+}
+
+Test(engine, test_chunked_prefill_equals_single_pass) {
+    check_chunking(synth_path("tiny-f32"));
+    if (have_stories()) check_chunking(STORIES_PATH);
+}
+
+/* Several sequences in one step give the same logits as each alone. */
+Test(engine, test_batched_sequences_equal_separate_runs) {
+    fx_t f;
+    fx_open(&f, synth_path("tiny-f32"), 4, 2);
+    uint32_t lens[3] = {7, 1, 12};
+    int32_t toks[3][12];
+    for (int s = 0; s < 3; s++)
+        for (int i = 0; i < 12; i++) toks[s][i] = 3 + (s * 101 + i * 13) % (int32_t)(f.V - 3);
+    float *sep = malloc(sizeof(float) * 3 * f.V), *bat = malloc(sizeof(float) * 3 * f.V);
+    char msg[ENG_ERRMSG_LEN];
+    /* separately: prefill all but the last token, then the last */
+    kv_seq_t s1[3], s2[3];
+    for (int s = 0; s < 3; s++) {
+        kv_seq_init(&s1[s], eng_ctx_kv_pool(f.c));
+        eng_batch_item_t it = {&s1[s], toks[s], lens[s], sep + s * f.V, false};
+        cr_assert_eq(eng_forward(f.c, &it, 1, msg), 0, "%s", msg);
+    }
+    /* batched: a mixed step of one prefill chunk and decode tokens */
+    eng_batch_item_t items[3];
+    for (int s = 0; s < 3; s++) {
+        kv_seq_init(&s2[s], eng_ctx_kv_pool(f.c));
+        if (lens[s] > 1) {
+            eng_batch_item_t it = {&s2[s], toks[s], lens[s] - 1, NULL, false};
+            cr_assert_eq(eng_forward(f.c, &it, 1, msg), 0, "%s", msg);
+        }
+    }
+    for (int s = 0; s < 3; s++)
+        items[s] = (eng_batch_item_t){&s2[s], lens[s] > 1 ? toks[s] + lens[s] - 1 : toks[s], 1,
+                                      bat + s * f.V, false};
+    cr_assert_eq(eng_forward(f.c, items, 3, msg), 0, "%s", msg);
+    for (int s = 0; s < 3; s++) {
+        double e = max_abs_diff(sep + s * f.V, bat + s * f.V, f.V);
+        cr_expect_lt(e, 1e-4, "sequence %d differs by %g", s, e);
+        kv_seq_close(&s1[s]);
+        kv_seq_close(&s2[s]);
+    }
+    cr_expect_float_eq(kv_pool_usage(eng_ctx_kv_pool(f.c)), 0.0, 1e-9);
+    free(sep), free(bat);
+    fx_close(&f);
+}
+
+/* F16, BF16 and Q8_0 weights give logits close to F32 and the same greedy choice. */
+Test(engine, test_weight_types_agree_with_f32) {
+    const char *types[] = {"tiny-f16", "tiny-bf16", "tiny-q8_0"};
+    const double tol[] = {2e-2, 1e-1, 1e-1};
+    fx_t ref;
+    fx_open(&ref, synth_path("tiny-f32"), 1, 2);
+    const int32_t prompt[] = {1, 300, 301, 302, 303, 304};
+    float *lr = malloc(sizeof(float) * ref.V), *lt = malloc(sizeof(float) * ref.V);
+    char msg[ENG_ERRMSG_LEN];
+    kv_seq_t s;
+    kv_seq_init(&s, eng_ctx_kv_pool(ref.c));
+    eng_batch_item_t it = {&s, prompt, 6, lr, false};
+    cr_assert_eq(eng_forward(ref.c, &it, 1, msg), 0, "%s", msg);
+    kv_seq_close(&s);
+    for (int k = 0; k < 3; k++) {
+        fx_t f;
+        fx_open(&f, synth_path(types[k]), 1, 2);
+        kv_seq_init(&s, eng_ctx_kv_pool(f.c));
+        eng_batch_item_t i2 = {&s, prompt, 6, lt, false};
+        cr_assert_eq(eng_forward(f.c, &i2, 1, msg), 0, "%s", msg);
+        double e = max_abs_diff(lr, lt, ref.V), mx = 0;
+        for (uint32_t i = 0; i < ref.V; i++) mx = fmax(mx, fabs(lr[i]));
+        cr_expect_lt(e / mx, tol[k], "%s: relative logit error %g", types[k], e / mx);
+        kv_seq_close(&s);
+        fx_close(&f);
+    }
+    free(lr), free(lt);
+    fx_close(&ref);
+}
+
+Test(engine, test_forward_refuses_bad_batches_without_side_effects) {
+    fx_t f;
+    fx_open(&f, synth_path("tiny-f32"), 2, 1);
+    uint32_t n_ctx = eng_ctx_n_ctx(f.c);
+    char msg[ENG_ERRMSG_LEN] = {0};
+    kv_seq_t s;
+    kv_seq_init(&s, eng_ctx_kv_pool(f.c));
+    int32_t bad = (int32_t)f.V, neg = -1, ok = 5;
+    eng_batch_item_t it = {&s, &bad, 1, NULL, false};
+    cr_expect_eq(eng_forward(f.c, &it, 1, msg), ENG_ERANGE);
+    cr_expect(strstr(msg, "vocabulary"), "%s", msg);
+    it.tokens = &neg;
+    cr_expect_eq(eng_forward(f.c, &it, 1, msg), ENG_ERANGE);
+    cr_expect_eq(s.n_tokens, 0);
+    cr_expect_eq(s.n_blocks, 0);
+    /* context overflow */
+    int32_t *many = calloc(n_ctx + 1, sizeof(int32_t));
+    s.n_tokens = 0;
+    eng_batch_item_t big = {&s, many, 300, NULL, false};
+    cr_expect_neq(eng_forward(f.c, &big, 1, msg), 0); /* 300 > 256-token context */
+    cr_expect_eq(s.n_tokens, 0);
+    /* the same sequence twice in one step */
+    it.tokens = &ok;
+    eng_batch_item_t two[2] = {it, it};
+    cr_expect_eq(eng_forward(f.c, two, 2, msg), ENG_EINVAL);
+    cr_expect_eq(eng_forward(f.c, &it, 1, msg), 0, "%s", msg);
+    cr_expect_eq(s.n_tokens, 1);
+    kv_seq_close(&s);
+    free(many);
+    fx_close(&f);
+}
+
+Test(engine, test_kv_pool_exhaustion_is_reported_not_fatal) {
+    eng_model_t *m;
+    eng_ctx_t *c;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_model_load(&m, synth_path("tiny-f32"), msg), 0, "%s", msg);
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.block_size = 4;
+    p.kv_mem_bytes = 2 * 2 * 32 * 4 * 4 * 3; /* 3 blocks of 4 tokens: 2 layers, kv_dim 32 */
+    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);
+    cr_assert_eq(eng_ctx_kv_pool(c)->n_blocks, 3);
+    kv_seq_t s;
+    kv_seq_init(&s, eng_ctx_kv_pool(c));
+    int32_t toks[16] = {1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    eng_batch_item_t it = {&s, toks, 13, NULL, false};
+    cr_expect_eq(eng_forward(c, &it, 1, msg), ENG_ENOSPACE);
+    cr_expect(strstr(msg, "free blocks"), "%s", msg);
+    cr_expect_eq(s.n_blocks, 0);
+    it.n_tokens = 12;
+    cr_expect_eq(eng_forward(c, &it, 1, msg), 0, "%s", msg);
+    kv_seq_close(&s);
+    eng_ctx_free(c);
+    eng_model_free(m);
+}
+
+Test(engine, test_model_load_names_missing_tensor_and_bad_architecture) {
+    eng_model_t *m;
+    char msg[ENG_ERRMSG_LEN] = {0};
+    cr_expect_eq(eng_model_load(&m, "/nonexistent.gguf", msg), ENG_EIO);
+    /* a GGUF with the right metadata but no tensors */
+    FILE *o = fopen("/tmp/tidald-empty.gguf", "wb");
+    const char hdr[] = "GGUF\x03\x00\x00\x00"
+                       "\x00\x00\x00\x00\x00\x00\x00\x00"
+                       "\x00\x00\x00\x00\x00\x00\x00\x00";
+    fwrite(hdr, 1, 24, o);
+    fclose(o);
+    cr_expect_eq(eng_model_load(&m, "/tmp/tidald-empty.gguf", msg), ENG_EFORMAT);
+    cr_expect(strstr(msg, "general.architecture"), "%s", msg);
+    remove("/tmp/tidald-empty.gguf");
+}
