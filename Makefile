@@ -37,7 +37,7 @@ SHARED_MODEL := ../shared/models/stories260K.gguf
 all: $(BUILD)/tidald $(BUILD)/mkmodel
 
 # ---- dependencies (Debian packages, installed only when missing) ----
-DEB_PKGS := libuv1-dev libcjson-dev libcriterion-dev node-llhttp pkg-config clang-format
+DEB_PKGS := gcc libc6-dev libuv1-dev libcjson-dev libcriterion-dev node-llhttp pkg-config clang-format
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

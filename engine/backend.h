@@ -70,7 +70,5 @@ struct eng_backend {
 
 /* CPU backend with n_threads workers (0: one per online CPU). */
 int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg);
-/* Force a SIMD path for tests ("scalar", "avx2", "avx512"); returns false if unavailable. */
-bool eng_cpu_force_simd(const char *name);
 
 #endif

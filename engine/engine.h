@@ -91,6 +91,9 @@ uint32_t eng_ctx_n_ctx(const eng_ctx_t *c);
 const char *eng_ctx_backend_name(const eng_ctx_t *c);
 /* Which SIMD path the CPU kernels use: "avx512", "avx2" or "scalar" (chosen at run time). */
 const char *eng_cpu_simd_name(void);
+/* Force a SIMD path ("scalar", "avx2", "avx512") for tests and benchmarks; false if the CPU
+ * lacks it. Process-wide: call only while no forward pass runs. */
+bool eng_cpu_force_simd(const char *name);
 
 /* One sequence's part of a step: n_tokens new tokens appended after seq->n_tokens. */
 typedef struct {
