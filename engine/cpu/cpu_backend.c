@@ -73,6 +73,10 @@ static void row_to_f32(const eng_tensor_t *w, uint32_t r, float *dst) {
     }
 }
 
+/* Up to this many tokens a step multiplies F16 rows directly; beyond it, converting four rows
+ * once and reusing them for every token is cheaper. */
+#define FUSED_F16_MAX_T 2
+
 typedef struct {
     cpu_ctx_t *c;
     const eng_tensor_t *w;
@@ -90,6 +94,13 @@ static void matmul_range(void *arg, size_t b, size_t e, int worker) {
         uint32_t r0 = (uint32_t)blk * 4;
         uint32_t nr = w->rows - r0 < 4 ? w->rows - r0 : 4;
         const float *rows;
+        if (w->type == GGML_F16 && nr == 4 && j->T <= FUSED_F16_MAX_T) {
+            const uint16_t *h =
+                (const uint16_t *)((const uint8_t *)w->data + (size_t)r0 * w->row_bytes);
+            for (uint32_t t = 0; t < j->T; t++)
+                simd.dot4_f16(h, n, n, j->x + (size_t)t * n, j->y + (size_t)t * w->rows + r0);
+            continue;
+        }
         if (w->type == GGML_F32) {
             rows = (const float *)((const uint8_t *)w->data + (size_t)r0 * w->row_bytes);
         } else {

@@ -32,6 +32,16 @@ static void f16_scalar(const uint16_t *src, float *dst, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = eng_f16_to_f32(src[i]);
 }
 
+static void dot4_f16_scalar(const uint16_t *rows, size_t stride, size_t n, const float *x,
+                            float *y) {
+    for (int r = 0; r < 4; r++) {
+        const uint16_t *w = rows + (size_t)r * stride;
+        float s = 0;
+        for (size_t i = 0; i < n; i++) s += eng_f16_to_f32(w[i]) * x[i];
+        y[r] = s;
+    }
+}
+
 /* ---- AVX2 + FMA ------------------------------------------------------ */
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -96,6 +106,32 @@ AVX2 static void f16_avx2(const uint16_t *src, float *dst, size_t n) {
     for (; i < n; i++) dst[i] = eng_f16_to_f32(src[i]);
 }
 
+AVX2 static void dot4_f16_avx2(const uint16_t *rows, size_t stride, size_t n, const float *x,
+                               float *y) {
+    const uint16_t *r0 = rows, *r1 = rows + stride, *r2 = rows + 2 * stride,
+                   *r3 = rows + 3 * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    size_t i = 0;
+#define LD(r) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((r) + i)))
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(LD(r0), xv, a0);
+        a1 = _mm256_fmadd_ps(LD(r1), xv, a1);
+        a2 = _mm256_fmadd_ps(LD(r2), xv, a2);
+        a3 = _mm256_fmadd_ps(LD(r3), xv, a3);
+    }
+#undef LD
+    float s[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+    for (; i < n; i++) {
+        s[0] += eng_f16_to_f32(r0[i]) * x[i];
+        s[1] += eng_f16_to_f32(r1[i]) * x[i];
+        s[2] += eng_f16_to_f32(r2[i]) * x[i];
+        s[3] += eng_f16_to_f32(r3[i]) * x[i];
+    }
+    memcpy(y, s, sizeof(s));
+}
+
 /* ---- AVX-512F -------------------------------------------------------- */
 
 #define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
@@ -149,13 +185,43 @@ AVX512 static void f16_avx512(const uint16_t *src, float *dst, size_t n) {
     for (; i < n; i++) dst[i] = eng_f16_to_f32(src[i]);
 }
 
+AVX512 static void dot4_f16_avx512(const uint16_t *rows, size_t stride, size_t n, const float *x,
+                                   float *y) {
+    const uint16_t *r0 = rows, *r1 = rows + stride, *r2 = rows + 2 * stride,
+                   *r3 = rows + 3 * stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    size_t i = 0;
+#define LD(r) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((r) + i)))
+    for (; i + 16 <= n; i += 16) {
+        __m512 xv = _mm512_loadu_ps(x + i);
+        a0 = _mm512_fmadd_ps(LD(r0), xv, a0);
+        a1 = _mm512_fmadd_ps(LD(r1), xv, a1);
+        a2 = _mm512_fmadd_ps(LD(r2), xv, a2);
+        a3 = _mm512_fmadd_ps(LD(r3), xv, a3);
+    }
+#undef LD
+    float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                  _mm512_reduce_add_ps(a3)};
+    for (; i < n; i++) {
+        s[0] += eng_f16_to_f32(r0[i]) * x[i];
+        s[1] += eng_f16_to_f32(r1[i]) * x[i];
+        s[2] += eng_f16_to_f32(r2[i]) * x[i];
+        s[3] += eng_f16_to_f32(r3[i]) * x[i];
+    }
+    memcpy(y, s, sizeof(s));
+}
+
 /* ---- dispatch -------------------------------------------------------- */
 
-static const simd_ops_t ops_scalar = {"scalar", dot4_scalar, dot_scalar, axpy_scalar, f16_scalar};
-static const simd_ops_t ops_avx2 = {"avx2", dot4_avx2, dot_avx2, axpy_avx2, f16_avx2};
-static const simd_ops_t ops_avx512 = {"avx512", dot4_avx512, dot_avx512, axpy_avx512, f16_avx512};
+static const simd_ops_t ops_scalar = {"scalar",    dot4_scalar, dot_scalar,
+                                      axpy_scalar, f16_scalar,  dot4_f16_scalar};
+static const simd_ops_t ops_avx2 = {"avx2",    dot4_avx2, dot_avx2,
+                                    axpy_avx2, f16_avx2,  dot4_f16_avx2};
+static const simd_ops_t ops_avx512 = {"avx512",    dot4_avx512, dot_avx512,
+                                      axpy_avx512, f16_avx512,  dot4_f16_avx512};
 
-simd_ops_t simd = {"scalar", dot4_scalar, dot_scalar, axpy_scalar, f16_scalar};
+simd_ops_t simd; /* set by simd_init() / simd_select() before any kernel runs */
 
 static int have(const char *name) {
     __builtin_cpu_init();

@@ -17,6 +17,9 @@ typedef struct {
     /* y += a * x */
     void (*axpy)(float *y, float a, const float *x, size_t n);
     void (*f16_to_f32)(const uint16_t *src, float *dst, size_t n);
+    /* y[r] = dot(f16 row r, x) for r < 4, rows `stride` halves apart: converts as it goes, for
+     * steps with too few tokens to amortise a converted copy */
+    void (*dot4_f16)(const uint16_t *rows, size_t stride, size_t n, const float *x, float *y);
 } simd_ops_t;
 
 extern simd_ops_t simd;

@@ -251,3 +251,16 @@ Test(gguf, test_model_load_rejects_truncated_model_files) {
     remove(path);
     free(all);
 }
+
+Test(gguf, test_gguf_accepts_version_2) {
+    size_t len;
+    uint8_t *buf = small_file(&len);
+    uint32_t v2 = 2;
+    memcpy(buf + 4, &v2, 4); /* v2 and v3 share the layout; v3 only added big-endian files */
+    gguf_t *g;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(gguf_parse(&g, buf, len, msg), 0, "%s", msg);
+    cr_expect_eq(g->version, 2);
+    gguf_close(g);
+    free(buf);
+}

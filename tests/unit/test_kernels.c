@@ -59,7 +59,8 @@ static void check_matmul(uint32_t type, uint32_t rows, uint32_t cols, uint32_t T
 
 Test(kernels, test_matmul_matches_reference_for_every_type_and_shape) {
     const uint32_t types[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q8_0};
-    const uint32_t shapes[][3] = {{1, 32, 1}, {5, 64, 3}, {37, 96, 17}, {128, 256, 1}, {7, 160, 4}};
+    const uint32_t shapes[][3] = {{1, 32, 1},    {5, 64, 3},  {37, 96, 17},
+                                  {128, 256, 1}, {7, 160, 4}, {9, 72, 2}};
     for (int t = 0; t < 4; t++)
         for (int s = 0; s < 5; s++)
             check_matmul(types[t], shapes[s][0], shapes[s][1], shapes[s][2], 2);
