@@ -15,7 +15,7 @@ LDLIBS  := -lm -pthread
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 ENGINE_SRC := engine/err.c engine/gguf.c engine/model.c engine/tokenizer.c engine/sampler.c \
-              engine/forward.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/cpu/threadpool.c \
+              engine/forward.c engine/scheduler.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/cpu/threadpool.c \
               kvcache/kvcache.c config/config.c
 MAIN_SRC   := server/main.c
 TOOL_SRC   := tools/gguf_writer.c tools/synth_model.c

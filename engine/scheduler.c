@@ -1,0 +1,620 @@
+/* scheduler.c - continuous batching on the engine thread.
+ *
+ * Other threads submit requests to a locked queue; the engine thread drains
+ * it, admits requests FIFO while a sequence slot and enough KV blocks are
+ * free, then runs one batched forward per step: one decode token for every
+ * running sequence plus prefill chunks of new ones, up to a per-step token
+ * budget (chunked prefill keeps long prompts from stalling the streams).
+ * After each step it samples, detokenizes, applies stop strings and
+ * publishes events to each request's outbox, then calls notify once.
+ *
+ * KV admission is conservative: a request is admitted only when the blocks
+ * for prompt + max_tokens (capped by the context) are free, so a running
+ * request never fails for lack of memory. (Eviction and preemption, which
+ * relax this, come with the attention issue.)
+ *
+ * Locks: sched->mu guards the incoming queue, stop flag and stats; each
+ * request's mu guards its outbox. Neither is held during a forward pass.
+ */
+#define _GNU_SOURCE /* memmem */
+#include "engine.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct eng_request {
+    atomic_int refs;
+    atomic_bool cancel;
+    eng_req_params_t p;
+    eng_sched_t *sched;
+    void *user;
+    double t_submit, t_start;
+    /* engine-thread state */
+    kv_seq_t seq;
+    eng_sampler_t *smp;
+    eng_detok_t detok;
+    uint32_t n_prefilled, n_generated, reserved_blocks;
+    int32_t last_token;
+    bool decoding, admitted;
+    char *held; /* released text held back while it may start a stop string */
+    size_t held_len, held_cap;
+    /* outbox, guarded by mu */
+    pthread_mutex_t mu;
+    eng_event_t *ev;
+    size_t n_ev, cap_ev;
+};
+
+struct eng_sched {
+    eng_ctx_t *ctx;
+    const eng_model_t *m;
+    eng_sched_params_t p;
+    uint32_t n_vocab, n_ctx;
+    pthread_t thread;
+    bool thread_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool stop;
+    eng_request_t **inq; /* submitted, not yet seen by the engine thread (mu) */
+    size_t n_in;
+    atomic_uint n_queued;    /* inq + waiting, for the bound */
+    eng_sched_stats_t stats; /* mu */
+    /* engine thread only */
+    eng_request_t **waiting, **running;
+    size_t n_waiting, n_running;
+    uint32_t reserved_blocks;
+    float *logits, *raw;
+    eng_batch_item_t *items;
+    eng_request_t **item_req;
+    bool published;
+};
+
+static double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+const char *eng_finish_name(eng_finish_t f) {
+    switch (f) {
+    case ENG_FINISH_STOP:
+        return "stop";
+    case ENG_FINISH_LENGTH:
+        return "length";
+    case ENG_FINISH_CANCELLED:
+        return "cancelled";
+    case ENG_FINISH_TIMEOUT:
+        return "timeout";
+    case ENG_FINISH_ERROR:
+        return "error";
+    default:
+        return "none";
+    }
+}
+
+/* ---- requests ---------------------------------------------------------- */
+
+eng_request_t *eng_request_create(eng_req_params_t *p) {
+    eng_request_t *r = calloc(1, sizeof(*r));
+    if (!r) return NULL;
+    atomic_init(&r->refs, 1);
+    atomic_init(&r->cancel, false);
+    r->p = *p;
+    memset(p, 0, sizeof(*p)); /* ownership moved */
+    pthread_mutex_init(&r->mu, NULL);
+    return r;
+}
+
+static void free_request(eng_request_t *r) {
+    free(r->p.prompt);
+    for (uint32_t i = 0; i < r->p.n_stop; i++) free(r->p.stop[i]);
+    for (size_t i = 0; i < r->n_ev; i++) free(r->ev[i].text);
+    free(r->ev);
+    free(r->held);
+    eng_sampler_free(r->smp);
+    if (r->seq.pool) kv_seq_close(&r->seq);
+    pthread_mutex_destroy(&r->mu);
+    free(r);
+}
+
+void eng_request_release(eng_request_t *r) {
+    if (r && atomic_fetch_sub(&r->refs, 1) == 1) free_request(r);
+}
+
+void eng_request_cancel(eng_request_t *r) {
+    atomic_store(&r->cancel, true);
+    eng_sched_t *s = r->sched;
+    if (s) {
+        pthread_mutex_lock(&s->mu);
+        pthread_cond_signal(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+    }
+}
+
+void eng_request_set_user(eng_request_t *r, void *user) {
+    r->user = user;
+}
+void *eng_request_user(const eng_request_t *r) {
+    return r->user;
+}
+double eng_request_submit_time(const eng_request_t *r) {
+    return r->t_submit;
+}
+double eng_request_start_time(const eng_request_t *r) {
+    return r->t_start;
+}
+
+size_t eng_request_drain(eng_request_t *r, eng_event_t *ev, size_t cap) {
+    pthread_mutex_lock(&r->mu);
+    size_t n = r->n_ev < cap ? r->n_ev : cap;
+    if (n) {
+        memcpy(ev, r->ev, n * sizeof(eng_event_t));
+        memmove(r->ev, r->ev + n, (r->n_ev - n) * sizeof(eng_event_t));
+        r->n_ev -= n;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+/* Publish an event (takes ownership of e->text). On allocation failure the text is dropped
+ * but a final event is still delivered, since its slot is reserved ahead. */
+static void publish(eng_sched_t *s, eng_request_t *r, eng_event_t *e) {
+    e->time = mono_now();
+    pthread_mutex_lock(&r->mu);
+    if (r->n_ev == r->cap_ev) {
+        size_t cap = r->cap_ev ? r->cap_ev * 2 : 16;
+        eng_event_t *ne = realloc(r->ev, cap * sizeof(*ne));
+        if (ne) {
+            r->ev = ne;
+            r->cap_ev = cap;
+        }
+    }
+    if (r->n_ev < r->cap_ev) {
+        r->ev[r->n_ev++] = *e;
+    } else {
+        free(e->text);
+    }
+    pthread_mutex_unlock(&r->mu);
+    s->published = true;
+}
+
+static char *dup_text(const char *t, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, t, n);
+        d[n] = 0;
+    }
+    return d;
+}
+
+/* ---- scheduler lifecycle ------------------------------------------------ */
+
+static void *engine_main(void *arg);
+
+int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
+                     const eng_sched_params_t *p, char *msg) {
+    *out = NULL;
+    eng_sched_t *s = calloc(1, sizeof(*s));
+    if (!s) return eng_fail(msg, ENG_ENOMEM, "out of memory");
+    s->ctx = ctx;
+    s->m = m;
+    s->p = *p;
+    if (!s->p.max_running) s->p.max_running = 16;
+    if (!s->p.max_waiting) s->p.max_waiting = 256;
+    if (!s->p.step_tokens) s->p.step_tokens = 512;
+    s->n_vocab = eng_model_hparams(m)->n_vocab;
+    s->n_ctx = eng_ctx_n_ctx(ctx);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->inq = calloc(s->p.max_waiting, sizeof(eng_request_t *));
+    s->waiting = calloc(s->p.max_waiting, sizeof(eng_request_t *));
+    s->running = calloc(s->p.max_running, sizeof(eng_request_t *));
+    s->items = calloc(s->p.max_running, sizeof(eng_batch_item_t));
+    s->item_req = calloc(s->p.max_running, sizeof(eng_request_t *));
+    s->logits = malloc(sizeof(float) * s->n_vocab * s->p.max_running);
+    s->raw = malloc(sizeof(float) * s->n_vocab);
+    if (!s->inq || !s->waiting || !s->running || !s->items || !s->item_req || !s->logits ||
+        !s->raw) {
+        eng_sched_destroy(s);
+        return eng_fail(msg, ENG_ENOMEM, "out of memory for the scheduler");
+    }
+    if (pthread_create(&s->thread, NULL, engine_main, s) != 0) {
+        eng_sched_destroy(s);
+        return eng_fail(msg, ENG_ENOMEM, "cannot start the engine thread");
+    }
+    s->thread_started = true;
+    *out = s;
+    return 0;
+}
+
+void eng_sched_destroy(eng_sched_t *s) {
+    if (!s) return;
+    if (s->thread_started) {
+        pthread_mutex_lock(&s->mu);
+        s->stop = true;
+        pthread_cond_signal(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->thread, NULL);
+    }
+    for (size_t i = 0; i < s->n_in; i++) eng_request_release(s->inq[i]);
+    free(s->inq);
+    free(s->waiting);
+    free(s->running);
+    free(s->items);
+    free(s->item_req);
+    free(s->logits);
+    free(s->raw);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s);
+}
+
+static uint32_t blocks_needed(const eng_sched_t *s, const eng_request_t *r) {
+    uint64_t toks = (uint64_t)r->p.n_prompt + r->p.max_tokens;
+    if (toks > s->n_ctx) toks = s->n_ctx;
+    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
+    return (uint32_t)((toks + bs - 1) / bs);
+}
+
+int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg) {
+    if (r->p.n_prompt == 0) return eng_fail(msg, ENG_EINVAL, "the prompt has no tokens");
+    if (r->p.n_prompt >= s->n_ctx)
+        return eng_fail(msg, ENG_EINVAL, "the prompt is %u tokens; the context holds %u",
+                        r->p.n_prompt, s->n_ctx);
+    for (uint32_t i = 0; i < r->p.n_prompt; i++)
+        if (r->p.prompt[i] < 0 || (uint32_t)r->p.prompt[i] >= s->n_vocab)
+            return eng_fail(msg, ENG_EINVAL, "token id %d is outside the vocabulary of %u",
+                            r->p.prompt[i], s->n_vocab);
+    uint32_t need = blocks_needed(s, r), have = eng_ctx_kv_pool(s->ctx)->n_blocks;
+    if (need > have)
+        return eng_fail(msg, ENG_EINVAL, "the request needs %u KV blocks; the cache has %u", need,
+                        have);
+    pthread_mutex_lock(&s->mu);
+    if (s->stop || atomic_load(&s->n_queued) >= s->p.max_waiting) {
+        pthread_mutex_unlock(&s->mu);
+        return eng_fail(msg, ENG_ERANGE, "the waiting queue is full (%u requests)",
+                        s->p.max_waiting);
+    }
+    r->sched = s;
+    r->t_submit = mono_now();
+    atomic_fetch_add(&r->refs, 1);
+    atomic_fetch_add(&s->n_queued, 1);
+    s->inq[s->n_in++] = r;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+void eng_sched_stats(eng_sched_t *s, eng_sched_stats_t *out) {
+    pthread_mutex_lock(&s->mu);
+    *out = s->stats;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- engine thread --------------------------------------------------- */
+
+static void remove_at(eng_request_t **arr, size_t *n, size_t i) {
+    memmove(arr + i, arr + i + 1, (*n - i - 1) * sizeof(*arr));
+    (*n)--;
+}
+
+static void release_seq(eng_sched_t *s, eng_request_t *r) {
+    if (r->admitted) {
+        kv_seq_close(&r->seq);
+        s->reserved_blocks -= r->reserved_blocks;
+        r->admitted = false;
+    }
+}
+
+/* Publish the final event, free KV, and drop the scheduler's reference. The caller removes r
+ * from its list. */
+static void finish(eng_sched_t *s, eng_request_t *r, eng_finish_t why, const char *err) {
+    eng_event_t e = {.token = -1, .finish = why};
+    size_t tail = 0;
+    char flushed[8];
+    if (why == ENG_FINISH_LENGTH || (why == ENG_FINISH_STOP && !err)) {
+        tail = eng_detok_flush(&r->detok, flushed, sizeof(flushed));
+    }
+    /* held text is released unless a stop string matched (then it was cut already) */
+    size_t n = (why == ENG_FINISH_LENGTH || why == ENG_FINISH_STOP) ? r->held_len : 0;
+    e.text = malloc(n + tail + 1);
+    if (e.text) {
+        if (n) memcpy(e.text, r->held, n);
+        memcpy(e.text + n, flushed, tail);
+        e.text[n + tail] = 0;
+        e.text_len = n + tail;
+    }
+    r->held_len = 0;
+    e.prompt_tokens = r->p.n_prompt;
+    e.completion_tokens = r->n_generated;
+    if (err) snprintf(e.error, sizeof(e.error), "%s", err);
+    publish(s, r, &e);
+    release_seq(s, r);
+    eng_request_release(r);
+}
+
+static bool expired(const eng_request_t *r, double now) {
+    return r->p.deadline > 0 && now > r->p.deadline;
+}
+
+static void sweep(eng_sched_t *s) {
+    double now = mono_now();
+    for (size_t i = 0; i < s->n_running;) {
+        eng_request_t *r = s->running[i];
+        if (atomic_load(&r->cancel) || expired(r, now)) {
+            remove_at(s->running, &s->n_running, i);
+            finish(s, r, atomic_load(&r->cancel) ? ENG_FINISH_CANCELLED : ENG_FINISH_TIMEOUT, NULL);
+        } else {
+            i++;
+        }
+    }
+    for (size_t i = 0; i < s->n_waiting;) {
+        eng_request_t *r = s->waiting[i];
+        if (atomic_load(&r->cancel) || expired(r, now)) {
+            remove_at(s->waiting, &s->n_waiting, i);
+            atomic_fetch_sub(&s->n_queued, 1);
+            finish(s, r, atomic_load(&r->cancel) ? ENG_FINISH_CANCELLED : ENG_FINISH_TIMEOUT, NULL);
+        } else {
+            i++;
+        }
+    }
+}
+
+static void admit(eng_sched_t *s) {
+    kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
+    while (s->n_waiting && s->n_running < s->p.max_running) {
+        eng_request_t *r = s->waiting[0];
+        uint32_t need = blocks_needed(s, r);
+        if (s->reserved_blocks + need > pool->n_blocks) break; /* FIFO: the head waits */
+        if (eng_sampler_create(&r->smp, &r->p.sampling, s->n_vocab) != 0) break;
+        for (uint32_t i = 0; i < r->p.n_prompt; i++) eng_sampler_accept(r->smp, r->p.prompt[i]);
+        kv_seq_init(&r->seq, pool);
+        eng_detok_init(&r->detok, eng_model_tokenizer(s->m));
+        r->reserved_blocks = need;
+        r->admitted = true;
+        r->t_start = mono_now();
+        s->reserved_blocks += need;
+        remove_at(s->waiting, &s->n_waiting, 0);
+        atomic_fetch_sub(&s->n_queued, 1);
+        s->running[s->n_running++] = r;
+    }
+}
+
+/* Append released text to the hold buffer. */
+static bool hold(eng_request_t *r, const char *t, size_t n) {
+    if (r->held_len + n + 1 > r->held_cap) {
+        size_t cap = r->held_cap ? r->held_cap * 2 : 64;
+        while (cap < r->held_len + n + 1) cap *= 2;
+        char *h = realloc(r->held, cap);
+        if (!h) return false;
+        r->held = h;
+        r->held_cap = cap;
+    }
+    memcpy(r->held + r->held_len, t, n);
+    r->held_len += n;
+    r->held[r->held_len] = 0;
+    return true;
+}
+
+/* Find the earliest stop string in held; returns its offset or -1. */
+static long find_stop(const eng_request_t *r) {
+    long best = -1;
+    for (uint32_t i = 0; i < r->p.n_stop; i++) {
+        const char *hit = memmem(r->held, r->held_len, r->p.stop[i], strlen(r->p.stop[i]));
+        if (hit && (best < 0 || hit - r->held < best)) best = hit - r->held;
+    }
+    return best;
+}
+
+/* Bytes at the end of held that could still begin a stop string. */
+static size_t stop_prefix_len(const eng_request_t *r) {
+    size_t keep = 0;
+    for (uint32_t i = 0; i < r->p.n_stop; i++) {
+        size_t sl = strlen(r->p.stop[i]);
+        for (size_t k = sl - 1 < r->held_len ? sl - 1 : r->held_len; k > keep; k--)
+            if (memcmp(r->held + r->held_len - k, r->p.stop[i], k) == 0) {
+                keep = k;
+                break;
+            }
+    }
+    return keep;
+}
+
+/* log-sum-exp, entropy (bits) at temperature T, and the top-n logprobs of raw logits */
+static void distribution_facts(const float *l, uint32_t V, float T, double *lse, float *entropy,
+                               eng_logprob_t *top, uint32_t n_top) {
+    float mx = l[0];
+    for (uint32_t i = 1; i < V; i++) mx = l[i] > mx ? l[i] : mx;
+    double z = 0, zt = 0, wt = 0;
+    for (uint32_t i = 0; i < V; i++) {
+        z += exp((double)l[i] - mx);
+        double e = exp(((double)l[i] - mx) / T);
+        zt += e;
+        wt += e * ((double)l[i] - mx) / T;
+    }
+    *lse = mx + log(z);
+    /* H = log Z_T - E[x/T], in nats, then bits */
+    if (entropy) *entropy = (float)((log(zt) - wt / zt) / M_LN2);
+    for (uint32_t k = 0; k < n_top; k++) top[k] = (eng_logprob_t){-1, -INFINITY};
+    for (uint32_t i = 0; i < V && n_top; i++) {
+        if (l[i] <= top[n_top - 1].logprob && top[n_top - 1].id >= 0) continue;
+        uint32_t k = n_top - 1;
+        while (k > 0 && (top[k - 1].id < 0 || l[i] > top[k - 1].logprob)) {
+            top[k] = top[k - 1];
+            k--;
+        }
+        top[k] = (eng_logprob_t){(int32_t)i, l[i]};
+    }
+    for (uint32_t k = 0; k < n_top; k++) top[k].logprob = (float)(top[k].logprob - *lse);
+}
+
+/* Sample, publish, and decide whether r goes on. Returns true if r finished (caller removes). */
+static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
+    const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
+    eng_event_t e = {.token = -1};
+    bool facts = r->p.logprobs >= 0 || r->p.entropy;
+    double lse = 0;
+    if (facts) {
+        memcpy(s->raw, logits, sizeof(float) * s->n_vocab);
+        float T = r->p.sampling.temperature > 0 ? r->p.sampling.temperature : 1.0f;
+        e.n_top = r->p.logprobs > 0 ? (uint32_t)r->p.logprobs : 0;
+        distribution_facts(s->raw, s->n_vocab, T, &lse, &e.entropy_bits, e.top, e.n_top);
+    }
+    if (r->p.ignore_eos && eng_tok_eos(tok) >= 0) logits[eng_tok_eos(tok)] = -INFINITY;
+    int32_t id = eng_sampler_sample(r->smp, logits);
+    eng_sampler_accept(r->smp, id);
+    r->n_generated++;
+    e.token = id;
+    if (facts) e.logprob = (float)(s->raw[id] - lse);
+    pthread_mutex_lock(&s->mu);
+    s->stats.generation_tokens++;
+    pthread_mutex_unlock(&s->mu);
+
+    if (!r->p.ignore_eos && eng_tok_is_eog(tok, id)) {
+        e.text = dup_text("", 0);
+        publish(s, r, &e);
+        finish(s, r, ENG_FINISH_STOP, NULL);
+        return true;
+    }
+    char piece[512];
+    size_t n = eng_detok_push(&r->detok, id, piece, sizeof(piece));
+    hold(r, piece, n);
+    long at = find_stop(r);
+    if (at >= 0) {
+        e.text = dup_text(r->held, (size_t)at);
+        e.text_len = (size_t)at;
+        r->held_len = 0;
+        publish(s, r, &e);
+        /* the stop string and anything after it are dropped */
+        eng_event_t f = {.token = -1, .finish = ENG_FINISH_STOP, .text = dup_text("", 0)};
+        f.prompt_tokens = r->p.n_prompt;
+        f.completion_tokens = r->n_generated;
+        publish(s, r, &f);
+        release_seq(s, r);
+        eng_request_release(r);
+        return true;
+    }
+    size_t keep = stop_prefix_len(r);
+    e.text_len = r->held_len - keep;
+    e.text = dup_text(r->held, e.text_len);
+    memmove(r->held, r->held + e.text_len, keep);
+    r->held_len = keep;
+    publish(s, r, &e);
+    if (r->n_generated >= r->p.max_tokens || r->seq.n_tokens + 1 > s->n_ctx) {
+        finish(s, r, ENG_FINISH_LENGTH, NULL);
+        return true;
+    }
+    r->last_token = id;
+    r->decoding = true;
+    return false;
+}
+
+static void record_batch(eng_sched_t *s, uint32_t n_seqs, uint32_t n_prompt_done) {
+    pthread_mutex_lock(&s->mu);
+    int b = 0;
+    while (b < 7 && n_seqs > (1u << b)) b++;
+    s->stats.batch_hist[b]++;
+    s->stats.batch_sum += n_seqs;
+    s->stats.batch_count++;
+    s->stats.steps++;
+    s->stats.prompt_tokens += n_prompt_done;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void step(eng_sched_t *s) {
+    sweep(s);
+    admit(s);
+    uint32_t budget = s->p.step_tokens, n = 0, prompt_done = 0;
+    /* decode tokens first: streams never wait behind a prefill */
+    for (size_t i = 0; i < s->n_running && budget; i++) {
+        eng_request_t *r = s->running[i];
+        if (!r->decoding) continue;
+        s->items[n] = (eng_batch_item_t){&r->seq, &r->last_token, 1,
+                                         s->logits + (size_t)n * s->n_vocab, false};
+        s->item_req[n++] = r;
+        budget--;
+    }
+    for (size_t i = 0; i < s->n_running && budget; i++) {
+        eng_request_t *r = s->running[i];
+        if (r->decoding) continue;
+        uint32_t left = r->p.n_prompt - r->n_prefilled, chunk = left < budget ? left : budget;
+        bool last = chunk == left;
+        s->items[n] = (eng_batch_item_t){&r->seq, r->p.prompt + r->n_prefilled, chunk,
+                                         last ? s->logits + (size_t)n * s->n_vocab : NULL, false};
+        s->item_req[n++] = r;
+        budget -= chunk;
+    }
+    if (!n) return;
+    char msg[ENG_ERRMSG_LEN];
+    int rc = eng_forward(s->ctx, s->items, n, msg);
+    for (uint32_t k = 0; k < n; k++) {
+        eng_request_t *r = s->item_req[k];
+        bool done = false;
+        if (rc) {
+            done = true;
+            finish(s, r, ENG_FINISH_ERROR, msg);
+        } else if (!r->decoding) {
+            r->n_prefilled += s->items[k].n_tokens;
+            if (r->n_prefilled == r->p.n_prompt) {
+                prompt_done += r->p.n_prompt;
+                done = on_logits(s, r, s->items[k].logits);
+            }
+        } else {
+            done = on_logits(s, r, s->items[k].logits);
+        }
+        if (done)
+            for (size_t i = 0; i < s->n_running; i++)
+                if (s->running[i] == r) {
+                    remove_at(s->running, &s->n_running, i);
+                    break;
+                }
+    }
+    record_batch(s, n, prompt_done);
+}
+
+static void *engine_main(void *arg) {
+    eng_sched_t *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        while (!s->stop && !s->n_in && !s->n_running) {
+            if (s->n_waiting) { /* blocked on KV: poll deadlines and cancels */
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_nsec += 50 * 1000 * 1000;
+                if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
+                pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+                break;
+            }
+            pthread_cond_wait(&s->cv, &s->mu);
+        }
+        bool stop = s->stop;
+        for (size_t i = 0; i < s->n_in; i++) s->waiting[s->n_waiting++] = s->inq[i];
+        s->n_in = 0;
+        pthread_mutex_unlock(&s->mu);
+        if (stop) break;
+        s->published = false;
+        step(s);
+        pthread_mutex_lock(&s->mu);
+        s->stats.running = (uint32_t)s->n_running;
+        s->stats.waiting = atomic_load(&s->n_queued);
+        s->stats.kv_usage = kv_pool_usage(eng_ctx_kv_pool(s->ctx));
+        pthread_mutex_unlock(&s->mu);
+        if (s->published && s->p.notify) s->p.notify(s->p.notify_arg);
+    }
+    /* shutdown: everything still here is cancelled */
+    while (s->n_running) {
+        eng_request_t *r = s->running[--s->n_running];
+        finish(s, r, ENG_FINISH_CANCELLED, NULL);
+    }
+    while (s->n_waiting) {
+        eng_request_t *r = s->waiting[--s->n_waiting];
+        atomic_fetch_sub(&s->n_queued, 1);
+        finish(s, r, ENG_FINISH_CANCELLED, NULL);
+    }
+    if (s->p.notify) s->p.notify(s->p.notify_arg);
+    return NULL;
+}

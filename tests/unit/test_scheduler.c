@@ -1,0 +1,303 @@
+/* test_scheduler.c - continuous batching: parity with solo runs, stop strings, logprobs and
+ * entropy, cancellation freeing KV, the bounded queue and deadlines. */
+#include "../../engine/engine.h"
+#include "helpers.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    eng_model_t *m;
+    eng_ctx_t *c;
+    eng_sched_t *s;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int wakes;
+} sfx_t;
+
+static void on_notify(void *arg) {
+    sfx_t *f = arg;
+    pthread_mutex_lock(&f->mu);
+    f->wakes++;
+    pthread_cond_broadcast(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+}
+
+static void sfx_open(sfx_t *f, const char *path, uint32_t max_running, uint32_t max_waiting,
+                     uint32_t step_tokens) {
+    char msg[ENG_ERRMSG_LEN];
+    memset(f, 0, sizeof(*f));
+    pthread_mutex_init(&f->mu, NULL);
+    pthread_cond_init(&f->cv, NULL);
+    cr_assert_eq(eng_model_load(&f->m, path, msg), 0, "%s", msg);
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.max_seqs = max_running;
+    p.n_threads = 2;
+    p.n_ctx = 256;
+    cr_assert_eq(eng_ctx_create(&f->c, f->m, &p, msg), 0, "%s", msg);
+    eng_sched_params_t sp = {max_running, max_waiting, step_tokens, on_notify, f};
+    cr_assert_eq(eng_sched_create(&f->s, f->c, f->m, &sp, msg), 0, "%s", msg);
+}
+
+static void sfx_close(sfx_t *f) {
+    eng_sched_destroy(f->s);
+    eng_ctx_free(f->c);
+    eng_model_free(f->m);
+}
+
+static eng_req_params_t greedy_params(const eng_model_t *m, const char *text, uint32_t max_tokens) {
+    eng_req_params_t p = {0};
+    size_t n;
+    char msg[ENG_ERRMSG_LEN];
+    const eng_tokenizer_t *t = eng_model_tokenizer(m);
+    cr_assert_eq(eng_tokenize(t, text, strlen(text), true, &p.prompt, &n, msg), 0);
+    p.n_prompt = (uint32_t)n;
+    p.max_tokens = max_tokens;
+    eng_sampler_params_default(&p.sampling);
+    p.sampling.temperature = 0;
+    p.logprobs = -1;
+    return p;
+}
+
+typedef struct {
+    char text[4096];
+    size_t len;
+    eng_finish_t finish;
+    uint32_t n_events, prompt_tokens, completion_tokens;
+    eng_event_t first;
+} result_t;
+
+/* Collect events until the final one (at most 20 s). */
+static void collect(sfx_t *f, eng_request_t *r, result_t *out) {
+    memset(out, 0, sizeof(*out));
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        eng_event_t ev[32];
+        size_t n = eng_request_drain(r, ev, 32);
+        for (size_t i = 0; i < n; i++) {
+            if (out->n_events == 0) out->first = ev[i];
+            out->n_events++;
+            if (ev[i].text && out->len + ev[i].text_len < sizeof(out->text)) {
+                memcpy(out->text + out->len, ev[i].text, ev[i].text_len);
+                out->len += ev[i].text_len;
+            }
+            free(ev[i].text);
+            if (ev[i].finish) {
+                out->finish = ev[i].finish;
+                out->prompt_tokens = ev[i].prompt_tokens;
+                out->completion_tokens = ev[i].completion_tokens;
+                out->first.text = NULL;
+                return;
+            }
+        }
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        cr_assert_lt(now.tv_sec - t0.tv_sec, 20, "no final event within 20 s");
+        pthread_mutex_lock(&f->mu);
+        struct timespec dl;
+        clock_gettime(CLOCK_REALTIME, &dl);
+        dl.tv_nsec += 20 * 1000 * 1000;
+        if (dl.tv_nsec >= 1000000000) dl.tv_sec++, dl.tv_nsec -= 1000000000;
+        pthread_cond_timedwait(&f->cv, &f->mu, &dl);
+        pthread_mutex_unlock(&f->mu);
+    }
+}
+
+static const char *STORY =
+    ", there was a little girl named Lily. She loved to play outside in the park.";
+
+Test(scheduler, test_greedy_request_matches_llama_cpp_text_and_usage) {
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    sfx_t f;
+    sfx_open(&f, STORIES_PATH, 4, 8, 512);
+    eng_req_params_t p = greedy_params(f.m, "Once upon a time", 20);
+    eng_request_t *r = eng_request_create(&p);
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+    result_t res;
+    collect(&f, r, &res);
+    cr_expect_eq(res.finish, ENG_FINISH_LENGTH);
+    cr_expect_eq(res.prompt_tokens, 5);
+    cr_expect_eq(res.completion_tokens, 20);
+    cr_expect(strncmp(res.text, STORY, res.len) == 0 && res.len > 40, "got '%s'", res.text);
+    eng_request_release(r);
+    sfx_close(&f);
+}
+
+/* Mixed prompts submitted together (small step budget: prefill is chunked and interleaved)
+ * give the same text as each alone. */
+Test(scheduler, test_concurrent_requests_equal_solo_runs) {
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    const char *prompts[4] = {"Once upon a time", "The dog", "Lily and Tom went to the big park",
+                              "One day"};
+    result_t solo[4], both[4];
+    char msg[ENG_ERRMSG_LEN];
+    for (int i = 0; i < 4; i++) {
+        sfx_t f;
+        sfx_open(&f, STORIES_PATH, 4, 8, 512);
+        eng_req_params_t p = greedy_params(f.m, prompts[i], 24);
+        eng_request_t *r = eng_request_create(&p);
+        cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+        collect(&f, r, &solo[i]);
+        eng_request_release(r);
+        sfx_close(&f);
+    }
+    sfx_t f;
+    sfx_open(&f, STORIES_PATH, 4, 8, 6);
+    eng_request_t *rs[4];
+    for (int i = 0; i < 4; i++) {
+        eng_req_params_t p = greedy_params(f.m, prompts[i], 24);
+        rs[i] = eng_request_create(&p);
+        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+    }
+    for (int i = 0; i < 4; i++) {
+        collect(&f, rs[i], &both[i]);
+        cr_expect_str_eq(both[i].text, solo[i].text, "prompt %d", i);
+        eng_request_release(rs[i]);
+    }
+    eng_sched_stats_t st;
+    eng_sched_stats(f.s, &st);
+    cr_expect_gt(st.batch_sum, st.batch_count, "steps never batched two sequences");
+    cr_expect_eq(st.generation_tokens, 4 * 24);
+    sfx_close(&f);
+}
+
+Test(scheduler, test_stop_string_cuts_text_before_it) {
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    sfx_t f;
+    sfx_open(&f, STORIES_PATH, 2, 8, 512);
+    eng_req_params_t p = greedy_params(f.m, "Once upon a time", 60);
+    p.stop[0] = strdup("xyz never");
+    p.stop[1] = strdup("Lily");
+    p.n_stop = 2;
+    eng_request_t *r = eng_request_create(&p);
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+    result_t res;
+    collect(&f, r, &res);
+    cr_expect_eq(res.finish, ENG_FINISH_STOP);
+    cr_expect_str_eq(res.text, ", there was a little girl named ");
+    eng_request_release(r);
+    sfx_close(&f);
+}
+
+Test(scheduler, test_logprobs_and_entropy_match_explicit_computation) {
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    sfx_t f;
+    sfx_open(&f, STORIES_PATH, 2, 8, 512);
+    eng_req_params_t p = greedy_params(f.m, "Once upon a time", 1);
+    p.logprobs = 5;
+    p.entropy = true;
+    /* the explicit distribution of the first token */
+    uint32_t V = eng_model_hparams(f.m)->n_vocab;
+    float *l = malloc(sizeof(float) * V);
+    kv_seq_t seq;
+    eng_ctx_params_t cp;
+    eng_ctx_params_default(&cp);
+    eng_ctx_t *c2;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_ctx_create(&c2, f.m, &cp, msg), 0);
+    kv_seq_init(&seq, eng_ctx_kv_pool(c2));
+    eng_batch_item_t it = {&seq, p.prompt, p.n_prompt, l, false};
+    cr_assert_eq(eng_forward(c2, &it, 1, msg), 0);
+    double mx = l[0], z = 0, h = 0;
+    for (uint32_t i = 0; i < V; i++) mx = fmax(mx, l[i]);
+    for (uint32_t i = 0; i < V; i++) z += exp(l[i] - mx);
+    for (uint32_t i = 0; i < V; i++) {
+        double pr = exp(l[i] - mx) / z;
+        if (pr > 0) h -= pr * log2(pr);
+    }
+    eng_request_t *r = eng_request_create(&p);
+    cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+    result_t res;
+    collect(&f, r, &res);
+    eng_event_t *e = &res.first;
+    cr_expect_eq(e->token, 432);
+    cr_expect_eq(e->n_top, 5);
+    cr_expect_eq(e->top[0].id, 432);
+    for (int k = 1; k < 5; k++) cr_expect_geq(e->top[k - 1].logprob, e->top[k].logprob);
+    double want_lp = l[432] - (mx + log(z));
+    cr_expect(fabs(e->logprob - want_lp) < 1e-4, "logprob %g want %g", e->logprob, want_lp);
+    cr_expect(fabs(e->entropy_bits - h) < 1e-3, "entropy %g want %g", e->entropy_bits, h);
+    kv_seq_close(&seq);
+    eng_ctx_free(c2);
+    free(l);
+    eng_request_release(r);
+    sfx_close(&f);
+}
+
+Test(scheduler, test_cancel_frees_kv_within_a_step) {
+    sfx_t f;
+    sfx_open(&f, synth_path("tiny-f32"), 2, 8, 512);
+    eng_req_params_t p = greedy_params(f.m, "hello world", 200);
+    p.ignore_eos = true;
+    eng_request_t *r = eng_request_create(&p);
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+    eng_event_t ev[4];
+    while (eng_request_drain(r, ev, 1) == 0) usleep(1000);
+    free(ev[0].text);
+    eng_request_cancel(r);
+    result_t res;
+    collect(&f, r, &res);
+    cr_expect_eq(res.finish, ENG_FINISH_CANCELLED);
+    usleep(20000);
+    eng_sched_stats_t st;
+    eng_sched_stats(f.s, &st);
+    cr_expect_float_eq(st.kv_usage, 0.0, 1e-9);
+    cr_expect_float_eq(kv_pool_usage(eng_ctx_kv_pool(f.c)), 0.0, 1e-9);
+    eng_request_release(r);
+    sfx_close(&f);
+}
+
+Test(scheduler, test_queue_bound_and_deadline_and_bad_prompts) {
+    sfx_t f;
+    sfx_open(&f, synth_path("tiny-f32"), 1, 1, 512);
+    char msg[ENG_ERRMSG_LEN];
+    eng_req_params_t p = greedy_params(f.m, "hello", 100000);
+    p.ignore_eos = true;
+    eng_request_t *a = eng_request_create(&p);
+    cr_assert_eq(eng_sched_submit(f.s, a, msg), 0, "%s", msg);
+    while (eng_request_start_time(a) == 0) usleep(1000); /* a is running */
+    p = greedy_params(f.m, "hello", 4);
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    p.deadline = now.tv_sec + now.tv_nsec * 1e-9 + 0.05;
+    eng_request_t *b = eng_request_create(&p);
+    cr_assert_eq(eng_sched_submit(f.s, b, msg), 0, "%s", msg); /* waits: one slot */
+    p = greedy_params(f.m, "hello", 4);
+    eng_request_t *c = eng_request_create(&p);
+    cr_expect_eq(eng_sched_submit(f.s, c, msg), ENG_ERANGE);
+    cr_expect(strstr(msg, "queue is full"), "%s", msg);
+    result_t res;
+    collect(&f, b, &res);
+    cr_expect_eq(res.finish, ENG_FINISH_TIMEOUT);
+    eng_request_cancel(a);
+    collect(&f, a, &res);
+    cr_expect_eq(res.finish, ENG_FINISH_CANCELLED);
+    /* empty and oversized prompts are refused up front */
+    eng_req_params_t e = {0};
+    e.max_tokens = 1;
+    eng_request_t *d = eng_request_create(&e);
+    cr_expect_eq(eng_sched_submit(f.s, d, msg), ENG_EINVAL);
+    eng_req_params_t big = {0};
+    big.prompt = calloc(300, sizeof(int32_t));
+    big.n_prompt = 300;
+    big.max_tokens = 1;
+    eng_request_t *g = eng_request_create(&big);
+    cr_expect_eq(eng_sched_submit(f.s, g, msg), ENG_EINVAL);
+    cr_expect(strstr(msg, "context"), "%s", msg);
+    eng_request_release(a);
+    eng_request_release(b);
+    eng_request_release(c);
+    eng_request_release(d);
+    eng_request_release(g);
+    sfx_close(&f);
+}
