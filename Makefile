@@ -10,13 +10,17 @@ BUILD   ?= build
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
 CSTD    := -std=gnu11
 OPT     ?= -O2 -g
-CFLAGS_ALL := $(CSTD) $(WARN) $(OPT) -fno-omit-frame-pointer -pthread -MMD -MP
-LDLIBS  := -lm -pthread
+CFLAGS_ALL := $(CSTD) $(WARN) $(OPT) -fno-omit-frame-pointer -pthread -MMD -MP \
+              -I/usr/share/include/llhttp
+LDLIBS  := -luv -lcjson -lm -pthread
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 ENGINE_SRC := engine/err.c engine/gguf.c engine/model.c engine/tokenizer.c engine/sampler.c \
               engine/forward.c engine/scheduler.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/cpu/threadpool.c \
               kvcache/kvcache.c config/config.c
+LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c
+API_SRC    := api/request.c api/response.c api/chat.c api/metrics.c
+SERVER_SRC := server/server.c server/http.c server/log.c $(API_SRC)
 MAIN_SRC   := server/main.c
 TOOL_SRC   := tools/gguf_writer.c tools/synth_model.c
 TEST_SRC   := $(wildcard tests/unit/*.c)
@@ -24,7 +28,8 @@ TEST_SRC   := $(wildcard tests/unit/*.c)
 obj = $(patsubst %.c,$(1)/obj/%.o,$(2))
 
 ENGINE_OBJ := $(call obj,$(BUILD),$(ENGINE_SRC))
-MAIN_OBJ   := $(call obj,$(BUILD),$(MAIN_SRC))
+MAIN_OBJ   := $(call obj,$(BUILD),$(MAIN_SRC) $(SERVER_SRC))
+LLHTTP_OBJ := $(patsubst /usr/share/llhttp/%.c,$(BUILD)/llhttp/%.o,$(LLHTTP_SRC))
 TOOL_OBJ   := $(call obj,$(BUILD),$(TOOL_SRC))
 ASAN_DIR   := $(BUILD)/asan
 
@@ -32,12 +37,12 @@ MODEL_DIR  := $(BUILD)/models
 DEFAULT_MODEL ?= $(MODEL_DIR)/small-f32.gguf
 SHARED_MODEL := ../shared/models/stories260K.gguf
 
-.PHONY: all deps run test unit-test asan-test cli-test format format-check bench fuzz clean models
+.PHONY: all deps run test unit-test asan-test integration-test cli-test format format-check bench fuzz clean models
 
 all: $(BUILD)/tidald $(BUILD)/mkmodel
 
 # ---- dependencies (Debian packages, installed only when missing) ----
-DEB_PKGS := gcc libc6-dev libuv1-dev libcjson-dev libcriterion-dev node-llhttp pkg-config clang-format
+DEB_PKGS := gcc libc6-dev libuv1-dev libcjson-dev libcriterion-dev node-llhttp clang-format prometheus
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -53,7 +58,13 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -c $< -o $@
 
-$(BUILD)/tidald: $(MAIN_OBJ) $(ENGINE_OBJ)
+# llhttp's C sources come from Debian's node-llhttp package; compiled here, never copied.
+LLHTTP_CFLAGS := -std=gnu11 -O2 -g -fPIC -I/usr/share/include/llhttp -w
+$(BUILD)/llhttp/%.o: /usr/share/llhttp/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(LLHTTP_CFLAGS) -c $< -o $@
+
+$(BUILD)/tidald: $(MAIN_OBJ) $(ENGINE_OBJ) $(LLHTTP_OBJ)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/mkmodel: $(call obj,$(BUILD),tools/mkmodel.c) $(TOOL_OBJ)
@@ -88,7 +99,7 @@ $(ASAN_DIR)/obj/%.o: %.c
 $(ASAN_TEST_BIN): $(call obj,$(ASAN_DIR),$(TEST_SRC) $(TEST_LIB_SRC))
 	$(CC) $(CFLAGS_ALL) $(SAN) $^ -o $@ -lcriterion $(LDLIBS)
 
-$(ASAN_DIR)/tidald: $(call obj,$(ASAN_DIR),$(MAIN_SRC) $(ENGINE_SRC))
+$(ASAN_DIR)/tidald: $(call obj,$(ASAN_DIR),$(MAIN_SRC) $(SERVER_SRC) $(ENGINE_SRC)) $(LLHTTP_OBJ)
 	$(CC) $(CFLAGS_ALL) $(SAN) $^ -o $@ $(LDLIBS)
 
 TEST_TMP := $(BUILD)/test-tmp
@@ -107,6 +118,16 @@ asan-test: $(ASAN_TEST_BIN) $(ASAN_DIR)/tidald
 	if grep -qE 'ERROR: (Address|Leak)Sanitizer|runtime error:' $(ASAN_DIR)/unit.log; then \
 	  echo "asan-test: sanitizer reports above"; exit 1; fi; exit $$st
 
+INTEG_SRC := tests/integration/harness.c tests/integration/test_server.c
+$(BUILD)/integration_tests: $(call obj,$(BUILD),$(INTEG_SRC) $(TOOL_SRC))
+	$(CC) $(CFLAGS_ALL) $^ -o $@ -lcriterion $(LDLIBS)
+
+# The daemon under test is the sanitizer build; its stderr is checked for reports per test.
+integration-test: $(BUILD)/integration_tests $(ASAN_DIR)/tidald
+	rm -rf $(TEST_TMP)-integ && mkdir -p $(TEST_TMP)-integ
+	TIDALD_TEST_TMP=$(abspath $(TEST_TMP))-integ TIDALD_BIN=$(ASAN_DIR)/tidald $(SAN_ENV) \
+	  $(BUILD)/integration_tests --jobs 2
+
 cli-test: $(BUILD)/tidald $(ASAN_DIR)/tidald $(BUILD)/mkmodel
 	$(SAN_ENV) TIDALD_BIN=$(ASAN_DIR)/tidald MKMODEL=$(BUILD)/mkmodel bash tests/integration/cli.sh
 
@@ -115,6 +136,7 @@ test: deps
 	$(MAKE) all
 	$(MAKE) unit-test
 	$(MAKE) asan-test
+	$(MAKE) integration-test
 	$(MAKE) cli-test
 
 # ---- benchmarks ----

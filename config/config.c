@@ -156,3 +156,292 @@ int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
     }
     return 0;
 }
+
+/* ===== serve configuration ============================================ */
+
+#include <cjson/cJSON.h>
+
+typedef enum { V_STR, V_INT, V_NUM, V_BOOL } vtype_t;
+
+typedef struct {
+    const char *name; /* JSON key; flag is --name with '_' -> '-'; env TIDALD_NAME */
+    vtype_t type;
+    size_t off;
+    const char *def;
+    double lo, hi;
+    const char *help;
+} opt_t;
+
+#define COFF(f) offsetof(cfg_t, f)
+static const opt_t opts[] = {
+    {"host", V_STR, COFF(host), "127.0.0.1", 0, 0, "address to listen on"},
+    {"port", V_INT, COFF(port), "8080", 0, 65535, "TCP port (0: any free port, logged)"},
+    {"model", V_STR, COFF(model), "", 0, 0, "GGUF model file (required)"},
+    {"model_alias", V_STR, COFF(model_alias), "", 0, 0,
+     "model name reported by the API (default: the file's general.name)"},
+    {"threads", V_INT, COFF(threads), "0", 0, 256, "CPU worker threads, 0 = all CPUs"},
+    {"ctx_size", V_INT, COFF(ctx_size), "0", 0, 1 << 24, "context window, 0 = the model's"},
+    {"max_running", V_INT, COFF(max_running), "16", 1, 1024, "sequences decoding at once"},
+    {"max_waiting", V_INT, COFF(max_waiting), "64", 1, 1 << 20,
+     "waiting-queue bound; past it requests get 429"},
+    {"step_tokens", V_INT, COFF(step_tokens), "256", 1, 65536,
+     "token budget of one engine step (prefill chunk size)"},
+    {"kv_block_size", V_INT, COFF(kv_block_size), "16", 1, 4096, "KV cache tokens per block"},
+    {"kv_mem_mb", V_INT, COFF(kv_mem_mb), "0", 0, 1 << 24,
+     "KV cache budget in MiB, 0 = max_running full contexts"},
+    {"default_max_tokens", V_INT, COFF(default_max_tokens), "256", 1, 1 << 24,
+     "max_tokens when a request gives none"},
+    {"request_timeout_s", V_NUM, COFF(request_timeout_s), "600", 0, 1e7,
+     "deadline of a request (queue + generation), 0 = none"},
+    {"max_header_bytes", V_INT, COFF(max_header_bytes), "16384", 256, 1 << 24,
+     "largest request head (431 past it)"},
+    {"max_body_bytes", V_INT, COFF(max_body_bytes), "4194304", 64, 1 << 30,
+     "largest request body (413 past it)"},
+    {"header_timeout_s", V_NUM, COFF(header_timeout_s), "10", 0.01, 3600,
+     "time allowed to send a request (slowloris guard)"},
+    {"idle_timeout_s", V_NUM, COFF(idle_timeout_s), "60", 0.01, 86400,
+     "idle keep-alive connection timeout"},
+    {"max_connections", V_INT, COFF(max_connections), "1024", 1, 1 << 20,
+     "open connections at most; more are closed at once"},
+    {"max_stream_buffer_kb", V_INT, COFF(max_stream_buffer_kb), "1024", 1, 1 << 20,
+     "unsent bytes a slow reader may accumulate before it is cancelled"},
+    {"drain_timeout_s", V_NUM, COFF(drain_timeout_s), "30", 0, 3600,
+     "on SIGTERM, how long in-flight requests may finish"},
+    {"api_keys", V_STR, COFF(api_keys), "", 0, 0, "comma-separated API keys (empty: no auth)"},
+    {"api_key_file", V_STR, COFF(api_key_file), "", 0, 0, "file with one API key per line"},
+    {"auth_health", V_BOOL, COFF(auth_health), "false", 0, 0,
+     "require a key for /health, /livez, /readyz and /metrics too"},
+    {"log_level", V_STR, COFF(log_level), "info", 0, 0, "debug, info, warn or error"},
+};
+#define N_OPTS (sizeof(opts) / sizeof(opts[0]))
+
+static void flag_name(const opt_t *o, char *buf, size_t n) {
+    snprintf(buf, n, "--%s", o->name);
+    for (char *p = buf + 2; *p; p++)
+        if (*p == '_') *p = '-';
+}
+
+static void env_name(const opt_t *o, char *buf, size_t n) {
+    snprintf(buf, n, "TIDALD_%s", o->name);
+    for (char *p = buf + 7; *p; p++)
+        if (*p >= 'a' && *p <= 'z') *p = (char)(*p - 'a' + 'A');
+}
+
+/* Set option o from text; src names where it came from for the message. */
+static int set_opt(cfg_t *c, const opt_t *o, const char *val, const char *src, char *msg) {
+    char *base = (char *)c + o->off;
+    long long iv;
+    double dv;
+    switch (o->type) {
+    case V_STR: {
+        char *d = strdup(val);
+        if (!d) {
+            snprintf(msg, CFG_ERRMSG_LEN, "out of memory");
+            return -1;
+        }
+        free(*(char **)base);
+        *(char **)base = d;
+        return 0;
+    }
+    case V_INT:
+        if (cfg_parse_int(val, (long long)o->lo, (long long)o->hi, &iv)) break;
+        *(int64_t *)base = iv;
+        return 0;
+    case V_NUM:
+        if (cfg_parse_float(val, o->lo, o->hi, &dv)) break;
+        *(double *)base = dv;
+        return 0;
+    case V_BOOL:
+        if (strcmp(val, "true") == 0 || strcmp(val, "1") == 0)
+            *(bool *)base = true;
+        else if (strcmp(val, "false") == 0 || strcmp(val, "0") == 0)
+            *(bool *)base = false;
+        else
+            break;
+        return 0;
+    }
+    if (o->type == V_BOOL)
+        snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' must be true or false", src, val);
+    else
+        snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' is not %s in [%g, %g]", src, val,
+                 o->type == V_INT ? "an integer" : "a number", o->lo, o->hi);
+    return -1;
+}
+
+static int load_json(cfg_t *c, const char *path, char *msg) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(msg, CFG_ERRMSG_LEN, "--config: cannot open '%s'", path);
+        return -1;
+    }
+    char *buf = NULL;
+    size_t len = 0, cap = 0, n;
+    char chunk[4096];
+    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) {
+        if (len + n + 1 > cap) {
+            cap = (len + n + 1) * 2;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                free(buf);
+                fclose(f);
+                snprintf(msg, CFG_ERRMSG_LEN, "out of memory");
+                return -1;
+            }
+            buf = nb;
+        }
+        memcpy(buf + len, chunk, n);
+        len += n;
+        if (len > (1 << 20)) break;
+    }
+    fclose(f);
+    cJSON *root = buf ? cJSON_ParseWithLength(buf, len) : NULL;
+    free(buf);
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        snprintf(msg, CFG_ERRMSG_LEN, "%s: not a JSON object", path);
+        return -1;
+    }
+    int rc = 0;
+    for (cJSON *it = root->child; it && !rc; it = it->next) {
+        const opt_t *o = NULL;
+        for (size_t i = 0; i < N_OPTS; i++)
+            if (strcmp(opts[i].name, it->string) == 0) o = &opts[i];
+        char src[160], val[64];
+        snprintf(src, sizeof(src), "%s: \"%s\"", path, it->string);
+        if (!o) {
+            snprintf(msg, CFG_ERRMSG_LEN, "%s is not a known setting", src);
+            rc = -1;
+        } else if (o->type == V_STR && cJSON_IsString(it)) {
+            rc = set_opt(c, o, it->valuestring, src, msg);
+        } else if (o->type == V_BOOL && cJSON_IsBool(it)) {
+            rc = set_opt(c, o, cJSON_IsTrue(it) ? "true" : "false", src, msg);
+        } else if ((o->type == V_INT || o->type == V_NUM) && cJSON_IsNumber(it)) {
+            if (o->type == V_INT && it->valuedouble != (double)(long long)it->valuedouble) {
+                snprintf(msg, CFG_ERRMSG_LEN, "%s must be an integer", src);
+                rc = -1;
+            } else {
+                snprintf(val, sizeof(val), o->type == V_INT ? "%.0f" : "%.17g", it->valuedouble);
+                rc = set_opt(c, o, val, src, msg);
+            }
+        } else {
+            snprintf(msg, CFG_ERRMSG_LEN, "%s has the wrong type (want %s)", src,
+                     o->type == V_STR    ? "a string"
+                     : o->type == V_BOOL ? "a boolean"
+                                         : "a number");
+            rc = -1;
+        }
+    }
+    cJSON_Delete(root);
+    return rc;
+}
+
+void cfg_free(cfg_t *c) {
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (opts[i].type == V_STR) {
+            char **p = (char **)((char *)c + opts[i].off);
+            free(*p);
+            *p = NULL;
+        }
+    free(c->config);
+    c->config = NULL;
+}
+
+static const char *env_get(char **envp, const char *name) {
+    size_t n = strlen(name);
+    for (char **e = envp; e && *e; e++)
+        if (strncmp(*e, name, n) == 0 && (*e)[n] == '=') return *e + n + 1;
+    return NULL;
+}
+
+int cfg_load(cfg_t *c, int argc, char **argv, char **envp, char *msg) {
+    memset(c, 0, sizeof(*c));
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (set_opt(c, &opts[i], opts[i].def, "default", msg)) goto fail;
+    /* the config file: --config wins over TIDALD_CONFIG */
+    const char *path = env_get(envp, "TIDALD_CONFIG");
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--config") == 0 && i + 1 < argc)
+            path = argv[i + 1];
+        else if (strncmp(argv[i], "--config=", 9) == 0)
+            path = argv[i] + 9;
+    }
+    if (path && *path) {
+        c->config = strdup(path);
+        if (load_json(c, path, msg)) goto fail;
+    }
+    for (size_t i = 0; i < N_OPTS; i++) {
+        char name[64];
+        env_name(&opts[i], name, sizeof(name));
+        const char *v = env_get(envp, name);
+        if (v && set_opt(c, &opts[i], v, name, msg)) goto fail;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            c->help = true;
+            continue;
+        }
+        size_t alen = strcspn(a, "=");
+        if (alen == 8 && strncmp(a, "--config", 8) == 0) {
+            if (!a[alen]) i++;
+            continue;
+        }
+        const opt_t *o = NULL;
+        char fl[64];
+        for (size_t k = 0; k < N_OPTS; k++) {
+            flag_name(&opts[k], fl, sizeof(fl));
+            if (strlen(fl) == alen && strncmp(a, fl, alen) == 0) o = &opts[k];
+        }
+        if (!o) {
+            snprintf(msg, CFG_ERRMSG_LEN, "unknown option '%s' (see tidald serve --help)", a);
+            goto fail;
+        }
+        flag_name(o, fl, sizeof(fl));
+        const char *v;
+        if (a[alen] == '=')
+            v = a + alen + 1;
+        else if (o->type == V_BOOL)
+            v = "true";
+        else if (i + 1 < argc)
+            v = argv[++i];
+        else {
+            snprintf(msg, CFG_ERRMSG_LEN, "%s needs a value", fl);
+            goto fail;
+        }
+        if (set_opt(c, o, v, fl, msg)) goto fail;
+    }
+    if (c->help) return 0;
+    if (!*c->model) {
+        snprintf(msg, CFG_ERRMSG_LEN,
+                 "model: a GGUF file is required (--model, TIDALD_MODEL or "
+                 "\"model\" in the config file)");
+        goto fail;
+    }
+    const char *levels[] = {"debug", "info", "warn", "error"};
+    bool ok = false;
+    for (int i = 0; i < 4; i++) ok |= strcmp(c->log_level, levels[i]) == 0;
+    if (!ok) {
+        snprintf(msg, CFG_ERRMSG_LEN, "log_level: '%s' must be debug, info, warn or error",
+                 c->log_level);
+        goto fail;
+    }
+    return 0;
+fail:
+    cfg_free(c);
+    return -1;
+}
+
+void cfg_help(FILE *f) {
+    fprintf(f, "usage: tidald [serve] --model PATH [options]\n\n"
+               "Serve the OpenAI-compatible HTTP API. Each value comes from, in order of\n"
+               "precedence: its flag, its TIDALD_* environment variable, the JSON file given by\n"
+               "--config (or TIDALD_CONFIG), and its default.\n\n");
+    fprintf(f, "  %-26s %-30s %s\n", "--config PATH", "TIDALD_CONFIG", "JSON config file");
+    for (size_t i = 0; i < N_OPTS; i++) {
+        char fl[64], env[64];
+        flag_name(&opts[i], fl, sizeof(fl));
+        env_name(&opts[i], env, sizeof(env));
+        fprintf(f, "  %-26s %-30s %s (default: %s)\n", fl, env, opts[i].help,
+                *opts[i].def ? opts[i].def : "none");
+    }
+}

@@ -51,6 +51,14 @@ bool eng_tok_is_eog(const eng_tokenizer_t *t, int32_t id);
  * add_bos. *out is malloc'd; the caller frees it. */
 int eng_tokenize(const eng_tokenizer_t *t, const char *text, size_t len, bool add_bos,
                  int32_t **out, size_t *n_out, char *msg);
+/* True if n bytes at s (NULL allowed when n is 0) are well-formed UTF-8. */
+bool eng_utf8_valid(const char *s, size_t n);
+/* As eng_tokenize; with parse_special, control and user-defined token texts in the input
+ * (e.g. "<|eot_id|>") become those tokens instead of being spelled out. */
+int eng_tokenize_ex(const eng_tokenizer_t *t, const char *text, size_t len, bool add_bos,
+                    bool parse_special, int32_t **out, size_t *n_out, char *msg);
+/* The GGUF tokenizer.chat_template text, or NULL. */
+const char *eng_tok_chat_template(const eng_tokenizer_t *t);
 /* The bytes a token stands for (control tokens: none). Returns the byte count written, at most
  * cap; *needed (if not NULL) gets the full length. */
 size_t eng_token_bytes(const eng_tokenizer_t *t, int32_t id, char *buf, size_t cap, size_t *needed);

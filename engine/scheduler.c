@@ -615,6 +615,6 @@ static void *engine_main(void *arg) {
         atomic_fetch_sub(&s->n_queued, 1);
         finish(s, r, ENG_FINISH_CANCELLED, NULL);
     }
-    if (s->p.notify) s->p.notify(s->p.notify_arg);
+    /* no notify here: whoever destroys the scheduler no longer listens */
     return NULL;
 }

@@ -48,6 +48,9 @@ struct eng_tokenizer {
     bool add_bos, add_space_prefix;
     int pre;
     bool *eog;
+    int32_t *special; /* control and user-defined tokens, for parse_special */
+    size_t n_special;
+    char *chat_template;
 };
 
 /* ---- hash map ------------------------------------------------------ */
@@ -147,6 +150,10 @@ bool eng__utf8_valid(const char *s, size_t n) {
         i += l;
     }
     return true;
+}
+
+bool eng_utf8_valid(const char *s, size_t n) {
+    return n == 0 || eng__utf8_valid(s, n);
 }
 
 /* ---- GPT-2 byte <-> code point map ---------------------------------- */
@@ -518,8 +525,30 @@ static int tokenize_bpe(const eng_tokenizer_t *t, const char *text, size_t len, 
     return rc;
 }
 
-int eng_tokenize(const eng_tokenizer_t *t, const char *text, size_t len, bool add_bos,
-                 int32_t **out, size_t *n_out, char *msg) {
+/* Tokenize one plain fragment (no special tokens inside). */
+static int tokenize_fragment(const eng_tokenizer_t *t, const char *text, size_t len,
+                             bool space_prefix, ids_t *o) {
+    if (t->kind == ENG_TOK_BPE) return tokenize_bpe(t, text, len, o);
+    eng_tokenizer_t tmp = *t; /* shallow: only the flag differs */
+    tmp.add_space_prefix = t->add_space_prefix && space_prefix;
+    return tokenize_spm(&tmp, text, len, o);
+}
+
+/* The longest special (control or user-defined) token spelled at text[0..len), or -1. */
+static int32_t special_at(const eng_tokenizer_t *t, const char *text, size_t len) {
+    int32_t best = -1;
+    for (size_t k = 0; k < t->n_special; k++) {
+        int32_t id = t->special[k];
+        uint32_t pl = t->piece_len[id];
+        if (pl <= len && memcmp(text, t->piece[id], pl) == 0 &&
+            (best < 0 || pl > t->piece_len[best]))
+            best = id;
+    }
+    return best;
+}
+
+int eng_tokenize_ex(const eng_tokenizer_t *t, const char *text, size_t len, bool add_bos,
+                    bool parse_special, int32_t **out, size_t *n_out, char *msg) {
     *out = NULL;
     *n_out = 0;
     if (!eng__utf8_valid(text, len)) return eng_fail(msg, ENG_EINVAL, "text is not valid UTF-8");
@@ -527,9 +556,22 @@ int eng_tokenize(const eng_tokenizer_t *t, const char *text, size_t len, bool ad
     ids_t o = {0};
     int rc = 0;
     if (add_bos && t->bos >= 0) rc = ids_push(&o, t->bos);
-    if (!rc)
-        rc = t->kind == ENG_TOK_SPM ? tokenize_spm(t, text, len, &o)
-                                    : tokenize_bpe(t, text, len, &o);
+    /* split at special tokens; SentencePiece adds its space prefix after each of them */
+    size_t start = 0;
+    bool after_special = true;
+    for (size_t i = 0; i < len && !rc && parse_special;) {
+        int32_t sp = (text[i] == '<' || text[i] == '[') ? special_at(t, text + i, len - i) : -1;
+        if (sp < 0) {
+            i++;
+            continue;
+        }
+        if (i > start) rc = tokenize_fragment(t, text + start, i - start, after_special, &o);
+        if (!rc) rc = ids_push(&o, sp);
+        i += t->piece_len[sp];
+        start = i;
+        after_special = true;
+    }
+    if (!rc && len > start) rc = tokenize_fragment(t, text + start, len - start, after_special, &o);
     if (!rc && !o.v) rc = ids_push(&o, 0), o.n = 0; /* a valid empty array */
     if (rc) {
         free(o.v);
@@ -538,6 +580,15 @@ int eng_tokenize(const eng_tokenizer_t *t, const char *text, size_t len, bool ad
     *out = o.v;
     *n_out = o.n;
     return 0;
+}
+
+int eng_tokenize(const eng_tokenizer_t *t, const char *text, size_t len, bool add_bos,
+                 int32_t **out, size_t *n_out, char *msg) {
+    return eng_tokenize_ex(t, text, len, add_bos, false, out, n_out, msg);
+}
+
+const char *eng_tok_chat_template(const eng_tokenizer_t *t) {
+    return t->chat_template;
 }
 
 /* ---- detokenize -------------------------------------------------------- */
@@ -832,6 +883,19 @@ int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab
         if (t->type[i] == TT_CONTROL)
             for (size_t k = 0; k < sizeof(ends) / sizeof(ends[0]); k++)
                 if (strcmp(t->piece[i], ends[k]) == 0) t->eog[i] = true;
+    t->special = malloc(sizeof(int32_t) * n_vocab);
+    if (!t->special) {
+        rc = eng_fail(msg, ENG_ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (uint32_t i = 0; i < n_vocab; i++)
+        if ((t->type[i] == TT_CONTROL || t->type[i] == TT_USER) && t->piece_len[i] > 0)
+            t->special[t->n_special++] = (int32_t)i;
+    const char *tmpl = gguf_get_str(g, "tokenizer.chat_template");
+    if (tmpl && !(t->chat_template = strdup(tmpl))) {
+        rc = eng_fail(msg, ENG_ENOMEM, "out of memory");
+        goto fail;
+    }
     *out = t;
     return 0;
 fail:
@@ -848,6 +912,8 @@ void eng__tokenizer_free(eng_tokenizer_t *t) {
     free(t->score);
     free(t->type);
     free(t->eog);
+    free(t->special);
+    free(t->chat_template);
     free(t->merge_str);
     free(t->vocab.e);
     free(t->merges.e);

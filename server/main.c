@@ -6,6 +6,7 @@
  */
 #include "../config/config.h"
 #include "../engine/engine.h"
+#include "server.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,12 +20,31 @@ static double now_s(void) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: tidald <command> [options]\n\n"
-               "commands:\n"
-               "  generate   generate text from a prompt (tidald generate --help)\n"
-               "  help       show this help\n\n"
-               "The HTTP server (`tidald serve`, and `tidald` with no command) lands with the\n"
-               "server issue; until then `tidald` with no command prints this help.\n");
+    fprintf(f,
+            "usage: tidald [command] [options]\n\n"
+            "commands:\n"
+            "  serve      serve the OpenAI-compatible HTTP API (the default; tidald serve --help)\n"
+            "  generate   generate text from a prompt (tidald generate --help)\n"
+            "  help       show this help\n");
+}
+
+extern char **environ;
+
+static int cmd_serve(int argc, char **argv) {
+    cfg_t cfg;
+    char msg[CFG_ERRMSG_LEN] = {0};
+    if (cfg_load(&cfg, argc, argv, environ, msg) != 0) {
+        fprintf(stderr, "tidald serve: %s\n", msg);
+        return 2;
+    }
+    if (cfg.help) {
+        cfg_help(stdout);
+        cfg_free(&cfg);
+        return 0;
+    }
+    int code = srv_run(&cfg);
+    cfg_free(&cfg);
+    return code;
 }
 
 static int cmd_generate(int argc, char **argv) {
@@ -175,11 +195,15 @@ done:
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 ||
-        strcmp(argv[1], "-h") == 0) {
+    if (argc >= 2 && (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 ||
+                      strcmp(argv[1], "-h") == 0)) {
         usage(stdout);
+        printf("\n");
+        cfg_help(stdout);
         return 0;
     }
+    if (argc < 2 || argv[1][0] == '-') return cmd_serve(argc, argv); /* no command: serve */
+    if (strcmp(argv[1], "serve") == 0) return cmd_serve(argc - 1, argv + 1);
     if (strcmp(argv[1], "generate") == 0) return cmd_generate(argc - 1, argv + 1);
     fprintf(stderr, "tidald: unknown command '%s'\n", argv[1]);
     usage(stderr);

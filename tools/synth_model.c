@@ -38,9 +38,10 @@ static char **make_vocab(uint32_t n, float **scores, int32_t **types) {
     *types = calloc(n, sizeof(int32_t));
     if (!v || !*scores || !*types) return v;
     uint32_t i = 0;
-    const char *spec[] = {"<unk>", "<s>", "</s>"};
-    int32_t spec_t[] = {2, 3, 3};
-    for (int k = 0; k < 3 && i < n; k++, i++) {
+    /* ChatML markers make the synthetic models usable with /v1/chat/completions */
+    const char *spec[] = {"<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"};
+    int32_t spec_t[] = {2, 3, 3, 3, 3};
+    for (int k = 0; k < 5 && i < n; k++, i++) {
         v[i] = strdup(spec[k]);
         (*types)[i] = spec_t[k];
     }
@@ -200,6 +201,10 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     gw_kv_u32(w, "tokenizer.ggml.unknown_token_id", 0);
     gw_kv_bool(w, "tokenizer.ggml.add_bos_token", true);
     gw_kv_bool(w, "tokenizer.ggml.add_eos_token", false);
+    gw_kv_str(w, "tokenizer.chat_template",
+              "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+              "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt "
+              "%}{{ '<|im_start|>assistant\\n' }}{% endif %}");
     float s_in = 1.0f / sqrtf((float)sh->n_embd), s_ff = 1.0f / sqrtf((float)sh->n_ff);
     if (add_weight(w, &o, "token_embd.weight", sh->n_embd, sh->n_vocab, type, 1.0f, &rng) ||
         add_norm(w, &o, "output_norm.weight", sh->n_embd, &rng))

@@ -1,0 +1,130 @@
+/* api.h - the OpenAI wire format: request parsing and validation, response and stream-chunk
+ * builders, error objects, chat templates, and the Prometheus metrics registry.
+ *
+ * Everything here runs on the loop thread and computes nothing heavy: parsing
+ * turns a JSON body into an engine request (tokenized prompt, sampler settings,
+ * stop strings), builders turn engine events into JSON text.
+ */
+#ifndef TIDALD_API_H
+#define TIDALD_API_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../engine/engine.h"
+
+/* ---- errors --------------------------------------------------------- */
+
+typedef struct {
+    int status;       /* HTTP status */
+    const char *type; /* invalid_request_error, authentication_error, ... */
+    char param[64];   /* the offending field, or "" */
+    const char *code; /* e.g. context_length_exceeded, or NULL */
+    char message[256];
+} api_error_t;
+
+/* The OpenAI error object {"error":{"message","type","param","code"}}; malloc'd JSON. */
+char *api_error_json(const api_error_t *e);
+/* Fill an error and return -1 (for one-line error paths). */
+int api_fail(api_error_t *e, int status, const char *type, const char *param, const char *code,
+             const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+/* ---- requests ------------------------------------------------------- */
+
+typedef enum { API_COMPLETION, API_CHAT } api_kind_t;
+
+typedef struct {
+    const eng_model_t *model;
+    const char *model_name;
+    uint32_t n_ctx;
+    uint32_t default_max_tokens;
+    double request_timeout_s;
+} api_ctx_t;
+
+typedef struct {
+    api_kind_t kind;
+    bool stream, include_usage, echo;
+    bool entropy;         /* telemetry.entropy */
+    int logprobs;         /* -1 off; else alternatives wanted (0..5) */
+    char *prompt_text;    /* for echo (completions with a string prompt) */
+    eng_req_params_t eng; /* ownership moves into the engine request */
+} api_req_t;
+
+/* Parse and validate a completions or chat-completions body. On failure returns -1 and fills
+ * err (status 400 with the field named in param). */
+int api_parse_request(const api_ctx_t *ctx, api_kind_t kind, const char *body, size_t len,
+                      api_req_t *out, api_error_t *err);
+void api_req_free(api_req_t *r);
+
+/* Render chat messages with the model's template (recognised from tokenizer.chat_template). */
+typedef enum {
+    API_TMPL_NONE,
+    API_TMPL_LLAMA2,
+    API_TMPL_LLAMA3,
+    API_TMPL_CHATML,
+    API_TMPL_ZEPHYR
+} api_tmpl_t;
+api_tmpl_t api_detect_template(const char *chat_template);
+typedef struct {
+    const char *role, *content;
+} api_msg_t;
+/* malloc'd prompt text (special tokens spelled out), or NULL if the template is NONE */
+char *api_render_chat(api_tmpl_t t, const api_msg_t *msgs, size_t n);
+
+/* /tokenize and /detokenize bodies -> JSON reply (malloc'd), or NULL with err filled. */
+char *api_tokenize(const api_ctx_t *ctx, const char *body, size_t len, api_error_t *err);
+char *api_detokenize(const api_ctx_t *ctx, const char *body, size_t len, api_error_t *err);
+char *api_models_json(const api_ctx_t *ctx, double created);
+
+/* ---- responses ------------------------------------------------------ */
+
+/* Accumulates a request's output for the final (non-stream) response and usage. */
+typedef struct {
+    char *text;
+    size_t len, cap;
+    eng_event_t *tok; /* token events in order, for logprobs and telemetry (text not kept) */
+    size_t n_tok, cap_tok;
+    bool oom;
+} api_acc_t;
+
+typedef struct {
+    const char *id; /* "cmpl-..." */
+    const char *model;
+    double created;
+    const api_req_t *req;
+    const eng_tokenizer_t *tok;
+    size_t text_offset; /* stream: bytes of text sent before this chunk */
+} api_resp_ctx_t;
+
+/* One SSE data payload (JSON, malloc'd) for a token event or the final event. */
+char *api_stream_chunk(const api_resp_ctx_t *rc, const eng_event_t *ev, bool first);
+/* The usage-only chunk (choices: []). */
+char *api_usage_chunk(const api_resp_ctx_t *rc, uint32_t prompt, uint32_t completion);
+/* A stream error event payload. */
+char *api_stream_error(const char *message);
+/* Whole response for a non-stream request. */
+int api_acc_add(api_acc_t *a, const eng_event_t *ev);
+void api_acc_free(api_acc_t *a);
+char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, eng_finish_t finish,
+                         uint32_t prompt, uint32_t completion);
+
+/* ---- metrics (process-wide registry; loop thread only) --------------- */
+
+typedef enum {
+    API_H_TTFT,
+    API_H_ITL,
+    API_H_E2E,
+    API_H_QUEUE,
+    API_H_ENTROPY,
+    API_H_COUNT
+} api_hist_id_t;
+
+void api_metrics_init(double start_time_unix);
+void api_metrics_observe(api_hist_id_t h, double v);
+void api_metrics_finished(const char *finish_reason);
+void api_metrics_rejected(const char *reason);
+/* Render the exposition text (malloc'd). */
+char *api_metrics_render(const eng_sched_stats_t *st);
+
+#endif

@@ -1,0 +1,116 @@
+/* chat.c - chat templates. GGUF files carry a Jinja template in
+ * tokenizer.chat_template; rather than run Jinja, tidald recognises the common
+ * families by their marker tokens and renders them in C:
+ *   Llama 3  <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
+ *   ChatML   <|im_start|>role\ncontent<|im_end|>\n
+ *   Zephyr   <|role|>\ncontent</s>\n
+ *   Llama 2  <s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] assistant </s>
+ * Each ends with the assistant's opening so the model writes the reply.
+ */
+#include "api.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+api_tmpl_t api_detect_template(const char *t) {
+    if (!t) return API_TMPL_NONE;
+    if (strstr(t, "<|start_header_id|>")) return API_TMPL_LLAMA3;
+    if (strstr(t, "<|im_start|>")) return API_TMPL_CHATML;
+    if (strstr(t, "<|user|>") && strstr(t, "<|assistant|>")) return API_TMPL_ZEPHYR;
+    if (strstr(t, "[INST]")) return API_TMPL_LLAMA2;
+    return API_TMPL_NONE;
+}
+
+typedef struct {
+    char *s;
+    size_t len, cap;
+    bool oom;
+} sb_t;
+
+static void sb_add(sb_t *b, const char *t) {
+    size_t n = strlen(t);
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = (b->len + n + 1) * 2;
+        char *ns = realloc(b->s, cap);
+        if (!ns) {
+            b->oom = true;
+            return;
+        }
+        b->s = ns;
+        b->cap = cap;
+    }
+    memcpy(b->s + b->len, t, n + 1);
+    b->len += n;
+}
+
+char *api_render_chat(api_tmpl_t t, const api_msg_t *m, size_t n) {
+    sb_t b = {0};
+    sb_add(&b, "");
+    switch (t) {
+    case API_TMPL_LLAMA3:
+        sb_add(&b, "<|begin_of_text|>");
+        for (size_t i = 0; i < n; i++) {
+            sb_add(&b, "<|start_header_id|>");
+            sb_add(&b, m[i].role);
+            sb_add(&b, "<|end_header_id|>\n\n");
+            sb_add(&b, m[i].content);
+            sb_add(&b, "<|eot_id|>");
+        }
+        sb_add(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+        break;
+    case API_TMPL_CHATML:
+        for (size_t i = 0; i < n; i++) {
+            sb_add(&b, "<|im_start|>");
+            sb_add(&b, m[i].role);
+            sb_add(&b, "\n");
+            sb_add(&b, m[i].content);
+            sb_add(&b, "<|im_end|>\n");
+        }
+        sb_add(&b, "<|im_start|>assistant\n");
+        break;
+    case API_TMPL_ZEPHYR:
+        for (size_t i = 0; i < n; i++) {
+            sb_add(&b, "<|");
+            sb_add(&b, m[i].role);
+            sb_add(&b, "|>\n");
+            sb_add(&b, m[i].content);
+            sb_add(&b, "</s>\n");
+        }
+        sb_add(&b, "<|assistant|>\n");
+        break;
+    case API_TMPL_LLAMA2: {
+        /* the system prompt folds into the first user turn */
+        const char *sys = NULL;
+        bool first = true;
+        for (size_t i = 0; i < n; i++) {
+            if (strcmp(m[i].role, "system") == 0) {
+                sys = m[i].content;
+            } else if (strcmp(m[i].role, "user") == 0) {
+                sb_add(&b, "<s>[INST] ");
+                if (sys && first) {
+                    sb_add(&b, "<<SYS>>\n");
+                    sb_add(&b, sys);
+                    sb_add(&b, "\n<</SYS>>\n\n");
+                }
+                first = false;
+                sb_add(&b, m[i].content);
+                sb_add(&b, " [/INST]");
+            } else {
+                sb_add(&b, " ");
+                sb_add(&b, m[i].content);
+                sb_add(&b, " </s>");
+            }
+        }
+        break;
+    }
+    case API_TMPL_NONE:
+        free(b.s);
+        return NULL;
+    }
+    if (b.oom) {
+        free(b.s);
+        return NULL;
+    }
+    return b.s;
+}

@@ -1,0 +1,246 @@
+/* response.c - OpenAI response objects and SSE chunk payloads from engine events. */
+#include "api.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* A token's text as valid UTF-8 (bytes that do not form a character become U+FFFD), plus
+ * its raw bytes. */
+static void token_text(const eng_tokenizer_t *tok, int32_t id, char *out, size_t cap, uint8_t *raw,
+                       size_t *n_raw) {
+    char b[256];
+    size_t n = eng_token_bytes(tok, id, b, sizeof(b), NULL);
+    if (raw) memcpy(raw, b, n), *n_raw = n;
+    eng_detok_t d;
+    eng_detok_init(&d, tok);
+    /* reuse the streaming detokenizer's validation by feeding the bytes one token at a time */
+    size_t w = eng_detok_push(&d, id, out, cap - 4);
+    w += eng_detok_flush(&d, out + w, 4);
+    out[w] = 0;
+}
+
+static const char *finish_str(eng_finish_t f) {
+    return f == ENG_FINISH_STOP ? "stop" : f == ENG_FINISH_LENGTH ? "length" : NULL;
+}
+
+static cJSON *head(const api_resp_ctx_t *rc, bool chunk) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", rc->id);
+    const char *obj = rc->req->kind == API_CHAT
+                          ? (chunk ? "chat.completion.chunk" : "chat.completion")
+                          : "text_completion";
+    cJSON_AddStringToObject(o, "object", obj);
+    cJSON_AddNumberToObject(o, "created", (double)(long long)rc->created);
+    cJSON_AddStringToObject(o, "model", rc->model);
+    return o;
+}
+
+static cJSON *bytes_array(const uint8_t *b, size_t n) {
+    cJSON *a = cJSON_CreateArray();
+    for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(b[i]));
+    return a;
+}
+
+/* Chat logprobs entry for one token. */
+static cJSON *chat_lp(const api_resp_ctx_t *rc, const eng_event_t *ev) {
+    char t[1024];
+    uint8_t raw[256];
+    size_t nr;
+    cJSON *o = cJSON_CreateObject();
+    token_text(rc->tok, ev->token, t, sizeof(t), raw, &nr);
+    cJSON_AddStringToObject(o, "token", t);
+    cJSON_AddNumberToObject(o, "logprob", ev->logprob);
+    cJSON_AddItemToObject(o, "bytes", bytes_array(raw, nr));
+    cJSON *top = cJSON_AddArrayToObject(o, "top_logprobs");
+    for (uint32_t k = 0; k < ev->n_top; k++) {
+        cJSON *x = cJSON_CreateObject();
+        token_text(rc->tok, ev->top[k].id, t, sizeof(t), raw, &nr);
+        cJSON_AddStringToObject(x, "token", t);
+        cJSON_AddNumberToObject(x, "logprob", ev->top[k].logprob);
+        cJSON_AddItemToObject(x, "bytes", bytes_array(raw, nr));
+        cJSON_AddItemToArray(top, x);
+    }
+    return o;
+}
+
+/* Completions (legacy) logprobs object for a run of token events. */
+static cJSON *completion_lp(const api_resp_ctx_t *rc, const eng_event_t *ev, size_t n,
+                            size_t offset0) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON *toks = cJSON_AddArrayToObject(o, "tokens"),
+          *lps = cJSON_AddArrayToObject(o, "token_logprobs");
+    cJSON *tops = cJSON_AddArrayToObject(o, "top_logprobs"),
+          *offs = cJSON_AddArrayToObject(o, "text_offset");
+    size_t off = offset0;
+    char t[1024];
+    for (size_t i = 0; i < n; i++) {
+        token_text(rc->tok, ev[i].token, t, sizeof(t), NULL, NULL);
+        cJSON_AddItemToArray(toks, cJSON_CreateString(t));
+        cJSON_AddItemToArray(lps, cJSON_CreateNumber(ev[i].logprob));
+        cJSON *top = cJSON_CreateObject();
+        for (uint32_t k = 0; k < ev[i].n_top; k++) {
+            char a[1024];
+            token_text(rc->tok, ev[i].top[k].id, a, sizeof(a), NULL, NULL);
+            if (!cJSON_GetObjectItemCaseSensitive(top, a))
+                cJSON_AddNumberToObject(top, a, ev[i].top[k].logprob);
+        }
+        cJSON_AddItemToArray(tops, top);
+        cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)off));
+        off += ev[i].text_len;
+    }
+    return o;
+}
+
+static char *print(cJSON *o) {
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+char *api_stream_chunk(const api_resp_ctx_t *rc, const eng_event_t *ev, bool first) {
+    cJSON *o = head(rc, true);
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices"), *c = cJSON_CreateObject();
+    cJSON_AddItemToArray(choices, c);
+    cJSON_AddNumberToObject(c, "index", 0);
+    const api_req_t *rq = rc->req;
+    size_t plen = first && rq->echo && rq->prompt_text ? strlen(rq->prompt_text) : 0;
+    char *text = malloc(plen + ev->text_len + 1);
+    if (text) {
+        if (plen) memcpy(text, rq->prompt_text, plen);
+        if (ev->text_len) memcpy(text + plen, ev->text, ev->text_len);
+        text[plen + ev->text_len] = 0;
+    }
+    bool is_token = ev->token >= 0 && !ev->finish;
+    if (rq->kind == API_CHAT) {
+        cJSON *delta = cJSON_AddObjectToObject(c, "delta");
+        if (first) cJSON_AddStringToObject(delta, "role", "assistant");
+        if (text && (*text || !ev->finish)) cJSON_AddStringToObject(delta, "content", text);
+        if (rq->logprobs >= 0 && is_token) {
+            cJSON *lp = cJSON_AddObjectToObject(c, "logprobs");
+            cJSON *content = cJSON_AddArrayToObject(lp, "content");
+            cJSON_AddItemToArray(content, chat_lp(rc, ev));
+        } else {
+            cJSON_AddNullToObject(c, "logprobs");
+        }
+    } else {
+        cJSON_AddStringToObject(c, "text", text ? text : "");
+        if (rq->logprobs >= 0 && is_token)
+            cJSON_AddItemToObject(c, "logprobs", completion_lp(rc, ev, 1, rc->text_offset + plen));
+        else
+            cJSON_AddNullToObject(c, "logprobs");
+    }
+    free(text);
+    const char *fr = finish_str(ev->finish);
+    if (fr)
+        cJSON_AddStringToObject(c, "finish_reason", fr);
+    else
+        cJSON_AddNullToObject(c, "finish_reason");
+    if (rq->entropy && is_token) {
+        cJSON *t = cJSON_AddObjectToObject(o, "telemetry");
+        cJSON_AddNumberToObject(t, "token_entropy_bits", ev->entropy_bits);
+    }
+    return print(o);
+}
+
+char *api_usage_chunk(const api_resp_ctx_t *rc, uint32_t prompt, uint32_t completion) {
+    cJSON *o = head(rc, true);
+    cJSON_AddArrayToObject(o, "choices");
+    cJSON *u = cJSON_AddObjectToObject(o, "usage");
+    cJSON_AddNumberToObject(u, "prompt_tokens", prompt);
+    cJSON_AddNumberToObject(u, "completion_tokens", completion);
+    cJSON_AddNumberToObject(u, "total_tokens", prompt + completion);
+    return print(o);
+}
+
+char *api_stream_error(const char *message) {
+    api_error_t e;
+    api_fail(&e, 500, "server_error", NULL, NULL, "%s", message);
+    return api_error_json(&e);
+}
+
+int api_acc_add(api_acc_t *a, const eng_event_t *ev) {
+    if (a->len + ev->text_len + 1 > a->cap) {
+        size_t cap = (a->len + ev->text_len + 1) * 2;
+        char *t = realloc(a->text, cap);
+        if (!t) return a->oom = true, -1;
+        a->text = t;
+        a->cap = cap;
+    }
+    if (ev->text_len) memcpy(a->text + a->len, ev->text, ev->text_len);
+    a->len += ev->text_len;
+    a->text[a->len] = 0;
+    if (ev->token >= 0 && !ev->finish) {
+        if (a->n_tok == a->cap_tok) {
+            size_t cap = a->cap_tok ? a->cap_tok * 2 : 64;
+            eng_event_t *t = realloc(a->tok, cap * sizeof(*t));
+            if (!t) return a->oom = true, -1;
+            a->tok = t;
+            a->cap_tok = cap;
+        }
+        a->tok[a->n_tok] = *ev;
+        a->tok[a->n_tok++].text = NULL;
+    }
+    return 0;
+}
+
+void api_acc_free(api_acc_t *a) {
+    free(a->text);
+    free(a->tok);
+    memset(a, 0, sizeof(*a));
+}
+
+char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, eng_finish_t finish,
+                         uint32_t prompt, uint32_t completion) {
+    const api_req_t *rq = rc->req;
+    cJSON *o = head(rc, false);
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices"), *c = cJSON_CreateObject();
+    cJSON_AddItemToArray(choices, c);
+    cJSON_AddNumberToObject(c, "index", 0);
+    const char *gen = a->text ? a->text : "";
+    size_t plen = rq->echo && rq->prompt_text ? strlen(rq->prompt_text) : 0;
+    if (rq->kind == API_CHAT) {
+        cJSON *m = cJSON_AddObjectToObject(c, "message");
+        cJSON_AddStringToObject(m, "role", "assistant");
+        cJSON_AddStringToObject(m, "content", gen);
+        if (rq->logprobs >= 0) {
+            cJSON *lp = cJSON_AddObjectToObject(c, "logprobs");
+            cJSON *content = cJSON_AddArrayToObject(lp, "content");
+            for (size_t i = 0; i < a->n_tok; i++)
+                cJSON_AddItemToArray(content, chat_lp(rc, &a->tok[i]));
+        } else {
+            cJSON_AddNullToObject(c, "logprobs");
+        }
+    } else {
+        char *text = malloc(plen + a->len + 1);
+        if (text) {
+            if (plen) memcpy(text, rq->prompt_text, plen);
+            memcpy(text + plen, gen, a->len);
+            text[plen + a->len] = 0;
+        }
+        cJSON_AddStringToObject(c, "text", text ? text : "");
+        free(text);
+        if (rq->logprobs >= 0)
+            cJSON_AddItemToObject(c, "logprobs", completion_lp(rc, a->tok, a->n_tok, plen));
+        else
+            cJSON_AddNullToObject(c, "logprobs");
+    }
+    const char *fr = finish_str(finish);
+    if (fr)
+        cJSON_AddStringToObject(c, "finish_reason", fr);
+    else
+        cJSON_AddNullToObject(c, "finish_reason");
+    cJSON *u = cJSON_AddObjectToObject(o, "usage");
+    cJSON_AddNumberToObject(u, "prompt_tokens", prompt);
+    cJSON_AddNumberToObject(u, "completion_tokens", completion);
+    cJSON_AddNumberToObject(u, "total_tokens", prompt + completion);
+    if (rq->entropy) {
+        cJSON *t = cJSON_AddObjectToObject(o, "telemetry");
+        cJSON *arr = cJSON_AddArrayToObject(t, "token_entropy_bits");
+        for (size_t i = 0; i < a->n_tok; i++)
+            cJSON_AddItemToArray(arr, cJSON_CreateNumber(a->tok[i].entropy_bits));
+    }
+    return print(o);
+}

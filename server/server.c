@@ -1,0 +1,970 @@
+/* server.c - the daemon's loop thread.
+ *
+ * Owns every socket. Each connection parses HTTP/1.1 with llhttp; a complete
+ * message pauses the parser, so pipelined requests are answered strictly in
+ * order (later bytes wait in the connection's stash until the current answer
+ * is done). Engine work goes to the scheduler; the engine thread wakes this
+ * loop through one uv_async handle, and the wake callback drains every busy
+ * connection's outbox (wakes may merge). A 250 ms timer enforces the request-
+ * read (slowloris) and idle timeouts and watches the drain.
+ *
+ * The model loads on libuv's worker pool after the listener is up, so
+ * /health answers 503 while loading. A connection is freed only in its
+ * uv_close callback; a request whose client left is cancelled here and freed
+ * by whichever side drops the last reference.
+ */
+#include "server.h"
+#include "http.h"
+#include "../api/api.h"
+#include "../engine/engine.h"
+
+#include <cjson/cJSON.h>
+#include <llhttp.h>
+#include <pthread.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+typedef enum { SRV_LOADING, SRV_READY, SRV_DRAINING, SRV_FAILED } srv_state_t;
+
+typedef struct conn conn_t;
+
+typedef struct {
+    uv_loop_t loop;
+    uv_tcp_t listener;
+    uv_async_t wake;
+    pthread_mutex_t wake_mu; /* guards wake_open against the engine thread's notify */
+    bool wake_open;
+    uv_signal_t sig_term, sig_int;
+    uv_timer_t tick;
+    uv_work_t load_work;
+    const cfg_t *cfg;
+    eng_model_t *model;
+    eng_ctx_t *ctx;
+    eng_sched_t *sched;
+    char load_msg[ENG_ERRMSG_LEN];
+    int load_rc;
+    api_ctx_t api;
+    char model_name[128];
+    srv_state_t state;
+    double drain_deadline;
+    bool drain_cancelled, listener_open;
+    int signals;
+    conn_t *conns;
+    size_t n_conns;
+    char **keys;
+    size_t n_keys;
+    double start_unix;
+    uint64_t id_seed;
+    int exit_code;
+} srv_t;
+
+struct conn {
+    uv_tcp_t tcp;
+    srv_t *srv;
+    conn_t *prev, *next;
+    srv_http_t http; /* the request stream */
+    double t_active;
+    /* bytes received while a request was being answered */
+    char *stash;
+    size_t stash_len, stash_cap;
+    bool busy, closing, close_after_write, keep_alive, read_eof;
+    size_t write_pending;
+    /* the request in flight */
+    eng_request_t *req;
+    api_req_t areq;
+    api_acc_t acc;
+    char reqid[130], cmpl_id[64];
+    double t_arrival, t_last_token, created;
+    bool first_chunk, got_token;
+    size_t text_offset; /* bytes of text streamed so far (completions logprobs text_offset) */
+};
+
+static double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double unix_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---- writing ------------------------------------------------------------ */
+
+typedef struct {
+    uv_write_t w;
+    conn_t *c;
+    size_t len;
+    char data[];
+} wreq_t;
+
+static void conn_close(conn_t *c);
+
+static void on_written(uv_write_t *w, int status) {
+    wreq_t *wr = (wreq_t *)w;
+    conn_t *c = wr->c;
+    c->write_pending -= wr->len;
+    free(wr);
+    if (status < 0) {
+        conn_close(c);
+        return;
+    }
+    if (c->close_after_write && c->write_pending == 0) conn_close(c);
+}
+
+/* Queue bytes (copied). A reader that lets more than the stream bound pile up is cut off. */
+static void conn_write(conn_t *c, const char *data, size_t len) {
+    if (c->closing || !len) return;
+    if (c->write_pending + len > (size_t)c->srv->cfg->max_stream_buffer_kb * 1024) {
+        srv_log(SRV_WARN, c->reqid, "slow_reader",
+                "client reads too slowly (%zu bytes unsent); "
+                "cancelling",
+                c->write_pending);
+        conn_close(c);
+        return;
+    }
+    wreq_t *wr = malloc(sizeof(*wr) + len);
+    if (!wr) {
+        conn_close(c);
+        return;
+    }
+    wr->c = c;
+    wr->len = len;
+    memcpy(wr->data, data, len);
+    uv_buf_t b = uv_buf_init(wr->data, (unsigned)len);
+    c->write_pending += len;
+    if (uv_write(&wr->w, (uv_stream_t *)&c->tcp, &b, 1, on_written) != 0) {
+        c->write_pending -= len;
+        free(wr);
+        conn_close(c);
+    }
+}
+
+static const char *status_text(int s) {
+    switch (s) {
+    case 200:
+        return "OK";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 408:
+        return "Request Timeout";
+    case 413:
+        return "Content Too Large";
+    case 429:
+        return "Too Many Requests";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 503:
+        return "Service Unavailable";
+    default:
+        return "Unknown";
+    }
+}
+
+/* A whole response with a body; `extra` holds additional header lines ending in CRLF. */
+static void respond(conn_t *c, int status, const char *ctype, const char *body, size_t len,
+                    const char *extra) {
+    char head[1024];
+    int n = snprintf(head, sizeof(head),
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                     "X-Request-Id: %s\r\n%s%s\r\n",
+                     status, status_text(status), ctype, len, c->reqid, extra ? extra : "",
+                     c->keep_alive ? "" : "Connection: close\r\n");
+    conn_write(c, head, (size_t)n);
+    conn_write(c, body, len);
+    if (!c->keep_alive) {
+        c->close_after_write = true;
+        if (c->write_pending == 0) conn_close(c);
+    }
+}
+
+static void respond_json(conn_t *c, int status, char *json, const char *extra) {
+    if (!json) {
+        static const char oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":"
+                                  "\"server_error\",\"param\":null,\"code\":null}}";
+        respond(c, 500, "application/json", oom, sizeof(oom) - 1, NULL);
+        return;
+    }
+    respond(c, status, "application/json", json, strlen(json), extra);
+    cJSON_free(json);
+}
+
+static void respond_error(conn_t *c, const api_error_t *e, const char *reject_reason,
+                          const char *extra) {
+    if (reject_reason) api_metrics_rejected(reject_reason);
+    srv_log(e->status >= 500 ? SRV_WARN : SRV_INFO, c->reqid, "request_error", "%d %s", e->status,
+            e->message);
+    respond_json(c, e->status, api_error_json(e), extra);
+}
+
+/* Chunked transfer framing for a stream body. */
+static void write_chunk(conn_t *c, const char *s, size_t n) {
+    char hdr[32];
+    int h = snprintf(hdr, sizeof(hdr), "%zx\r\n", n);
+    size_t total = (size_t)h + n + 2;
+    char *buf = malloc(total);
+    if (!buf) {
+        conn_close(c);
+        return;
+    }
+    memcpy(buf, hdr, (size_t)h);
+    memcpy(buf + h, s, n);
+    memcpy(buf + h + n, "\r\n", 2);
+    conn_write(c, buf, total);
+    free(buf);
+}
+
+static void write_sse(conn_t *c, char *json) {
+    if (!json) return;
+    size_t n = strlen(json);
+    char *ev = malloc(n + 9);
+    if (ev) {
+        memcpy(ev, "data: ", 6);
+        memcpy(ev + 6, json, n);
+        memcpy(ev + 6 + n, "\n\n", 2);
+        write_chunk(c, ev, n + 8);
+        free(ev);
+    }
+    cJSON_free(json);
+}
+
+/* ---- connection lifecycle -------------------------------------------- */
+
+static void drop_request(conn_t *c) {
+    if (c->req) {
+        eng_request_cancel(c->req);
+        eng_request_release(c->req);
+        c->req = NULL;
+    }
+    api_req_free(&c->areq);
+    api_acc_free(&c->acc);
+}
+
+static void on_closed(uv_handle_t *h) {
+    conn_t *c = h->data;
+    srv_t *s = c->srv;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    s->n_conns--;
+    srv_http_free(&c->http);
+    free(c->stash);
+    free(c);
+}
+
+static void conn_close(conn_t *c) {
+    if (c->closing) return;
+    c->closing = true;
+    if (c->req) {
+        srv_log(SRV_INFO, c->reqid, "cancelled", "connection closed mid-request");
+        api_metrics_finished("cancelled");
+    }
+    drop_request(c);
+    uv_close((uv_handle_t *)&c->tcp, on_closed);
+}
+
+/* ---- request handling ------------------------------------------------ */
+
+static void set_request_id(conn_t *c) {
+    bool ok = c->http.reqid_len > 0;
+    for (size_t i = 0; i < c->http.reqid_len && ok; i++)
+        ok = c->http.reqid[i] > 32 && c->http.reqid[i] < 127 && c->http.reqid[i] != '"';
+    if (ok) {
+        snprintf(c->reqid, sizeof(c->reqid), "%s", c->http.reqid);
+    } else {
+        uint64_t x = (c->srv->id_seed += 0x9e3779b97f4a7c15ull);
+        x ^= x >> 31;
+        x *= 0xbf58476d1ce4e5b9ull;
+        x ^= x >> 29;
+        snprintf(c->reqid, sizeof(c->reqid), "req-%016llx", (unsigned long long)x);
+    }
+}
+
+static bool authorized(conn_t *c) {
+    srv_t *s = c->srv;
+    if (!s->n_keys) return true;
+    if (c->http.auth_len < 7 || strncasecmp(c->http.auth, "Bearer ", 7) != 0) return false;
+    const char *k = c->http.auth + 7;
+    size_t kl = strlen(k);
+    for (size_t i = 0; i < s->n_keys; i++) {
+        size_t l = strlen(s->keys[i]);
+        unsigned diff = (unsigned)(l ^ kl);
+        for (size_t j = 0; j < l; j++)
+            diff |= (unsigned char)s->keys[i][j] ^ (unsigned char)(j < kl ? k[j] : 0);
+        if (!diff) return true;
+    }
+    return false;
+}
+
+static void answer_engine_unavailable(conn_t *c) {
+    api_error_t e;
+    srv_state_t st = c->srv->state;
+    api_fail(&e, 503, "service_unavailable", NULL, NULL,
+             st == SRV_LOADING    ? "the model is still loading"
+             : st == SRV_DRAINING ? "the server is shutting down"
+                                  : "the model failed to load");
+    respond_error(c, &e, "unavailable", "Retry-After: 5\r\n");
+}
+
+static void start_completion(conn_t *c, api_kind_t kind) {
+    srv_t *s = c->srv;
+    api_error_t e;
+    if (s->state != SRV_READY) {
+        answer_engine_unavailable(c);
+        return;
+    }
+    if (!eng_utf8_valid(c->http.body, c->http.body_len)) {
+        api_fail(&e, 400, "invalid_request_error", NULL, NULL, "the body is not valid UTF-8");
+        respond_error(c, &e, "invalid_request", NULL);
+        return;
+    }
+    if (api_parse_request(&s->api, kind, c->http.body ? c->http.body : "", c->http.body_len,
+                          &c->areq, &e)) {
+        respond_error(c, &e, e.code ? "context_length" : "invalid_request", NULL);
+        return;
+    }
+    c->areq.eng.entropy = true; /* always measured: it feeds the entropy histogram */
+    srv_log(SRV_INFO, c->reqid, "request_start", "%s prompt_tokens=%u max_tokens=%u stream=%d",
+            kind == API_CHAT ? "chat" : "completion", c->areq.eng.n_prompt, c->areq.eng.max_tokens,
+            c->areq.stream);
+    eng_request_t *r = eng_request_create(&c->areq.eng);
+    char msg[ENG_ERRMSG_LEN];
+    int rc = r ? eng_sched_submit(s->sched, r, msg) : ENG_ENOMEM;
+    if (rc) {
+        if (r) eng_request_release(r);
+        api_req_free(&c->areq);
+        if (rc == ENG_ERANGE) {
+            api_fail(&e, 429, "rate_limit_error", NULL, "queue_full", "%s; retry later", msg);
+            respond_error(c, &e, "queue_full", "Retry-After: 1\r\n");
+        } else {
+            api_fail(&e, 400, "invalid_request_error", NULL, NULL, "%s",
+                     rc == ENG_ENOMEM ? "out of memory" : msg);
+            respond_error(c, &e, "invalid_request", NULL);
+        }
+        return;
+    }
+    c->req = r;
+    c->busy = true;
+    c->t_arrival = c->http.t_start;
+    c->created = unix_now();
+    c->t_last_token = 0;
+    c->first_chunk = true;
+    c->got_token = false;
+    c->text_offset = c->areq.echo && c->areq.prompt_text ? strlen(c->areq.prompt_text) : 0;
+    snprintf(c->cmpl_id, sizeof(c->cmpl_id), "%s-%s", kind == API_CHAT ? "chatcmpl" : "cmpl",
+             c->reqid + (strncmp(c->reqid, "req-", 4) == 0 ? 4 : 0));
+    if (c->areq.stream) {
+        char head[512];
+        int n = snprintf(head, sizeof(head),
+                         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n"
+                         "X-Request-Id: %s\r\n%s\r\n",
+                         c->reqid, c->keep_alive ? "" : "Connection: close\r\n");
+        conn_write(c, head, (size_t)n);
+    }
+}
+
+static void route(conn_t *c) {
+    srv_t *s = c->srv;
+    const char *method = srv_http_method(&c->http);
+    char path[2048];
+    snprintf(path, sizeof(path), "%.*s", (int)strcspn(c->http.url, "?"), c->http.url);
+    set_request_id(c);
+    api_error_t e;
+    typedef struct {
+        const char *path, *method;
+        int id;
+        bool open; /* health-class: no key unless auth_health */
+    } route_t;
+    static const route_t routes[] = {
+        {"/v1/completions", "POST", 1, false},
+        {"/v1/chat/completions", "POST", 2, false},
+        {"/v1/models", "GET", 3, false},
+        {"/tokenize", "POST", 4, false},
+        {"/detokenize", "POST", 5, false},
+        {"/health", "GET", 6, true},
+        {"/livez", "GET", 7, true},
+        {"/readyz", "GET", 8, true},
+        {"/metrics", "GET", 9, true},
+    };
+    const route_t *hit = NULL;
+    bool path_known = false;
+    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++)
+        if (strcmp(path, routes[i].path) == 0) {
+            path_known = true;
+            if (strcmp(method, routes[i].method) == 0) hit = &routes[i];
+        }
+    if (!path_known) {
+        api_fail(&e, 404, "invalid_request_error", NULL, "not_found", "no such endpoint: %s %s",
+                 method, path);
+        respond_error(c, &e, "not_found", NULL);
+        return;
+    }
+    if (!hit) {
+        char allow[64];
+        for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++)
+            if (strcmp(path, routes[i].path) == 0)
+                snprintf(allow, sizeof(allow), "Allow: %s\r\n", routes[i].method);
+        api_fail(&e, 405, "invalid_request_error", NULL, "method_not_allowed",
+                 "%s is not allowed on %s", method, path);
+        respond_error(c, &e, "method_not_allowed", allow);
+        return;
+    }
+    if ((!hit->open || s->cfg->auth_health) && !authorized(c)) {
+        api_fail(&e, 401, "authentication_error", NULL, "invalid_api_key",
+                 "a valid API key is required (Authorization: Bearer KEY)");
+        respond_error(c, &e, "unauthorized", "WWW-Authenticate: Bearer\r\n");
+        return;
+    }
+    switch (hit->id) {
+    case 1:
+        start_completion(c, API_COMPLETION);
+        return;
+    case 2:
+        start_completion(c, API_CHAT);
+        return;
+    case 3:
+        if (s->state != SRV_READY && s->state != SRV_DRAINING)
+            answer_engine_unavailable(c);
+        else
+            respond_json(c, 200, api_models_json(&s->api, s->start_unix), NULL);
+        return;
+    case 4:
+    case 5: {
+        if (s->state != SRV_READY && s->state != SRV_DRAINING) {
+            answer_engine_unavailable(c);
+            return;
+        }
+        if (!eng_utf8_valid(c->http.body, c->http.body_len)) {
+            api_fail(&e, 400, "invalid_request_error", NULL, NULL, "the body is not valid UTF-8");
+            respond_error(c, &e, "invalid_request", NULL);
+            return;
+        }
+        char *out =
+            hit->id == 4
+                ? api_tokenize(&s->api, c->http.body ? c->http.body : "", c->http.body_len, &e)
+                : api_detokenize(&s->api, c->http.body ? c->http.body : "", c->http.body_len, &e);
+        if (!out)
+            respond_error(c, &e, "invalid_request", NULL);
+        else
+            respond_json(c, 200, out, NULL);
+        return;
+    }
+    case 6:
+    case 8: {
+        static const char *bodies[] = {"{\"status\":\"loading\"}", "{\"status\":\"ok\"}",
+                                       "{\"status\":\"draining\"}", "{\"status\":\"failed\"}"};
+        const char *b = bodies[s->state];
+        respond(c, s->state == SRV_READY ? 200 : 503, "application/json", b, strlen(b), NULL);
+        return;
+    }
+    case 7:
+        respond(c, 200, "application/json", "{\"status\":\"alive\"}", 18, NULL);
+        return;
+    case 9: {
+        eng_sched_stats_t st = {0};
+        if (s->sched) eng_sched_stats(s->sched, &st);
+        char *text = api_metrics_render(&st);
+        if (!text) {
+            respond_json(c, 500, NULL, NULL);
+            return;
+        }
+        respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", text, strlen(text), NULL);
+        free(text);
+        return;
+    }
+    }
+}
+
+static void conn_feed(conn_t *c, const char *data, size_t len);
+
+/* The answer to the current message is complete: go on with stashed bytes. */
+static void message_done(conn_t *c) {
+    c->busy = false;
+    srv_http_next(&c->http);
+    c->t_active = mono_now();
+    if (c->closing || c->close_after_write) return;
+    if (c->stash_len) {
+        char *buf = c->stash;
+        size_t n = c->stash_len;
+        c->stash = NULL;
+        c->stash_len = c->stash_cap = 0;
+        conn_feed(c, buf, n);
+        free(buf);
+    } else if (c->read_eof) {
+        conn_close(c);
+    }
+}
+
+static void http_error(conn_t *c) {
+    int status = srv_http_error_status(&c->http);
+    api_error_t e;
+    if (status == 431)
+        api_fail(&e, 431, "invalid_request_error", NULL, "headers_too_large",
+                 "the request head exceeds %lld bytes", (long long)c->srv->cfg->max_header_bytes);
+    else if (status == 413)
+        api_fail(&e, 413, "invalid_request_error", NULL, "body_too_large",
+                 "the request body exceeds %lld bytes", (long long)c->srv->cfg->max_body_bytes);
+    else
+        api_fail(&e, 400, "invalid_request_error", NULL, "malformed_http",
+                 "malformed HTTP request: %s", srv_http_error_reason(&c->http));
+    if (!c->reqid[0]) snprintf(c->reqid, sizeof(c->reqid), "-");
+    c->keep_alive = false;
+    respond_error(c, &e, status == 400 ? "invalid_request" : "too_large", NULL);
+}
+
+static void conn_feed(conn_t *c, const char *data, size_t len) {
+    while (len && !c->busy && !c->closing && !c->close_after_write) {
+        size_t used;
+        srv_http_rc_t rc = srv_http_feed(&c->http, data, len, &used);
+        if (rc == SRV_HTTP_MORE) return;
+        if (rc == SRV_HTTP_ERROR) {
+            http_error(c);
+            return;
+        }
+        data += used;
+        len -= used;
+        c->keep_alive = srv_http_keep_alive(&c->http) && c->srv->state != SRV_DRAINING;
+        route(c);
+        if (!c->busy) message_done(c);
+    }
+    if (len && c->busy) {
+        if (c->stash_len + len > (size_t)c->srv->cfg->max_body_bytes + 65536) {
+            conn_close(c); /* a client pipelining more than it could ever send in one request */
+            return;
+        }
+        if (c->stash_len + len > c->stash_cap) {
+            size_t cap = (c->stash_len + len) * 2;
+            char *s = realloc(c->stash, cap);
+            if (!s) {
+                conn_close(c);
+                return;
+            }
+            c->stash = s;
+            c->stash_cap = cap;
+        }
+        memcpy(c->stash + c->stash_len, data, len);
+        c->stash_len += len;
+    }
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+    (void)h;
+    (void)suggested;
+    buf->base = malloc(65536);
+    buf->len = buf->base ? 65536 : 0;
+}
+
+static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
+    conn_t *c = st->data;
+    if (n > 0) {
+        c->t_active = mono_now();
+        conn_feed(c, buf->base, (size_t)n);
+    } else if (n < 0) {
+        /* EOF or error: a request in flight is cancelled (the client left); answers already
+         * queued are still written before the connection closes */
+        c->read_eof = true;
+        uv_read_stop(st);
+        if (c->busy || c->write_pending == 0)
+            conn_close(c);
+        else
+            c->close_after_write = true;
+    }
+    free(buf->base);
+}
+
+/* ---- engine events ---------------------------------------------------- */
+
+static void finish_request(conn_t *c, const eng_event_t *ev) {
+    const api_req_t *rq = &c->areq;
+    api_resp_ctx_t rc = {
+        c->cmpl_id,    c->srv->model_name, c->created, rq, eng_model_tokenizer(c->srv->model),
+        c->text_offset};
+    const char *fr = ev->finish == ENG_FINISH_STOP        ? "stop"
+                     : ev->finish == ENG_FINISH_LENGTH    ? "length"
+                     : ev->finish == ENG_FINISH_TIMEOUT   ? "timeout"
+                     : ev->finish == ENG_FINISH_CANCELLED ? "cancelled"
+                                                          : "error";
+    api_metrics_finished(fr);
+    api_metrics_observe(API_H_E2E, ev->time - c->t_arrival);
+    double start = eng_request_start_time(c->req);
+    if (start > 0) api_metrics_observe(API_H_QUEUE, start - eng_request_submit_time(c->req));
+    bool ok = ev->finish == ENG_FINISH_STOP || ev->finish == ENG_FINISH_LENGTH;
+    char err[256];
+    snprintf(err, sizeof(err), "%s",
+             ev->finish == ENG_FINISH_TIMEOUT     ? "the request's deadline passed"
+             : ev->finish == ENG_FINISH_CANCELLED ? "the request was cancelled: the server is "
+                                                    "shutting down"
+                                                  : ev->error);
+    srv_log(ok ? SRV_INFO : SRV_WARN, c->reqid, "request_end",
+            "finish=%s prompt_tokens=%u completion_tokens=%u e2e=%.3fs", fr, ev->prompt_tokens,
+            ev->completion_tokens, ev->time - c->t_arrival);
+    if (rq->stream) {
+        if (ok) {
+            write_sse(c, api_stream_chunk(&rc, ev, c->first_chunk));
+            if (rq->include_usage)
+                write_sse(c, api_usage_chunk(&rc, ev->prompt_tokens, ev->completion_tokens));
+        } else {
+            write_sse(c, api_stream_error(err));
+        }
+        write_sse(c, strdup("[DONE]"));
+        conn_write(c, "0\r\n\r\n", 5);
+        if (!c->keep_alive) c->close_after_write = true;
+        if (c->close_after_write && c->write_pending == 0) conn_close(c);
+    } else if (ok) {
+        api_acc_add(&c->acc, ev);
+        respond_json(
+            c, 200,
+            api_final_response(&rc, &c->acc, ev->finish, ev->prompt_tokens, ev->completion_tokens),
+            NULL);
+    } else {
+        api_error_t e;
+        api_fail(&e, ev->finish == ENG_FINISH_ERROR ? 500 : 503,
+                 ev->finish == ENG_FINISH_ERROR ? "server_error" : "service_unavailable", NULL,
+                 ev->finish == ENG_FINISH_TIMEOUT ? "timeout" : NULL, "%s", err);
+        respond_error(c, &e, NULL, NULL);
+    }
+    eng_request_release(c->req);
+    c->req = NULL;
+    api_req_free(&c->areq);
+    api_acc_free(&c->acc);
+    message_done(c);
+}
+
+static void deliver(conn_t *c) {
+    eng_event_t ev[64];
+    size_t n;
+    while (c->req && !c->closing && (n = eng_request_drain(c->req, ev, 64)) > 0) {
+        size_t i = 0;
+        for (; i < n && c->req && !c->closing; i++) {
+            eng_event_t *e = &ev[i];
+            if (e->finish) {
+                finish_request(c, e);
+            } else {
+                if (!c->got_token)
+                    api_metrics_observe(API_H_TTFT, e->time - c->t_arrival);
+                else
+                    api_metrics_observe(API_H_ITL, e->time - c->t_last_token);
+                api_metrics_observe(API_H_ENTROPY, e->entropy_bits);
+                c->got_token = true;
+                c->t_last_token = e->time;
+                if (!c->areq.stream) {
+                    api_acc_add(&c->acc, e);
+                } else if (e->text_len || c->areq.logprobs >= 0 || c->areq.entropy) {
+                    api_resp_ctx_t rc = {c->cmpl_id,
+                                         c->srv->model_name,
+                                         c->created,
+                                         &c->areq,
+                                         eng_model_tokenizer(c->srv->model),
+                                         c->text_offset};
+                    write_sse(c, api_stream_chunk(&rc, e, c->first_chunk));
+                    c->text_offset += e->text_len;
+                    c->first_chunk = false;
+                }
+            }
+            free(e->text);
+        }
+        for (; i < n; i++) free(ev[i].text); /* the connection went away mid-batch */
+    }
+}
+
+static void on_wake(uv_async_t *a) {
+    srv_t *s = a->data;
+    conn_t *next;
+    for (conn_t *c = s->conns; c; c = next) {
+        next = c->next;
+        if (c->req) deliver(c);
+    }
+}
+
+/* Engine thread: wake the loop unless it has already closed the async handle. */
+static void notify_loop(void *arg) {
+    srv_t *s = arg;
+    pthread_mutex_lock(&s->wake_mu);
+    if (s->wake_open) uv_async_send(&s->wake);
+    pthread_mutex_unlock(&s->wake_mu);
+}
+
+/* ---- accept, timers, signals, loading --------------------------------- */
+
+static void on_connection(uv_stream_t *ls, int status) {
+    srv_t *s = ls->data;
+    if (status < 0) return;
+    conn_t *c = calloc(1, sizeof(*c));
+    if (!c) return;
+    c->srv = s;
+    uv_tcp_init(&s->loop, &c->tcp);
+    c->tcp.data = c;
+    c->next = s->conns;
+    if (s->conns) s->conns->prev = c;
+    s->conns = c;
+    s->n_conns++;
+    if (uv_accept(ls, (uv_stream_t *)&c->tcp) != 0) {
+        conn_close(c);
+        return;
+    }
+    if (s->n_conns > (size_t)s->cfg->max_connections || s->state == SRV_DRAINING) {
+        conn_close(c); /* over the connection bound: refuse by closing at once */
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    srv_http_init(&c->http, (size_t)s->cfg->max_header_bytes, (size_t)s->cfg->max_body_bytes);
+    c->t_active = mono_now();
+    snprintf(c->reqid, sizeof(c->reqid), "-");
+    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+}
+
+static void close_handle(uv_handle_t *h) {
+    if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+static void begin_shutdown(srv_t *s);
+
+static void on_tick(uv_timer_t *t) {
+    srv_t *s = t->data;
+    double now = mono_now();
+    conn_t *next;
+    for (conn_t *c = s->conns; c; c = next) {
+        next = c->next;
+        if (c->closing || c->busy) continue;
+        if (c->http.in_message && now - c->http.t_start > s->cfg->header_timeout_s) {
+            api_error_t e;
+            api_fail(&e, 408, "invalid_request_error", NULL, "request_timeout",
+                     "the request was not received within %g s", s->cfg->header_timeout_s);
+            c->keep_alive = false;
+            respond_error(c, &e, "invalid_request", NULL);
+        } else if (!c->http.in_message && c->write_pending == 0 &&
+                   now - c->t_active > s->cfg->idle_timeout_s) {
+            conn_close(c);
+        }
+    }
+    if (s->state == SRV_DRAINING) {
+        bool busy = false;
+        for (conn_t *c = s->conns; c; c = c->next) busy |= c->busy;
+        if (!busy) {
+            begin_shutdown(s);
+        } else if (now > s->drain_deadline && !s->drain_cancelled) {
+            srv_log(SRV_WARN, NULL, "drain_timeout", "cancelling requests still running");
+            s->drain_cancelled = true;
+            for (conn_t *c = s->conns; c; c = c->next)
+                if (c->req) eng_request_cancel(c->req);
+        }
+    }
+}
+
+/* Everything is finished: close every handle so uv_run returns. */
+static void begin_shutdown(srv_t *s) {
+    conn_t *next;
+    for (conn_t *c = s->conns; c; c = next) {
+        next = c->next;
+        conn_close(c);
+    }
+    if (s->listener_open) close_handle((uv_handle_t *)&s->listener);
+    s->listener_open = false;
+    close_handle((uv_handle_t *)&s->tick);
+    close_handle((uv_handle_t *)&s->sig_term);
+    close_handle((uv_handle_t *)&s->sig_int);
+    pthread_mutex_lock(&s->wake_mu);
+    if (s->wake_open) close_handle((uv_handle_t *)&s->wake);
+    s->wake_open = false;
+    pthread_mutex_unlock(&s->wake_mu);
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+    srv_t *s = h->data;
+    if (++s->signals > 1) {
+        srv_log(SRV_WARN, NULL, "shutdown", "second signal: exiting now");
+        _exit(1);
+    }
+    srv_log(SRV_INFO, NULL, "shutdown", "signal %d: draining for up to %g s", signum,
+            s->cfg->drain_timeout_s);
+    if (s->state == SRV_LOADING)
+        s->state = SRV_FAILED; /* nothing to drain */
+    else
+        s->state = SRV_DRAINING;
+    s->drain_deadline = mono_now() + s->cfg->drain_timeout_s;
+    if (s->listener_open) close_handle((uv_handle_t *)&s->listener);
+    s->listener_open = false;
+    if (s->state == SRV_FAILED) begin_shutdown(s);
+}
+
+static void load_model(uv_work_t *w) {
+    srv_t *s = w->data;
+    const cfg_t *cfg = s->cfg;
+    s->load_rc = eng_model_load(&s->model, cfg->model, s->load_msg);
+    if (s->load_rc) return;
+    const eng_hparams_t *hp = eng_model_hparams(s->model);
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.n_threads = (int)cfg->threads;
+    p.n_ctx = (uint32_t)cfg->ctx_size;
+    p.block_size = (uint32_t)cfg->kv_block_size;
+    p.kv_mem_bytes = (size_t)cfg->kv_mem_mb << 20;
+    p.max_seqs = (uint32_t)cfg->max_running;
+    p.max_batch_tokens =
+        (uint32_t)(cfg->step_tokens > cfg->max_running ? cfg->step_tokens : cfg->max_running);
+    if (p.n_ctx > hp->n_ctx_train) p.n_ctx = hp->n_ctx_train;
+    s->load_rc = eng_ctx_create(&s->ctx, s->model, &p, s->load_msg);
+}
+
+static void loaded(uv_work_t *w, int status) {
+    srv_t *s = w->data;
+    if (s->state == SRV_FAILED) return; /* a signal arrived while loading: already closing */
+    if (status == 0 && s->load_rc == 0) {
+        eng_sched_params_t sp = {(uint32_t)s->cfg->max_running, (uint32_t)s->cfg->max_waiting,
+                                 (uint32_t)s->cfg->step_tokens, notify_loop, s};
+        s->load_rc = eng_sched_create(&s->sched, s->ctx, s->model, &sp, s->load_msg);
+    }
+    if (status != 0 || s->load_rc != 0) {
+        srv_log(SRV_ERROR, NULL, "load_failed", "%s", s->load_msg);
+        s->state = SRV_FAILED;
+        s->exit_code = 1;
+        begin_shutdown(s);
+        return;
+    }
+    const eng_hparams_t *hp = eng_model_hparams(s->model);
+    snprintf(s->model_name, sizeof(s->model_name), "%s",
+             *s->cfg->model_alias ? s->cfg->model_alias : hp->name);
+    s->api = (api_ctx_t){s->model, s->model_name, eng_ctx_n_ctx(s->ctx),
+                         (uint32_t)s->cfg->default_max_tokens, s->cfg->request_timeout_s};
+    if (s->state == SRV_LOADING) s->state = SRV_READY;
+    srv_log(SRV_INFO, NULL, "ready", "model %s: %u layers, %u ctx, %u KV blocks, backend %s/%s",
+            s->model_name, hp->n_layer, eng_ctx_n_ctx(s->ctx), eng_ctx_kv_pool(s->ctx)->n_blocks,
+            eng_ctx_backend_name(s->ctx), eng_cpu_simd_name());
+}
+
+static int load_keys(srv_t *s, char *msg) {
+    const cfg_t *cfg = s->cfg;
+    char *all = NULL;
+    size_t len = 0;
+    if (*cfg->api_key_file) {
+        FILE *f = fopen(cfg->api_key_file, "r");
+        if (!f) {
+            snprintf(msg, 256, "api_key_file: cannot open '%s'", cfg->api_key_file);
+            return -1;
+        }
+        char line[1024];
+        while (fgets(line, sizeof(line), f)) {
+            size_t n = strlen(line), k = len + n + 2;
+            char *a = realloc(all, k);
+            if (!a) break;
+            all = a;
+            memcpy(all + len, line, n);
+            len += n;
+            all[len++] = ',';
+            all[len] = 0;
+        }
+        fclose(f);
+    }
+    size_t n = strlen(cfg->api_keys);
+    char *a = realloc(all, len + n + 2);
+    if (!a) {
+        free(all);
+        return -1;
+    }
+    all = a;
+    memcpy(all + len, cfg->api_keys, n + 1);
+    for (char *tok = strtok(all, ",\r\n"); tok; tok = strtok(NULL, ",\r\n")) {
+        while (*tok == ' ' || *tok == '\t') tok++;
+        size_t l = strlen(tok);
+        while (l && (tok[l - 1] == ' ' || tok[l - 1] == '\t')) tok[--l] = 0;
+        if (!l) continue;
+        char **k = realloc(s->keys, sizeof(char *) * (s->n_keys + 1));
+        if (!k) break;
+        s->keys = k;
+        s->keys[s->n_keys++] = strdup(tok);
+    }
+    free(all);
+    return 0;
+}
+
+int srv_run(const cfg_t *cfg) {
+    srv_t *s = calloc(1, sizeof(*s));
+    if (!s) return 1;
+    s->cfg = cfg;
+    s->start_unix = unix_now();
+    s->id_seed = (uint64_t)(s->start_unix * 1e6) ^ ((uint64_t)getpid() << 32);
+    srv_log_level(cfg->log_level);
+    pthread_mutex_init(&s->wake_mu, NULL);
+    api_metrics_init(s->start_unix);
+    char msg[256] = {0};
+    int code = 1;
+    if (load_keys(s, msg)) {
+        srv_log(SRV_ERROR, NULL, "config", "%s", msg);
+        goto out;
+    }
+    uv_loop_init(&s->loop);
+    uv_tcp_init(&s->loop, &s->listener);
+    s->listener.data = s;
+    struct sockaddr_storage addr;
+    if (uv_ip4_addr(cfg->host, (int)cfg->port, (struct sockaddr_in *)&addr) != 0 &&
+        uv_ip6_addr(cfg->host, (int)cfg->port, (struct sockaddr_in6 *)&addr) != 0) {
+        srv_log(SRV_ERROR, NULL, "config", "host: '%s' is not an IP address", cfg->host);
+        goto out_loop;
+    }
+    int rc = uv_tcp_bind(&s->listener, (const struct sockaddr *)&addr, 0);
+    if (!rc) rc = uv_listen((uv_stream_t *)&s->listener, 511, on_connection);
+    if (rc) {
+        srv_log(SRV_ERROR, NULL, "listen", "cannot listen on %s:%lld: %s", cfg->host,
+                (long long)cfg->port, uv_strerror(rc));
+        goto out_loop;
+    }
+    s->listener_open = true;
+    struct sockaddr_storage bound;
+    int blen = sizeof(bound);
+    uv_tcp_getsockname(&s->listener, (struct sockaddr *)&bound, &blen);
+    int port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                 : ((struct sockaddr_in *)&bound)->sin_port);
+    srv_log(SRV_INFO, NULL, "listening", "http://%s:%d (port %d)", cfg->host, port, port);
+    uv_async_init(&s->loop, &s->wake, on_wake);
+    s->wake.data = s;
+    s->wake_open = true;
+    uv_timer_init(&s->loop, &s->tick);
+    s->tick.data = s;
+    uv_timer_start(&s->tick, on_tick, 250, 250);
+    uv_signal_init(&s->loop, &s->sig_term);
+    uv_signal_init(&s->loop, &s->sig_int);
+    s->sig_term.data = s->sig_int.data = s;
+    uv_signal_start(&s->sig_term, on_signal, SIGTERM);
+    uv_signal_start(&s->sig_int, on_signal, SIGINT);
+    s->load_work.data = s;
+    uv_queue_work(&s->loop, &s->load_work, load_model, loaded);
+    uv_run(&s->loop, UV_RUN_DEFAULT);
+    code = s->exit_code;
+    /* the engine thread is idle now (every request finished or was cancelled) */
+    eng_sched_destroy(s->sched);
+    eng_ctx_free(s->ctx);
+    eng_model_free(s->model);
+out_loop:
+    if (s->listener_open) close_handle((uv_handle_t *)&s->listener);
+    uv_run(&s->loop, UV_RUN_DEFAULT);
+    if (uv_loop_close(&s->loop) != 0) {
+        srv_log(SRV_ERROR, NULL, "shutdown", "handles left open at exit");
+        code = 1;
+    }
+    srv_log(SRV_INFO, NULL, "exit", "exit code %d", code);
+out:
+    for (size_t i = 0; i < s->n_keys; i++) free(s->keys[i]);
+    free(s->keys);
+    pthread_mutex_destroy(&s->wake_mu);
+    free(s);
+    return code;
+}

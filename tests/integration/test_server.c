@@ -1,0 +1,684 @@
+/* test_server.c - the real daemon over loopback: completions (plain, streamed, chat), stop
+ * strings, logprobs, every error class, 429, cancellation on disconnect, SIGTERM drain,
+ * Prometheus exposition, bad HTTP of many kinds, pipelining, auth and request ids. */
+#define _GNU_SOURCE /* strcasestr */
+#include "../../tools/synth_model.h"
+#include "harness.h"
+
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define STORIES "../shared/models/stories260K.gguf"
+static const char *STORY =
+    ", there was a little girl named Lily. She loved to play outside in the park.";
+
+static bool have_stories(void) {
+    return access(STORIES, R_OK) == 0;
+}
+
+/* The synthetic tiny model (with a ChatML template), written once per run. */
+static const char *tiny_chat_model(void) {
+    static char path[512];
+    const char *dir = getenv("TIDALD_TEST_TMP");
+    snprintf(path, sizeof(path), "%s/tiny-f32.gguf", dir && *dir ? dir : "/tmp");
+    if (access(path, R_OK) != 0) {
+        char tmp[600], msg[256] = {0};
+        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
+        cr_assert_eq(synth_write("tiny-f32", tmp, 0, msg), 0, "%s", msg);
+        cr_assert_eq(rename(tmp, path), 0);
+    }
+    return path;
+}
+
+/* A model slow enough (4 layers, dim 256, 2K context) that a long request is still running
+ * while a test acts on it. */
+static const char *small_model(void) {
+    static char path[512];
+    const char *dir = getenv("TIDALD_TEST_TMP");
+    snprintf(path, sizeof(path), "%s/small-f32.gguf", dir && *dir ? dir : "/tmp");
+    if (access(path, R_OK) != 0) {
+        char tmp[600], msg[256] = {0};
+        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
+        cr_assert_eq(synth_write("small-f32", tmp, 0, msg), 0, "%s", msg);
+        cr_assert_eq(rename(tmp, path), 0);
+    }
+    return path;
+}
+
+#define LONG_STREAM "{\"prompt\":\"hello\",\"max_tokens\":1800,\"stream\":true,\"ignore_eos\":true}"
+
+#define NEED_STORIES()                                                                             \
+    if (!have_stories()) cr_skip_test(STORIES " not present; skipping")
+
+static void start_stories(daemon_t *d, const char *const *extra) {
+    const char *args[32] = {"--model", STORIES};
+    int n = 2;
+    for (int i = 0; extra && extra[i]; i++) args[n++] = extra[i];
+    args[n] = NULL;
+    daemon_start(d, args);
+}
+
+static cJSON *post_json(int port, const char *path, const char *body, int *status) {
+    char *resp, *head;
+    *status = http_req(port, "POST", path, NULL, body, &resp, &head);
+    cJSON *j = cJSON_Parse(resp);
+    cr_assert(j, "response is not JSON: %s", resp);
+    free(resp);
+    free(head);
+    return j;
+}
+
+/* Follow a path like "choices.0.text". */
+static const cJSON *walk(const cJSON *o, const char *path) {
+    char buf[128], *save = NULL;
+    snprintf(buf, sizeof(buf), "%s", path);
+    const cJSON *cur = o;
+    for (char *tok = strtok_r(buf, ".", &save); tok && cur; tok = strtok_r(NULL, ".", &save))
+        cur = (*tok >= '0' && *tok <= '9') ? cJSON_GetArrayItem(cur, atoi(tok))
+                                           : cJSON_GetObjectItemCaseSensitive(cur, tok);
+    return cur;
+}
+
+static const char *jstr(const cJSON *o, const char *path) {
+    return cJSON_IsString(walk(o, path)) ? walk(o, path)->valuestring : NULL;
+}
+
+static double jnum(const cJSON *o, const char *path) {
+    const cJSON *v = walk(o, path);
+    return cJSON_IsNumber(v) ? v->valuedouble : -1e300;
+}
+
+/* Collect the text of an SSE completion stream; returns the number of data events. */
+static int sse_text(char *body, char *text, size_t cap, bool *done, cJSON **usage, char *error) {
+    int events = 0;
+    size_t w = 0;
+    char *save = NULL;
+    *done = false;
+    text[0] = 0;
+    for (char *line = strtok_r(body, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        if (strncmp(line, "data: ", 6) != 0) continue;
+        events++;
+        if (strcmp(line + 6, "[DONE]") == 0) {
+            *done = true;
+            continue;
+        }
+        cJSON *j = cJSON_Parse(line + 6);
+        cr_assert(j, "bad SSE payload: %s", line + 6);
+        if (cJSON_GetObjectItem(j, "error") && error) snprintf(error, 256, "%s", line + 6);
+        const cJSON *ch = cJSON_GetObjectItem(j, "choices");
+        if (ch && cJSON_GetArraySize(ch) == 0 && usage) *usage = cJSON_Duplicate(j, 1);
+        const char *t = jstr(j, "choices.0.text");
+        if (!t) t = jstr(j, "choices.0.delta.content");
+        if (t && w + strlen(t) < cap) {
+            memcpy(text + w, t, strlen(t) + 1);
+            w += strlen(t);
+        }
+        cJSON_Delete(j);
+    }
+    return events;
+}
+
+Test(server, test_completion_matches_engine_text_and_usage) {
+    NEED_STORIES();
+    daemon_t d;
+    start_stories(&d, NULL);
+    int st;
+    cJSON *j =
+        post_json(d.port, "/v1/completions",
+                  "{\"prompt\":\"Once upon a time\",\"max_tokens\":20,\"temperature\":0}", &st);
+    cr_expect_eq(st, 200);
+    char text[1024];
+    cr_assert(jstr(j, "choices.0.text"));
+    snprintf(text, sizeof(text), "%s", jstr(j, "choices.0.text"));
+    cr_expect(strncmp(text, STORY, strlen(text)) == 0 && strlen(text) > 40, "got '%s'", text);
+    cr_expect_str_eq(jstr(j, "choices.0.finish_reason"), "length");
+    cr_expect_str_eq(jstr(j, "object"), "text_completion");
+    cr_expect_eq(jnum(j, "usage.prompt_tokens"), 5);
+    cr_expect_eq(jnum(j, "usage.completion_tokens"), 20);
+    cr_expect_eq(jnum(j, "usage.total_tokens"), 25);
+    cJSON_Delete(j);
+    /* token ids as the prompt give the same text */
+    j = post_json(d.port, "/v1/completions",
+                  "{\"prompt\":[1,403,407,261,378],\"max_tokens\":20,\"temperature\":0}", &st);
+    cr_expect_eq(st, 200);
+    cr_expect_str_eq(jstr(j, "choices.0.text"), text);
+    cJSON_Delete(j);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_stream_equals_plain_and_ends_with_usage_and_done) {
+    NEED_STORIES();
+    daemon_t d;
+    start_stories(&d, NULL);
+    char *body, *head;
+    int st = http_req(d.port, "POST", "/v1/completions", NULL,
+                      "{\"prompt\":\"Once upon a time\",\"max_tokens\":20,\"temperature\":0,"
+                      "\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+                      "\"telemetry\":{\"entropy\":true}}",
+                      &body, &head);
+    cr_expect_eq(st, 200);
+    cr_expect(strcasestr(head, "content-type: text/event-stream"), "%s", head);
+    cr_expect(strstr(body, "\"token_entropy_bits\""), "no telemetry in the stream");
+    char text[4096];
+    bool done;
+    cJSON *usage = NULL;
+    int n = sse_text(body, text, sizeof(text), &done, &usage, NULL);
+    cr_expect(done, "no [DONE]");
+    cr_expect_geq(n, 20);
+    cr_expect(strncmp(text, STORY, strlen(text)) == 0 && strlen(text) > 40, "got '%s'", text);
+    cr_assert(usage, "no usage chunk");
+    cr_expect_eq(jnum(usage, "usage.completion_tokens"), 20);
+    cr_expect_eq(jnum(usage, "usage.prompt_tokens"), 5);
+    cJSON_Delete(usage);
+    free(body);
+    free(head);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_stop_strings_and_logprobs) {
+    NEED_STORIES();
+    daemon_t d;
+    start_stories(&d, NULL);
+    int st;
+    cJSON *j = post_json(d.port, "/v1/completions",
+                         "{\"prompt\":\"Once upon a time\",\"max_tokens\":60,\"temperature\":0,"
+                         "\"stop\":[\"Lily\",\"zzz\"],\"logprobs\":5}",
+                         &st);
+    cr_expect_eq(st, 200);
+    cr_expect_str_eq(jstr(j, "choices.0.text"), ", there was a little girl named ");
+    cr_expect_str_eq(jstr(j, "choices.0.finish_reason"), "stop");
+    const cJSON *lp =
+        cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0), "logprobs");
+    cr_assert(cJSON_IsObject(lp));
+    const cJSON *tops = cJSON_GetObjectItem(lp, "top_logprobs");
+    cr_expect_geq(cJSON_GetArraySize(tops), 7);
+    cr_expect_eq(cJSON_GetArraySize(cJSON_GetArrayItem(tops, 0)), 5);
+    cr_expect_str_eq(jstr(lp, "tokens.0"), ",");
+    cr_expect_leq(jnum(lp, "token_logprobs.0"), 0);
+    cr_expect_gt(jnum(lp, "token_logprobs.0"), -1);
+    cJSON_Delete(j);
+    /* echo prepends the prompt */
+    j = post_json(
+        d.port, "/v1/completions",
+        "{\"prompt\":\"Once upon a time\",\"max_tokens\":2,\"temperature\":0,\"echo\":true}", &st);
+    cr_expect_str_eq(jstr(j, "choices.0.text"), "Once upon a time, there");
+    cJSON_Delete(j);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_chat_completions_with_a_template_and_without) {
+    daemon_t d;
+    const char *args[] = {"--model", tiny_chat_model(), NULL};
+    daemon_start(&d, args);
+    int st;
+    cJSON *j = post_json(d.port, "/v1/chat/completions",
+                         "{\"messages\":[{\"role\":\"system\",\"content\":\"be brief\"},"
+                         "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"hi\"}]}],"
+                         "\"max_tokens\":4,\"temperature\":0,\"logprobs\":true,\"top_logprobs\":2}",
+                         &st);
+    cr_expect_eq(st, 200, "%s", cJSON_PrintUnformatted(j));
+    cr_expect_str_eq(jstr(j, "object"), "chat.completion");
+    cr_expect_str_eq(jstr(j, "choices.0.message.role"), "assistant");
+    cr_expect(jstr(j, "choices.0.message.content"));
+    cr_expect(jstr(j, "choices.0.logprobs.content.0.token"));
+    /* the template's markers are single special tokens */
+    cJSON *t = post_json(d.port, "/tokenize", "{\"content\":\"<|im_start|>\"}", &st);
+    cr_expect_eq(st, 200);
+    cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(t, "tokens")), 1);
+    cr_expect_eq(jnum(t, "tokens.0"), 3);
+    cJSON_Delete(t);
+    cJSON_Delete(j);
+    char *body, *head;
+    st = http_req(d.port, "POST", "/v1/chat/completions", NULL,
+                  "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":3,"
+                  "\"stream\":true}",
+                  &body, &head);
+    cr_expect_eq(st, 200);
+    cr_expect(strstr(body, "chat.completion.chunk") && strstr(body, "\"delta\""), "%s", body);
+    cr_expect(strstr(body, "\"role\":\"assistant\""), "%s", body);
+    cr_expect(strstr(body, "data: [DONE]"));
+    free(body);
+    free(head);
+    cr_expect_eq(daemon_stop(&d), 0);
+    if (have_stories()) {
+        start_stories(&d, NULL);
+        j = post_json(d.port, "/v1/chat/completions",
+                      "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", &st);
+        cr_expect_eq(st, 400);
+        cr_expect(strstr(jstr(j, "error.message"), "chat template"));
+        cJSON_Delete(j);
+        cr_expect_eq(daemon_stop(&d), 0);
+    }
+}
+
+typedef struct {
+    const char *method, *path, *headers, *body;
+    int status;
+    const char *param, *code;
+} err_case_t;
+
+Test(server, test_every_error_class_uses_the_openai_error_object) {
+    daemon_t d;
+    const char *args[] = {
+        "--model", tiny_chat_model(), "--api-keys", "k1,k2", "--max-body-bytes", "4096", NULL};
+    daemon_start(&d, args);
+    char big[6000];
+    memset(big, 'a', sizeof(big) - 1);
+    big[sizeof(big) - 1] = 0;
+    char bigbody[6100];
+    snprintf(bigbody, sizeof(bigbody), "{\"prompt\":\"%s\"}", big);
+    const char *auth = "Authorization: Bearer k2\r\n";
+    err_case_t cases[] = {
+        {"POST", "/v1/completions", NULL, "{\"prompt\":\"x\"}", 401, NULL, "invalid_api_key"},
+        {"POST", "/v1/completions", "Authorization: Bearer nope\r\n", "{\"prompt\":\"x\"}", 401,
+         NULL, NULL},
+        {"GET", "/nope", auth, NULL, 404, NULL, "not_found"},
+        {"GET", "/v1/completions", auth, NULL, 405, NULL, "method_not_allowed"},
+        {"POST", "/v1/completions", auth, bigbody, 413, NULL, "body_too_large"},
+        {"POST", "/v1/completions", auth, "{\"prompt\":", 400, NULL, NULL},
+        {"POST", "/v1/completions", auth, "[1,2]", 400, NULL, NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"temperature\":\"hot\"}", 400,
+         "temperature", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"temperature\":-1}", 400,
+         "temperature", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"temperature\":NaN}", 400, NULL,
+         NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"top_p\":1e999}", 400, "top_p", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"max_tokens\":1.5}", 400,
+         "max_tokens", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"max_tokens\":0}", 400, "max_tokens",
+         NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"max_tokens\":99999999999}", 400,
+         "max_tokens", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"max_tokens\":100000}", 400,
+         "max_tokens", "context_length_exceeded"},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"n\":3}", 400, "n", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"stop\":5}", 400, "stop", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"stream\":\"yes\"}", 400, "stream",
+         NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"logprobs\":9}", 400, "logprobs",
+         NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"x\",\"seed\":\"a\"}", 400, "seed", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":[]}", 400, "prompt", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":[1,-5]}", 400, "prompt", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":[\"a\",\"b\"]}", 400, "prompt", NULL},
+        {"POST", "/v1/completions", auth, "{}", 400, "prompt", NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"\\ud800\"}", 400, NULL, NULL},
+        {"POST", "/v1/completions", auth, "{\"prompt\":\"\xc3\x28\"}", 400, NULL, NULL},
+        {"POST", "/v1/chat/completions", auth, "{\"messages\":[]}", 400, "messages", NULL},
+        {"POST", "/v1/chat/completions", auth,
+         "{\"messages\":[{\"role\":\"wizard\",\"content\":\"x\"}]}", 400, "messages[0]", NULL},
+        {"POST", "/v1/chat/completions", auth, "{\"messages\":[{\"role\":\"user\",\"content\":5}]}",
+         400, "messages[0]", NULL},
+        {"POST", "/tokenize", auth, "{\"content\":5}", 400, "content", NULL},
+        {"POST", "/detokenize", auth, "{\"tokens\":[999999]}", 400, "tokens", NULL},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        err_case_t *c = &cases[i];
+        char *body, *head;
+        int st = http_req(d.port, c->method, c->path, c->headers, c->body, &body, &head);
+        cr_expect_eq(st, c->status, "case %zu (%s %s %.60s): status %d, body %s", i, c->method,
+                     c->path, c->body ? c->body : "", st, body);
+        cJSON *j = cJSON_Parse(body);
+        cr_expect(j && cJSON_IsObject(cJSON_GetObjectItem(j, "error")),
+                  "case %zu: no error object: %s", i, body);
+        if (j) {
+            cr_expect(jstr(j, "error.message") && jstr(j, "error.type"), "case %zu: %s", i, body);
+            const cJSON *e = cJSON_GetObjectItem(j, "error");
+            cr_expect(cJSON_GetObjectItem(e, "param") && cJSON_GetObjectItem(e, "code"),
+                      "case %zu: param and code must be present: %s", i, body);
+            if (c->param)
+                cr_expect(jstr(j, "error.param") && strcmp(jstr(j, "error.param"), c->param) == 0,
+                          "case %zu: param %s, want %s", i, jstr(j, "error.param"), c->param);
+            if (c->code)
+                cr_expect(jstr(j, "error.code") && strcmp(jstr(j, "error.code"), c->code) == 0,
+                          "case %zu: code %s, want %s", i, jstr(j, "error.code"), c->code);
+        }
+        cJSON_Delete(j);
+        free(body);
+        free(head);
+    }
+    /* with a key everything works; health stays open */
+    char *body, *head;
+    cr_expect_eq(http_req(d.port, "POST", "/v1/completions", auth,
+                          "{\"prompt\":\"x\",\"max_tokens\":2}", &body, &head),
+                 200);
+    free(body), free(head);
+    cr_expect_eq(http_req(d.port, "GET", "/health", NULL, NULL, &body, &head), 200);
+    free(body), free(head);
+    cr_expect_eq(http_req(d.port, "GET", "/metrics", NULL, NULL, &body, &head), 200);
+    free(body), free(head);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+/* Open a streaming request without reading it; returns the socket. */
+static int start_stream(int port, const char *body) {
+    int fd = tcp_connect(port);
+    char req[2048];
+    int n = snprintf(req, sizeof(req),
+                     "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    cr_assert_eq(send(fd, req, (size_t)n, MSG_NOSIGNAL), n);
+    return fd;
+}
+
+static char *read_some(int fd, double timeout_s) {
+    static char buf[65536];
+    size_t n = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        struct pollfd p = {fd, POLLIN, 0};
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double left =
+            timeout_s - (double)(t1.tv_sec - t0.tv_sec) - (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+        if (left <= 0 || poll(&p, 1, (int)(left * 1000) + 1) <= 0) break;
+        ssize_t r = recv(fd, buf + n, sizeof(buf) - 1 - n, 0);
+        if (r <= 0) break;
+        n += (size_t)r;
+        if (n > 512) break;
+    }
+    buf[n] = 0;
+    return buf;
+}
+
+static double metric(int port, const char *name) {
+    char *body, *head;
+    http_req(port, "GET", "/metrics", NULL, NULL, &body, &head);
+    double v = -1;
+    char *p = strstr(body, name);
+    while (p && p > body && p[-1] != '\n') p = strstr(p + 1, name);
+    if (p) v = atof(p + strlen(name) + 1);
+    free(body);
+    free(head);
+    return v;
+}
+
+Test(server, test_queue_full_gets_429_with_retry_after) {
+    daemon_t d;
+    const char *args[] = {
+        "--model", small_model(), "--max-running", "1", "--max-waiting", "1", "--threads",
+        "1",       NULL};
+    daemon_start(&d, args);
+    const char *longreq = LONG_STREAM;
+    int a = start_stream(d.port, longreq);
+    read_some(a, 2);                       /* a is running */
+    int b = start_stream(d.port, longreq); /* b waits */
+    usleep(100000);
+    char *body, *head;
+    int st = http_req(d.port, "POST", "/v1/completions", NULL,
+                      "{\"prompt\":\"hello\",\"max_tokens\":2}", &body, &head);
+    cr_expect_eq(st, 429, "%s", body);
+    cr_expect(strcasestr(head, "retry-after:"), "%s", head);
+    cr_expect(strstr(body, "queue_full"), "%s", body);
+    free(body), free(head);
+    close(a);
+    close(b);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_client_disconnect_mid_stream_frees_kv) {
+    daemon_t d;
+    const char *args[] = {"--model", small_model(), "--threads", "1", NULL};
+    daemon_start(&d, args);
+    int fd = start_stream(d.port, LONG_STREAM);
+    char *got = read_some(fd, 5);
+    cr_expect(strstr(got, "data: "), "no stream started: %s", got);
+    cr_expect_gt(metric(d.port, "tidald_kv_cache_usage_ratio"), 0);
+    close(fd);
+    double usage = 1;
+    for (int i = 0; i < 200 && usage != 0; i++) {
+        usleep(10000);
+        usage = metric(d.port, "tidald_kv_cache_usage_ratio");
+    }
+    cr_expect_eq(usage, 0, "KV usage stayed at %g after the client left", usage);
+    cr_expect_geq(metric(d.port, "tidald_requests_total{finish_reason=\"cancelled\"}"), 1);
+    /* the server answers the next request correctly */
+    char *body, *head;
+    cr_expect_eq(http_req(d.port, "POST", "/v1/completions", NULL,
+                          "{\"prompt\":\"x\",\"max_tokens\":2}", &body, &head),
+                 200);
+    free(body), free(head);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_sigterm_drains_in_flight_requests_then_exits_zero) {
+    daemon_t d;
+    const char *args[] = {"--model", tiny_chat_model(), NULL};
+    daemon_start(&d, args);
+    int fd = start_stream(
+        d.port, "{\"prompt\":\"hello\",\"max_tokens\":120,\"stream\":true,\"temperature\":0}");
+    read_some(fd, 2);
+    kill(d.pid, SIGTERM);
+    usleep(50000);
+    cr_expect_lt(tcp_connect(d.port), 0, "still accepting after SIGTERM");
+    /* the stream still finishes normally */
+    static char all[1 << 20];
+    size_t n = 0;
+    for (;;) {
+        struct pollfd p = {fd, POLLIN, 0};
+        if (poll(&p, 1, 20000) <= 0) break;
+        ssize_t r = recv(fd, all + n, sizeof(all) - 1 - n, 0);
+        if (r <= 0) break;
+        n += (size_t)r;
+    }
+    all[n] = 0;
+    cr_expect(strstr(all, "\"finish_reason\":\"length\"") && strstr(all, "data: [DONE]"),
+              "the in-flight stream did not finish: ...%s", n > 300 ? all + n - 300 : all);
+    close(fd);
+    int status = -1;
+    for (int i = 0; i < 2000; i++) {
+        daemon_pump_log(&d);
+        if (waitpid(d.pid, &status, WNOHANG) == d.pid) break;
+        usleep(5000);
+    }
+    cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "exit status %d", status);
+    d.pid = 0;
+    daemon_stop(&d);
+}
+
+Test(server, test_metrics_exposition_passes_promtool) {
+    daemon_t d;
+    const char *args[] = {"--model", tiny_chat_model(), NULL};
+    daemon_start(&d, args);
+    char *body, *head;
+    http_req(d.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":3}", &body,
+             &head);
+    free(body), free(head);
+    cr_expect_eq(http_req(d.port, "GET", "/metrics", NULL, NULL, &body, &head), 200);
+    cr_expect(strcasestr(head, "text/plain; version=0.0.4"), "%s", head);
+    const char *families[] = {"tidald_requests_running",
+                              "tidald_requests_waiting",
+                              "tidald_kv_cache_usage_ratio",
+                              "tidald_prompt_tokens_total",
+                              "tidald_generation_tokens_total",
+                              "tidald_requests_total{finish_reason=\"length\"} 1",
+                              "tidald_requests_rejected_total",
+                              "tidald_time_to_first_token_seconds_bucket",
+                              "tidald_inter_token_latency_seconds_bucket",
+                              "tidald_e2e_request_latency_seconds_count 1",
+                              "tidald_request_queue_time_seconds_bucket",
+                              "tidald_batch_size_bucket",
+                              "tidald_token_entropy_bits_bucket",
+                              "process_resident_memory_bytes",
+                              "process_open_fds",
+                              "process_start_time_seconds"};
+    for (size_t i = 0; i < sizeof(families) / sizeof(families[0]); i++)
+        cr_expect(strstr(body, families[i]), "metrics lack %s", families[i]);
+    if (system("command -v promtool >/dev/null 2>&1") == 0) {
+        char path[64];
+        snprintf(path, sizeof(path), "/tmp/tidald-metrics-%d.txt", (int)getpid());
+        FILE *f = fopen(path, "w");
+        fputs(body, f);
+        fclose(f);
+        char cmd[512];
+        snprintf(cmd, sizeof(cmd), "promtool check metrics < %s > %s.out 2>&1", path, path);
+        int rc = system(cmd);
+        char out[4096] = {0};
+        snprintf(cmd, sizeof(cmd), "%s.out", path);
+        f = fopen(cmd, "r");
+        if (f) {
+            size_t k = fread(out, 1, sizeof(out) - 1, f);
+            out[k] = 0;
+            fclose(f);
+        }
+        /* promtool's linter maps any "bits" unit to bytes; entropy is information, measured in
+         * bits by definition, and the family names are part of the API. That one lint is
+         * allowed for the entropy families; any other problem fails. */
+        int other = 0;
+        char *save = NULL;
+        for (char *line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+            if (!strstr(line, "entropy_bits use base unit \"bytes\" instead of \"bits\"")) {
+                other++;
+                cr_log_error("promtool: %s", line);
+            }
+        cr_expect_eq(other, 0, "promtool check metrics reported problems (rc %d)", rc);
+        remove(path);
+        remove(cmd);
+    } else {
+        cr_log_warn("promtool not installed (Debian package prometheus): exposition checked by "
+                    "family only");
+    }
+    free(body), free(head);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_bad_http_never_hurts_the_server) {
+    daemon_t d;
+    const char *args[] = {"--model", tiny_chat_model(),    "--max-header-bytes",
+                          "2048",    "--header-timeout-s", "0.5",
+                          NULL};
+    daemon_start(&d, args);
+    struct {
+        const char *raw;
+        const char *want;
+    } cases[] = {
+        {"GARBAGE\r\n\r\n", "HTTP/1.1 400"},
+        {"GET / HTTP/9.9\r\n\r\n", "HTTP/1.1 400"},
+        {"GET /health HTTP/1.1\r\nBad Header\r\n\r\n", "HTTP/1.1 400"},
+        {"POST /v1/completions HTTP/1.1\r\nContent-Length: abc\r\n\r\n", "HTTP/1.1 400"},
+        {"POST /v1/completions HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+         "HTTP/1.1 400"},
+        {"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+         "HTTP/1.1 400"},
+        {"POST /v1/completions HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+         "HTTP/1.1 4"},
+        {"POST /v1/completions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"prompt\"", "HTTP/1.1 408"},
+        {"GET /health HTTP/1.1\r\nHost: x", "HTTP/1.1 408"},
+        {"\x00\x01\x02\xff\r\n\r\n", "HTTP/1.1 400"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        size_t len = cases[i].raw[0] ? strlen(cases[i].raw) : 8;
+        char *resp = http_raw(d.port, cases[i].raw, len, 3, NULL);
+        cr_expect(strncmp(resp, cases[i].want, strlen(cases[i].want)) == 0, "case %zu: got %.80s",
+                  i, resp);
+        free(resp);
+    }
+    /* an oversized head */
+    char big[4096];
+    int n = snprintf(big, sizeof(big), "GET /health HTTP/1.1\r\nX-Pad: ");
+    memset(big + n, 'a', 3000);
+    memcpy(big + n + 3000, "\r\n\r\n", 5);
+    char *resp = http_raw(d.port, big, strlen(big), 3, NULL);
+    cr_expect(strncmp(resp, "HTTP/1.1 431", 12) == 0, "got %.80s", resp);
+    free(resp);
+    /* a chunked body is accepted */
+    const char *chunked =
+        "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        "5\r\n{\"con\r\ne\r\ntent\":\"hello\"}\r\n0\r\n\r\n";
+    resp = http_raw(d.port, chunked, strlen(chunked), 3, NULL);
+    cr_expect(strstr(resp, "\"tokens\""), "chunked body: %.200s", resp);
+    free(resp);
+    /* 1,000 connections opened and dropped, some mid-request */
+    for (int i = 0; i < 1000; i++) {
+        int fd = tcp_connect(d.port);
+        if (fd < 0) continue;
+        if (i % 3 == 1)
+            send(fd, "POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{", 55,
+                 MSG_NOSIGNAL);
+        if (i % 3 == 2) send(fd, "GET /hea", 8, MSG_NOSIGNAL);
+        close(fd);
+    }
+    char *body, *head;
+    int st = http_req(d.port, "POST", "/v1/completions", NULL,
+                      "{\"prompt\":\"hello\",\"max_tokens\":3,\"temperature\":0}", &body, &head);
+    cr_expect_eq(st, 200, "after the storm: %s", body);
+    free(body), free(head);
+    usleep(200000);
+    cr_expect_leq(metric(d.port, "tidald_process_open_fds"), 40, "descriptors leak");
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_keep_alive_pipelining_and_request_ids) {
+    daemon_t d;
+    const char *args[] = {"--model", tiny_chat_model(), NULL};
+    daemon_start(&d, args);
+    const char *req = "GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+                      "POST /tokenize HTTP/1.1\r\nHost: x\r\nX-Request-Id: "
+                      "my-id-42\r\nContent-Length: 19\r\n\r\n{\"content\":\"hello\"}"
+                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                      "46\r\n\r\n{\"prompt\":\"hi\",\"max_tokens\":2,\"temperature\":0}"
+                      "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    size_t len;
+    char *resp = http_raw(d.port, req, strlen(req), 5, &len);
+    char *a = strstr(resp, "\"alive\""), *b = strstr(resp, "\"tokens\""),
+         *c = strstr(resp, "text_completion"), *e = strstr(resp, "{\"status\":\"ok\"}");
+    cr_expect(a && b && c && e && a < b && b < c && c < e, "responses out of order or missing:\n%s",
+              resp);
+    cr_expect(strstr(resp, "X-Request-Id: my-id-42"), "request id not echoed");
+    int count = 0;
+    for (char *p = resp; (p = strstr(p, "HTTP/1.1 200")); p++) count++;
+    cr_expect_eq(count, 4);
+    free(resp);
+    /* every split point of one request gives the same answer */
+    const char *one = "POST /tokenize HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+                      "19\r\n\r\n{\"content\":\"hello\"}";
+    for (size_t cut = 1; cut < strlen(one); cut += 7) {
+        int fd = tcp_connect(d.port);
+        send(fd, one, cut, MSG_NOSIGNAL);
+        usleep(2000);
+        send(fd, one + cut, strlen(one) - cut, MSG_NOSIGNAL);
+        char *got = read_some(fd, 3);
+        cr_expect(strstr(got, "\"tokens\""), "split at %zu: %.100s", cut, got);
+        close(fd);
+    }
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_health_models_tokenize_detokenize) {
+    NEED_STORIES();
+    daemon_t d;
+    const char *extra[] = {"--model-alias", "stories", NULL};
+    start_stories(&d, extra);
+    int st;
+    cJSON *j = post_json(d.port, "/tokenize",
+                         "{\"content\":\"Once upon a time\",\"add_special\":true}", &st);
+    cr_expect_eq(st, 200);
+    const cJSON *toks = cJSON_GetObjectItem(j, "tokens");
+    int want[] = {1, 403, 407, 261, 378};
+    cr_assert_eq(cJSON_GetArraySize(toks), 5);
+    for (int i = 0; i < 5; i++) cr_expect_eq(cJSON_GetArrayItem(toks, i)->valueint, want[i]);
+    cJSON_Delete(j);
+    j = post_json(d.port, "/detokenize", "{\"tokens\":[403,407,261,378]}", &st);
+    cr_expect_str_eq(jstr(j, "content"), " Once upon a time");
+    cJSON_Delete(j);
+    char *body, *head;
+    cr_expect_eq(http_req(d.port, "GET", "/v1/models", NULL, NULL, &body, &head), 200);
+    j = cJSON_Parse(body);
+    cr_expect_str_eq(jstr(j, "data.0.id"), "stories");
+    cJSON_Delete(j);
+    free(body), free(head);
+    cr_expect_eq(http_req(d.port, "GET", "/livez", NULL, NULL, &body, &head), 200);
+    free(body), free(head);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
