@@ -37,12 +37,13 @@ MODEL_DIR  := $(BUILD)/models
 DEFAULT_MODEL ?= $(MODEL_DIR)/small-f32.gguf
 SHARED_MODEL := ../shared/models/stories260K.gguf
 
-.PHONY: all deps run test unit-test asan-test integration-test cli-test format format-check bench fuzz clean models
+.PHONY: all deps run test unit-test asan-test integration-test cli-test fuzz-smoke format format-check bench fuzz clean models
 
-all: $(BUILD)/tidald $(BUILD)/mkmodel
+all: $(BUILD)/tidald $(BUILD)/mkmodel $(BUILD)/loadgen
 
 # ---- dependencies (Debian packages, installed only when missing) ----
-DEB_PKGS := gcc libc6-dev libuv1-dev libcjson-dev libcriterion-dev node-llhttp clang-format prometheus
+DEB_PKGS := gcc libc6-dev clang libclang-rt-14-dev libuv1-dev libcjson-dev libcriterion-dev \
+            node-llhttp clang-format prometheus
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -70,6 +71,9 @@ $(BUILD)/tidald: $(MAIN_OBJ) $(ENGINE_OBJ) $(LLHTTP_OBJ)
 $(BUILD)/mkmodel: $(call obj,$(BUILD),tools/mkmodel.c) $(TOOL_OBJ)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
 
+$(BUILD)/loadgen: $(call obj,$(BUILD),tools/loadgen.c)
+	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
+
 $(BUILD)/bench_engine: $(call obj,$(BUILD),bench/bench_engine.c) $(ENGINE_OBJ)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
 
@@ -81,22 +85,21 @@ $(MODEL_DIR)/%.gguf: | $(BUILD)/mkmodel
 models: $(MODEL_DIR)/tiny-f32.gguf $(MODEL_DIR)/small-f32.gguf
 
 run: deps all $(DEFAULT_MODEL)
-	$(BUILD)/tidald generate --model $(DEFAULT_MODEL) --prompt "Once upon a time" \
-	  --max-tokens 64 --temperature 0 --verbose
+	$(BUILD)/tidald serve --model $(DEFAULT_MODEL) --host 127.0.0.1 --port 8080
 
 # ---- tests ----
 TEST_BIN      := $(BUILD)/unit_tests
 ASAN_TEST_BIN := $(ASAN_DIR)/unit_tests
 TEST_LIB_SRC  := $(ENGINE_SRC) $(TOOL_SRC)
 
-$(TEST_BIN): $(call obj,$(BUILD),$(TEST_SRC)) $(ENGINE_OBJ) $(TOOL_OBJ)
+$(TEST_BIN): $(call obj,$(BUILD),$(TEST_SRC) server/http.c) $(ENGINE_OBJ) $(TOOL_OBJ) $(LLHTTP_OBJ)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ -lcriterion $(LDLIBS)
 
 $(ASAN_DIR)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -O1 $(SAN) -c $< -o $@
 
-$(ASAN_TEST_BIN): $(call obj,$(ASAN_DIR),$(TEST_SRC) $(TEST_LIB_SRC))
+$(ASAN_TEST_BIN): $(call obj,$(ASAN_DIR),$(TEST_SRC) $(TEST_LIB_SRC) server/http.c) $(LLHTTP_OBJ)
 	$(CC) $(CFLAGS_ALL) $(SAN) $^ -o $@ -lcriterion $(LDLIBS)
 
 $(ASAN_DIR)/tidald: $(call obj,$(ASAN_DIR),$(MAIN_SRC) $(SERVER_SRC) $(ENGINE_SRC)) $(LLHTTP_OBJ)
@@ -138,10 +141,12 @@ test: deps
 	$(MAKE) asan-test
 	$(MAKE) integration-test
 	$(MAKE) cli-test
+	$(MAKE) fuzz-smoke
 
 # ---- benchmarks ----
-bench: deps $(BUILD)/bench_engine $(MODEL_DIR)/m100-f32.gguf $(MODEL_DIR)/m100-f16.gguf
+bench: deps all $(BUILD)/bench_engine $(MODEL_DIR)/m100-f32.gguf $(MODEL_DIR)/m100-f16.gguf
 	$(BUILD)/bench_engine --model $(MODEL_DIR)/m100-f32.gguf --model $(MODEL_DIR)/m100-f16.gguf
+	BUILD=$(BUILD) bash bench/serve_bench.sh $(MODEL_DIR)/m100-f32.gguf
 
 # ---- formatting ----
 FMT_FILES := $(shell find server engine kvcache api config tools tests bench -name '*.[ch]' 2>/dev/null)
@@ -150,8 +155,22 @@ format:
 format-check:
 	clang-format --dry-run --Werror $(FMT_FILES)
 
-fuzz:
-	@echo "fuzz targets arrive with the server issue (tests/fuzz/)"
+# ---- fuzzing (clang libFuzzer) ----
+FUZZ_DIR := $(BUILD)/fuzz
+FUZZ_SRC := tests/fuzz/fuzz_request.c server/http.c $(API_SRC) $(ENGINE_SRC) $(TOOL_SRC)
+FUZZ_SECONDS ?= 60
+$(FUZZ_DIR)/fuzz_request: $(FUZZ_SRC) $(LLHTTP_SRC)
+	@mkdir -p $(FUZZ_DIR)
+	clang -std=gnu11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -I/usr/share/include/llhttp -w $^ -o $@ $(LDLIBS)
+fuzz: deps $(FUZZ_DIR)/fuzz_request
+	mkdir -p $(FUZZ_DIR)/corpus
+	$(FUZZ_DIR)/fuzz_request -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+	  $(FUZZ_DIR)/corpus tests/fuzz/corpus
+# make test runs a short pass over the seed corpus plus fresh mutations
+fuzz-smoke: $(FUZZ_DIR)/fuzz_request
+	mkdir -p $(FUZZ_DIR)/smoke && rm -rf $(FUZZ_DIR)/smoke/*
+	$(FUZZ_DIR)/fuzz_request -max_total_time=15 -max_len=2048 -seed=1 $(FUZZ_DIR)/smoke tests/fuzz/corpus
 
 clean:
 	rm -rf $(BUILD)

@@ -151,15 +151,65 @@ static int cmp_desc(const void *a, const void *b) {
     return (i > j) - (i < j);
 }
 
-/* softmax over cand[0..n) (sorted descending) into .p */
-static void softmax_sorted(cand_t *c, size_t n, float temp) {
-    double sum = 0;
+/* Move the k best candidates (cmp_desc order) to c[0..k), unordered: quickselect, O(n) on
+ * average, so a large vocabulary is not sorted for every token. */
+static void select_top(cand_t *c, size_t n, size_t k) {
+    if (k == 0 || k >= n) return;
+    long lo = 0, hi = (long)n - 1, want = (long)k - 1;
+    while (lo < hi) {
+        cand_t pivot = c[lo + (hi - lo) / 2];
+        long i = lo, j = hi;
+        while (i <= j) {
+            while (cmp_desc(&c[i], &pivot) < 0) i++;
+            while (cmp_desc(&c[j], &pivot) > 0) j--;
+            if (i <= j) {
+                cand_t t = c[i];
+                c[i++] = c[j];
+                c[j--] = t;
+            }
+        }
+        if (want <= j)
+            hi = j;
+        else if (want >= i)
+            lo = i;
+        else
+            break;
+    }
+}
+
+/* softmax over c[0..n) into .p (any order) */
+static void softmax(cand_t *c, size_t n, float temp) {
     float mx = c[0].logit;
+    for (size_t i = 1; i < n; i++) mx = c[i].logit > mx ? c[i].logit : mx;
+    double sum = 0;
     for (size_t i = 0; i < n; i++) {
         c[i].p = expf((c[i].logit - mx) / temp);
         sum += c[i].p;
     }
     for (size_t i = 0; i < n; i++) c[i].p = (float)(c[i].p / sum);
+}
+
+/* The smallest descending prefix whose mass reaches top_p; c[0..result) ends up sorted. Only a
+ * head of the candidates is sorted when that head already holds the mass. */
+static size_t top_p_cut(cand_t *c, size_t n, float top_p) {
+    softmax(c, n, 1.0f);
+    size_t head = n;
+    for (size_t h = 256; h < n; h *= 4) {
+        select_top(c, n, h);
+        double mass = 0;
+        for (size_t i = 0; i < h; i++) mass += c[i].p;
+        if (mass >= top_p) {
+            head = h;
+            break;
+        }
+    }
+    qsort(c, head, sizeof(cand_t), cmp_desc);
+    double cum = 0;
+    for (size_t i = 0; i < head; i++) {
+        cum += c[i].p;
+        if (cum >= top_p) return i + 1;
+    }
+    return head;
 }
 
 int32_t eng_sampler_sample(eng_sampler_t *s, float *logits) {
@@ -173,33 +223,28 @@ int32_t eng_sampler_sample(eng_sampler_t *s, float *logits) {
         return best;
     }
     size_t n = 0;
+    float mx = -INFINITY;
     for (uint32_t i = 0; i < V; i++)
-        if (logits[i] == logits[i] && logits[i] > -INFINITY)
+        if (logits[i] == logits[i] && logits[i] > -INFINITY) {
             s->cand[n++] = (cand_t){(int32_t)i, logits[i], 0};
-    if (!n) return 0;
-    qsort(s->cand, n, sizeof(cand_t), cmp_desc);
-    if (p->top_k > 0 && (size_t)p->top_k < n) n = (size_t)p->top_k;
-    if (p->top_p < 1.0f) {
-        softmax_sorted(s->cand, n, 1.0f);
-        double cum = 0;
-        size_t keep = n;
-        for (size_t i = 0; i < n; i++) {
-            cum += s->cand[i].p;
-            if (cum >= p->top_p) {
-                keep = i + 1;
-                break;
-            }
+            mx = logits[i] > mx ? logits[i] : mx;
         }
-        n = keep;
+    if (!n) return 0;
+    /* llama.cpp's order: top-k, top-p, min-p, then temperature */
+    if (p->top_k > 0 && (size_t)p->top_k < n) {
+        select_top(s->cand, n, (size_t)p->top_k);
+        n = (size_t)p->top_k;
     }
+    if (p->top_p < 1.0f) n = top_p_cut(s->cand, n, p->top_p);
     if (p->min_p > 0) {
         /* keep tokens whose probability is at least min_p times the top one's */
-        float thresh = s->cand[0].logit + logf(p->min_p);
-        size_t keep = 1;
-        while (keep < n && s->cand[keep].logit >= thresh) keep++;
+        float thresh = mx + logf(p->min_p);
+        size_t keep = 0;
+        for (size_t i = 0; i < n; i++)
+            if (s->cand[i].logit >= thresh) s->cand[keep++] = s->cand[i];
         n = keep;
     }
-    softmax_sorted(s->cand, n, p->temperature);
+    softmax(s->cand, n, p->temperature);
     double u = (double)(next_u64(s->rng) >> 11) * (1.0 / 9007199254740992.0);
     double cum = 0;
     for (size_t i = 0; i < n; i++) {

@@ -424,21 +424,29 @@ static size_t stop_prefix_len(const eng_request_t *r) {
     return keep;
 }
 
-/* log-sum-exp, entropy (bits) at temperature T, and the top-n logprobs of raw logits */
-static void distribution_facts(const float *l, uint32_t V, float T, double *lse, float *entropy,
-                               eng_logprob_t *top, uint32_t n_top) {
+/* From raw logits: the log-sum-exp at temperature 1 (for logprobs, when want_lse), the entropy
+ * in bits of the distribution at temperature T (when entropy != NULL), and the n_top best
+ * tokens' logprobs. One exp per vocabulary entry for each quantity asked for. */
+static void distribution_facts(const float *l, uint32_t V, float T, bool want_lse, double *lse,
+                               float *entropy, eng_logprob_t *top, uint32_t n_top) {
     float mx = l[0];
     for (uint32_t i = 1; i < V; i++) mx = l[i] > mx ? l[i] : mx;
     double z = 0, zt = 0, wt = 0;
-    for (uint32_t i = 0; i < V; i++) {
-        z += exp((double)l[i] - mx);
-        double e = exp(((double)l[i] - mx) / T);
-        zt += e;
-        wt += e * ((double)l[i] - mx) / T;
+    float inv_t = 1.0f / T;
+    bool shared = T == 1.0f;
+    if (entropy || shared) {
+        for (uint32_t i = 0; i < V; i++) {
+            float d = (l[i] - mx) * inv_t, e = expf(d);
+            zt += e;
+            wt += (double)e * d;
+        }
+        if (shared) z = zt;
+        /* H = log Z_T - E[x/T], in nats, then bits */
+        if (entropy) *entropy = (float)((log(zt) - wt / zt) / M_LN2);
     }
-    *lse = mx + log(z);
-    /* H = log Z_T - E[x/T], in nats, then bits */
-    if (entropy) *entropy = (float)((log(zt) - wt / zt) / M_LN2);
+    if (want_lse && !shared)
+        for (uint32_t i = 0; i < V; i++) z += expf(l[i] - mx);
+    *lse = want_lse ? mx + log(z) : 0;
     for (uint32_t k = 0; k < n_top; k++) top[k] = (eng_logprob_t){-1, -INFINITY};
     for (uint32_t i = 0; i < V && n_top; i++) {
         if (l[i] <= top[n_top - 1].logprob && top[n_top - 1].id >= 0) continue;
@@ -459,17 +467,20 @@ static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
     bool facts = r->p.logprobs >= 0 || r->p.entropy;
     double lse = 0;
     if (facts) {
-        memcpy(s->raw, logits, sizeof(float) * s->n_vocab);
+        /* the sampler edits logits in place: keep the raw ones only when logprobs need them */
+        const float *raw = logits;
+        if (r->p.logprobs >= 0) raw = memcpy(s->raw, logits, sizeof(float) * s->n_vocab);
         float T = r->p.sampling.temperature > 0 ? r->p.sampling.temperature : 1.0f;
         e.n_top = r->p.logprobs > 0 ? (uint32_t)r->p.logprobs : 0;
-        distribution_facts(s->raw, s->n_vocab, T, &lse, &e.entropy_bits, e.top, e.n_top);
+        distribution_facts(raw, s->n_vocab, T, r->p.logprobs >= 0, &lse,
+                           r->p.entropy ? &e.entropy_bits : NULL, e.top, e.n_top);
     }
     if (r->p.ignore_eos && eng_tok_eos(tok) >= 0) logits[eng_tok_eos(tok)] = -INFINITY;
     int32_t id = eng_sampler_sample(r->smp, logits);
     eng_sampler_accept(r->smp, id);
     r->n_generated++;
     e.token = id;
-    if (facts) e.logprob = (float)(s->raw[id] - lse);
+    if (r->p.logprobs >= 0) e.logprob = (float)(s->raw[id] - lse);
     pthread_mutex_lock(&s->mu);
     s->stats.generation_tokens++;
     pthread_mutex_unlock(&s->mu);

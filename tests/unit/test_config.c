@@ -48,3 +48,94 @@ Test(config, test_generate_rejects_bad_values_naming_the_flag) {
     cr_expect_eq(parse(&c, msg, 3, "--model", "m", "--prompt"), -1);
     cr_expect(strstr(msg, "needs a value"), "%s", msg);
 }
+
+/* ---- serve configuration: flag > env > file > default -------------- */
+
+#include <stdio.h>
+#include <unistd.h>
+
+static int load(cfg_t *c, char **env, char *msg, int n, ...) {
+    char *argv[32] = {"serve"};
+    va_list ap;
+    va_start(ap, n);
+    for (int i = 0; i < n; i++) argv[i + 1] = va_arg(ap, char *);
+    va_end(ap);
+    return cfg_load(c, n + 1, argv, env, msg);
+}
+
+static const char *write_file(const char *text) {
+    static char path[64];
+    snprintf(path, sizeof(path), "/tmp/tidald-cfg-%d.json", (int)getpid());
+    FILE *f = fopen(path, "w");
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
+
+Test(config, test_serve_precedence_is_flag_env_file_default) {
+    cfg_t c;
+    char msg[CFG_ERRMSG_LEN];
+    const char *path = write_file("{\"model\":\"file.gguf\",\"port\":1111,\"max_running\":3,"
+                                  "\"request_timeout_s\":2.5,\"auth_health\":true}");
+    char cfgenv[128];
+    snprintf(cfgenv, sizeof(cfgenv), "TIDALD_CONFIG=%s", path);
+    char *env[] = {cfgenv, "TIDALD_PORT=2222", "TIDALD_MAX_RUNNING=4", NULL};
+    cr_assert_eq(load(&c, env, msg, 2, "--port", "3333"), 0, "%s", msg);
+    cr_expect_str_eq(c.model, "file.gguf"); /* file */
+    cr_expect_eq(c.port, 3333);             /* flag beats env and file */
+    cr_expect_eq(c.max_running, 4);         /* env beats file */
+    cr_expect_float_eq(c.request_timeout_s, 2.5, 1e-9);
+    cr_expect(c.auth_health);
+    cr_expect_eq(c.max_waiting, 64); /* default */
+    cr_expect_str_eq(c.host, "127.0.0.1");
+    cfg_free(&c);
+    remove(path);
+}
+
+Test(config, test_serve_rejects_bad_values_naming_value_and_source) {
+    cfg_t c;
+    char msg[CFG_ERRMSG_LEN];
+    char *noenv[] = {NULL};
+    cr_expect_eq(load(&c, noenv, msg, 0), -1);
+    cr_expect(strstr(msg, "model"), "%s", msg);
+    char *env[] = {"TIDALD_PORT=70000", NULL};
+    cr_expect_eq(load(&c, env, msg, 2, "--model", "m"), -1);
+    cr_expect(strstr(msg, "TIDALD_PORT"), "%s", msg);
+    cr_expect_eq(load(&c, noenv, msg, 4, "--model", "m", "--max-running", "0"), -1);
+    cr_expect(strstr(msg, "--max-running"), "%s", msg);
+    cr_expect_eq(load(&c, noenv, msg, 4, "--model", "m", "--log-level", "loud"), -1);
+    cr_expect(strstr(msg, "log_level"), "%s", msg);
+    const char *path = write_file("{\"model\":\"m\",\"portt\":1}");
+    cr_expect_eq(load(&c, noenv, msg, 2, "--config", (char *)path), -1);
+    cr_expect(strstr(msg, "\"portt\" is not a known setting"), "%s", msg);
+    path = write_file("{\"model\":\"m\",\"port\":\"80\"}");
+    cr_expect_eq(load(&c, noenv, msg, 2, "--config", (char *)path), -1);
+    cr_expect(strstr(msg, "wrong type"), "%s", msg);
+    path = write_file("{\"model\":\"m\",\"threads\":1.5}");
+    cr_expect_eq(load(&c, noenv, msg, 2, "--config", (char *)path), -1);
+    cr_expect(strstr(msg, "integer"), "%s", msg);
+    path = write_file("not json");
+    cr_expect_eq(load(&c, noenv, msg, 2, "--config", (char *)path), -1);
+    cr_expect(strstr(msg, "not a JSON object"), "%s", msg);
+    remove(path);
+    cr_expect_eq(load(&c, noenv, msg, 2, "--config", "/nonexistent.json"), -1);
+    cr_expect(strstr(msg, "cannot open"), "%s", msg);
+}
+
+Test(config, test_serve_help_lists_every_value_with_env_and_default) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    cfg_help(f);
+    fclose(f);
+    const char *names[] = {"--host",           "TIDALD_HOST",       "--port",
+                           "TIDALD_PORT",      "--max-running",     "TIDALD_MAX_RUNNING",
+                           "--max-waiting",    "--max-body-bytes",  "--header-timeout-s",
+                           "--idle-timeout-s", "--max-connections", "--drain-timeout-s",
+                           "--api-keys",       "--api-key-file",    "--auth-health",
+                           "--log-level",      "--kv-mem-mb",       "--request-timeout-s",
+                           "TIDALD_CONFIG",    "(default: 8080)"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        cr_expect(strstr(buf, names[i]), "help lacks %s", names[i]);
+    free(buf);
+}

@@ -161,3 +161,57 @@ Test(sampler, test_params_check_rejects_out_of_range_and_nan) {
     p.frequency_penalty = 3;
     cr_expect_eq(eng_sampler_params_check(&p, msg), ENG_EINVAL);
 }
+
+/* The quickselect/partial-sort truncation keeps exactly the sets a full sort would. */
+Test(sampler, test_truncation_sets_match_a_full_sort_on_a_large_vocab) {
+    enum { BIG = 5000 };
+    static float l[BIG];
+    uint64_t x = 99;
+    for (int trial = 0; trial < 6; trial++) {
+        eng_sampler_params_t p;
+        eng_sampler_params_default(&p);
+        p.temperature = 1;
+        p.top_k = trial % 2 ? 37 : 0;
+        p.top_p = trial < 2 ? 1.0f : trial < 4 ? 0.5f : 0.995f;
+        p.min_p = trial == 5 ? 0.01f : 0;
+        eng_sampler_t *s;
+        cr_assert_eq(eng_sampler_create(&s, &p, BIG), 0);
+        /* allowed set by brute force: sort indices by logit */
+        for (int i = 0; i < BIG; i++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            l[i] = (float)((x >> 40) % 100000) / 5000.0f; /* ties are possible */
+        }
+        static int order[BIG];
+        for (int i = 0; i < BIG; i++) order[i] = i;
+        for (int i = 1; i < BIG; i++) { /* insertion sort, descending, ties by id */
+            int v = order[i], j = i - 1;
+            while (j >= 0 && (l[order[j]] < l[v] || (l[order[j]] == l[v] && order[j] > v)))
+                order[j + 1] = order[j], j--;
+            order[j + 1] = v;
+        }
+        int n = p.top_k ? p.top_k : BIG;
+        if (p.top_p < 1) {
+            double z = 0, mx = l[order[0]], cum = 0;
+            for (int i = 0; i < n; i++) z += exp(l[order[i]] - mx);
+            for (int i = 0; i < n; i++) {
+                cum += exp(l[order[i]] - mx) / z;
+                if (cum >= p.top_p) {
+                    n = i + 1;
+                    break;
+                }
+            }
+        }
+        static bool allowed[BIG];
+        for (int i = 0; i < BIG; i++) allowed[i] = false;
+        for (int i = 0; i < n; i++)
+            if (p.min_p == 0 || l[order[i]] >= l[order[0]] + logf(p.min_p))
+                allowed[order[i]] = true;
+        static float work[BIG];
+        for (int d = 0; d < 300; d++) {
+            memcpy(work, l, sizeof(l));
+            int32_t t = eng_sampler_sample(s, work);
+            cr_assert(allowed[t], "trial %d drew %d outside the allowed set", trial, t);
+        }
+        eng_sampler_free(s);
+    }
+}
