@@ -92,14 +92,14 @@ TEST_BIN      := $(BUILD)/unit_tests
 ASAN_TEST_BIN := $(ASAN_DIR)/unit_tests
 TEST_LIB_SRC  := $(ENGINE_SRC) $(TOOL_SRC)
 
-$(TEST_BIN): $(call obj,$(BUILD),$(TEST_SRC) server/http.c) $(ENGINE_OBJ) $(TOOL_OBJ) $(LLHTTP_OBJ)
+$(TEST_BIN): $(call obj,$(BUILD),$(TEST_SRC) server/http.c $(API_SRC)) $(ENGINE_OBJ) $(TOOL_OBJ) $(LLHTTP_OBJ)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ -lcriterion $(LDLIBS)
 
 $(ASAN_DIR)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -O1 $(SAN) -c $< -o $@
 
-$(ASAN_TEST_BIN): $(call obj,$(ASAN_DIR),$(TEST_SRC) $(TEST_LIB_SRC) server/http.c) $(LLHTTP_OBJ)
+$(ASAN_TEST_BIN): $(call obj,$(ASAN_DIR),$(TEST_SRC) $(TEST_LIB_SRC) server/http.c $(API_SRC)) $(LLHTTP_OBJ)
 	$(CC) $(CFLAGS_ALL) $(SAN) $^ -o $@ -lcriterion $(LDLIBS)
 
 $(ASAN_DIR)/tidald: $(call obj,$(ASAN_DIR),$(MAIN_SRC) $(SERVER_SRC) $(ENGINE_SRC)) $(LLHTTP_OBJ)

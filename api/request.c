@@ -340,10 +340,14 @@ int api_parse_request(const api_ctx_t *ctx, api_kind_t kind, const char *body, s
         r->eng.max_tokens = ctx->n_ctx - r->eng.n_prompt;
     r->eng.logprobs = r->logprobs;
     r->eng.entropy = r->entropy;
-    if (ctx->request_timeout_s > 0) {
+    /* deadline: the request's own timeout_s, capped by the server's request_timeout_s */
+    double timeout = ctx->request_timeout_s;
+    if (num_field(root, "timeout_s", 0.001, 1e7, false, &d, &present, e)) goto done;
+    if (present && (timeout <= 0 || d < timeout)) timeout = d;
+    if (timeout > 0) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
-        r->eng.deadline = ts.tv_sec + ts.tv_nsec * 1e-9 + ctx->request_timeout_s;
+        r->eng.deadline = ts.tv_sec + ts.tv_nsec * 1e-9 + timeout;
     }
     char msg[ENG_ERRMSG_LEN];
     if (eng_sampler_params_check(sp, msg)) {

@@ -178,7 +178,7 @@ static const opt_t opts[] = {
     {"port", V_INT, COFF(port), "8080", 0, 65535, "TCP port (0: any free port, logged)"},
     {"model", V_STR, COFF(model), "", 0, 0, "GGUF model file (required)"},
     {"model_alias", V_STR, COFF(model_alias), "", 0, 0,
-     "model name reported by the API (default: the file's general.name)"},
+     "model name reported by the API; empty = the file's general.name"},
     {"threads", V_INT, COFF(threads), "0", 0, 256, "CPU worker threads, 0 = all CPUs"},
     {"ctx_size", V_INT, COFF(ctx_size), "0", 0, 1 << 24, "context window, 0 = the model's"},
     {"max_running", V_INT, COFF(max_running), "16", 1, 1024, "sequences decoding at once"},

@@ -322,7 +322,16 @@ Test(server, test_every_error_class_uses_the_openai_error_object) {
          400, "messages[0]", NULL},
         {"POST", "/tokenize", auth, "{\"content\":5}", 400, "content", NULL},
         {"POST", "/detokenize", auth, "{\"tokens\":[999999]}", 400, "tokens", NULL},
+        {NULL, NULL, NULL, NULL, 0, NULL, NULL}, /* filled below */
     };
+    /* a prompt longer than the 256-token context */
+    char longprompt[4096];
+    size_t lp = (size_t)snprintf(longprompt, sizeof(longprompt), "{\"prompt\":[");
+    for (int i = 0; i < 300; i++)
+        lp += (size_t)snprintf(longprompt + lp, sizeof(longprompt) - lp, "%s7", i ? "," : "");
+    snprintf(longprompt + lp, sizeof(longprompt) - lp, "]}");
+    cases[sizeof(cases) / sizeof(cases[0]) - 1] = (err_case_t){
+        "POST", "/v1/completions", auth, longprompt, 400, "prompt", "context_length_exceeded"};
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         err_case_t *c = &cases[i];
         char *body, *head;
@@ -680,5 +689,47 @@ Test(server, test_health_models_tokenize_detokenize) {
     free(body), free(head);
     cr_expect_eq(http_req(d.port, "GET", "/livez", NULL, NULL, &body, &head), 200);
     free(body), free(head);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+Test(server, test_deadlines_end_requests_with_a_clear_error) {
+    daemon_t d;
+    char keyfile[64];
+    snprintf(keyfile, sizeof(keyfile), "/tmp/tidald-keys-%d", (int)getpid());
+    FILE *f = fopen(keyfile, "w");
+    fputs("# comment-free key file\nsecret-one\n  secret-two  \n", f);
+    fclose(f);
+    const char *args[] = {"--model",        small_model(), "--threads", "1",
+                          "--api-key-file", keyfile,       NULL};
+    daemon_start(&d, args);
+    const char *auth = "Authorization: Bearer secret-two\r\n";
+    char *body, *head;
+    int st =
+        http_req(d.port, "POST", "/v1/completions", auth,
+                 "{\"prompt\":\"hello\",\"max_tokens\":1800,\"ignore_eos\":true,\"timeout_s\":0.3}",
+                 &body, &head);
+    cr_expect_eq(st, 503, "%s", body);
+    cr_expect(strstr(body, "\"code\":\"timeout\"") && strstr(body, "deadline"), "%s", body);
+    free(body), free(head);
+    st = http_req(d.port, "POST", "/v1/completions", auth,
+                  "{\"prompt\":\"hello\",\"max_tokens\":1800,\"ignore_eos\":true,\"timeout_s\":0.3,"
+                  "\"stream\":true}",
+                  &body, &head);
+    cr_expect_eq(st, 200);
+    char *err = strstr(body, "\"error\""), *done = strstr(body, "data: [DONE]");
+    cr_expect(err && done &&
+                      err<done,
+                          "a mid-stream failure must send an error event, then "
+                          "[DONE]: ...%s",
+                          strlen(body)> 300
+                  ? body + strlen(body) - 300
+                  : body);
+    free(body), free(head);
+    st = http_req(d.port, "POST", "/v1/completions", "Authorization: Bearer secret-three\r\n",
+                  "{\"prompt\":\"x\"}", &body, &head);
+    cr_expect_eq(st, 401);
+    free(body), free(head);
+    cr_expect_geq(metric(d.port, "tidald_requests_total{finish_reason=\"timeout\"}"), 2);
+    remove(keyfile);
     cr_expect_eq(daemon_stop(&d), 0);
 }
