@@ -324,6 +324,15 @@ static void answer_engine_unavailable(conn_t *c) {
     respond_error(c, &e, "unavailable", "Retry-After: 5\r\n");
 }
 
+/* JSON bodies must be UTF-8: answer 400 and return false when this one is not. */
+static bool body_utf8_or_400(conn_t *c) {
+    if (eng_utf8_valid(c->http.body, c->http.body_len)) return true;
+    api_error_t e;
+    api_fail(&e, 400, "invalid_request_error", NULL, NULL, "the body is not valid UTF-8");
+    respond_error(c, &e, "invalid_request", NULL);
+    return false;
+}
+
 static void start_completion(conn_t *c, api_kind_t kind) {
     srv_t *s = c->srv;
     api_error_t e;
@@ -331,11 +340,7 @@ static void start_completion(conn_t *c, api_kind_t kind) {
         answer_engine_unavailable(c);
         return;
     }
-    if (!eng_utf8_valid(c->http.body, c->http.body_len)) {
-        api_fail(&e, 400, "invalid_request_error", NULL, NULL, "the body is not valid UTF-8");
-        respond_error(c, &e, "invalid_request", NULL);
-        return;
-    }
+    if (!body_utf8_or_400(c)) return;
     if (api_parse_request(&s->api, kind, c->http.body ? c->http.body : "", c->http.body_len,
                           &c->areq, &e)) {
         respond_error(c, &e, e.code ? "context_length" : "invalid_request", NULL);
@@ -453,11 +458,7 @@ static void route(conn_t *c) {
             answer_engine_unavailable(c);
             return;
         }
-        if (!eng_utf8_valid(c->http.body, c->http.body_len)) {
-            api_fail(&e, 400, "invalid_request_error", NULL, NULL, "the body is not valid UTF-8");
-            respond_error(c, &e, "invalid_request", NULL);
-            return;
-        }
+        if (!body_utf8_or_400(c)) return;
         char *out =
             hit->id == 4
                 ? api_tokenize(&s->api, c->http.body ? c->http.body : "", c->http.body_len, &e)

@@ -26,33 +26,30 @@ static bool have_stories(void) {
     return access(STORIES, R_OK) == 0;
 }
 
-/* The synthetic tiny model (with a ChatML template), written once per run. */
-static const char *tiny_chat_model(void) {
-    static char path[512];
+/* A synthetic model, written once per run into $TIDALD_TEST_TMP. */
+static const char *synth_model(const char *name) {
+    static char path[2][512];
+    char(*p)[512] = &path[strcmp(name, "tiny-f32") != 0];
     const char *dir = getenv("TIDALD_TEST_TMP");
-    snprintf(path, sizeof(path), "%s/tiny-f32.gguf", dir && *dir ? dir : "/tmp");
-    if (access(path, R_OK) != 0) {
+    snprintf(*p, sizeof(*p), "%s/%s.gguf", dir && *dir ? dir : "/tmp", name);
+    if (access(*p, R_OK) != 0) {
         char tmp[600], msg[256] = {0};
-        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
-        cr_assert_eq(synth_write("tiny-f32", tmp, 0, msg), 0, "%s", msg);
-        cr_assert_eq(rename(tmp, path), 0);
+        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", *p, (int)getpid());
+        cr_assert_eq(synth_write(name, tmp, 0, msg), 0, "%s", msg);
+        cr_assert_eq(rename(tmp, *p), 0);
     }
-    return path;
+    return *p;
 }
 
-/* A model slow enough (4 layers, dim 256, 2K context) that a long request is still running
- * while a test acts on it. */
+/* The tiny model carries ChatML markers and template. */
+static const char *tiny_chat_model(void) {
+    return synth_model("tiny-f32");
+}
+
+/* Slow enough (4 layers, dim 256, 2K context) that a long request is still running while a
+ * test acts on it. */
 static const char *small_model(void) {
-    static char path[512];
-    const char *dir = getenv("TIDALD_TEST_TMP");
-    snprintf(path, sizeof(path), "%s/small-f32.gguf", dir && *dir ? dir : "/tmp");
-    if (access(path, R_OK) != 0) {
-        char tmp[600], msg[256] = {0};
-        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
-        cr_assert_eq(synth_write("small-f32", tmp, 0, msg), 0, "%s", msg);
-        cr_assert_eq(rename(tmp, path), 0);
-    }
-    return path;
+    return synth_model("small-f32");
 }
 
 #define LONG_STREAM "{\"prompt\":\"hello\",\"max_tokens\":1800,\"stream\":true,\"ignore_eos\":true}"
