@@ -7,7 +7,7 @@
 SHELL   := /bin/bash
 CC      ?= cc
 BUILD   ?= build
-WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
+WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-missing-field-initializers
 CSTD    := -std=gnu11
 OPT     ?= -O2 -g
 CFLAGS_ALL := $(CSTD) $(WARN) $(OPT) -fno-omit-frame-pointer -pthread -MMD -MP \

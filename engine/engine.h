@@ -103,6 +103,34 @@ const char *eng_cpu_simd_name(void);
  * lacks it. Process-wide: call only while no forward pass runs. */
 bool eng_cpu_force_simd(const char *name);
 
+/* ---- attention modes (TidalDecode, arXiv 2410.05076) ---- */
+
+typedef enum { ENG_ATTN_FULL = 0, ENG_ATTN_TIDAL = 1 } eng_attn_mode_t;
+#define ENG_MAX_SEL_LAYERS 8
+
+typedef struct {
+    eng_attn_mode_t mode;
+    uint32_t token_budget; /* K: positions kept per head, the current token included */
+    uint32_t n_sel_layers; /* 0: the defaults (eng_attn_defaults) */
+    uint32_t sel_layers[ENG_MAX_SEL_LAYERS]; /* ascending; layers before the first are dense */
+    bool force_sinks;                        /* the sink tokens are in every selection */
+    bool per_group;                          /* one selection per KV-head group */
+} eng_attn_params_t;
+
+/* Selection layers by default: layer 2, and a re-selection layer near 40% of the depth when
+ * the model is deep enough to leave sparse layers between them. */
+void eng_attn_defaults(const eng_hparams_t *hp, eng_attn_params_t *a);
+/* Validate (layers in range and ascending, budget >= 1); ENG_EINVAL naming the field. */
+int eng_attn_check(const eng_hparams_t *hp, const eng_attn_params_t *a, char *msg);
+
+/* Per-token attention telemetry of a decode item: n_layer * n_head values each. */
+typedef struct {
+    float *entropy;   /* bits, per layer and head */
+    float *sink_mass; /* attention mass on the sink tokens */
+    uint32_t *n_att;  /* keys attended */
+    uint8_t *sparse;  /* per layer: 1 if it attended only to selected positions */
+} eng_attn_tele_t;
+
 /* One sequence's part of a step: n_tokens new tokens appended after seq->n_tokens. */
 typedef struct {
     kv_seq_t *seq;
@@ -110,7 +138,13 @@ typedef struct {
     uint32_t n_tokens;
     float *logits;   /* n_vocab floats for the last token (or n_tokens*n_vocab), or NULL */
     bool all_logits; /* logits for every token of the item, not only the last */
+    const eng_attn_params_t *attn; /* NULL or FULL: dense; TIDAL applies to decode items */
+    eng_attn_tele_t *tele;         /* decode items: filled when not NULL */
 } eng_batch_item_t;
+
+/* Evict at least n of the oldest non-sink tokens (block-granular) and K-shift the keys after
+ * them so positions stay contiguous and correctly rotated. Returns the tokens evicted. */
+uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n);
 
 /* Run one batched forward pass. Every item's KV is appended and seq->n_tokens advanced.
  * ENG_ERANGE if a sequence would exceed n_ctx or a token id is invalid; ENG_ENOSPACE if the

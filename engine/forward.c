@@ -24,6 +24,9 @@ struct eng_ctx {
     uint32_t *pos;
     int32_t *ids;
     eng_attn_seq_t *aseq;
+    uint32_t *sel, *n_sel; /* TidalDecode selections: max_seqs * n_head * sel_budget */
+    uint32_t sel_budget;
+    float *tele_scratch; /* entropy/sink slots for decode items that asked for none */
 };
 
 void eng_ctx_params_default(eng_ctx_params_t *p) {
@@ -70,7 +73,7 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     if ((rc = kv_pool_init(&c->pool, hp->n_layer, kvd, c->p.block_size, n_blocks, msg))) goto fail;
     if ((rc = eng_cpu_backend_create(&c->be, c->p.n_threads, msg))) goto fail;
     size_t widest = hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd;
-    if (c->be->ops->reserve(c->be, widest, c->p.block_size, c->p.max_seqs) != 0) {
+    if (c->be->ops->reserve(c->be, widest, c->p.block_size, c->p.max_seqs, c->p.n_ctx) != 0) {
         rc = eng_fail(msg, ENG_ENOMEM, "out of memory for backend scratch");
         goto fail;
     }
@@ -88,8 +91,9 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     c->pos = malloc(sizeof(uint32_t) * T);
     c->ids = malloc(sizeof(int32_t) * T);
     c->aseq = malloc(sizeof(eng_attn_seq_t) * c->p.max_seqs);
+    c->n_sel = malloc(sizeof(uint32_t) * c->p.max_seqs * hp->n_head);
     if (!c->x || !c->xn || !c->q || !c->k || !c->v || !c->att || !c->ffg || !c->ffu ||
-        !c->logit_in || !c->logit_buf || !c->pos || !c->ids || !c->aseq) {
+        !c->logit_in || !c->logit_buf || !c->pos || !c->ids || !c->aseq || !c->n_sel) {
         rc = eng_fail(msg, ENG_ENOMEM, "out of memory for activations");
         goto fail;
     }
@@ -117,6 +121,8 @@ void eng_ctx_free(eng_ctx_t *c) {
     free(c->pos);
     free(c->ids);
     free(c->aseq);
+    free(c->sel);
+    free(c->n_sel);
     free(c);
 }
 
@@ -128,6 +134,77 @@ uint32_t eng_ctx_n_ctx(const eng_ctx_t *c) {
 }
 const char *eng_ctx_backend_name(const eng_ctx_t *c) {
     return c->be->ops->name;
+}
+
+void eng_attn_defaults(const eng_hparams_t *hp, eng_attn_params_t *a) {
+    a->n_sel_layers = 0;
+    if (hp->n_layer > 2) a->sel_layers[a->n_sel_layers++] = 2;
+    uint32_t re = (uint32_t)(0.4 * hp->n_layer + 0.5);
+    if (re >= 4 && re < hp->n_layer)
+        a->sel_layers[a->n_sel_layers++] = re; /* sparse layers between */
+    if (!a->n_sel_layers && hp->n_layer > 0) a->sel_layers[a->n_sel_layers++] = 0;
+}
+
+int eng_attn_check(const eng_hparams_t *hp, const eng_attn_params_t *a, char *msg) {
+    if (a->mode != ENG_ATTN_FULL && a->mode != ENG_ATTN_TIDAL)
+        return eng_fail(msg, ENG_EINVAL, "attention.mode must be full or tidal");
+    if (a->mode == ENG_ATTN_FULL) return 0;
+    if (a->token_budget < 1 || a->token_budget > (1u << 24))
+        return eng_fail(msg, ENG_EINVAL, "attention.token_budget must be at least 1");
+    if (a->n_sel_layers < 1 || a->n_sel_layers > ENG_MAX_SEL_LAYERS)
+        return eng_fail(msg, ENG_EINVAL, "attention.selection_layers must list 1 to %d layers",
+                        ENG_MAX_SEL_LAYERS);
+    for (uint32_t i = 0; i < a->n_sel_layers; i++) {
+        if (a->sel_layers[i] >= hp->n_layer)
+            return eng_fail(msg, ENG_EINVAL,
+                            "attention.selection_layers: layer %u is past the "
+                            "model's %u layers",
+                            a->sel_layers[i], hp->n_layer);
+        if (i && a->sel_layers[i] <= a->sel_layers[i - 1])
+            return eng_fail(msg, ENG_EINVAL, "attention.selection_layers must ascend");
+    }
+    return 0;
+}
+
+/* TidalDecode roles of layer l: dense before the first selection layer, dense + top-k at each
+ * selection layer, sparse over the latest selection after it. Decode items only. */
+static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_t n_items,
+                            uint32_t l) {
+    for (uint32_t i = 0; i < n_items; i++) {
+        eng_attn_seq_t *as = &c->aseq[i];
+        const eng_attn_params_t *a = items[i].attn;
+        as->kind = ENG_ATT_DENSE;
+        if (as->sel && a) {
+            bool is_sel = false;
+            for (uint32_t k = 0; k < a->n_sel_layers; k++) is_sel |= a->sel_layers[k] == l;
+            if (is_sel)
+                as->kind = ENG_ATT_SELECT;
+            else if (l > a->sel_layers[0])
+                as->kind = ENG_ATT_SPARSE;
+        }
+        eng_attn_tele_t *te = items[i].tele;
+        uint32_t H = c->m->hp.n_head;
+        if (te && items[i].n_tokens == 1) {
+            as->entropy = te->entropy + (size_t)l * H;
+            as->sink_mass = te->sink_mass + (size_t)l * H;
+            as->n_att = te->n_att + (size_t)l * H;
+            te->sparse[l] = as->kind == ENG_ATT_SPARSE;
+        } else {
+            as->entropy = as->sink_mass = NULL;
+            as->n_att = NULL;
+        }
+    }
+}
+
+uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
+    const eng_hparams_t *hp = &c->m->hp;
+    uint32_t bs = seq->pool->block_size, keep = (seq->n_sinks + bs - 1) / bs * bs;
+    uint32_t gone = kv_seq_evict(seq, n);
+    /* K-shift: every key after the sink blocks moves down by `gone` positions */
+    if (gone)
+        c->be->ops->k_shift(c->be, seq, keep, seq->n_tokens, gone, hp->n_head_kv, hp->head_dim,
+                            hp->n_rot, hp->rope_base, c->m->rope_freqs);
+    return gone;
 }
 
 /* Check the whole batch and reserve KV space before anything is written. */
@@ -157,6 +234,22 @@ static int prepare(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, uint
     if (T > c->p.max_batch_tokens)
         return eng_fail(msg, ENG_EINVAL, "batch of %llu tokens exceeds the step budget of %u",
                         (unsigned long long)T, c->p.max_batch_tokens);
+    uint32_t budget = 0;
+    for (uint32_t i = 0; i < n_items; i++) {
+        const eng_attn_params_t *a = items[i].attn;
+        if (a && a->mode == ENG_ATTN_TIDAL) {
+            int rc = eng_attn_check(hp, a, msg);
+            if (rc) return rc;
+            if (a->token_budget > budget) budget = a->token_budget;
+        }
+    }
+    if (budget > c->p.n_ctx) budget = c->p.n_ctx;
+    if (budget > c->sel_budget) {
+        uint32_t *sel = realloc(c->sel, sizeof(uint32_t) * c->p.max_seqs * hp->n_head * budget);
+        if (!sel) return eng_fail(msg, ENG_ENOMEM, "out of memory for TidalDecode selections");
+        c->sel = sel;
+        c->sel_budget = budget;
+    }
     uint32_t need = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         kv_seq_t *s = items[i].seq;
@@ -188,7 +281,19 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
     uint32_t t = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         eng_batch_item_t *it = &items[i];
-        c->aseq[i] = (eng_attn_seq_t){it->seq, t, it->n_tokens, it->seq->n_tokens};
+        const eng_attn_params_t *a = it->attn;
+        c->aseq[i] = (eng_attn_seq_t){.seq = it->seq,
+                                      .q_start = t,
+                                      .n_q = it->n_tokens,
+                                      .pos0 = it->seq->n_tokens,
+                                      .n_sinks = it->seq->n_sinks};
+        if (a && a->mode == ENG_ATTN_TIDAL && it->n_tokens == 1) {
+            c->aseq[i].budget = a->token_budget < c->sel_budget ? a->token_budget : c->sel_budget;
+            c->aseq[i].force_sinks = a->force_sinks;
+            c->aseq[i].per_group = a->per_group;
+            c->aseq[i].sel = c->sel + (size_t)i * hp->n_head * c->sel_budget;
+            c->aseq[i].n_sel = c->n_sel + (size_t)i * hp->n_head;
+        }
         for (uint32_t j = 0; j < it->n_tokens; j++, t++) {
             c->ids[t] = it->tokens[j];
             c->pos[t] = it->seq->n_tokens + j;
@@ -199,6 +304,7 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
                               1.0f / sqrtf((float)hp->head_dim)};
     for (uint32_t l = 0; l < hp->n_layer; l++) {
         const eng_layer_t *L = &m->layers[l];
+        set_layer_kinds(c, items, n_items, l);
         op->rmsnorm(be, c->x, L->attn_norm, c->xn, T, d, hp->rms_eps);
         op->matmul(be, &L->wq, c->xn, c->q, T);
         op->matmul(be, &L->wk, c->xn, c->k, T);

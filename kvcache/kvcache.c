@@ -53,6 +53,7 @@ void kv_pool_close(kv_pool_t *p) {
 void kv_seq_init(kv_seq_t *s, kv_pool_t *pool) {
     memset(s, 0, sizeof(*s));
     s->pool = pool;
+    s->n_sinks = 4;
 }
 
 int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens) {
@@ -73,10 +74,28 @@ int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens) {
     return 0;
 }
 
+uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n) {
+    kv_pool_t *p = s->pool;
+    uint32_t bs = p->block_size;
+    uint32_t sink_blocks = (s->n_sinks + bs - 1) / bs;
+    uint32_t full = s->n_tokens / bs;
+    if (full <= sink_blocks || n == 0) return 0;
+    uint32_t k = (n + bs - 1) / bs;
+    if (k > full - sink_blocks) k = full - sink_blocks;
+    for (uint32_t i = 0; i < k; i++) p->free_list[p->n_free++] = s->blocks[sink_blocks + i];
+    memmove(s->blocks + sink_blocks, s->blocks + sink_blocks + k,
+            sizeof(uint32_t) * (s->n_blocks - sink_blocks - k));
+    s->n_blocks -= k;
+    s->n_tokens -= k * bs;
+    s->n_evicted += (uint64_t)k * bs;
+    return k * bs;
+}
+
 void kv_seq_reset(kv_seq_t *s) {
     kv_pool_t *p = s->pool;
     while (s->n_blocks) p->free_list[p->n_free++] = s->blocks[--s->n_blocks];
     s->n_tokens = 0;
+    s->n_evicted = 0;
 }
 
 void kv_seq_close(kv_seq_t *s) {

@@ -29,7 +29,9 @@ typedef struct {
     kv_pool_t *pool;
     uint32_t *blocks; /* block table: logical -> physical */
     uint32_t n_blocks, cap_blocks;
-    uint32_t n_tokens; /* tokens whose K/V are stored */
+    uint32_t n_tokens;  /* tokens whose K/V are stored (cache-relative positions 0..n_tokens-1) */
+    uint32_t n_sinks;   /* attention sinks: the first tokens eviction never drops */
+    uint64_t n_evicted; /* tokens evicted over the sequence's life */
 } kv_seq_t;
 
 /* Size a pool of n_blocks blocks. Returns 0 or a negative eng_err_t (msg filled). */
@@ -47,6 +49,12 @@ void kv_seq_init(kv_seq_t *s, kv_pool_t *pool);
 /* Ensure capacity for n_tokens total; allocates blocks. ENG_ENOSPACE if the pool is exhausted
  * (already allocated blocks are kept, so the caller may retry after freeing others). */
 int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens);
+/* Sink-aware eviction, block-granular (StreamingLLM, arXiv 2309.17453): return up to
+ * ceil(n / block_size) of the oldest blocks after the sink blocks (the blocks holding the
+ * first n_sinks tokens) to the pool and close the gap in the block table. Returns the tokens
+ * evicted (a multiple of the block size); positions after the sinks move down by that much,
+ * and the caller re-rotates their keys (K-shift). */
+uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n);
 /* Drop all tokens and return every block to the pool. */
 void kv_seq_reset(kv_seq_t *s);
 void kv_seq_close(kv_seq_t *s);

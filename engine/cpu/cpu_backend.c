@@ -25,6 +25,8 @@ typedef struct {
     size_t scratch_len;
     size_t *task0; /* attention: first task of each sequence */
     size_t task0_len;
+    float **big; /* per worker: 2 * n_ctx floats + n_ctx positions (TidalDecode selection) */
+    uint32_t n_ctx;
 } cpu_ctx_t;
 
 static cpu_ctx_t *ctx_of(eng_backend_t *be) {
@@ -173,53 +175,194 @@ typedef struct {
     float *out;
 } attn_job_t;
 
-/* One (query, head): online softmax over the sequence's blocks, one rescale per block. */
-static void attend_one(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, uint32_t h,
-                       float *scores) {
+/* Online-softmax state of one (query, head): running max m, sum l = sum w_i, the weighted
+ * logit sum t = sum w_i (s_i - m) and the sink weight, all rescaled together when m grows.
+ * Entropy then follows with no second pass: H = ln l - t / l (nats). */
+typedef struct {
+    float m, l, t, sink;
+} acc_t;
+
+/* Fold nk keys into acc and o: contiguous from kbase (stride floats apart) when pos is NULL,
+ * else the listed positions. all (if not NULL) receives every raw score by position. */
+static void fold(const float *q, const kv_seq_t *seq, uint32_t layer, size_t kvoff, uint32_t hd,
+                 float scale, const float *kbase, const float *vbase, uint32_t p0,
+                 const uint32_t *pos, uint32_t nk, uint32_t n_sinks, float *sc, float *o, acc_t *a,
+                 float *all) {
+    size_t stride = seq->pool->kv_dim;
+    float bm = -INFINITY;
+    for (uint32_t i = 0; i < nk; i++) {
+        const float *k = pos ? kv_seq_k(seq, layer, pos[i]) + kvoff : kbase + i * stride;
+        sc[i] = simd.dot(q, k, hd) * scale;
+        if (all) all[pos ? pos[i] : p0 + i] = sc[i];
+        if (sc[i] > bm) bm = sc[i];
+    }
+    if (bm > a->m) {
+        float r = expf(a->m - bm); /* 0 on the first chunk */
+        for (uint32_t d = 0; d < hd; d++) o[d] *= r;
+        a->t = a->l > 0 ? r * (a->t - a->l * (bm - a->m)) : 0;
+        a->l *= r;
+        a->sink *= r;
+        a->m = bm;
+    }
+    for (uint32_t i = 0; i < nk; i++) {
+        float d = sc[i] - a->m, w = expf(d);
+        uint32_t p = pos ? pos[i] : p0 + i;
+        a->l += w;
+        a->t += w * d;
+        if (p < n_sinks) a->sink += w;
+        const float *v = pos ? kv_seq_v(seq, layer, pos[i]) + kvoff : vbase + i * stride;
+        simd.axpy(o, w, v, hd);
+    }
+}
+
+typedef struct {
+    float *chunk;  /* block_size scores */
+    float *all;    /* n_ctx scores (SELECT) */
+    float *gsum;   /* n_ctx group probabilities (SELECT per group) */
+    uint32_t *idx; /* n_ctx candidate positions */
+} scratch_t;
+
+/* Attend one (query, head) over all n keys or over a sorted position list; writes o and the
+ * telemetry slots of head h. */
+static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, uint32_t h,
+                   const uint32_t *sel, uint32_t n_sel, scratch_t *w, float *all) {
     const eng_attn_shape_t *sh = j->sh;
-    uint32_t hd = sh->head_dim, group = sh->n_head / sh->n_head_kv, kvh = h / group;
-    size_t row = (size_t)(s->q_start + qi);
+    uint32_t hd = sh->head_dim, kvh = h / (sh->n_head / sh->n_head_kv);
+    size_t row = (size_t)(s->q_start + qi), kvoff = (size_t)kvh * hd;
     const float *q = j->q + (row * sh->n_head + h) * hd;
     float *o = j->out + (row * sh->n_head + h) * hd;
-    uint32_t n_keys = s->pos0 + qi + 1;
-    uint32_t bs = s->seq->pool->block_size;
-    float m = -INFINITY, l = 0;
+    uint32_t n_keys = s->pos0 + qi + 1, bs = s->seq->pool->block_size;
+    acc_t a = {-INFINITY, 0, 0, 0};
     memset(o, 0, hd * sizeof(float));
-    for (uint32_t p0 = 0; p0 < n_keys; p0 += bs) {
-        uint32_t nk = n_keys - p0 < bs ? n_keys - p0 : bs;
-        const float *k = kv_seq_k(s->seq, j->layer, p0) + (size_t)kvh * hd;
-        const float *v = kv_seq_v(s->seq, j->layer, p0) + (size_t)kvh * hd;
-        size_t stride = s->seq->pool->kv_dim;
-        float bm = -INFINITY;
-        for (uint32_t i = 0; i < nk; i++) {
-            scores[i] = simd.dot(q, k + i * stride, hd) * sh->scale;
-            if (scores[i] > bm) bm = scores[i];
+    if (!sel) {
+        for (uint32_t p0 = 0; p0 < n_keys; p0 += bs) {
+            uint32_t nk = n_keys - p0 < bs ? n_keys - p0 : bs;
+            fold(q, s->seq, j->layer, kvoff, hd, sh->scale, kv_seq_k(s->seq, j->layer, p0) + kvoff,
+                 kv_seq_v(s->seq, j->layer, p0) + kvoff, p0, NULL, nk, s->n_sinks, w->chunk, o, &a,
+                 all);
         }
-        if (bm > m) {
-            float r = expf(m - bm); /* 0 on the first block */
-            for (uint32_t d = 0; d < hd; d++) o[d] *= r;
-            l *= r;
-            m = bm;
+    } else {
+        /* chunk the sorted positions by block, as the dense path does, so a selection of every
+         * position computes exactly what dense attention computes */
+        for (uint32_t i = 0; i < n_sel;) {
+            uint32_t blk = sel[i] / bs, e = i;
+            while (e < n_sel && sel[e] / bs == blk) e++;
+            fold(q, s->seq, j->layer, kvoff, hd, sh->scale, NULL, NULL, 0, sel + i, e - i,
+                 s->n_sinks, w->chunk, o, &a, NULL);
+            i = e;
         }
-        for (uint32_t i = 0; i < nk; i++) {
-            float w = expf(scores[i] - m);
-            l += w;
-            simd.axpy(o, w, v + i * stride, hd);
-        }
+        n_keys = n_sel;
     }
-    float inv = 1.0f / l;
+    float inv = 1.0f / a.l;
     for (uint32_t d = 0; d < hd; d++) o[d] *= inv;
+    if (s->entropy) s->entropy[h] = (logf(a.l) - a.t * inv) / (float)M_LN2;
+    if (s->sink_mass) s->sink_mass[h] = a.sink * inv;
+    if (s->n_att) s->n_att[h] = n_keys;
+}
+
+static int cmp_u32(const void *x, const void *y) {
+    uint32_t a = *(const uint32_t *)x, b = *(const uint32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* Move the k highest-scoring candidates to idx[0..k) (quickselect, O(n) on average). */
+static void top_k_positions(uint32_t *idx, uint32_t n, uint32_t k, const float *score) {
+    if (k == 0 || k >= n) return;
+    long lo = 0, hi = (long)n - 1, want = (long)k - 1;
+    while (lo < hi) {
+        float pv = score[idx[lo + (hi - lo) / 2]];
+        long i = lo, jj = hi;
+        while (i <= jj) {
+            while (score[idx[i]] > pv) i++;
+            while (score[idx[jj]] < pv) jj--;
+            if (i <= jj) {
+                uint32_t t = idx[i];
+                idx[i++] = idx[jj];
+                idx[jj--] = t;
+            }
+        }
+        if (want <= jj)
+            hi = jj;
+        else if (want >= i)
+            lo = i;
+        else
+            break;
+    }
+}
+
+/* TidalDecode selection for n keys: the current token (n-1), the sinks when forced, then the
+ * best-scoring others up to the budget; ascending. Every position when n <= budget. */
+static uint32_t select_positions(const eng_attn_seq_t *s, uint32_t n, const float *score,
+                                 uint32_t *idx, uint32_t *out) {
+    uint32_t K = s->budget;
+    if (n <= K) {
+        for (uint32_t p = 0; p < n; p++) out[p] = p;
+        return n;
+    }
+    uint32_t m = 0, first = 0;
+    if (s->force_sinks) {
+        first = s->n_sinks < K - 1 ? s->n_sinks : K - 1;
+        for (uint32_t p = 0; p < first; p++) out[m++] = p;
+    }
+    uint32_t nc = 0;
+    for (uint32_t p = first; p + 1 < n; p++) idx[nc++] = p;
+    uint32_t want = K - 1 - m;
+    top_k_positions(idx, nc, want, score);
+    memcpy(out + m, idx, sizeof(uint32_t) * want);
+    m += want;
+    out[m++] = n - 1;
+    qsort(out, m, sizeof(uint32_t), cmp_u32);
+    return m;
+}
+
+/* One task: a (query, head), or for a per-group selection a (query, KV head). */
+static void attn_task(const attn_job_t *j, const eng_attn_seq_t *s, size_t local, scratch_t *w) {
+    const eng_attn_shape_t *sh = j->sh;
+    uint32_t group = sh->n_head / sh->n_head_kv;
+    if (s->kind == ENG_ATT_SPARSE) {
+        uint32_t h = (uint32_t)local;
+        attend(j, s, 0, h, s->sel + (size_t)h * s->budget, s->n_sel[h], w, NULL);
+    } else if (s->kind == ENG_ATT_SELECT && s->per_group) {
+        uint32_t g = (uint32_t)local, n = s->pos0 + 1;
+        for (uint32_t p = 0; p < n; p++) w->gsum[p] = 0;
+        for (uint32_t h = g * group; h < (g + 1) * group; h++) {
+            attend(j, s, 0, h, NULL, 0, w, w->all);
+            float mx = -INFINITY;
+            double z = 0;
+            for (uint32_t p = 0; p < n; p++) mx = w->all[p] > mx ? w->all[p] : mx;
+            for (uint32_t p = 0; p < n; p++) z += expf(w->all[p] - mx);
+            for (uint32_t p = 0; p < n; p++) w->gsum[p] += (float)(expf(w->all[p] - mx) / z);
+        }
+        uint32_t *out = s->sel + (size_t)g * group * s->budget;
+        uint32_t m = select_positions(s, n, w->gsum, w->idx, out);
+        for (uint32_t h = g * group; h < (g + 1) * group; h++) {
+            if (h != g * group) memcpy(s->sel + (size_t)h * s->budget, out, sizeof(uint32_t) * m);
+            s->n_sel[h] = m;
+        }
+    } else if (s->kind == ENG_ATT_SELECT) {
+        uint32_t h = (uint32_t)local;
+        attend(j, s, 0, h, NULL, 0, w, w->all);
+        s->n_sel[h] =
+            select_positions(s, s->pos0 + 1, w->all, w->idx, s->sel + (size_t)h * s->budget);
+    } else {
+        attend(j, s, (uint32_t)(local / sh->n_head), (uint32_t)(local % sh->n_head), NULL, 0, w,
+               NULL);
+    }
+}
+
+static size_t tasks_of(const eng_attn_seq_t *s, const eng_attn_shape_t *sh) {
+    if (s->kind == ENG_ATT_SELECT && s->per_group) return sh->n_head_kv;
+    return (size_t)s->n_q * sh->n_head;
 }
 
 static void attn_range(void *arg, size_t b, size_t e, int worker) {
     attn_job_t *j = arg;
-    float *scores = j->c->scratch[worker];
+    scratch_t w = {j->c->scratch[worker], j->c->big[worker], j->c->big[worker] + j->c->n_ctx,
+                   (uint32_t *)(j->c->big[worker] + 2 * (size_t)j->c->n_ctx)};
     uint32_t s = 0;
     for (size_t t = b; t < e; t++) {
         while (s + 1 < j->n_seqs && j->task0[s + 1] <= t) s++;
-        size_t local = t - j->task0[s];
-        attend_one(j, &j->seqs[s], (uint32_t)(local / j->sh->n_head),
-                   (uint32_t)(local % j->sh->n_head), scores);
+        attn_task(j, &j->seqs[s], t - j->task0[s], &w);
     }
 }
 
@@ -231,10 +374,38 @@ static void cpu_attention(eng_backend_t *be, const eng_attn_shape_t *sh, uint32_
     size_t n = 0;
     for (uint32_t i = 0; i < n_seqs; i++) {
         task0[i] = n;
-        n += (size_t)seqs[i].n_q * sh->n_head;
+        n += tasks_of(&seqs[i], sh);
     }
     attn_job_t j = {c, sh, layer, q, seqs, n_seqs, task0, out};
     pool_run(c->pool, attn_range, &j, n, 1);
+}
+
+static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to,
+                        uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot,
+                        float base, const float *freq_factors) {
+    (void)be;
+    /* the rotation by -delta: the same angles as RoPE at position delta, negated */
+    float theta_scale = powf(base, -2.0f / (float)n_rot);
+    float cs[512], sn[512];
+    float theta = (float)delta;
+    for (uint32_t i = 0; i < n_rot / 2 && i < 512; i++) {
+        float th = freq_factors ? theta / freq_factors[i] : theta;
+        cs[i] = cosf(th);
+        sn[i] = -sinf(th);
+        theta *= theta_scale;
+    }
+    for (uint32_t l = 0; l < seq->pool->n_layer; l++)
+        for (uint32_t p = from; p < to; p++) {
+            float *k = kv_seq_k(seq, l, p);
+            for (uint32_t h = 0; h < n_head_kv; h++) {
+                float *v = k + (size_t)h * head_dim;
+                for (uint32_t i = 0; i < n_rot; i += 2) {
+                    float a = v[i], b = v[i + 1];
+                    v[i] = a * cs[i / 2] - b * sn[i / 2];
+                    v[i + 1] = a * sn[i / 2] + b * cs[i / 2];
+                }
+            }
+        }
 }
 
 static void cpu_swiglu(eng_backend_t *be, float *g, const float *u, size_t n) {
@@ -253,8 +424,17 @@ static void cpu_get_rows(eng_backend_t *be, const eng_tensor_t *w, const int32_t
     for (uint32_t t = 0; t < T; t++) row_to_f32(w, (uint32_t)ids[t], out + (size_t)t * w->cols);
 }
 
-static int cpu_reserve(eng_backend_t *be, size_t max_cols, uint32_t block_size, uint32_t max_seqs) {
+static int cpu_reserve(eng_backend_t *be, size_t max_cols, uint32_t block_size, uint32_t max_seqs,
+                       uint32_t n_ctx) {
     cpu_ctx_t *c = ctx_of(be);
+    if (n_ctx > c->n_ctx) {
+        for (int i = 0; i < c->n_threads; i++) {
+            float *b = realloc(c->big[i], sizeof(float) * 3 * (size_t)n_ctx);
+            if (!b) return ENG_ENOMEM;
+            c->big[i] = b;
+        }
+        c->n_ctx = n_ctx;
+    }
     size_t need = 4 * max_cols > block_size ? 4 * max_cols : block_size;
     if (ensure_scratch(c, need) != 0) return ENG_ENOMEM;
     if (max_seqs > c->task0_len) {
@@ -273,6 +453,8 @@ static void cpu_destroy(eng_backend_t *be) {
         pool_destroy(c->pool);
         for (int i = 0; c->scratch && i < c->n_threads; i++) free(c->scratch[i]);
         free(c->scratch);
+        for (int i = 0; c->big && i < c->n_threads; i++) free(c->big[i]);
+        free(c->big);
         free(c->task0);
         free(c);
     }
@@ -285,6 +467,7 @@ static const eng_backend_ops_t cpu_ops = {
     .matmul = cpu_matmul,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
+    .k_shift = cpu_k_shift,
     .attention = cpu_attention,
     .swiglu = cpu_swiglu,
     .add = cpu_add,
@@ -322,8 +505,9 @@ int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg) {
     be->ctx = c;
     c->n_threads = n_threads;
     c->scratch = calloc((size_t)n_threads, sizeof(float *));
+    c->big = calloc((size_t)n_threads, sizeof(float *));
     c->pool = pool_create(n_threads);
-    if (!c->scratch || !c->pool) goto oom;
+    if (!c->scratch || !c->big || !c->pool) goto oom;
     *out = be;
     return 0;
 oom:

@@ -97,3 +97,30 @@ void ref_attention(const eng_attn_shape_t *sh, const float *q, const float *k, c
 void ref_swiglu(float *g, const float *u, size_t n) {
     for (size_t i = 0; i < n; i++) g[i] = (float)(g[i] / (1.0 + exp(-(double)g[i])) * u[i]);
 }
+
+void ref_attention_subset(const eng_attn_shape_t *sh, uint32_t h, const float *q, const float *k,
+                          const float *v, const uint32_t *pos, uint32_t n, uint32_t n_sinks,
+                          float *out, double *entropy_bits, double *sink_mass, double *probs) {
+    uint32_t hd = sh->head_dim, kvd = sh->n_head_kv * hd, kvh = h / (sh->n_head / sh->n_head_kv);
+    double *s = malloc(sizeof(double) * n), mx = -INFINITY, z = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        double d = 0;
+        for (uint32_t x = 0; x < hd; x++)
+            d += (double)q[x] * k[(size_t)pos[i] * kvd + kvh * hd + x];
+        s[i] = d * sh->scale;
+        mx = s[i] > mx ? s[i] : mx;
+    }
+    for (uint32_t i = 0; i < n; i++) z += s[i] = exp(s[i] - mx);
+    *entropy_bits = 0;
+    *sink_mass = 0;
+    for (uint32_t x = 0; x < hd; x++) out[x] = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        double p = s[i] / z;
+        if (probs) probs[i] = p;
+        if (p > 0) *entropy_bits -= p * log2(p);
+        if (pos[i] < n_sinks) *sink_mass += p;
+        for (uint32_t x = 0; x < hd; x++)
+            out[x] += (float)(p * v[(size_t)pos[i] * kvd + kvh * hd + x]);
+    }
+    free(s);
+}

@@ -15,4 +15,9 @@ void ref_attention(const eng_attn_shape_t *sh, const float *q, const float *k, c
                    uint32_t pos, float *out);
 void ref_swiglu(float *g, const float *u, size_t n);
 
+/* one head h attending to the listed positions of contiguous k/v; also the entropy (bits,
+ * explicit -sum p log2 p), the mass on positions < n_sinks, and the probabilities */
+void ref_attention_subset(const eng_attn_shape_t *sh, uint32_t h, const float *q, const float *k,
+                          const float *v, const uint32_t *pos, uint32_t n, uint32_t n_sinks,
+                          float *out, double *entropy_bits, double *sink_mass, double *probs);
 #endif

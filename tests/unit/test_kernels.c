@@ -18,7 +18,7 @@ static eng_backend_t *make_backend(int threads) {
     eng_backend_t *be = NULL;
     char msg[ENG_ERRMSG_LEN];
     cr_assert_eq(eng_cpu_backend_create(&be, threads, msg), 0, "%s", msg);
-    cr_assert_eq(be->ops->reserve(be, 4096, 16, 64), 0);
+    cr_assert_eq(be->ops->reserve(be, 4096, 16, 64, 4096), 0);
     return be;
 }
 

@@ -1,0 +1,304 @@
+/* test_attention.c - TidalDecode selection and sparse attention, the fused entropy and sink
+ * mass, and sink-aware eviction with its K-shift, each against a plain reference. */
+#define _GNU_SOURCE /* qsort_r */
+#include "../../engine/backend.h"
+#include "../../engine/engine.h"
+#include "helpers.h"
+#include "ref_ops.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { NH = 8, NKV = 2, HD = 16, KVD = NKV * HD, N = 70, LAYERS = 3 };
+
+static uint32_t all_pos[N]; /* 0..N-1 */
+
+typedef struct {
+    kv_pool_t pool;
+    kv_seq_t seq;
+    float k[LAYERS][N * KVD], v[LAYERS][N * KVD];
+    float q[NH * HD];
+    eng_backend_t *be;
+    eng_attn_shape_t sh;
+} fx_t;
+
+static void fx_open(fx_t *f, uint32_t n, uint64_t seed) {
+    char msg[ENG_ERRMSG_LEN];
+    for (uint32_t p = 0; p < N; p++) all_pos[p] = p;
+    cr_assert_eq(kv_pool_init(&f->pool, LAYERS, KVD, 4, 64, msg), 0);
+    kv_seq_init(&f->seq, &f->pool);
+    cr_assert_eq(kv_seq_reserve(&f->seq, n), 0);
+    f->seq.n_tokens = n;
+    f->seq.n_sinks = 4;
+    uint64_t r = seed;
+    for (uint32_t l = 0; l < LAYERS; l++)
+        for (uint32_t p = 0; p < n; p++)
+            for (uint32_t i = 0; i < KVD; i++) {
+                f->k[l][p * KVD + i] = kv_seq_k(&f->seq, l, p)[i] = frand(&r) * 2;
+                f->v[l][p * KVD + i] = kv_seq_v(&f->seq, l, p)[i] = frand(&r);
+            }
+    for (int i = 0; i < NH * HD; i++) f->q[i] = frand(&r) * 2;
+    cr_assert_eq(eng_cpu_backend_create(&f->be, 2, msg), 0);
+    cr_assert_eq(f->be->ops->reserve(f->be, 4096, 4, 4, 4096), 0);
+    f->sh = (eng_attn_shape_t){NH, NKV, HD, 1.0f / sqrtf(HD)};
+}
+
+static void fx_close(fx_t *f) {
+    kv_seq_close(&f->seq);
+    kv_pool_close(&f->pool);
+    f->be->ops->destroy(f->be);
+}
+
+typedef struct {
+    uint32_t sel[NH * 64], n_sel[NH], n_att[NH];
+    float ent[NH], sink[NH], out[NH * HD];
+} run_t;
+
+static void run(fx_t *f, uint32_t layer, eng_att_kind_t kind, uint32_t budget, bool force,
+                bool group, run_t *r) {
+    eng_attn_seq_t s = {.seq = &f->seq,
+                        .q_start = 0,
+                        .n_q = 1,
+                        .pos0 = f->seq.n_tokens - 1,
+                        .kind = kind,
+                        .budget = budget,
+                        .force_sinks = force,
+                        .per_group = group,
+                        .n_sinks = f->seq.n_sinks,
+                        .sel = r->sel,
+                        .n_sel = r->n_sel,
+                        .entropy = r->ent,
+                        .sink_mass = r->sink,
+                        .n_att = r->n_att};
+    f->be->ops->attention(f->be, &f->sh, layer, f->q, &s, 1, r->out);
+}
+
+static int cmp_desc_d(const void *a, const void *b, void *ctx) {
+    const double *s = ctx;
+    double x = s[*(const uint32_t *)a], y = s[*(const uint32_t *)b];
+    return (x < y) - (x > y);
+}
+
+/* Brute force: the current token, forced sinks, then the best others by score; ascending. */
+static uint32_t brute_select(const double *score, uint32_t n, uint32_t K, uint32_t sinks,
+                             bool force, uint32_t *out) {
+    if (n <= K) {
+        for (uint32_t p = 0; p < n; p++) out[p] = p;
+        return n;
+    }
+    uint32_t m = 0, first = force ? (sinks < K - 1 ? sinks : K - 1) : 0;
+    for (uint32_t p = 0; p < first; p++) out[m++] = p;
+    uint32_t idx[N];
+    uint32_t nc = 0;
+    for (uint32_t p = first; p + 1 < n; p++) idx[nc++] = p;
+    qsort_r(idx, nc, sizeof(uint32_t), cmp_desc_d, (void *)score);
+    for (uint32_t i = 0; i < K - 1 - first; i++) out[m++] = idx[i];
+    out[m++] = n - 1;
+    for (uint32_t i = 1; i < m; i++) /* insertion sort ascending */
+        for (uint32_t j = i; j > 0 && out[j - 1] > out[j]; j--) {
+            uint32_t t = out[j];
+            out[j] = out[j - 1];
+            out[j - 1] = t;
+        }
+    return m;
+}
+
+Test(attention, test_dense_entropy_and_sink_mass_match_explicit_sums) {
+    fx_t f;
+    fx_open(&f, N, 5);
+    run_t r;
+    run(&f, 1, ENG_ATT_DENSE, 0, false, false, &r);
+    for (uint32_t h = 0; h < NH; h++) {
+        float ref[HD];
+        double ent, sink;
+        ref_attention_subset(&f.sh, h, f.q + h * HD, f.k[1], f.v[1], all_pos, N, 4, ref, &ent,
+                             &sink, NULL);
+        for (int x = 0; x < HD; x++) cr_expect(fabsf(r.out[h * HD + x] - ref[x]) < 1e-5f);
+        cr_expect(fabs(r.ent[h] - ent) < 1e-4, "head %u entropy %g, explicit %g", h, r.ent[h], ent);
+        cr_expect(fabs(r.sink[h] - sink) < 1e-5, "head %u sink mass %g, explicit %g", h, r.sink[h],
+                  sink);
+        cr_expect_eq(r.n_att[h], N);
+    }
+    fx_close(&f);
+}
+
+static void check_selection(bool force, bool group) {
+    fx_t f;
+    fx_open(&f, N, 7 + force + 2 * group);
+    const uint32_t K = 16;
+    run_t r;
+    run(&f, 0, ENG_ATT_SELECT, K, force, group, &r);
+    /* selection layers attend densely */
+    run_t d;
+    run(&f, 0, ENG_ATT_DENSE, 0, false, false, &d);
+    cr_expect(memcmp(r.out, d.out, sizeof(r.out)) == 0, "a selection layer must attend densely");
+    for (uint32_t h = 0; h < NH; h++) {
+        double score[N], probs[N], gsum[N] = {0};
+        uint32_t group_sz = NH / NKV, g = h / group_sz;
+        for (uint32_t hh = group ? g * group_sz : h; hh < (group ? (g + 1) * group_sz : h + 1);
+             hh++) {
+            float o[HD];
+            double e, s;
+            ref_attention_subset(&f.sh, hh, f.q + hh * HD, f.k[0], f.v[0], all_pos, N, 4, o, &e, &s,
+                                 probs);
+            for (uint32_t p = 0; p < N; p++) gsum[p] += probs[p];
+        }
+        for (uint32_t p = 0; p < N; p++) score[p] = gsum[p];
+        uint32_t want[64];
+        uint32_t m = brute_select(score, N, K, 4, force, want);
+        cr_assert_eq(r.n_sel[h], m, "head %u selected %u, want %u", h, r.n_sel[h], m);
+        for (uint32_t i = 0; i < m; i++)
+            cr_expect_eq(r.sel[h * K + i], want[i], "head %u slot %u: %u, want %u", h, i,
+                         r.sel[h * K + i], want[i]);
+    }
+    /* a sparse layer attends to exactly the selected positions */
+    run_t sp;
+    memcpy(sp.sel, r.sel, sizeof(r.sel));
+    memcpy(sp.n_sel, r.n_sel, sizeof(r.n_sel));
+    run(&f, 2, ENG_ATT_SPARSE, K, force, group, &sp);
+    for (uint32_t h = 0; h < NH; h++) {
+        float ref[HD];
+        double ent, sink;
+        ref_attention_subset(&f.sh, h, f.q + h * HD, f.k[2], f.v[2], r.sel + h * K, r.n_sel[h], 4,
+                             ref, &ent, &sink, NULL);
+        for (int x = 0; x < HD; x++)
+            cr_expect(fabsf(sp.out[h * HD + x] - ref[x]) < 1e-5f, "head %u", h);
+        cr_expect(fabs(sp.ent[h] - ent) < 1e-4, "sparse head %u entropy %g, explicit %g", h,
+                  sp.ent[h], ent);
+        cr_expect(fabs(sp.sink[h] - sink) < 1e-5);
+        cr_expect_eq(sp.n_att[h], K);
+    }
+    fx_close(&f);
+}
+
+Test(attention, test_selection_keeps_top_k_per_head_and_sparse_layers_use_it) {
+    check_selection(false, false);
+}
+Test(attention, test_forced_sinks_are_always_selected) {
+    check_selection(true, false);
+}
+Test(attention, test_per_group_selection_sums_the_group_probabilities) {
+    check_selection(false, true);
+}
+
+Test(attention, test_tidal_is_exactly_full_when_the_cache_fits_the_budget) {
+    fx_t f;
+    fx_open(&f, 37, 11);
+    run_t sel, sp, dense;
+    run(&f, 0, ENG_ATT_SELECT, 64, false, false, &sel);
+    memcpy(sp.sel, sel.sel, sizeof(sel.sel));
+    memcpy(sp.n_sel, sel.n_sel, sizeof(sel.n_sel));
+    run(&f, 2, ENG_ATT_SPARSE, 64, false, false, &sp);
+    run(&f, 2, ENG_ATT_DENSE, 0, false, false, &dense);
+    cr_expect(memcmp(sp.out, dense.out, sizeof(sp.out)) == 0,
+              "not bit-identical to full attention");
+    cr_expect(memcmp(sp.ent, dense.ent, sizeof(sp.ent)) == 0);
+    fx_close(&f);
+}
+
+/* The model-level statement: with a budget covering the context, tidal decoding produces the
+ * same logits as full attention, token after token. */
+Test(attention, test_tidal_decode_equals_full_within_budget_on_a_model) {
+    const char *path = have_stories() ? STORIES_PATH : synth_path("tiny-f32");
+    eng_model_t *m;
+    eng_ctx_t *c;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_model_load(&m, path, msg), 0, "%s", msg);
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.n_ctx = 256;
+    p.max_seqs = 2;
+    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0);
+    const eng_hparams_t *hp = eng_model_hparams(m);
+    eng_attn_params_t tidal = {ENG_ATTN_TIDAL, 64};
+    eng_attn_defaults(hp, &tidal);
+    kv_seq_t a, b;
+    kv_seq_init(&a, eng_ctx_kv_pool(c));
+    kv_seq_init(&b, eng_ctx_kv_pool(c));
+    float *la = malloc(sizeof(float) * hp->n_vocab), *lb = malloc(sizeof(float) * hp->n_vocab);
+    int32_t prompt[5] = {1, 403 % hp->n_vocab, 407 % hp->n_vocab, 261, 378};
+    eng_batch_item_t ia = {&a, prompt, 5, la}, ib = {&b, prompt, 5, lb};
+    cr_assert_eq(eng_forward(c, &ia, 1, msg), 0);
+    cr_assert_eq(eng_forward(c, &ib, 1, msg), 0);
+    for (int step = 0; step < 40; step++) {
+        int32_t t = 0;
+        for (uint32_t i = 1; i < hp->n_vocab; i++) t = la[i] > la[t] ? (int32_t)i : t;
+        eng_batch_item_t items[2] = {{&a, &t, 1, la}, {&b, &t, 1, lb, false, &tidal}};
+        cr_assert_eq(eng_forward(c, items, 2, msg), 0, "%s", msg);
+        cr_assert(memcmp(la, lb, sizeof(float) * hp->n_vocab) == 0, "step %d differs", step);
+    }
+    /* past the budget it is sparse: different logits, same shape */
+    eng_attn_params_t small = tidal;
+    small.token_budget = 8;
+    int32_t t = 5;
+    eng_batch_item_t items[2] = {{&a, &t, 1, la}, {&b, &t, 1, lb, false, &small}};
+    cr_assert_eq(eng_forward(c, items, 2, msg), 0);
+    cr_expect(memcmp(la, lb, sizeof(float) * hp->n_vocab) != 0);
+    kv_seq_close(&a);
+    kv_seq_close(&b);
+    free(la), free(lb);
+    eng_ctx_free(c);
+    eng_model_free(m);
+}
+
+/* Eviction with the K-shift against the same cache built from scratch at the new positions. */
+Test(attention, test_eviction_keeps_sinks_and_k_shift_equals_rope_at_new_positions) {
+    eng_model_t *m;
+    eng_ctx_t *c;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_model_load(&m, synth_path("tiny-f32"), msg), 0, "%s", msg);
+    const eng_hparams_t *hp = eng_model_hparams(m);
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.block_size = 4;
+    p.n_ctx = 64;
+    p.max_seqs = 1;
+    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0);
+    kv_pool_t *pool = eng_ctx_kv_pool(c);
+    uint32_t kvd = hp->n_head_kv * hp->head_dim, n = 50, free0 = pool->n_free;
+    kv_seq_t s;
+    kv_seq_init(&s, pool);
+    s.n_sinks = 6; /* two sink blocks of 4 */
+    cr_assert_eq(kv_seq_reserve(&s, n), 0);
+    s.n_tokens = n;
+    float *pre = malloc(sizeof(float) * n * kvd * hp->n_layer),
+          *vv = malloc(sizeof(float) * n * kvd * hp->n_layer);
+    uint64_t r = 3;
+    for (uint32_t i = 0; i < n * kvd * hp->n_layer; i++) pre[i] = frand(&r), vv[i] = frand(&r);
+    /* keys stored rotated at their positions, as the forward pass stores them */
+    for (uint32_t l = 0; l < hp->n_layer; l++)
+        for (uint32_t q = 0; q < n; q++) {
+            float *k = kv_seq_k(&s, l, q);
+            memcpy(k, pre + ((size_t)l * n + q) * kvd, sizeof(float) * kvd);
+            ref_rope(k, &q, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, NULL);
+            memcpy(kv_seq_v(&s, l, q), vv + ((size_t)l * n + q) * kvd, sizeof(float) * kvd);
+        }
+    uint32_t gone = eng_seq_evict(c, &s, 10); /* 10 tokens: 3 blocks of 4 */
+    cr_expect_eq(gone, 12);
+    cr_expect_eq(s.n_tokens, n - 12);
+    cr_expect_eq(pool->n_free, free0 - (n + 3) / 4 + 3);
+    cr_expect_eq(s.n_evicted, 12);
+    for (uint32_t l = 0; l < hp->n_layer; l++)
+        for (uint32_t q = 0; q < s.n_tokens; q++) {
+            uint32_t orig = q < 8 ? q : q + 12; /* sink blocks keep their positions */
+            float want[256];
+            memcpy(want, pre + ((size_t)l * n + orig) * kvd, sizeof(float) * kvd);
+            ref_rope(want, &q, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, NULL);
+            const float *k = kv_seq_k(&s, l, q), *v = kv_seq_v(&s, l, q);
+            for (uint32_t i = 0; i < kvd; i++) {
+                cr_assert(fabsf(k[i] - want[i]) < 2e-4f,
+                          "layer %u pos %u (was %u) dim %u: %g vs %g", l, q, orig, i, k[i],
+                          want[i]);
+                cr_assert_eq(v[i], vv[((size_t)l * n + orig) * kvd + i]);
+            }
+        }
+    /* nothing is evicted from a cache holding only sink blocks */
+    s.n_tokens = 8;
+    cr_expect_eq(eng_seq_evict(c, &s, 4), 0);
+    free(pre), free(vv);
+    kv_seq_close(&s);
+    eng_ctx_free(c);
+    eng_model_free(m);
+}
