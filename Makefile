@@ -21,7 +21,7 @@ ENGINE_SRC := engine/err.c engine/gguf.c engine/model.c engine/tokenizer.c engin
 LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c
 API_SRC    := api/request.c api/response.c api/chat.c api/metrics.c
 SERVER_SRC := server/server.c server/http.c server/log.c $(API_SRC)
-MAIN_SRC   := server/main.c
+MAIN_SRC   := server/main.c server/perplexity.c
 TOOL_SRC   := tools/gguf_writer.c tools/synth_model.c
 TEST_SRC   := $(wildcard tests/unit/*.c)
 

@@ -40,12 +40,16 @@ typedef struct {
     uint32_t n_ctx;
     uint32_t default_max_tokens;
     double request_timeout_s;
+    eng_attn_params_t attn; /* server defaults for "attention" */
+    uint32_t sinks;         /* attention-sink tokens */
+    bool evict;             /* requests may run past their window (sink-aware eviction) */
 } api_ctx_t;
 
 typedef struct {
     api_kind_t kind;
     bool stream, include_usage, echo;
     bool entropy;         /* telemetry.entropy */
+    bool per_head;        /* telemetry.per_head */
     int logprobs;         /* -1 off; else alternatives wanted (0..5) */
     char *prompt_text;    /* for echo (completions with a string prompt) */
     eng_req_params_t eng; /* ownership moves into the engine request */
@@ -121,6 +125,12 @@ typedef enum {
 } api_hist_id_t;
 
 void api_metrics_init(double start_time_unix);
+/* Size the per-layer attention histograms (once the model is known). */
+void api_metrics_layers(uint32_t n_layer);
+/* Per-layer attention entropy and sink mass of one token. */
+void api_metrics_attention(const eng_attn_stats_t *a);
+/* A layer's normalised entropy stayed under the collapse threshold for the configured run. */
+void api_metrics_collapse(uint32_t layer);
 void api_metrics_observe(api_hist_id_t h, double v);
 void api_metrics_finished(const char *finish_reason);
 void api_metrics_rejected(const char *reason);

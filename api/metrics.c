@@ -73,6 +73,45 @@ static const char *reject_reasons[] = {"queue_full",  "invalid_request", "unauth
 #define N_REJECT (sizeof(reject_reasons) / sizeof(reject_reasons[0]))
 static uint64_t rejected[N_REJECT];
 static double start_time;
+/* per-layer attention histograms, and the entropy-collapse counter */
+static const double att_le[] = {0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16};
+static const double sink_le[] = {0.01, 0.05, 0.1, 0.2, 0.3,  0.4, 0.5,
+                                 0.6,  0.7,  0.8, 0.9, 0.95, 0.99};
+#define N_ATT_LE (sizeof(att_le) / sizeof(att_le[0]))
+#define N_SINK_LE (sizeof(sink_le) / sizeof(sink_le[0]))
+typedef struct {
+    uint64_t att[N_ATT_LE + 1], sink[N_SINK_LE + 1], n, collapses;
+    double att_sum, sink_sum;
+} layer_hist_t;
+static layer_hist_t *layers;
+static uint32_t n_layers;
+
+void api_metrics_layers(uint32_t n) {
+    free(layers);
+    layers = calloc(n, sizeof(layer_hist_t));
+    n_layers = layers ? n : 0;
+}
+
+static void bucket(uint64_t *count, const double *le, size_t n_le, double v) {
+    size_t i = 0;
+    while (i < n_le && v > le[i]) i++;
+    count[i]++;
+}
+
+void api_metrics_attention(const eng_attn_stats_t *a) {
+    for (uint32_t l = 0; l < a->n_layer && l < n_layers; l++) {
+        layer_hist_t *h = &layers[l];
+        bucket(h->att, att_le, N_ATT_LE, a->entropy_bits[l]);
+        bucket(h->sink, sink_le, N_SINK_LE, a->sink_mass[l]);
+        h->att_sum += a->entropy_bits[l];
+        h->sink_sum += a->sink_mass[l];
+        h->n++;
+    }
+}
+
+void api_metrics_collapse(uint32_t layer) {
+    if (layer < n_layers) layers[layer].collapses++;
+}
 
 void api_metrics_init(double start_time_unix) {
     start_time = start_time_unix;
@@ -200,6 +239,42 @@ char *api_metrics_render(const eng_sched_stats_t *st) {
     static const double batch_le[7] = {1, 2, 4, 8, 16, 32, 64};
     emit_hist(&o, "tidald_batch_size", "Sequences in each engine step.", batch_le, 7,
               st->batch_hist, (double)st->batch_sum, st->batch_count);
+    emit(&o,
+         "# HELP tidald_kv_evicted_tokens_total Tokens evicted from KV caches (sink-aware).\n"
+         "# TYPE tidald_kv_evicted_tokens_total counter\ntidald_kv_evicted_tokens_total %llu\n",
+         (unsigned long long)st->evicted_tokens);
+    emit(&o,
+         "# HELP tidald_preemptions_total Requests preempted and requeued under KV memory "
+         "pressure.\n# TYPE tidald_preemptions_total counter\ntidald_preemptions_total %llu\n",
+         (unsigned long long)st->preemptions);
+    const char *names[2] = {"tidald_attention_entropy_bits", "tidald_sink_mass"};
+    const char *helps[2] = {"Head-mean attention entropy of each generated token, by layer.",
+                            "Head-mean attention mass on the sink tokens, by layer."};
+    for (int k = 0; k < 2; k++) {
+        emit(&o, "# HELP %s %s\n# TYPE %s histogram\n", names[k], helps[k], names[k]);
+        const double *le = k ? sink_le : att_le;
+        size_t n_le = k ? N_SINK_LE : N_ATT_LE;
+        for (uint32_t l = 0; l < n_layers; l++) {
+            const uint64_t *cnt = k ? layers[l].sink : layers[l].att;
+            uint64_t cum = 0;
+            for (size_t i = 0; i < n_le; i++) {
+                cum += cnt[i];
+                emit(&o, "%s_bucket{layer=\"%u\",le=\"%g\"} %llu\n", names[k], l, le[i],
+                     (unsigned long long)cum);
+            }
+            emit(&o, "%s_bucket{layer=\"%u\",le=\"+Inf\"} %llu\n", names[k], l,
+                 (unsigned long long)layers[l].n);
+            emit(&o, "%s_sum{layer=\"%u\"} %.9g\n%s_count{layer=\"%u\"} %llu\n", names[k], l,
+                 k ? layers[l].sink_sum : layers[l].att_sum, names[k], l,
+                 (unsigned long long)layers[l].n);
+        }
+    }
+    emit(&o, "# HELP tidald_entropy_collapse_total Runs of tokens whose normalised attention "
+             "entropy stayed under the collapse threshold, by layer.\n"
+             "# TYPE tidald_entropy_collapse_total counter\n");
+    for (uint32_t l = 0; l < n_layers; l++)
+        emit(&o, "tidald_entropy_collapse_total{layer=\"%u\"} %llu\n", l,
+             (unsigned long long)layers[l].collapses);
     double rss;
     int fds;
     process_facts(&rss, &fds);

@@ -89,6 +89,58 @@ static int parse_stop(const cJSON *root, eng_req_params_t *p, api_error_t *e) {
     return 0;
 }
 
+/* "attention": {"mode", "token_budget", "selection_layers", "force_sinks", "per_group"} over the
+ * server's defaults. */
+static int parse_attention(const api_ctx_t *ctx, const cJSON *root, eng_attn_params_t *a,
+                           api_error_t *e) {
+    *a = ctx->attn;
+    const cJSON *o = cJSON_GetObjectItemCaseSensitive(root, "attention");
+    if (!o || cJSON_IsNull(o)) return 0;
+    if (!cJSON_IsObject(o)) return BAD(e, "attention", "'attention' must be an object");
+    const cJSON *mode = cJSON_GetObjectItemCaseSensitive(o, "mode");
+    if (mode && !cJSON_IsNull(mode)) {
+        if (!cJSON_IsString(mode) ||
+            (strcmp(mode->valuestring, "full") && strcmp(mode->valuestring, "tidal")))
+            return BAD(e, "attention.mode", "'attention.mode' must be \"full\" or \"tidal\"");
+        a->mode = strcmp(mode->valuestring, "tidal") == 0 ? ENG_ATTN_TIDAL : ENG_ATTN_FULL;
+    }
+    double d;
+    bool present;
+    if (num_field(o, "token_budget", 1, 1 << 24, true, &d, &present, e)) {
+        snprintf(e->param, sizeof(e->param), "attention.token_budget");
+        return -1;
+    }
+    if (present) a->token_budget = (uint32_t)d;
+    if (bool_field(o, "force_sinks", &a->force_sinks, e) ||
+        bool_field(o, "per_group", &a->per_group, e)) {
+        char p[80];
+        snprintf(p, sizeof(p), "attention.%.40s", e->param);
+        snprintf(e->param, sizeof(e->param), "%.63s", p);
+        return -1;
+    }
+    const cJSON *sl = cJSON_GetObjectItemCaseSensitive(o, "selection_layers");
+    if (sl && !cJSON_IsNull(sl)) {
+        int n = cJSON_IsArray(sl) ? cJSON_GetArraySize(sl) : -1;
+        if (n < 1 || n > ENG_MAX_SEL_LAYERS)
+            return BAD(e, "attention.selection_layers",
+                       "'attention.selection_layers' must be a list of 1 to %d layer numbers",
+                       ENG_MAX_SEL_LAYERS);
+        a->n_sel_layers = 0;
+        for (int i = 0; i < n; i++) {
+            const cJSON *v = cJSON_GetArrayItem(sl, i);
+            if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) ||
+                v->valuedouble < 0 || v->valuedouble > 4096)
+                return BAD(e, "attention.selection_layers",
+                           "'attention.selection_layers' entries must be layer numbers");
+            a->sel_layers[a->n_sel_layers++] = (uint32_t)v->valuedouble;
+        }
+    }
+    char msg[ENG_ERRMSG_LEN];
+    if (eng_attn_check(eng_model_hparams(ctx->model), a, msg))
+        return BAD(e, "attention", "%s", msg);
+    return 0;
+}
+
 static uint64_t fresh_seed(void) {
     static uint64_t counter;
     struct timespec ts;
@@ -321,23 +373,39 @@ int api_parse_request(const api_ctx_t *ctx, api_kind_t kind, const char *body, s
             goto done;
         }
         if (bool_field(tel, "entropy", &r->entropy, e)) goto done;
+        if (bool_field(tel, "per_head", &r->per_head, e)) goto done;
+    }
+    if (parse_attention(ctx, root, &r->eng.attn, e)) goto done;
+    uint32_t window = ctx->n_ctx;
+    if (num_field(root, "ctx_size", 1, 1 << 24, true, &d, &present, e)) goto done;
+    if (present) {
+        if (d > ctx->n_ctx) {
+            BAD(e, "ctx_size", "'ctx_size' may be at most the server's context of %u", ctx->n_ctx);
+            goto done;
+        }
+        window = (uint32_t)d;
     }
     if (prompt_tokens(ctx, root, r, e)) goto done;
     if (r->eng.n_prompt == 0) {
         BAD(e, kind == API_CHAT ? "messages" : "prompt", "the prompt has no tokens");
         goto done;
     }
-    uint64_t need = (uint64_t)r->eng.n_prompt + (max_given ? r->eng.max_tokens : 1);
-    if (need > ctx->n_ctx) {
-        api_fail(e, 400, "invalid_request_error", max_given ? mt_name : "prompt",
+    /* with eviction the generation may run past the window; the prompt must still fit it */
+    uint64_t need = (uint64_t)r->eng.n_prompt + (max_given && !ctx->evict ? r->eng.max_tokens : 1);
+    if (need > window) {
+        api_fail(e, 400, "invalid_request_error", max_given && !ctx->evict ? mt_name : "prompt",
                  "context_length_exceeded",
                  "this model's context is %u tokens; the request has %u prompt tokens and asks for "
                  "%u more",
-                 ctx->n_ctx, r->eng.n_prompt, max_given ? r->eng.max_tokens : 1);
+                 window, r->eng.n_prompt, max_given && !ctx->evict ? r->eng.max_tokens : 1);
         goto done;
     }
-    if (!max_given && r->eng.n_prompt + r->eng.max_tokens > ctx->n_ctx)
-        r->eng.max_tokens = ctx->n_ctx - r->eng.n_prompt;
+    if (!max_given && !ctx->evict && r->eng.n_prompt + r->eng.max_tokens > window)
+        r->eng.max_tokens = window - r->eng.n_prompt;
+    r->eng.window = window;
+    r->eng.evict = ctx->evict;
+    r->eng.sinks = ctx->sinks;
+    r->eng.per_head = r->per_head;
     r->eng.logprobs = r->logprobs;
     r->eng.entropy = r->entropy;
     /* deadline: the request's own timeout_s, capped by the server's request_timeout_s */

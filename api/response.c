@@ -100,6 +100,38 @@ static char *print(cJSON *o) {
     return s;
 }
 
+static cJSON *float_array(const float *v, uint32_t n) {
+    cJSON *a = cJSON_CreateArray();
+    for (uint32_t i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(v[i]));
+    return a;
+}
+
+/* The per-token telemetry object: the sampling entropy, and per layer the attention entropy
+ * (bits and normalised), the sink mass and which layers were sparse. */
+static cJSON *telemetry(const eng_event_t *ev) {
+    cJSON *t = cJSON_CreateObject();
+    cJSON_AddNumberToObject(t, "token_entropy_bits", ev->entropy_bits);
+    const eng_attn_stats_t *a = ev->attn;
+    if (!a) return t;
+    cJSON_AddItemToObject(t, "attention_entropy_bits", float_array(a->entropy_bits, a->n_layer));
+    cJSON_AddItemToObject(t, "attention_entropy_norm", float_array(a->entropy_norm, a->n_layer));
+    cJSON_AddItemToObject(t, "sink_mass", float_array(a->sink_mass, a->n_layer));
+    cJSON *sp = cJSON_AddArrayToObject(t, "sparse_layers");
+    for (uint32_t l = 0; l < a->n_layer; l++)
+        if (a->sparse[l]) cJSON_AddItemToArray(sp, cJSON_CreateNumber(l));
+    if (a->head_entropy_bits) {
+        cJSON *he = cJSON_AddArrayToObject(t, "attention_entropy_bits_per_head");
+        cJSON *hs = cJSON_AddArrayToObject(t, "sink_mass_per_head");
+        for (uint32_t l = 0; l < a->n_layer; l++) {
+            cJSON_AddItemToArray(
+                he, float_array(a->head_entropy_bits + (size_t)l * a->n_head, a->n_head));
+            cJSON_AddItemToArray(hs,
+                                 float_array(a->head_sink_mass + (size_t)l * a->n_head, a->n_head));
+        }
+    }
+    return t;
+}
+
 char *api_stream_chunk(const api_resp_ctx_t *rc, const eng_event_t *ev, bool first) {
     cJSON *o = head(rc, true);
     cJSON *choices = cJSON_AddArrayToObject(o, "choices"), *c = cJSON_CreateObject();
@@ -138,10 +170,7 @@ char *api_stream_chunk(const api_resp_ctx_t *rc, const eng_event_t *ev, bool fir
         cJSON_AddStringToObject(c, "finish_reason", fr);
     else
         cJSON_AddNullToObject(c, "finish_reason");
-    if (rq->entropy && is_token) {
-        cJSON *t = cJSON_AddObjectToObject(o, "telemetry");
-        cJSON_AddNumberToObject(t, "token_entropy_bits", ev->entropy_bits);
-    }
+    if (rq->entropy && is_token) cJSON_AddItemToObject(o, "telemetry", telemetry(ev));
     return print(o);
 }
 
@@ -180,13 +209,14 @@ int api_acc_add(api_acc_t *a, const eng_event_t *ev) {
             a->tok = t;
             a->cap_tok = cap;
         }
-        a->tok[a->n_tok] = *ev;
+        a->tok[a->n_tok] = *ev; /* attention telemetry moves here: the caller drops it */
         a->tok[a->n_tok++].text = NULL;
     }
     return 0;
 }
 
 void api_acc_free(api_acc_t *a) {
+    for (size_t i = 0; i < a->n_tok; i++) free(a->tok[i].attn);
     free(a->text);
     free(a->tok);
     memset(a, 0, sizeof(*a));

@@ -40,7 +40,8 @@ typedef struct {
 #define OFF(f) offsetof(cfg_generate_t, f)
 static const flag_t gen_flags[] = {
     {"--model", F_STR, 0, 0, OFF(model), "PATH", "GGUF model file (required)"},
-    {"--prompt", F_STR, 0, 0, OFF(prompt), "TEXT", "prompt text (required)"},
+    {"--prompt", F_STR, 0, 0, OFF(prompt), "TEXT", "prompt text (generate: required)"},
+    {"--file", F_STR, 0, 0, OFF(file), "PATH", "text to evaluate (perplexity: required)"},
     {"--max-tokens", F_INT, 0, 1 << 24, OFF(max_tokens), "N", "tokens to generate (default 128)"},
     {"--temperature", F_FLOAT, 0, 100, OFF(temperature), "T",
      "sampling temperature; 0 decodes greedily (default 0.8)"},
@@ -63,19 +64,92 @@ static const flag_t gen_flags[] = {
      "context window, 0 = the model's (default 0)"},
     {"--batch-size", F_INT, 1, 65536, OFF(batch_size), "N",
      "prompt tokens per forward pass (default 512)"},
+    {"--sinks", F_INT, 0, 1 << 20, OFF(sinks), "S",
+     "attention-sink tokens eviction keeps (default 4)"},
+    {"--kv-block-size", F_INT, 1, 4096, OFF(block_size), "N",
+     "KV cache tokens per block: the eviction granularity (default 16)"},
+    {"--evict-chunk", F_INT, 0, 1 << 24, OFF(evict_chunk), "N",
+     "tokens evicted when the window fills, block-rounded (default window/8)"},
+    {"--no-eviction", F_BOOL, 0, 0, OFF(no_eviction), "",
+     "stop at a full window instead of evicting"},
+    {"--attention", F_STR, 0, 0, OFF(attention), "MODE",
+     "full or tidal (TidalDecode) (default full)"},
+    {"--token-budget", F_INT, 0, 1 << 24, OFF(token_budget), "K",
+     "TidalDecode positions per head, current token included (default 256)"},
+    {"--selection-layers", F_STR, 0, 0, OFF(selection_layers), "L,L",
+     "TidalDecode selection layers (default 2 and ~40% of depth)"},
+    {"--force-sinks", F_BOOL, 0, 0, OFF(force_sinks), "", "keep the sinks in every selection"},
+    {"--per-group", F_BOOL, 0, 0, OFF(per_group), "", "select once per KV-head group"},
     {"--verbose", F_BOOL, 0, 0, OFF(verbose), "", "print model and timing details to stderr"},
     {"--help", F_BOOL, 0, 0, OFF(help), "", "show this help"},
 };
 
-void cfg_generate_help(FILE *f) {
-    fprintf(f, "usage: tidald generate --model PATH --prompt TEXT [options]\n\n"
-               "Generate text from a prompt and stream it to stdout; diagnostics go to stderr.\n\n"
-               "options:\n");
+static void flags_help(FILE *f) {
     for (size_t i = 0; i < sizeof(gen_flags) / sizeof(gen_flags[0]); i++)
         fprintf(f, "  %-20s %-5s %s\n", gen_flags[i].flag, gen_flags[i].arg, gen_flags[i].help);
 }
 
+void cfg_generate_help(FILE *f) {
+    fprintf(f, "usage: tidald generate --model PATH --prompt TEXT [options]\n\n"
+               "Generate text from a prompt and stream it to stdout; diagnostics go to stderr.\n"
+               "When the context window fills, the oldest non-sink tokens are evicted and\n"
+               "generation goes on (StreamingLLM), unless --no-eviction.\n\noptions:\n");
+    flags_help(f);
+}
+
+void cfg_perplexity_help(FILE *f) {
+    fprintf(f, "usage: tidald perplexity --model PATH --file TEXT [options]\n\n"
+               "Run the text through the model with teacher forcing, one token at a time as a\n"
+               "streaming model sees it, evicting when the window (--ctx-size) fills. In tidal\n"
+               "mode every position is also run with full attention over the same cache, to\n"
+               "compare the next-token distributions. The last stdout line is a JSON object with\n"
+               "tokens, perplexity and, in tidal mode, top1_agreement_vs_full and\n"
+               "mean_kl_vs_full.\n\noptions (sampling flags are ignored):\n");
+    flags_help(f);
+}
+
+int cfg_parse_layers(const char *s, uint32_t *out, uint32_t max, uint32_t *n, char *msg) {
+    *n = 0;
+    while (s && *s) {
+        char *end;
+        errno = 0;
+        long v = strtol(s, &end, 10);
+        if (end == s || errno || v < 0 || v > 4096 || *n >= max || (*end && *end != ',')) {
+            snprintf(msg, CFG_ERRMSG_LEN,
+                     "selection layers '%s' must be up to %u comma-separated "
+                     "layer numbers",
+                     s, max);
+            return -1;
+        }
+        out[(*n)++] = (uint32_t)v;
+        s = *end ? end + 1 : end;
+    }
+    return 0;
+}
+
+static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg);
+
 int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
+    if (parse_eval_flags(c, argc, argv, msg)) return -1;
+    if (c->help) return 0;
+    if (!c->prompt) {
+        snprintf(msg, CFG_ERRMSG_LEN, "--prompt is required");
+        return -1;
+    }
+    return 0;
+}
+
+int cfg_perplexity_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
+    if (parse_eval_flags(c, argc, argv, msg)) return -1;
+    if (c->help) return 0;
+    if (!c->file) {
+        snprintf(msg, CFG_ERRMSG_LEN, "--file is required");
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg) {
     memset(c, 0, sizeof(*c));
     c->max_tokens = 128;
     c->temperature = 0.8f;
@@ -85,6 +159,10 @@ int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
     c->repeat_penalty = 1.0f;
     c->repeat_last_n = 64;
     c->batch_size = 512;
+    c->sinks = 4;
+    c->block_size = 16;
+    c->attention = "full";
+    c->token_budget = 256;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *val = NULL;
         size_t alen = strcspn(a, "=");
@@ -93,7 +171,7 @@ int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
             if (strlen(gen_flags[k].flag) == alen && strncmp(a, gen_flags[k].flag, alen) == 0)
                 f = &gen_flags[k];
         if (!f) {
-            snprintf(msg, CFG_ERRMSG_LEN, "unknown option '%s' (see tidald generate --help)", a);
+            snprintf(msg, CFG_ERRMSG_LEN, "unknown option '%s' (see --help)", a);
             return -1;
         }
         char *base = (char *)c + f->off;
@@ -150,10 +228,16 @@ int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
         snprintf(msg, CFG_ERRMSG_LEN, "--model is required");
         return -1;
     }
-    if (!c->prompt) {
-        snprintf(msg, CFG_ERRMSG_LEN, "--prompt is required");
+    if (strcmp(c->attention, "full") != 0 && strcmp(c->attention, "tidal") != 0) {
+        snprintf(msg, CFG_ERRMSG_LEN, "--attention: '%s' must be full or tidal", c->attention);
         return -1;
     }
+    if (c->token_budget < 1) {
+        snprintf(msg, CFG_ERRMSG_LEN, "--token-budget must be at least 1");
+        return -1;
+    }
+    uint32_t layers[16], n;
+    if (c->selection_layers && cfg_parse_layers(c->selection_layers, layers, 8, &n, msg)) return -1;
     return 0;
 }
 
@@ -212,6 +296,26 @@ static const opt_t opts[] = {
     {"auth_health", V_BOOL, COFF(auth_health), "false", 0, 0,
      "require a key for /health, /livez, /readyz and /metrics too"},
     {"log_level", V_STR, COFF(log_level), "info", 0, 0, "debug, info, warn or error"},
+    {"sinks", V_INT, COFF(sinks), "4", 0, 1 << 20, "attention-sink tokens eviction always keeps"},
+    {"kv_eviction", V_BOOL, COFF(kv_eviction), "false", 0, 0,
+     "let requests run past their context window with sink-aware eviction"},
+    {"kv_pressure", V_STR, COFF(kv_pressure), "preempt", 0, 0,
+     "when the KV pool runs out: preempt (requeue the newest request) or evict (drop middle "
+     "blocks of the longest sequence)"},
+    {"attention", V_STR, COFF(attention), "full", 0, 0,
+     "default attention for decoding: full or tidal (TidalDecode)"},
+    {"token_budget", V_INT, COFF(token_budget), "256", 1, 1 << 24,
+     "TidalDecode positions per head, the current token included"},
+    {"selection_layers", V_STR, COFF(selection_layers), "", 0, 0,
+     "TidalDecode selection layers, comma-separated; empty = 2 and ~40% of depth"},
+    {"force_sinks", V_BOOL, COFF(force_sinks), "false", 0, 0,
+     "TidalDecode: keep the sink tokens in every selection"},
+    {"per_group", V_BOOL, COFF(per_group), "false", 0, 0,
+     "TidalDecode: select once per KV-head group"},
+    {"entropy_collapse_threshold", V_NUM, COFF(entropy_collapse_threshold), "0.05", 0, 1,
+     "normalised attention entropy under which a layer counts as collapsed"},
+    {"entropy_collapse_tokens", V_INT, COFF(entropy_collapse_tokens), "32", 1, 1 << 20,
+     "consecutive collapsed tokens that fire the entropy-collapse counter"},
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
@@ -417,6 +521,16 @@ int cfg_load(cfg_t *c, int argc, char **argv, char **envp, char *msg) {
                  "\"model\" in the config file)");
         goto fail;
     }
+    if (strcmp(c->attention, "full") && strcmp(c->attention, "tidal")) {
+        snprintf(msg, CFG_ERRMSG_LEN, "attention: '%s' must be full or tidal", c->attention);
+        goto fail;
+    }
+    if (strcmp(c->kv_pressure, "evict") && strcmp(c->kv_pressure, "preempt")) {
+        snprintf(msg, CFG_ERRMSG_LEN, "kv_pressure: '%s' must be evict or preempt", c->kv_pressure);
+        goto fail;
+    }
+    uint32_t layers[8], nl;
+    if (cfg_parse_layers(c->selection_layers, layers, 8, &nl, msg)) goto fail;
     const char *levels[] = {"debug", "info", "warn", "error"};
     bool ok = false;
     for (int i = 0; i < 4; i++) ok |= strcmp(c->log_level, levels[i]) == 0;

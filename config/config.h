@@ -30,6 +30,17 @@ typedef struct {
     int32_t threads;
     int32_t ctx_size;
     int32_t batch_size;
+    /* streaming past the window and attention (shared with `perplexity`) */
+    const char *file;             /* perplexity: the text to evaluate */
+    int32_t sinks;                /* attention-sink tokens kept by eviction */
+    int32_t block_size;           /* KV cache tokens per block (eviction granularity) */
+    int32_t evict_chunk;          /* tokens evicted at a time, 0 = window/8 (block-rounded) */
+    bool no_eviction;             /* stop at a full window instead of evicting */
+    const char *attention;        /* full or tidal */
+    int32_t token_budget;         /* TidalDecode K, 0 = the default */
+    const char *selection_layers; /* comma-separated, empty = the default */
+    bool force_sinks;
+    bool per_group;
     bool verbose;
     bool help;
 } cfg_generate_t;
@@ -37,6 +48,11 @@ typedef struct {
 /* Parse `generate` flags (argv[0] is the subcommand name). Returns 0, or -1 with msg filled. */
 int cfg_generate_parse(cfg_generate_t *c, int argc, char **argv, char *msg);
 void cfg_generate_help(FILE *f);
+/* Parse `perplexity` flags: the same table, --file instead of --prompt. */
+int cfg_perplexity_parse(cfg_generate_t *c, int argc, char **argv, char *msg);
+void cfg_perplexity_help(FILE *f);
+/* "2,6" -> layers; -1 with msg on a bad list. */
+int cfg_parse_layers(const char *s, uint32_t *out, uint32_t max, uint32_t *n, char *msg);
 
 /* ---- serve: one struct, flag > TIDALD_* environment > JSON file (--config) > default ---- */
 
@@ -65,7 +81,18 @@ typedef struct {
     char *api_key_file; /* one key per line */
     bool auth_health;   /* require a key for /health, /livez, /readyz and /metrics too */
     char *log_level;    /* debug, info, warn, error */
-    char *config;       /* the JSON file these came from, if any */
+    /* attention: eviction and TidalDecode defaults, entropy-collapse detection */
+    int64_t sinks;
+    bool kv_eviction;
+    char *kv_pressure; /* evict or preempt */
+    char *attention;   /* full or tidal */
+    int64_t token_budget;
+    char *selection_layers;
+    bool force_sinks;
+    bool per_group;
+    double entropy_collapse_threshold;
+    int64_t entropy_collapse_tokens;
+    char *config; /* the JSON file these came from, if any */
     bool help;
 } cfg_t;
 

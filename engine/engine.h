@@ -145,6 +145,11 @@ typedef struct {
 /* Evict at least n of the oldest non-sink tokens (block-granular) and K-shift the keys after
  * them so positions stay contiguous and correctly rotated. Returns the tokens evicted. */
 uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n);
+/* Before appending `need` tokens to a sequence limited to `window`: evict the overflow, at
+ * least `chunk` tokens at a time (0: window / 8). Returns the tokens evicted; the caller checks
+ * seq->n_tokens + need <= window afterwards (only sinks left: nothing more to evict). */
+uint32_t eng_seq_make_room(eng_ctx_t *c, kv_seq_t *seq, uint32_t window, uint32_t need,
+                           uint32_t chunk);
 
 /* Run one batched forward pass. Every item's KV is appended and seq->n_tokens advanced.
  * ENG_ERANGE if a sequence would exceed n_ctx or a token id is invalid; ENG_ENOSPACE if the
@@ -204,12 +209,31 @@ typedef struct {
     bool entropy;     /* compute token_entropy_bits */
     double deadline;  /* CLOCK_MONOTONIC seconds; 0: none */
     bool ignore_eos;
+    uint32_t window;        /* this sequence's context window; 0: the context's */
+    bool evict;             /* run past the window with sink-aware eviction */
+    uint32_t sinks;         /* attention-sink tokens (eviction, force_sinks, sink mass) */
+    eng_attn_params_t attn; /* FULL or TIDAL (decode steps) */
+    bool per_head;          /* telemetry: per-head arrays too */
 } eng_req_params_t;
 
 typedef struct {
     int32_t id;
     float logprob;
 } eng_logprob_t;
+
+/* Attention telemetry of one generated token: for each layer, the head-mean attention entropy
+ * (bits), its normalised form (entropy / log2 of the keys attended, head-mean), the head-mean
+ * attention mass on the sink tokens, and whether the layer was sparse (then the figures are
+ * over the selected keys). One malloc'd block; per-head arrays only when asked for. */
+typedef struct {
+    uint32_t n_layer, n_head;
+    float *entropy_bits;      /* [n_layer] */
+    float *entropy_norm;      /* [n_layer] */
+    float *sink_mass;         /* [n_layer] */
+    uint8_t *sparse;          /* [n_layer] */
+    float *head_entropy_bits; /* [n_layer * n_head] or NULL */
+    float *head_sink_mass;    /* [n_layer * n_head] or NULL */
+} eng_attn_stats_t;
 
 /* One unit published to the request's outbox. A token event carries the text it released
  * (possibly empty while UTF-8 or a stop-string prefix is held back). The final event has
@@ -222,11 +246,15 @@ typedef struct {
     uint32_t n_top;
     eng_logprob_t top[ENG_MAX_LOGPROBS];
     float entropy_bits;
-    double time; /* CLOCK_MONOTONIC when produced */
+    eng_attn_stats_t *attn; /* token events: the attention telemetry (owned), or NULL */
+    double time;            /* CLOCK_MONOTONIC when produced */
     eng_finish_t finish;
     uint32_t prompt_tokens, completion_tokens; /* filled on the final event */
     char error[128];
 } eng_event_t;
+
+/* Free what an event owns (its text and attention telemetry). */
+void eng_event_free(eng_event_t *e);
 
 typedef struct eng_request eng_request_t;
 typedef struct eng_sched eng_sched_t;
@@ -245,6 +273,8 @@ typedef struct {
     uint64_t prompt_tokens, generation_tokens, steps;
     uint64_t batch_hist[8]; /* sequences per step: 1, 2, 4, 8, 16, 32, 64, more */
     uint64_t batch_sum, batch_count;
+    uint64_t evicted_tokens; /* sink-aware eviction: windows and memory pressure */
+    uint64_t preemptions;    /* requests preempted and requeued under memory pressure */
 } eng_sched_stats_t;
 
 /* Takes ownership of nothing; ctx must outlive the scheduler. Starts the engine thread. */

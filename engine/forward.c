@@ -148,9 +148,9 @@ void eng_attn_defaults(const eng_hparams_t *hp, eng_attn_params_t *a) {
 int eng_attn_check(const eng_hparams_t *hp, const eng_attn_params_t *a, char *msg) {
     if (a->mode != ENG_ATTN_FULL && a->mode != ENG_ATTN_TIDAL)
         return eng_fail(msg, ENG_EINVAL, "attention.mode must be full or tidal");
-    if (a->mode == ENG_ATTN_FULL) return 0;
-    if (a->token_budget < 1 || a->token_budget > (1u << 24))
+    if (a->mode == ENG_ATTN_TIDAL && (a->token_budget < 1 || a->token_budget > (1u << 24)))
         return eng_fail(msg, ENG_EINVAL, "attention.token_budget must be at least 1");
+    if (a->mode == ENG_ATTN_FULL && a->n_sel_layers == 0) return 0;
     if (a->n_sel_layers < 1 || a->n_sel_layers > ENG_MAX_SEL_LAYERS)
         return eng_fail(msg, ENG_EINVAL, "attention.selection_layers must list 1 to %d layers",
                         ENG_MAX_SEL_LAYERS);
@@ -184,7 +184,7 @@ static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_
         }
         eng_attn_tele_t *te = items[i].tele;
         uint32_t H = c->m->hp.n_head;
-        if (te && items[i].n_tokens == 1) {
+        if (te) {
             as->entropy = te->entropy + (size_t)l * H;
             as->sink_mass = te->sink_mass + (size_t)l * H;
             as->n_att = te->n_att + (size_t)l * H;
@@ -205,6 +205,14 @@ uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
         c->be->ops->k_shift(c->be, seq, keep, seq->n_tokens, gone, hp->n_head_kv, hp->head_dim,
                             hp->n_rot, hp->rope_base, c->m->rope_freqs);
     return gone;
+}
+
+uint32_t eng_seq_make_room(eng_ctx_t *c, kv_seq_t *seq, uint32_t window, uint32_t need,
+                           uint32_t chunk) {
+    if ((uint64_t)seq->n_tokens + need <= window) return 0;
+    uint32_t over = seq->n_tokens + need - window;
+    if (!chunk) chunk = window / 8;
+    return eng_seq_evict(c, seq, over > chunk ? over : chunk);
 }
 
 /* Check the whole batch and reserve KV space before anything is written. */

@@ -43,6 +43,9 @@ struct eng_request {
     bool decoding, admitted;
     char *held; /* released text held back while it may start a stop string */
     size_t held_len, held_cap;
+    uint32_t window;
+    eng_attn_tele_t tele; /* per-layer, per-head attention telemetry of the last forward */
+    float *tele_buf;
     /* outbox, guarded by mu */
     pthread_mutex_t mu;
     eng_event_t *ev;
@@ -79,6 +82,13 @@ static double mono_now(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+void eng_event_free(eng_event_t *e) {
+    free(e->text);
+    free(e->attn);
+    e->text = NULL;
+    e->attn = NULL;
+}
+
 const char *eng_finish_name(eng_finish_t f) {
     switch (f) {
     case ENG_FINISH_STOP:
@@ -112,9 +122,10 @@ eng_request_t *eng_request_create(eng_req_params_t *p) {
 static void free_request(eng_request_t *r) {
     free(r->p.prompt);
     for (uint32_t i = 0; i < r->p.n_stop; i++) free(r->p.stop[i]);
-    for (size_t i = 0; i < r->n_ev; i++) free(r->ev[i].text);
+    for (size_t i = 0; i < r->n_ev; i++) eng_event_free(&r->ev[i]);
     free(r->ev);
     free(r->held);
+    free(r->tele_buf);
     eng_sampler_free(r->smp);
     if (r->seq.pool) kv_seq_close(&r->seq);
     pthread_mutex_destroy(&r->mu);
@@ -176,7 +187,7 @@ static void publish(eng_sched_t *s, eng_request_t *r, eng_event_t *e) {
     if (r->n_ev < r->cap_ev) {
         r->ev[r->n_ev++] = *e;
     } else {
-        free(e->text);
+        eng_event_free(e);
     }
     pthread_mutex_unlock(&r->mu);
     s->published = true;
@@ -253,18 +264,25 @@ void eng_sched_destroy(eng_sched_t *s) {
     free(s);
 }
 
+static uint32_t window_of(const eng_sched_t *s, const eng_request_t *r) {
+    return r->p.window && r->p.window < s->n_ctx ? r->p.window : s->n_ctx;
+}
+
 static uint32_t blocks_needed(const eng_sched_t *s, const eng_request_t *r) {
     uint64_t toks = (uint64_t)r->p.n_prompt + r->p.max_tokens;
-    if (toks > s->n_ctx) toks = s->n_ctx;
+    if (toks > window_of(s, r)) toks = window_of(s, r);
     uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
     return (uint32_t)((toks + bs - 1) / bs);
 }
 
 int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg) {
     if (r->p.n_prompt == 0) return eng_fail(msg, ENG_EINVAL, "the prompt has no tokens");
-    if (r->p.n_prompt >= s->n_ctx)
+    if (r->p.n_prompt >= window_of(s, r))
         return eng_fail(msg, ENG_EINVAL, "the prompt is %u tokens; the context holds %u",
-                        r->p.n_prompt, s->n_ctx);
+                        r->p.n_prompt, window_of(s, r));
+    char amsg[ENG_ERRMSG_LEN];
+    if (eng_attn_check(eng_model_hparams(s->m), &r->p.attn, amsg))
+        return eng_fail(msg, ENG_EINVAL, "%s", amsg);
     for (uint32_t i = 0; i < r->p.n_prompt; i++)
         if (r->p.prompt[i] < 0 || (uint32_t)r->p.prompt[i] >= s->n_vocab)
             return eng_fail(msg, ENG_EINVAL, "token id %d is outside the vocabulary of %u",
@@ -372,7 +390,18 @@ static void admit(eng_sched_t *s) {
         if (s->reserved_blocks + need > pool->n_blocks) break; /* FIFO: the head waits */
         if (eng_sampler_create(&r->smp, &r->p.sampling, s->n_vocab) != 0) break;
         for (uint32_t i = 0; i < r->p.n_prompt; i++) eng_sampler_accept(r->smp, r->p.prompt[i]);
+        const eng_hparams_t *hp = eng_model_hparams(s->m);
+        size_t LH = (size_t)hp->n_layer * hp->n_head;
+        if (!r->tele_buf) {
+            r->tele_buf = malloc(sizeof(float) * 3 * LH + hp->n_layer);
+            if (!r->tele_buf) break;
+            r->tele =
+                (eng_attn_tele_t){r->tele_buf, r->tele_buf + LH, (uint32_t *)(r->tele_buf + 2 * LH),
+                                  (uint8_t *)(r->tele_buf + 3 * LH)};
+        }
         kv_seq_init(&r->seq, pool);
+        r->seq.n_sinks = r->p.sinks;
+        r->window = window_of(s, r);
         eng_detok_init(&r->detok, eng_model_tokenizer(s->m));
         r->reserved_blocks = need;
         r->admitted = true;
@@ -460,6 +489,44 @@ static void distribution_facts(const float *l, uint32_t V, float T, bool want_ls
     for (uint32_t k = 0; k < n_top; k++) top[k].logprob = (float)(top[k].logprob - *lse);
 }
 
+/* The event's attention telemetry from the request's last forward (head means per layer). */
+static eng_attn_stats_t *attn_stats(const eng_sched_t *s, const eng_request_t *r) {
+    const eng_hparams_t *hp = eng_model_hparams(s->m);
+    uint32_t L = hp->n_layer, H = hp->n_head;
+    size_t per_head = r->p.per_head ? 2 * (size_t)L * H : 0;
+    size_t bytes = sizeof(eng_attn_stats_t) + sizeof(float) * (3 * (size_t)L + per_head) + L;
+    eng_attn_stats_t *a = malloc(bytes);
+    if (!a) return NULL;
+    float *f = (float *)(a + 1);
+    a->n_layer = L;
+    a->n_head = H;
+    a->entropy_bits = f;
+    a->entropy_norm = f + L;
+    a->sink_mass = f + 2 * L;
+    a->head_entropy_bits = per_head ? f + 3 * L : NULL;
+    a->head_sink_mass = per_head ? f + 3 * L + (size_t)L * H : NULL;
+    a->sparse = (uint8_t *)(f + 3 * L + per_head);
+    for (uint32_t l = 0; l < L; l++) {
+        double e = 0, en = 0, sm = 0;
+        for (uint32_t h = 0; h < H; h++) {
+            size_t k = (size_t)l * H + h;
+            uint32_t n = r->tele.n_att[k];
+            e += r->tele.entropy[k];
+            en += n > 1 ? r->tele.entropy[k] / log2((double)n) : 0;
+            sm += r->tele.sink_mass[k];
+        }
+        a->entropy_bits[l] = (float)(e / H);
+        a->entropy_norm[l] = (float)(en / H);
+        a->sink_mass[l] = (float)(sm / H);
+        a->sparse[l] = r->tele.sparse[l];
+    }
+    if (per_head) {
+        memcpy(a->head_entropy_bits, r->tele.entropy, sizeof(float) * L * H);
+        memcpy(a->head_sink_mass, r->tele.sink_mass, sizeof(float) * L * H);
+    }
+    return a;
+}
+
 /* Sample, publish, and decide whether r goes on. Returns true if r finished (caller removes). */
 static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
     const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
@@ -480,6 +547,7 @@ static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
     eng_sampler_accept(r->smp, id);
     r->n_generated++;
     e.token = id;
+    e.attn = attn_stats(s, r);
     if (r->p.logprobs >= 0) e.logprob = (float)(s->raw[id] - lse);
     pthread_mutex_lock(&s->mu);
     s->stats.generation_tokens++;
@@ -515,7 +583,7 @@ static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
     memmove(r->held, r->held + e.text_len, keep);
     r->held_len = keep;
     publish(s, r, &e);
-    if (r->n_generated >= r->p.max_tokens || r->seq.n_tokens + 1 > s->n_ctx) {
+    if (r->n_generated >= r->p.max_tokens || (!r->p.evict && r->seq.n_tokens + 1 > r->window)) {
         finish(s, r, ENG_FINISH_LENGTH, NULL);
         return true;
     }
@@ -541,11 +609,14 @@ static void step(eng_sched_t *s) {
     admit(s);
     uint32_t budget = s->p.step_tokens, n = 0, prompt_done = 0;
     /* decode tokens first: streams never wait behind a prefill */
+    uint64_t evicted = 0;
     for (size_t i = 0; i < s->n_running && budget; i++) {
         eng_request_t *r = s->running[i];
         if (!r->decoding) continue;
-        s->items[n] = (eng_batch_item_t){&r->seq, &r->last_token, 1,
-                                         s->logits + (size_t)n * s->n_vocab, false};
+        if (r->p.evict) evicted += eng_seq_make_room(s->ctx, &r->seq, r->window, 1, 0);
+        s->items[n] =
+            (eng_batch_item_t){&r->seq, &r->last_token, 1,       s->logits + (size_t)n * s->n_vocab,
+                               false,   &r->p.attn,     &r->tele};
         s->item_req[n++] = r;
         budget--;
     }
@@ -554,8 +625,13 @@ static void step(eng_sched_t *s) {
         if (r->decoding) continue;
         uint32_t left = r->p.n_prompt - r->n_prefilled, chunk = left < budget ? left : budget;
         bool last = chunk == left;
-        s->items[n] = (eng_batch_item_t){&r->seq, r->p.prompt + r->n_prefilled, chunk,
-                                         last ? s->logits + (size_t)n * s->n_vocab : NULL, false};
+        s->items[n] = (eng_batch_item_t){&r->seq,
+                                         r->p.prompt + r->n_prefilled,
+                                         chunk,
+                                         last ? s->logits + (size_t)n * s->n_vocab : NULL,
+                                         false,
+                                         NULL,
+                                         last ? &r->tele : NULL};
         s->item_req[n++] = r;
         budget -= chunk;
     }
@@ -585,6 +661,11 @@ static void step(eng_sched_t *s) {
                 }
     }
     record_batch(s, n, prompt_done);
+    if (evicted) {
+        pthread_mutex_lock(&s->mu);
+        s->stats.evicted_tokens += evicted;
+        pthread_mutex_unlock(&s->mu);
+    }
 }
 
 static void *engine_main(void *arg) {

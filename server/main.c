@@ -8,6 +8,9 @@
 #include "../engine/engine.h"
 #include "server.h"
 
+int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a);
+int cmd_perplexity(int argc, char **argv);
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +28,7 @@ static void usage(FILE *f) {
             "commands:\n"
             "  serve      serve the OpenAI-compatible HTTP API (the default; tidald serve --help)\n"
             "  generate   generate text from a prompt (tidald generate --help)\n"
+            "  perplexity evaluate a text, full vs TidalDecode (tidald perplexity --help)\n"
             "  help       show this help\n");
 }
 
@@ -45,6 +49,28 @@ static int cmd_serve(int argc, char **argv) {
     int code = srv_run(&cfg);
     cfg_free(&cfg);
     return code;
+}
+
+/* Attention settings from the command line; 0 or -1 with a message on stderr. */
+int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a) {
+    char msg[ENG_ERRMSG_LEN];
+    memset(a, 0, sizeof(*a));
+    a->mode = strcmp(cfg->attention, "tidal") == 0 ? ENG_ATTN_TIDAL : ENG_ATTN_FULL;
+    a->token_budget = (uint32_t)cfg->token_budget;
+    a->force_sinks = cfg->force_sinks;
+    a->per_group = cfg->per_group;
+    eng_attn_defaults(hp, a);
+    if (cfg->selection_layers && *cfg->selection_layers &&
+        cfg_parse_layers(cfg->selection_layers, a->sel_layers, ENG_MAX_SEL_LAYERS, &a->n_sel_layers,
+                         msg)) {
+        fprintf(stderr, "tidald: --selection-layers: %s\n", msg);
+        return -1;
+    }
+    if (eng_attn_check(hp, a, msg)) {
+        fprintf(stderr, "tidald: %s\n", msg);
+        return -1;
+    }
+    return 0;
 }
 
 static int cmd_generate(int argc, char **argv) {
@@ -78,6 +104,7 @@ static int cmd_generate(int argc, char **argv) {
     eng_ctx_params_default(&cp);
     cp.n_threads = cfg.threads;
     cp.n_ctx = (uint32_t)cfg.ctx_size;
+    cp.block_size = (uint32_t)cfg.block_size;
     cp.max_seqs = 1;
     cp.max_batch_tokens = (uint32_t)cfg.batch_size;
     if (eng_ctx_create(&ctx, model, &cp, msg) != 0) {
@@ -131,6 +158,9 @@ static int cmd_generate(int argc, char **argv) {
         goto done;
     }
     kv_seq_init(&seq, eng_ctx_kv_pool(ctx));
+    seq.n_sinks = (uint32_t)cfg.sinks;
+    eng_attn_params_t attn;
+    if (eval_attn_params(&cfg, hp, &attn)) goto done;
 
     double t1 = now_s();
     for (size_t done_n = 0; done_n < n_prompt;) {
@@ -162,11 +192,13 @@ static int cmd_generate(int argc, char **argv) {
         fwrite(out, 1, w, stdout);
         fflush(stdout);
         if (n_gen == cfg.max_tokens) break;
+        if (!cfg.no_eviction)
+            eng_seq_make_room(ctx, &seq, eng_ctx_n_ctx(ctx), 1, (uint32_t)cfg.evict_chunk);
         if (seq.n_tokens + 1 > eng_ctx_n_ctx(ctx)) {
             stop_reason = "context full";
             break;
         }
-        eng_batch_item_t it = {&seq, &id, 1, logits, false};
+        eng_batch_item_t it = {&seq, &id, 1, logits, false, &attn};
         if (eng_forward(ctx, &it, 1, msg) != 0) {
             fprintf(stderr, "\ntidald: decode: %s\n", msg);
             goto done;
@@ -180,9 +212,9 @@ static int cmd_generate(int argc, char **argv) {
     if (cfg.verbose)
         fprintf(stderr,
                 "tidald: prompt %zu tokens in %.3fs (%.1f tok/s); generated %d tokens in %.3fs "
-                "(%.1f tok/s); stop: %s\n",
+                "(%.1f tok/s); evicted %llu; stop: %s\n",
                 n_prompt, t2 - t1, n_prompt / (t2 - t1 + 1e-12), n_gen, t3 - t2,
-                n_gen / (t3 - t2 + 1e-12), stop_reason);
+                n_gen / (t3 - t2 + 1e-12), (unsigned long long)seq.n_evicted, stop_reason);
     status = 0;
 done:
     if (seq.pool) kv_seq_close(&seq);
@@ -205,6 +237,7 @@ int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') return cmd_serve(argc, argv); /* no command: serve */
     if (strcmp(argv[1], "serve") == 0) return cmd_serve(argc - 1, argv + 1);
     if (strcmp(argv[1], "generate") == 0) return cmd_generate(argc - 1, argv + 1);
+    if (strcmp(argv[1], "perplexity") == 0) return cmd_perplexity(argc - 1, argv + 1);
     fprintf(stderr, "tidald: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;

@@ -82,7 +82,8 @@ struct conn {
     char reqid[130], cmpl_id[64];
     double t_arrival, t_last_token, created;
     bool first_chunk, got_token;
-    size_t text_offset; /* bytes of text streamed so far (completions logprobs text_offset) */
+    uint32_t *collapse_run; /* per layer: consecutive tokens under the collapse threshold */
+    size_t text_offset;     /* bytes of text streamed so far (completions logprobs text_offset) */
 };
 
 static double mono_now(void) {
@@ -267,6 +268,7 @@ static void on_closed(uv_handle_t *h) {
     s->n_conns--;
     srv_http_free(&c->http);
     free(c->stash);
+    free(c->collapse_run);
     free(c);
 }
 
@@ -373,6 +375,8 @@ static void start_completion(conn_t *c, api_kind_t kind) {
     c->t_last_token = 0;
     c->first_chunk = true;
     c->got_token = false;
+    if (c->collapse_run)
+        memset(c->collapse_run, 0, sizeof(uint32_t) * eng_model_hparams(s->model)->n_layer);
     c->text_offset = c->areq.echo && c->areq.prompt_text ? strlen(c->areq.prompt_text) : 0;
     snprintf(c->cmpl_id, sizeof(c->cmpl_id), "%s-%s", kind == API_CHAT ? "chatcmpl" : "cmpl",
              c->reqid + (strncmp(c->reqid, "req-", 4) == 0 ? 4 : 0));
@@ -650,6 +654,24 @@ static void finish_request(conn_t *c, const eng_event_t *ev) {
     message_done(c);
 }
 
+/* Entropy collapse: a layer whose normalised entropy stays under the threshold for a run of
+ * tokens fires the counter and a log line once per run. */
+static void watch_collapse(conn_t *c, const eng_attn_stats_t *a) {
+    const cfg_t *cfg = c->srv->cfg;
+    if (!c->collapse_run) c->collapse_run = calloc(a->n_layer, sizeof(uint32_t));
+    if (!c->collapse_run) return;
+    for (uint32_t l = 0; l < a->n_layer; l++) {
+        if (a->entropy_norm[l] >= cfg->entropy_collapse_threshold) {
+            c->collapse_run[l] = 0;
+        } else if (++c->collapse_run[l] == (uint32_t)cfg->entropy_collapse_tokens) {
+            api_metrics_collapse(l);
+            srv_log(SRV_WARN, c->reqid, "entropy_collapse",
+                    "layer %u: normalised attention entropy under %g for %u tokens", l,
+                    cfg->entropy_collapse_threshold, c->collapse_run[l]);
+        }
+    }
+}
+
 static void deliver(conn_t *c) {
     eng_event_t ev[64];
     size_t n;
@@ -665,10 +687,14 @@ static void deliver(conn_t *c) {
                 else
                     api_metrics_observe(API_H_ITL, e->time - c->t_last_token);
                 api_metrics_observe(API_H_ENTROPY, e->entropy_bits);
+                if (e->attn) {
+                    api_metrics_attention(e->attn);
+                    watch_collapse(c, e->attn);
+                }
                 c->got_token = true;
                 c->t_last_token = e->time;
                 if (!c->areq.stream) {
-                    api_acc_add(&c->acc, e);
+                    if (api_acc_add(&c->acc, e) == 0) e->attn = NULL; /* the accumulator owns it */
                 } else if (e->text_len || c->areq.logprobs >= 0 || c->areq.entropy) {
                     api_resp_ctx_t rc = {c->cmpl_id,
                                          c->srv->model_name,
@@ -681,9 +707,9 @@ static void deliver(conn_t *c) {
                     c->first_chunk = false;
                 }
             }
-            free(e->text);
+            eng_event_free(e);
         }
-        for (; i < n; i++) free(ev[i].text); /* the connection went away mid-batch */
+        for (; i < n; i++) eng_event_free(&ev[i]); /* the connection went away mid-batch */
     }
 }
 
@@ -846,6 +872,26 @@ static void loaded(uv_work_t *w, int status) {
              *s->cfg->model_alias ? s->cfg->model_alias : hp->name);
     s->api = (api_ctx_t){s->model, s->model_name, eng_ctx_n_ctx(s->ctx),
                          (uint32_t)s->cfg->default_max_tokens, s->cfg->request_timeout_s};
+    eng_attn_params_t *a = &s->api.attn;
+    a->mode = strcmp(s->cfg->attention, "tidal") == 0 ? ENG_ATTN_TIDAL : ENG_ATTN_FULL;
+    a->token_budget = (uint32_t)s->cfg->token_budget;
+    a->force_sinks = s->cfg->force_sinks;
+    a->per_group = s->cfg->per_group;
+    eng_attn_defaults(hp, a);
+    char amsg[256];
+    if (*s->cfg->selection_layers)
+        cfg_parse_layers(s->cfg->selection_layers, a->sel_layers, ENG_MAX_SEL_LAYERS,
+                         &a->n_sel_layers, amsg);
+    if (eng_attn_check(hp, a, amsg)) {
+        srv_log(SRV_ERROR, NULL, "config", "%s", amsg);
+        s->state = SRV_FAILED;
+        s->exit_code = 1;
+        begin_shutdown(s);
+        return;
+    }
+    s->api.sinks = (uint32_t)s->cfg->sinks;
+    s->api.evict = s->cfg->kv_eviction;
+    api_metrics_layers(hp->n_layer);
     if (s->state == SRV_LOADING) s->state = SRV_READY;
     srv_log(SRV_INFO, NULL, "ready", "model %s: %u layers, %u ctx, %u KV blocks, backend %s/%s",
             s->model_name, hp->n_layer, eng_ctx_n_ctx(s->ctx), eng_ctx_kv_pool(s->ctx)->n_blocks,

@@ -255,9 +255,11 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
     }
     float inv = 1.0f / a.l;
     for (uint32_t d = 0; d < hd; d++) o[d] *= inv;
-    if (s->entropy) s->entropy[h] = (logf(a.l) - a.t * inv) / (float)M_LN2;
-    if (s->sink_mass) s->sink_mass[h] = a.sink * inv;
-    if (s->n_att) s->n_att[h] = n_keys;
+    if (qi + 1 == s->n_q) { /* telemetry describes the slice's last token */
+        if (s->entropy) s->entropy[h] = (logf(a.l) - a.t * inv) / (float)M_LN2;
+        if (s->sink_mass) s->sink_mass[h] = a.sink * inv;
+        if (s->n_att) s->n_att[h] = n_keys;
+    }
 }
 
 static int cmp_u32(const void *x, const void *y) {

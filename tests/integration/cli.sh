@@ -50,8 +50,19 @@ if [ -f "$STORIES" ]; then
     "$BIN" generate --model "$TMP/trunc.gguf" --prompt hi >"$TMP/out" 2>"$TMP/err"
     [ $? -eq 1 ] && grep -q "past end of file" "$TMP/err" && clean && ok "truncated model names the problem" || bad "truncated model"
 
-    "$BIN" generate --model "$STORIES" --prompt "Once upon a time" --max-tokens 3000 --temperature 0 --ctx-size 64 >"$TMP/out" 2>"$TMP/err"
+    "$BIN" generate --model "$STORIES" --prompt "Once upon a time" --max-tokens 3000 --temperature 0 --ctx-size 64 --no-eviction >"$TMP/out" 2>"$TMP/err"
     [ $? -eq 0 ] && clean && ok "generation stops cleanly when the context is full" || bad "context full"
+
+    "$BIN" generate --model "$STORIES" --prompt "Once upon a time" --max-tokens 2000 --temperature 0 --ctx-size 128 --verbose >"$TMP/out" 2>"$TMP/err"
+    words=$(wc -w <"$TMP/out")
+    [ $? -eq 0 ] && clean && [ "$words" -gt 600 ] && grep -q "generated 2000 tokens" "$TMP/err" && ! grep -q $'\xef\xbf\xbd' "$TMP/out" &&
+        ok "2000 tokens through a 128-token window, readable ($words words)" || bad "streaming past the window"
+
+    "$BIN" generate --model "$STORIES" --prompt "Once upon a time" --max-tokens 300 --temperature 0 --ctx-size 128 --attention tidal --token-budget 32 --force-sinks >"$TMP/out" 2>"$TMP/err"
+    [ $? -eq 0 ] && clean && [ "$(wc -w <"$TMP/out")" -gt 150 ] && ok "tidal decoding past the window" || bad "tidal generate"
+
+    "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --ctx-size 128 --attention tidal --token-budget 32 >"$TMP/out" 2>"$TMP/err"
+    tail -1 "$TMP/out" | grep -q '"top1_agreement_vs_full"' && clean && ok "perplexity reports tidal vs full" || bad "perplexity"
 else
     skip=$((skip + 1))
     echo "[SKIP] $STORIES not present: skipping the stories260K CLI cases"

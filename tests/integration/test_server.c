@@ -730,3 +730,78 @@ Test(server, test_deadlines_end_requests_with_a_clear_error) {
     remove(keyfile);
     cr_expect_eq(daemon_stop(&d), 0);
 }
+
+Test(server, test_attention_telemetry_in_every_chunk_and_per_layer_metrics) {
+    NEED_STORIES();
+    daemon_t d;
+    const char *extra[] = {"--kv-eviction", "--ctx-size", "128", NULL};
+    start_stories(&d, extra);
+    char *body, *head;
+    int st =
+        http_req(d.port, "POST", "/v1/completions", NULL,
+                 "{\"prompt\":\"Once upon a time\",\"max_tokens\":200,\"temperature\":0,"
+                 "\"stream\":true,\"telemetry\":{\"entropy\":true,\"per_head\":true},"
+                 "\"attention\":{\"mode\":\"tidal\",\"token_budget\":16,\"force_sinks\":true}}",
+                 &body, &head);
+    cr_expect_eq(st, 200);
+    int chunks = 0, sparse_seen = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(body, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        if (strncmp(line, "data: {", 7) != 0) continue;
+        cJSON *j = cJSON_Parse(line + 6);
+        const cJSON *t = cJSON_GetObjectItem(j, "telemetry");
+        if (jstr(j, "choices.0.finish_reason")) { /* the closing chunk carries no token */
+            cJSON_Delete(j);
+            continue;
+        }
+        chunks++;
+        cr_assert(t, "a chunk without telemetry: %s", line);
+        const char *keys[] = {"attention_entropy_bits", "attention_entropy_norm", "sink_mass",
+                              "attention_entropy_bits_per_head"};
+        for (int k = 0; k < 4; k++) {
+            const cJSON *a = cJSON_GetObjectItem(t, keys[k]);
+            cr_assert_eq(cJSON_GetArraySize(a), 5, "%s must have one value per layer: %s", keys[k],
+                         line);
+            for (int l = 0; l < 5 && k < 3; l++) {
+                double v = cJSON_GetArrayItem(a, l)->valuedouble;
+                cr_expect(v >= 0 && (k == 0 || v <= 1.0001), "%s[%d] = %g", keys[k], l, v);
+            }
+        }
+        cr_expect_eq(cJSON_GetArraySize(cJSON_GetArrayItem(
+                         cJSON_GetObjectItem(t, "attention_entropy_bits_per_head"), 0)),
+                     8);
+        sparse_seen += cJSON_GetArraySize(cJSON_GetObjectItem(t, "sparse_layers")) == 2;
+        cJSON_Delete(j);
+    }
+    cr_expect_eq(chunks, 200);
+    cr_expect_geq(sparse_seen, 190,
+                  "decode steps past the prefill attend sparsely in layers 3 and 4");
+    free(body), free(head);
+    /* 2,000 tokens through a 128-token window */
+    cJSON *j =
+        post_json(d.port, "/v1/completions",
+                  "{\"prompt\":\"Once upon a time\",\"max_tokens\":2000,\"temperature\":0}", &st);
+    cr_expect_eq(st, 200);
+    cr_expect_eq(jnum(j, "usage.completion_tokens"), 2000);
+    cr_expect_gt(strlen(jstr(j, "choices.0.text")), 3000);
+    cJSON_Delete(j);
+    cr_expect_gt(metric(d.port, "tidald_kv_evicted_tokens_total"), 1800);
+    cr_expect_geq(metric(d.port, "tidald_attention_entropy_bits_count{layer=\"4\"}"), 2200);
+    cr_expect_geq(metric(d.port, "tidald_sink_mass_count{layer=\"0\"}"), 2200);
+    cr_expect_geq(metric(d.port, "tidald_entropy_collapse_total{layer=\"0\"}"), 0);
+    /* a bad attention object is a 400 naming the field */
+    j = post_json(d.port, "/v1/completions",
+                  "{\"prompt\":\"x\",\"attention\":{\"mode\":\"sparse\"}}", &st);
+    cr_expect_eq(st, 400);
+    cr_expect_str_eq(jstr(j, "error.param"), "attention.mode");
+    cJSON_Delete(j);
+    j = post_json(d.port, "/v1/completions",
+                  "{\"prompt\":\"x\",\"attention\":{\"selection_layers\":[9]}}", &st);
+    cr_expect_eq(st, 400);
+    cJSON_Delete(j);
+    j = post_json(d.port, "/v1/completions", "{\"prompt\":\"x\",\"ctx_size\":4096}", &st);
+    cr_expect_eq(st, 400);
+    cr_expect_str_eq(jstr(j, "error.param"), "ctx_size");
+    cJSON_Delete(j);
+    cr_expect_eq(daemon_stop(&d), 0);
+}

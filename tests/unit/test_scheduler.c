@@ -82,18 +82,25 @@ static void collect(sfx_t *f, eng_request_t *r, result_t *out) {
         eng_event_t ev[32];
         size_t n = eng_request_drain(r, ev, 32);
         for (size_t i = 0; i < n; i++) {
-            if (out->n_events == 0) out->first = ev[i];
+            if (out->n_events == 0) {
+                out->first = ev[i]; /* scalars only: what it owns is freed below */
+                out->first.text = NULL;
+                out->first.attn = NULL;
+            }
             out->n_events++;
             if (ev[i].text && out->len + ev[i].text_len < sizeof(out->text)) {
                 memcpy(out->text + out->len, ev[i].text, ev[i].text_len);
                 out->len += ev[i].text_len;
             }
-            free(ev[i].text);
-            if (ev[i].finish) {
+            bool fin = ev[i].finish != ENG_FINISH_NONE;
+            if (fin) {
                 out->finish = ev[i].finish;
                 out->prompt_tokens = ev[i].prompt_tokens;
                 out->completion_tokens = ev[i].completion_tokens;
-                out->first.text = NULL;
+            }
+            eng_event_free(&ev[i]);
+            if (fin) {
+                for (size_t k = i + 1; k < n; k++) eng_event_free(&ev[k]);
                 return;
             }
         }
@@ -243,7 +250,7 @@ Test(scheduler, test_cancel_frees_kv_within_a_step) {
     cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
     eng_event_t ev[4];
     while (eng_request_drain(r, ev, 1) == 0) usleep(1000);
-    free(ev[0].text);
+    eng_event_free(&ev[0]);
     eng_request_cancel(r);
     result_t res;
     collect(&f, r, &res);

@@ -1,0 +1,182 @@
+/* perplexity.c - `tidald perplexity`: teacher-forced evaluation as a streaming model sees a
+ * text: one token at a time, sink-aware eviction when the window fills.
+ *
+ * In tidal mode each position runs twice over the same cache: first with full attention
+ * (the reference distribution; its K/V slot is then rolled back), then with TidalDecode,
+ * whose K/V stay. So both distributions condition on exactly the same cache, and the
+ * comparison (top-1 agreement, KL(full || tidal)) isolates the sparse attention's effect.
+ */
+#include "../config/config.h"
+#include "../engine/engine.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a);
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *b = malloc(cap);
+    size_t r;
+    while (b && (r = fread(b + n, 1, cap - n, f)) > 0) {
+        n += r;
+        if (n == cap) {
+            char *nb = realloc(b, cap *= 2);
+            if (!nb) {
+                free(b);
+                b = NULL;
+            }
+            b = nb;
+        }
+    }
+    fclose(f);
+    if (b) *len = n;
+    return b;
+}
+
+/* log-softmax facts of logits: log Z and the argmax */
+static double log_z(const float *l, uint32_t V, int32_t *arg) {
+    float mx = l[0];
+    int32_t a = 0;
+    for (uint32_t i = 1; i < V; i++)
+        if (l[i] > mx) mx = l[i], a = (int32_t)i;
+    double z = 0;
+    for (uint32_t i = 0; i < V; i++) z += exp((double)l[i] - mx);
+    *arg = a;
+    return mx + log(z);
+}
+
+int cmd_perplexity(int argc, char **argv) {
+    cfg_generate_t cfg;
+    char msg[ENG_ERRMSG_LEN] = {0};
+    if (cfg_perplexity_parse(&cfg, argc, argv, msg) != 0) {
+        fprintf(stderr, "tidald perplexity: %s\n", msg);
+        return 2;
+    }
+    if (cfg.help) {
+        cfg_perplexity_help(stdout);
+        return 0;
+    }
+    int status = 1;
+    eng_model_t *model = NULL;
+    eng_ctx_t *ctx = NULL;
+    int32_t *toks = NULL;
+    float *lf = NULL, *lt = NULL;
+    kv_seq_t seq = {0};
+    size_t len = 0, n = 0;
+    char *text = read_file(cfg.file, &len);
+    if (!text) {
+        fprintf(stderr, "tidald perplexity: cannot read '%s'\n", cfg.file);
+        return 1;
+    }
+    if (eng_model_load(&model, cfg.model, msg) != 0) {
+        fprintf(stderr, "tidald: cannot load model: %s\n", msg);
+        goto done;
+    }
+    const eng_hparams_t *hp = eng_model_hparams(model);
+    const eng_tokenizer_t *tok = eng_model_tokenizer(model);
+    eng_ctx_params_t cp;
+    eng_ctx_params_default(&cp);
+    cp.n_threads = cfg.threads;
+    cp.n_ctx = (uint32_t)cfg.ctx_size;
+    cp.block_size = (uint32_t)cfg.block_size;
+    cp.max_seqs = 1;
+    if (eng_ctx_create(&ctx, model, &cp, msg) != 0) {
+        fprintf(stderr, "tidald: cannot create context: %s\n", msg);
+        goto done;
+    }
+    eng_attn_params_t attn;
+    if (eval_attn_params(&cfg, hp, &attn)) goto done;
+    bool tidal = attn.mode == ENG_ATTN_TIDAL;
+    if (eng_tokenize(tok, text, len, eng_tok_add_bos(tok), &toks, &n, msg) != 0) {
+        fprintf(stderr, "tidald perplexity: %s: %s\n", cfg.file, msg);
+        goto done;
+    }
+    if (n < 2) {
+        fprintf(stderr, "tidald perplexity: the text has fewer than 2 tokens\n");
+        goto done;
+    }
+    uint32_t V = hp->n_vocab, window = eng_ctx_n_ctx(ctx);
+    lf = malloc(sizeof(float) * V);
+    lt = malloc(sizeof(float) * V);
+    if (!lf || !lt) goto done;
+    kv_seq_init(&seq, eng_ctx_kv_pool(ctx));
+    seq.n_sinks = (uint32_t)cfg.sinks;
+    double nll = 0, nll_full = 0, kl = 0;
+    uint64_t agree = 0, count = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (size_t i = 0; i + 1 < n; i++) {
+        if (!cfg.no_eviction) eng_seq_make_room(ctx, &seq, window, 1, (uint32_t)cfg.evict_chunk);
+        if (seq.n_tokens + 1 > window) break; /* --no-eviction: the window is the limit */
+        eng_batch_item_t it = {&seq, &toks[i], 1, lf};
+        if (eng_forward(ctx, &it, 1, msg)) {
+            fprintf(stderr, "tidald perplexity: %s\n", msg);
+            goto done;
+        }
+        int32_t af, at;
+        double zf = log_z(lf, V, &af);
+        nll_full += zf - lf[toks[i + 1]];
+        if (tidal) {
+            seq.n_tokens--; /* roll the full-attention slot back; the tidal pass rewrites it */
+            it.logits = lt;
+            it.attn = &attn;
+            if (eng_forward(ctx, &it, 1, msg)) {
+                fprintf(stderr, "tidald perplexity: %s\n", msg);
+                goto done;
+            }
+            double zt = log_z(lt, V, &at);
+            nll += zt - lt[toks[i + 1]];
+            agree += af == at;
+            double k = 0; /* KL(full || tidal) */
+            for (uint32_t v = 0; v < V; v++) {
+                double lpf = lf[v] - zf, lpt = lt[v] - zt;
+                k += exp(lpf) * (lpf - lpt);
+            }
+            kl += k;
+        } else {
+            nll += zf - lf[toks[i + 1]];
+        }
+        count++;
+        if (cfg.verbose && count % 500 == 0)
+            fprintf(stderr, "tidald perplexity: %llu tokens, ppl %.4f\n", (unsigned long long)count,
+                    exp(nll / count));
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    double ppl = exp(nll / (double)count);
+    fprintf(stderr,
+            "tidald perplexity: %llu tokens, window %u, sinks %u, %s%s: perplexity %.4f "
+            "(%.1f tok/s)\n",
+            (unsigned long long)count, window, seq.n_sinks, cfg.attention, tidal ? "" : "", ppl,
+            count / (secs + 1e-12));
+    printf("{\"tokens\":%llu,\"perplexity\":%.6f,\"attention\":\"%s\",\"ctx_size\":%u,"
+           "\"sinks\":%u,\"evicted_tokens\":%llu",
+           (unsigned long long)count, ppl, cfg.attention, window, seq.n_sinks,
+           (unsigned long long)seq.n_evicted);
+    if (tidal) {
+        printf(",\"token_budget\":%u,\"selection_layers\":[", attn.token_budget);
+        for (uint32_t k = 0; k < attn.n_sel_layers; k++)
+            printf("%s%u", k ? "," : "", attn.sel_layers[k]);
+        printf("],\"force_sinks\":%s,\"per_group\":%s,\"perplexity_full\":%.6f,"
+               "\"top1_agreement_vs_full\":%.6f,\"mean_kl_vs_full\":%.6f",
+               attn.force_sinks ? "true" : "false", attn.per_group ? "true" : "false",
+               exp(nll_full / (double)count), (double)agree / (double)count, kl / (double)count);
+    }
+    printf("}\n");
+    status = 0;
+done:
+    if (seq.pool) kv_seq_close(&seq);
+    free(lf);
+    free(lt);
+    free(toks);
+    free(text);
+    eng_ctx_free(ctx);
+    eng_model_free(model);
+    return status;
+}
