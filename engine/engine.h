@@ -265,6 +265,8 @@ typedef struct {
     uint32_t step_tokens;      /* token budget per step (chunked prefill) */
     void (*notify)(void *arg); /* called from the engine thread when outboxes have news */
     void *notify_arg;
+    bool pressure_evict; /* KV pool dry: evict middle blocks of the longest sequence first
+                            (sink-aware) instead of preempting the newest request */
 } eng_sched_params_t;
 
 typedef struct {

@@ -38,7 +38,12 @@ struct eng_request {
     kv_seq_t seq;
     eng_sampler_t *smp;
     eng_detok_t detok;
-    uint32_t n_prefilled, n_generated, reserved_blocks;
+    uint32_t n_prefilled, n_generated;
+    int32_t *feed; /* tokens to prefill: the prompt, or after a preemption prompt + generated */
+    uint32_t n_feed;
+    int32_t *gen; /* generated ids, for recomputation after a preemption */
+    uint32_t gen_cap;
+    uint64_t admit_order;
     int32_t last_token;
     bool decoding, admitted;
     char *held; /* released text held back while it may start a stop string */
@@ -69,7 +74,8 @@ struct eng_sched {
     /* engine thread only */
     eng_request_t **waiting, **running;
     size_t n_waiting, n_running;
-    uint32_t reserved_blocks;
+    uint64_t admissions;
+    eng_request_t **snap; /* running requests at the start of a step */
     float *logits, *raw;
     eng_batch_item_t *items;
     eng_request_t **item_req;
@@ -120,6 +126,8 @@ eng_request_t *eng_request_create(eng_req_params_t *p) {
 }
 
 static void free_request(eng_request_t *r) {
+    if (r->feed != r->p.prompt) free(r->feed);
+    free(r->gen);
     free(r->p.prompt);
     for (uint32_t i = 0; i < r->p.n_stop; i++) free(r->p.stop[i]);
     for (size_t i = 0; i < r->n_ev; i++) eng_event_free(&r->ev[i]);
@@ -224,12 +232,13 @@ int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
     s->inq = calloc(s->p.max_waiting, sizeof(eng_request_t *));
     s->waiting = calloc(s->p.max_waiting, sizeof(eng_request_t *));
     s->running = calloc(s->p.max_running, sizeof(eng_request_t *));
+    s->snap = calloc(s->p.max_running, sizeof(eng_request_t *));
     s->items = calloc(s->p.max_running, sizeof(eng_batch_item_t));
     s->item_req = calloc(s->p.max_running, sizeof(eng_request_t *));
     s->logits = malloc(sizeof(float) * s->n_vocab * s->p.max_running);
     s->raw = malloc(sizeof(float) * s->n_vocab);
-    if (!s->inq || !s->waiting || !s->running || !s->items || !s->item_req || !s->logits ||
-        !s->raw) {
+    if (!s->inq || !s->waiting || !s->running || !s->snap || !s->items || !s->item_req ||
+        !s->logits || !s->raw) {
         eng_sched_destroy(s);
         return eng_fail(msg, ENG_ENOMEM, "out of memory for the scheduler");
     }
@@ -255,6 +264,7 @@ void eng_sched_destroy(eng_sched_t *s) {
     free(s->inq);
     free(s->waiting);
     free(s->running);
+    free(s->snap);
     free(s->items);
     free(s->item_req);
     free(s->logits);
@@ -299,6 +309,8 @@ int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg) {
     }
     r->sched = s;
     r->t_submit = mono_now();
+    r->feed = r->p.prompt;
+    r->n_feed = r->p.n_prompt;
     atomic_fetch_add(&r->refs, 1);
     atomic_fetch_add(&s->n_queued, 1);
     s->inq[s->n_in++] = r;
@@ -321,11 +333,22 @@ static void remove_at(eng_request_t **arr, size_t *n, size_t i) {
 }
 
 static void release_seq(eng_sched_t *s, eng_request_t *r) {
+    (void)s;
     if (r->admitted) {
         kv_seq_close(&r->seq);
-        s->reserved_blocks -= r->reserved_blocks;
         r->admitted = false;
     }
+}
+
+static uint32_t blocks_for(const eng_sched_t *s, uint64_t tokens) {
+    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
+    return (uint32_t)((tokens + bs - 1) / bs);
+}
+
+/* New blocks a sequence needs to take ntok more tokens. */
+static uint32_t growth(const eng_sched_t *s, const kv_seq_t *q, uint32_t ntok) {
+    uint32_t want = blocks_for(s, (uint64_t)q->n_tokens + ntok);
+    return want > q->n_blocks ? want - q->n_blocks : 0;
 }
 
 /* Publish the final event, free KV, and drop the scheduler's reference. The caller removes r
@@ -382,14 +405,27 @@ static void sweep(eng_sched_t *s) {
     }
 }
 
+/* Admit FIFO while a slot is free and the pool holds the head's prefill (plus one decode
+ * block) on top of what admitted prefills still need. Decoding sequences then grow on demand;
+ * when the pool runs dry the pressure policy (relieve) makes room. */
 static void admit(eng_sched_t *s) {
     kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
+    uint32_t pending = 0;
+    for (size_t i = 0; i < s->n_running; i++) {
+        eng_request_t *r = s->running[i];
+        if (!r->decoding) pending += growth(s, &r->seq, r->n_feed - r->n_prefilled);
+    }
     while (s->n_waiting && s->n_running < s->p.max_running) {
         eng_request_t *r = s->waiting[0];
-        uint32_t need = blocks_needed(s, r);
-        if (s->reserved_blocks + need > pool->n_blocks) break; /* FIFO: the head waits */
-        if (eng_sampler_create(&r->smp, &r->p.sampling, s->n_vocab) != 0) break;
-        for (uint32_t i = 0; i < r->p.n_prompt; i++) eng_sampler_accept(r->smp, r->p.prompt[i]);
+        uint32_t window = window_of(s, r);
+        uint32_t need = blocks_for(s, r->n_feed + 1 < window ? r->n_feed + 1 : window);
+        if (pending + need > pool->n_free) break; /* FIFO: the head waits */
+        if (!r->smp) {
+            if (eng_sampler_create(&r->smp, &r->p.sampling, s->n_vocab) != 0) break;
+            for (uint32_t i = 0; i < r->p.n_prompt; i++) eng_sampler_accept(r->smp, r->p.prompt[i]);
+            eng_detok_init(&r->detok, eng_model_tokenizer(s->m));
+            r->t_start = mono_now();
+        }
         const eng_hparams_t *hp = eng_model_hparams(s->m);
         size_t LH = (size_t)hp->n_layer * hp->n_head;
         if (!r->tele_buf) {
@@ -401,16 +437,84 @@ static void admit(eng_sched_t *s) {
         }
         kv_seq_init(&r->seq, pool);
         r->seq.n_sinks = r->p.sinks;
-        r->window = window_of(s, r);
-        eng_detok_init(&r->detok, eng_model_tokenizer(s->m));
-        r->reserved_blocks = need;
+        r->window = window;
         r->admitted = true;
-        r->t_start = mono_now();
-        s->reserved_blocks += need;
+        r->admit_order = ++s->admissions;
+        pending += need;
         remove_at(s->waiting, &s->n_waiting, 0);
         atomic_fetch_sub(&s->n_queued, 1);
         s->running[s->n_running++] = r;
     }
+}
+
+/* Preempt a running request: free its KV and requeue it first in line, to recompute its
+ * prompt and generated tokens when there is room (a sequence that may evict keeps its sinks
+ * and the newest window's worth). Its outbox, sampler and text state carry on. */
+static void preempt(eng_sched_t *s, eng_request_t *r) {
+    uint32_t n = r->p.n_prompt + r->n_generated, keep = n, head = 0;
+    if (r->p.evict && n >= r->window) {
+        head = r->p.sinks < r->window / 2 ? r->p.sinks : 0;
+        keep = r->window - 1;
+    }
+    int32_t *feed = malloc(sizeof(int32_t) * (keep ? keep : 1));
+    if (!feed) return; /* leave it running: the step skips it */
+    for (uint32_t i = 0; i < keep; i++) {
+        uint32_t src = i < head ? i : n - (keep - i);
+        feed[i] = src < r->p.n_prompt ? r->p.prompt[src] : r->gen[src - r->p.n_prompt];
+    }
+    if (r->feed != r->p.prompt) free(r->feed);
+    r->feed = feed;
+    r->n_feed = keep;
+    kv_seq_close(&r->seq);
+    r->admitted = false;
+    r->decoding = false;
+    r->n_prefilled = 0;
+    for (size_t i = 0; i < s->n_running; i++)
+        if (s->running[i] == r) {
+            remove_at(s->running, &s->n_running, i);
+            break;
+        }
+    memmove(s->waiting + 1, s->waiting, sizeof(eng_request_t *) * s->n_waiting);
+    s->waiting[0] = r;
+    s->n_waiting++;
+    atomic_fetch_add(&s->n_queued, 1);
+    pthread_mutex_lock(&s->mu);
+    s->stats.preemptions++;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Memory pressure: free at least `want` blocks for `cur` without touching requests already in
+ * this step's batch. Policy evict drops middle blocks (sink-aware) of the longest sequences;
+ * policy preempt, or evict with nothing left to drop, requeues the newest request. Returns
+ * false when cur itself had to be preempted. */
+static bool relieve(eng_sched_t *s, uint32_t want, eng_request_t *cur, uint32_t n_items,
+                    uint64_t *evicted) {
+    kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
+    uint32_t free0 = pool->n_free;
+    while (pool->n_free - free0 < want && s->p.pressure_evict) {
+        eng_request_t *v = NULL;
+        for (size_t i = 0; i < s->n_running; i++) {
+            eng_request_t *r = s->running[i];
+            uint32_t bs = pool->block_size, sink_blocks = (r->seq.n_sinks + bs - 1) / bs;
+            if (r->seq.n_tokens / bs > sink_blocks && (!v || r->seq.n_tokens > v->seq.n_tokens))
+                v = r;
+        }
+        if (!v) break;
+        *evicted += eng_seq_evict(s->ctx, &v->seq, pool->block_size);
+    }
+    while (pool->n_free - free0 < want) {
+        eng_request_t *v = NULL;
+        for (size_t i = 0; i < s->n_running; i++) {
+            eng_request_t *r = s->running[i];
+            bool batched = false;
+            for (uint32_t k = 0; k < n_items; k++) batched |= s->item_req[k] == r;
+            if (!batched && (!v || r->admit_order > v->admit_order)) v = r;
+        }
+        if (!v) return false;
+        preempt(s, v);
+        if (v == cur) return false;
+    }
+    return true;
 }
 
 /* Append released text to the hold buffer. */
@@ -545,6 +649,12 @@ static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
     if (r->p.ignore_eos && eng_tok_eos(tok) >= 0) logits[eng_tok_eos(tok)] = -INFINITY;
     int32_t id = eng_sampler_sample(r->smp, logits);
     eng_sampler_accept(r->smp, id);
+    if (r->n_generated == r->gen_cap) {
+        uint32_t cap = r->gen_cap ? r->gen_cap * 2 : 64;
+        int32_t *g = realloc(r->gen, sizeof(int32_t) * cap);
+        if (g) r->gen = g, r->gen_cap = cap;
+    }
+    if (r->n_generated < r->gen_cap) r->gen[r->n_generated] = id;
     r->n_generated++;
     e.token = id;
     e.attn = attn_stats(s, r);
@@ -607,26 +717,45 @@ static void record_batch(eng_sched_t *s, uint32_t n_seqs, uint32_t n_prompt_done
 static void step(eng_sched_t *s) {
     sweep(s);
     admit(s);
-    uint32_t budget = s->p.step_tokens, n = 0, prompt_done = 0;
-    /* decode tokens first: streams never wait behind a prefill */
+    uint32_t budget = s->p.step_tokens, n = 0, prompt_done = 0, claimed = 0;
+    kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
     uint64_t evicted = 0;
-    for (size_t i = 0; i < s->n_running && budget; i++) {
-        eng_request_t *r = s->running[i];
-        if (!r->decoding) continue;
+    /* a snapshot: the pressure policy may preempt requests while the batch is built */
+    size_t n_snap = s->n_running;
+    memcpy(s->snap, s->running, sizeof(eng_request_t *) * n_snap);
+    /* decode tokens first: streams never wait behind a prefill */
+    for (size_t i = 0; i < n_snap && budget; i++) {
+        eng_request_t *r = s->snap[i];
+        if (!r->admitted || !r->decoding) continue;
         if (r->p.evict) evicted += eng_seq_make_room(s->ctx, &r->seq, r->window, 1, 0);
+        uint32_t nb = growth(s, &r->seq, 1);
+        if (claimed + nb > pool->n_free && !relieve(s, claimed + nb - pool->n_free, r, n, &evicted))
+            continue;
+        claimed += nb;
         s->items[n] =
             (eng_batch_item_t){&r->seq, &r->last_token, 1,       s->logits + (size_t)n * s->n_vocab,
                                false,   &r->p.attn,     &r->tele};
         s->item_req[n++] = r;
         budget--;
     }
-    for (size_t i = 0; i < s->n_running && budget; i++) {
-        eng_request_t *r = s->running[i];
-        if (r->decoding) continue;
-        uint32_t left = r->p.n_prompt - r->n_prefilled, chunk = left < budget ? left : budget;
+    for (size_t i = 0; i < n_snap && budget; i++) {
+        eng_request_t *r = s->snap[i];
+        if (!r->admitted || r->decoding) continue;
+        uint32_t left = r->n_feed - r->n_prefilled, chunk = left < budget ? left : budget;
+        uint32_t nb = growth(s, &r->seq, chunk);
+        if (claimed + nb > pool->n_free && s->p.pressure_evict)
+            relieve(s, claimed + nb - pool->n_free, r, n, &evicted);
+        if (claimed + nb > pool->n_free) { /* take what fits; the rest waits a step */
+            uint32_t room = (r->seq.n_blocks + (pool->n_free - claimed)) * pool->block_size;
+            chunk = room > r->seq.n_tokens ? room - r->seq.n_tokens : 0;
+            if (chunk > left) chunk = left;
+            if (!chunk) continue;
+            nb = growth(s, &r->seq, chunk);
+        }
+        claimed += nb;
         bool last = chunk == left;
         s->items[n] = (eng_batch_item_t){&r->seq,
-                                         r->p.prompt + r->n_prefilled,
+                                         r->feed + r->n_prefilled,
                                          chunk,
                                          last ? s->logits + (size_t)n * s->n_vocab : NULL,
                                          false,
@@ -646,8 +775,8 @@ static void step(eng_sched_t *s) {
             finish(s, r, ENG_FINISH_ERROR, msg);
         } else if (!r->decoding) {
             r->n_prefilled += s->items[k].n_tokens;
-            if (r->n_prefilled == r->p.n_prompt) {
-                prompt_done += r->p.n_prompt;
+            if (r->n_prefilled == r->n_feed) {
+                prompt_done += r->n_feed;
                 done = on_logits(s, r, s->items[k].logits);
             }
         } else {

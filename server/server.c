@@ -856,8 +856,12 @@ static void loaded(uv_work_t *w, int status) {
     srv_t *s = w->data;
     if (s->state == SRV_FAILED) return; /* a signal arrived while loading: already closing */
     if (status == 0 && s->load_rc == 0) {
-        eng_sched_params_t sp = {(uint32_t)s->cfg->max_running, (uint32_t)s->cfg->max_waiting,
-                                 (uint32_t)s->cfg->step_tokens, notify_loop, s};
+        eng_sched_params_t sp = {(uint32_t)s->cfg->max_running,
+                                 (uint32_t)s->cfg->max_waiting,
+                                 (uint32_t)s->cfg->step_tokens,
+                                 notify_loop,
+                                 s,
+                                 strcmp(s->cfg->kv_pressure, "evict") == 0};
         s->load_rc = eng_sched_create(&s->sched, s->ctx, s->model, &sp, s->load_msg);
     }
     if (status != 0 || s->load_rc != 0) {

@@ -308,3 +308,69 @@ Test(scheduler, test_queue_bound_and_deadline_and_bad_prompts) {
     eng_request_release(g);
     sfx_close(&f);
 }
+
+/* A KV pool too small for everyone at once: under the preempt policy every request finishes
+ * with exactly its solo text (recomputed after preemption); under the evict policy every
+ * request finishes, with middle blocks dropped. Nothing fails. */
+static void run_pressure(bool evict_policy) {
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    const char *prompts[3] = {"Once upon a time", "The dog", "One day"};
+    result_t solo[3], got[3];
+    char msg[ENG_ERRMSG_LEN];
+    for (int i = 0; i < 3; i++) {
+        sfx_t f;
+        sfx_open(&f, STORIES_PATH, 4, 8, 512);
+        eng_req_params_t p = greedy_params(f.m, prompts[i], 60);
+        p.ignore_eos = true;
+        eng_request_t *r = eng_request_create(&p);
+        cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+        collect(&f, r, &solo[i]);
+        eng_request_release(r);
+        sfx_close(&f);
+    }
+    sfx_t f;
+    memset(&f, 0, sizeof(f));
+    pthread_mutex_init(&f.mu, NULL);
+    pthread_cond_init(&f.cv, NULL);
+    cr_assert_eq(eng_model_load(&f.m, STORIES_PATH, msg), 0);
+    eng_ctx_params_t cp;
+    eng_ctx_params_default(&cp);
+    cp.max_seqs = 4;
+    cp.n_ctx = 256;
+    cp.kv_mem_bytes = (size_t)8 * 5 * 2 * 16 * 32 * 4; /* 8 blocks: 5 layers, kv_dim 32 */
+    cr_assert_eq(eng_ctx_create(&f.c, f.m, &cp, msg), 0, "%s", msg);
+    cr_assert_eq(eng_ctx_kv_pool(f.c)->n_blocks, 8);
+    eng_sched_params_t sp = {4, 8, 512, on_notify, &f, evict_policy};
+    cr_assert_eq(eng_sched_create(&f.s, f.c, f.m, &sp, msg), 0);
+    eng_request_t *rs[3];
+    for (int i = 0; i < 3; i++) {
+        eng_req_params_t p = greedy_params(f.m, prompts[i], 60);
+        p.ignore_eos = true;
+        p.sinks = 4;
+        rs[i] = eng_request_create(&p);
+        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+    }
+    for (int i = 0; i < 3; i++) {
+        collect(&f, rs[i], &got[i]);
+        cr_expect_eq(got[i].finish, ENG_FINISH_LENGTH);
+        cr_expect_eq(got[i].completion_tokens, 60);
+        if (!evict_policy) cr_expect_str_eq(got[i].text, solo[i].text, "request %d", i);
+        eng_request_release(rs[i]);
+    }
+    eng_sched_stats_t st;
+    eng_sched_stats(f.s, &st);
+    if (evict_policy)
+        cr_expect_gt(st.evicted_tokens, 0);
+    else
+        cr_expect_gt(st.preemptions, 0);
+    usleep(20000);
+    cr_expect_float_eq(kv_pool_usage(eng_ctx_kv_pool(f.c)), 0.0, 1e-9);
+    sfx_close(&f);
+}
+
+Test(scheduler, test_memory_pressure_preempts_and_recomputes_exactly) {
+    run_pressure(false);
+}
+Test(scheduler, test_memory_pressure_evicts_middle_blocks) {
+    run_pressure(true);
+}
