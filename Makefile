@@ -74,6 +74,9 @@ $(BUILD)/mkmodel: $(call obj,$(BUILD),tools/mkmodel.c) $(TOOL_OBJ)
 $(BUILD)/loadgen: $(call obj,$(BUILD),tools/loadgen.c)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
 
+$(BUILD)/bench_attention: $(call obj,$(BUILD),bench/bench_attention.c) $(ENGINE_OBJ)
+	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
+
 $(BUILD)/bench_engine: $(call obj,$(BUILD),bench/bench_engine.c) $(ENGINE_OBJ)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
 
@@ -144,9 +147,12 @@ test: deps
 	$(MAKE) fuzz-smoke
 
 # ---- benchmarks ----
-bench: deps all $(BUILD)/bench_engine $(MODEL_DIR)/m100-f32.gguf $(MODEL_DIR)/m100-f16.gguf
+bench: deps all $(BUILD)/bench_engine $(BUILD)/bench_attention $(MODEL_DIR)/m100-f32.gguf \
+       $(MODEL_DIR)/m100-f16.gguf $(MODEL_DIR)/long-f16.gguf
 	$(BUILD)/bench_engine --model $(MODEL_DIR)/m100-f32.gguf --model $(MODEL_DIR)/m100-f16.gguf
 	BUILD=$(BUILD) bash bench/serve_bench.sh $(MODEL_DIR)/m100-f32.gguf
+	$(BUILD)/bench_attention $(MODEL_DIR)/long-f16.gguf 256
+	BUILD=$(BUILD) bash bench/budget_sweep.sh
 
 # ---- formatting ----
 FMT_FILES := $(shell find server engine kvcache api config tools tests bench -name '*.[ch]' 2>/dev/null)

@@ -184,10 +184,10 @@ typedef struct {
 
 /* Fold nk keys into acc and o: contiguous from kbase (stride floats apart) when pos is NULL,
  * else the listed positions. all (if not NULL) receives every raw score by position. */
-static void fold(const float *q, const kv_seq_t *seq, uint32_t layer, size_t kvoff, uint32_t hd,
-                 float scale, const float *kbase, const float *vbase, uint32_t p0,
-                 const uint32_t *pos, uint32_t nk, uint32_t n_sinks, float *sc, float *o, acc_t *a,
-                 float *all) {
+static inline void fold(const float *q, const kv_seq_t *seq, uint32_t layer, size_t kvoff,
+                        uint32_t hd, float scale, const float *kbase, const float *vbase,
+                        uint32_t p0, const uint32_t *pos, uint32_t nk, uint32_t n_sinks, float *sc,
+                        float *o, acc_t *a, float *all, bool stats) {
     size_t stride = seq->pool->kv_dim;
     float bm = -INFINITY;
     for (uint32_t i = 0; i < nk; i++) {
@@ -206,10 +206,12 @@ static void fold(const float *q, const kv_seq_t *seq, uint32_t layer, size_t kvo
     }
     for (uint32_t i = 0; i < nk; i++) {
         float d = sc[i] - a->m, w = expf(d);
-        uint32_t p = pos ? pos[i] : p0 + i;
         a->l += w;
-        a->t += w * d;
-        if (p < n_sinks) a->sink += w;
+        if (stats) { /* the telemetry accumulators: one FMA and one compare per key */
+            uint32_t p = pos ? pos[i] : p0 + i;
+            a->t += w * d;
+            if (p < n_sinks) a->sink += w;
+        }
         const float *v = pos ? kv_seq_v(seq, layer, pos[i]) + kvoff : vbase + i * stride;
         simd.axpy(o, w, v, hd);
     }
@@ -233,13 +235,14 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
     float *o = j->out + (row * sh->n_head + h) * hd;
     uint32_t n_keys = s->pos0 + qi + 1, bs = s->seq->pool->block_size;
     acc_t a = {-INFINITY, 0, 0, 0};
+    bool stats = s->entropy || s->sink_mass;
     memset(o, 0, hd * sizeof(float));
     if (!sel) {
         for (uint32_t p0 = 0; p0 < n_keys; p0 += bs) {
             uint32_t nk = n_keys - p0 < bs ? n_keys - p0 : bs;
             fold(q, s->seq, j->layer, kvoff, hd, sh->scale, kv_seq_k(s->seq, j->layer, p0) + kvoff,
                  kv_seq_v(s->seq, j->layer, p0) + kvoff, p0, NULL, nk, s->n_sinks, w->chunk, o, &a,
-                 all);
+                 all, stats);
         }
     } else {
         /* chunk the sorted positions by block, as the dense path does, so a selection of every
@@ -248,7 +251,7 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
             uint32_t blk = sel[i] / bs, e = i;
             while (e < n_sel && sel[e] / bs == blk) e++;
             fold(q, s->seq, j->layer, kvoff, hd, sh->scale, NULL, NULL, 0, sel + i, e - i,
-                 s->n_sinks, w->chunk, o, &a, NULL);
+                 s->n_sinks, w->chunk, o, &a, NULL, stats);
             i = e;
         }
         n_keys = n_sel;

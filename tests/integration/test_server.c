@@ -805,3 +805,23 @@ Test(server, test_attention_telemetry_in_every_chunk_and_per_layer_metrics) {
     cJSON_Delete(j);
     cr_expect_eq(daemon_stop(&d), 0);
 }
+
+Test(server, test_entropy_collapse_counter_fires_after_a_run) {
+    daemon_t d;
+    /* a threshold of 1 makes every token "collapsed": a run of 3 fires once per layer */
+    const char *args[] = {"--model", tiny_chat_model(),           "--entropy-collapse-threshold",
+                          "1",       "--entropy-collapse-tokens", "3",
+                          NULL};
+    daemon_start(&d, args);
+    char *body, *head;
+    cr_expect_eq(http_req(d.port, "POST", "/v1/completions", NULL,
+                          "{\"prompt\":\"hello world\",\"max_tokens\":8,\"ignore_eos\":true}",
+                          &body, &head),
+                 200);
+    free(body), free(head);
+    cr_expect_eq(metric(d.port, "tidald_entropy_collapse_total{layer=\"0\"}"), 1);
+    cr_expect_eq(metric(d.port, "tidald_entropy_collapse_total{layer=\"1\"}"), 1);
+    daemon_pump_log(&d);
+    cr_expect(strstr(d.log, "\"event\":\"entropy_collapse\""), "no collapse log line");
+    cr_expect_eq(daemon_stop(&d), 0);
+}
