@@ -37,13 +37,13 @@ MODEL_DIR  := $(BUILD)/models
 DEFAULT_MODEL ?= $(MODEL_DIR)/small-f32.gguf
 SHARED_MODEL := ../shared/models/stories260K.gguf
 
-.PHONY: all deps run test unit-test asan-test integration-test cli-test fuzz-smoke format format-check bench fuzz clean models
+.PHONY: all deps deps-build deploy-test run test unit-test asan-test integration-test cli-test fuzz-smoke format format-check bench fuzz clean models
 
 all: $(BUILD)/tidald $(BUILD)/mkmodel $(BUILD)/loadgen
 
 # ---- dependencies (Debian packages, installed only when missing) ----
 DEB_PKGS := gcc libc6-dev clang libclang-rt-14-dev libuv1-dev libcjson-dev libcriterion-dev \
-            node-llhttp clang-format prometheus
+            node-llhttp clang-format prometheus nginx-light python3-yaml curl
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -53,6 +53,21 @@ deps:
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	else echo "deps: all present"; fi
+
+# Only what building tidald needs (container images use this).
+DEB_BUILD_PKGS := gcc libc6-dev libuv1-dev libcjson-dev node-llhttp
+deps-build:
+	@missing=""; for p in $(DEB_BUILD_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# CUDA=1 is accepted for the image build; the CUDA backend itself lands with its issue, and
+# until then CUDA=1 builds the CPU backend.
+CUDA ?= 0
 
 # ---- build ----
 $(BUILD)/obj/%.o: %.c
@@ -143,8 +158,15 @@ test: deps
 	$(MAKE) unit-test
 	$(MAKE) asan-test
 	$(MAKE) integration-test
-	$(MAKE) cli-test
 	$(MAKE) fuzz-smoke
+	$(MAKE) cli-test
+	$(MAKE) deploy-test
+
+# the Dockerfile against the tree, and deploy/ against real Prometheus and nginx on loopback
+deploy-test: $(BUILD)/tidald $(BUILD)/mkmodel $(BUILD)/loadgen
+	TIDALD_BIN=$(BUILD)/tidald bash tests/deploy/check_dockerfile.sh
+	TIDALD_BIN=$(BUILD)/tidald MKMODEL=$(BUILD)/mkmodel LOADGEN=$(BUILD)/loadgen \
+	  bash tests/deploy/deploy_test.sh
 
 # ---- benchmarks ----
 bench: deps all $(BUILD)/bench_engine $(BUILD)/bench_attention $(MODEL_DIR)/m100-f32.gguf \
