@@ -42,23 +42,28 @@ $PY - "$BIN" <<'PYEOF' && ok "manifests parse and match the binary's flags, env,
 import json, subprocess, sys, yaml
 help_text = subprocess.run([sys.argv[1], "serve", "--help"], capture_output=True, text=True).stdout
 docs = []
-for f in ["deployment", "service", "servicemonitor", "hpa"]:
+for f in ["deployment", "deployment-gpu", "service", "servicemonitor", "hpa"]:
     docs += [d for d in yaml.safe_load_all(open(f"deploy/kubernetes/{f}.yaml")) if d]
 for f in ["deploy/prometheus/prometheus.yml", "deploy/prometheus/alerts.yml"]:
     yaml.safe_load(open(f))
 json.load(open("deploy/grafana/tidald-dashboard.json"))
-dep = next(d for d in docs if d["kind"] == "Deployment")
-c = dep["spec"]["template"]["spec"]["containers"][0]
-env = {e["name"]: e.get("value") for e in c["env"]}
-for name in env:
-    assert name in help_text, f"{name} is not a tidald setting"
-port = c["ports"][0]["containerPort"]
-assert str(port) == env["TIDALD_PORT"], "containerPort and TIDALD_PORT differ"
-assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
-assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
-assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(env["TIDALD_DRAIN_TIMEOUT_S"])
-assert "preStop" in c["lifecycle"]
+deps = [d for d in docs if d["kind"] == "Deployment"]
+assert len(deps) == 2
+for dep in deps:
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for name in env:
+        assert name in help_text, f"{name} is not a tidald setting"
+    port = c["ports"][0]["containerPort"]
+    assert str(port) == env["TIDALD_PORT"], "containerPort and TIDALD_PORT differ"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(env["TIDALD_DRAIN_TIMEOUT_S"])
+    assert "preStop" in c["lifecycle"]
+    assert c["args"] == ["serve"]
+gpu = next(d for d in deps if d["metadata"]["name"] == "tidald-gpu")
+assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
 hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
 assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "tidald_requests_waiting"
 sm = next(d for d in docs if d["kind"] == "ServiceMonitor")
