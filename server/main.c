@@ -9,6 +9,7 @@
 #include "server.h"
 
 int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a);
+int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx);
 int cmd_perplexity(int argc, char **argv);
 
 #include <stdio.h>
@@ -49,6 +50,28 @@ static int cmd_serve(int argc, char **argv) {
     int code = srv_run(&cfg);
     cfg_free(&cfg);
     return code;
+}
+
+/* Load the model and a one-sequence context from the command line; 0, or -1 with a message on
+ * stderr (what was created is left for the caller to free). */
+int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx) {
+    char msg[ENG_ERRMSG_LEN];
+    if (eng_model_load(model, cfg->model, msg) != 0) {
+        fprintf(stderr, "tidald: cannot load model: %s\n", msg);
+        return -1;
+    }
+    eng_ctx_params_t cp;
+    eng_ctx_params_default(&cp);
+    cp.n_threads = cfg->threads;
+    cp.n_ctx = (uint32_t)cfg->ctx_size;
+    cp.block_size = (uint32_t)cfg->block_size;
+    cp.max_seqs = 1;
+    cp.max_batch_tokens = (uint32_t)cfg->batch_size;
+    if (eng_ctx_create(ctx, *model, &cp, msg) != 0) {
+        fprintf(stderr, "tidald: cannot create context: %s\n", msg);
+        return -1;
+    }
+    return 0;
 }
 
 /* Attention settings from the command line; 0 or -1 with a message on stderr. */
@@ -94,23 +117,10 @@ static int cmd_generate(int argc, char **argv) {
     float *logits = NULL;
     kv_seq_t seq = {0};
     double t0 = now_s();
-    if (eng_model_load(&model, cfg.model, msg) != 0) {
-        fprintf(stderr, "tidald: cannot load model: %s\n", msg);
-        goto done;
-    }
+    if (eval_open(&cfg, &model, &ctx)) goto done;
     const eng_hparams_t *hp = eng_model_hparams(model);
     const eng_tokenizer_t *tok = eng_model_tokenizer(model);
-    eng_ctx_params_t cp;
-    eng_ctx_params_default(&cp);
-    cp.n_threads = cfg.threads;
-    cp.n_ctx = (uint32_t)cfg.ctx_size;
-    cp.block_size = (uint32_t)cfg.block_size;
-    cp.max_seqs = 1;
-    cp.max_batch_tokens = (uint32_t)cfg.batch_size;
-    if (eng_ctx_create(&ctx, model, &cp, msg) != 0) {
-        fprintf(stderr, "tidald: cannot create context: %s\n", msg);
-        goto done;
-    }
+    uint32_t max_batch = (uint32_t)cfg.batch_size;
     double t_load = now_s() - t0;
     if (cfg.verbose)
         fprintf(stderr,
@@ -165,8 +175,7 @@ static int cmd_generate(int argc, char **argv) {
     double t1 = now_s();
     for (size_t done_n = 0; done_n < n_prompt;) {
         uint32_t n =
-            (uint32_t)(n_prompt - done_n < (size_t)cp.max_batch_tokens ? n_prompt - done_n
-                                                                       : cp.max_batch_tokens);
+            (uint32_t)(n_prompt - done_n < (size_t)max_batch ? n_prompt - done_n : max_batch);
         eng_batch_item_t it = {&seq, prompt + done_n, n, logits, false};
         if (eng_forward(ctx, &it, 1, msg) != 0) {
             fprintf(stderr, "tidald: prefill: %s\n", msg);

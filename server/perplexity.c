@@ -16,6 +16,7 @@
 #include <time.h>
 
 int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a);
+int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx);
 
 static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
@@ -74,22 +75,9 @@ int cmd_perplexity(int argc, char **argv) {
         fprintf(stderr, "tidald perplexity: cannot read '%s'\n", cfg.file);
         return 1;
     }
-    if (eng_model_load(&model, cfg.model, msg) != 0) {
-        fprintf(stderr, "tidald: cannot load model: %s\n", msg);
-        goto done;
-    }
+    if (eval_open(&cfg, &model, &ctx)) goto done;
     const eng_hparams_t *hp = eng_model_hparams(model);
     const eng_tokenizer_t *tok = eng_model_tokenizer(model);
-    eng_ctx_params_t cp;
-    eng_ctx_params_default(&cp);
-    cp.n_threads = cfg.threads;
-    cp.n_ctx = (uint32_t)cfg.ctx_size;
-    cp.block_size = (uint32_t)cfg.block_size;
-    cp.max_seqs = 1;
-    if (eng_ctx_create(&ctx, model, &cp, msg) != 0) {
-        fprintf(stderr, "tidald: cannot create context: %s\n", msg);
-        goto done;
-    }
     eng_attn_params_t attn;
     if (eval_attn_params(&cfg, hp, &attn)) goto done;
     bool tidal = attn.mode == ENG_ATTN_TIDAL;
