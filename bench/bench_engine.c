@@ -8,6 +8,8 @@
  */
 #include "../engine/engine.h"
 
+#include <immintrin.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,16 +30,32 @@ typedef struct {
     double sum;
 } bw_arg_t;
 
-static void *bw_read(void *a) {
-    bw_arg_t *b = a;
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (size_t i = 0; i + 4 <= b->n; i += 4) {
-        s0 += b->p[i];
-        s1 += b->p[i + 1];
-        s2 += b->p[i + 2];
-        s3 += b->p[i + 3];
+/* Read a buffer as fast as the core can: AVX2 loads into four independent OR chains (no FP
+ * dependency limits the rate), a plain 64-bit loop where AVX2 is missing. */
+__attribute__((target("avx2"))) static uint64_t read_avx2(const float *p, size_t n) {
+    __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+    for (size_t i = 0; i + 32 <= n; i += 32) {
+        a = _mm256_or_si256(a, _mm256_loadu_si256((const __m256i *)(p + i)));
+        b = _mm256_or_si256(b, _mm256_loadu_si256((const __m256i *)(p + i + 8)));
+        c = _mm256_or_si256(c, _mm256_loadu_si256((const __m256i *)(p + i + 16)));
+        d = _mm256_or_si256(d, _mm256_loadu_si256((const __m256i *)(p + i + 24)));
     }
-    b->sum = s0 + s1 + s2 + s3;
+    a = _mm256_or_si256(_mm256_or_si256(a, b), _mm256_or_si256(c, d));
+    uint64_t out[4];
+    _mm256_storeu_si256((__m256i *)out, a);
+    return out[0] | out[1] | out[2] | out[3];
+}
+
+static void *bw_read(void *arg) {
+    bw_arg_t *b = arg;
+    if (__builtin_cpu_supports("avx2")) {
+        b->sum = (double)read_avx2(b->p, b->n);
+    } else {
+        const uint64_t *q = (const uint64_t *)b->p;
+        uint64_t x = 0;
+        for (size_t i = 0; i < b->n / 2; i++) x |= q[i];
+        b->sum = (double)x;
+    }
     return NULL;
 }
 

@@ -109,7 +109,17 @@ static void matmul_range(void *arg, size_t b, size_t e, int worker) {
             for (uint32_t r = 0; r < nr; r++) row_to_f32(w, r0 + r, buf + r * n);
             rows = buf;
         }
-        for (uint32_t t = 0; t < j->T; t++) {
+        uint32_t t = 0;
+        if (nr == 4) /* three tokens at a time through the 4x3 register tile */
+            for (; t + 3 <= j->T; t += 3) {
+                const float *xs[3] = {j->x + (size_t)t * n, j->x + (size_t)(t + 1) * n,
+                                      j->x + (size_t)(t + 2) * n};
+                float out[12];
+                simd.tile4x3(rows, n, xs, out);
+                for (int k = 0; k < 3; k++)
+                    memcpy(j->y + (size_t)(t + k) * w->rows + r0, out + 4 * k, 4 * sizeof(float));
+            }
+        for (; t < j->T; t++) {
             const float *x = j->x + (size_t)t * n;
             float *y = j->y + (size_t)t * w->rows + r0;
             if (nr == 4) {

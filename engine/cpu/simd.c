@@ -42,6 +42,11 @@ static void dot4_f16_scalar(const uint16_t *rows, size_t stride, size_t n, const
     }
 }
 
+static void tile4x3_scalar(const float *rows, size_t n, const float *const x[3], float *out) {
+    for (int t = 0; t < 3; t++)
+        for (int r = 0; r < 4; r++) out[t * 4 + r] = dot_scalar(rows + (size_t)r * n, x[t], n);
+}
+
 /* ---- AVX2 + FMA ------------------------------------------------------ */
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -132,6 +137,41 @@ AVX2 static void dot4_f16_avx2(const uint16_t *rows, size_t stride, size_t n, co
     memcpy(y, s, sizeof(s));
 }
 
+AVX2 static void tile4x3_avx2(const float *rows, size_t n, const float *const x[3], float *out) {
+    const float *r0 = rows, *r1 = rows + n, *r2 = rows + 2 * n, *r3 = rows + 3 * n;
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2];
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 w0 = _mm256_loadu_ps(r0 + i), w1 = _mm256_loadu_ps(r1 + i);
+        __m256 w2 = _mm256_loadu_ps(r2 + i), w3 = _mm256_loadu_ps(r3 + i);
+        __m256 v = _mm256_loadu_ps(x0 + i);
+        a00 = _mm256_fmadd_ps(w0, v, a00);
+        a01 = _mm256_fmadd_ps(w1, v, a01);
+        a02 = _mm256_fmadd_ps(w2, v, a02);
+        a03 = _mm256_fmadd_ps(w3, v, a03);
+        v = _mm256_loadu_ps(x1 + i);
+        a10 = _mm256_fmadd_ps(w0, v, a10);
+        a11 = _mm256_fmadd_ps(w1, v, a11);
+        a12 = _mm256_fmadd_ps(w2, v, a12);
+        a13 = _mm256_fmadd_ps(w3, v, a13);
+        v = _mm256_loadu_ps(x2 + i);
+        a20 = _mm256_fmadd_ps(w0, v, a20);
+        a21 = _mm256_fmadd_ps(w1, v, a21);
+        a22 = _mm256_fmadd_ps(w2, v, a22);
+        a23 = _mm256_fmadd_ps(w3, v, a23);
+    }
+    float s[12] = {hsum256(a00), hsum256(a01), hsum256(a02), hsum256(a03),
+                   hsum256(a10), hsum256(a11), hsum256(a12), hsum256(a13),
+                   hsum256(a20), hsum256(a21), hsum256(a22), hsum256(a23)};
+    for (; i < n; i++)
+        for (int t = 0; t < 3; t++)
+            for (int r = 0; r < 4; r++) s[t * 4 + r] += rows[(size_t)r * n + i] * x[t][i];
+    memcpy(out, s, sizeof(s));
+}
+
 /* ---- AVX-512F -------------------------------------------------------- */
 
 #define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
@@ -212,14 +252,37 @@ AVX512 static void dot4_f16_avx512(const uint16_t *rows, size_t stride, size_t n
     memcpy(y, s, sizeof(s));
 }
 
+AVX512 static void tile4x3_avx512(const float *rows, size_t n, const float *const x[3],
+                                  float *out) {
+    __m512 acc[3][4];
+    for (int t = 0; t < 3; t++)
+        for (int r = 0; r < 4; r++) acc[t][r] = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 w[4];
+        for (int r = 0; r < 4; r++) w[r] = _mm512_loadu_ps(rows + (size_t)r * n + i);
+        for (int t = 0; t < 3; t++) {
+            __m512 v = _mm512_loadu_ps(x[t] + i);
+            for (int r = 0; r < 4; r++) acc[t][r] = _mm512_fmadd_ps(w[r], v, acc[t][r]);
+        }
+    }
+    float s[12];
+    for (int t = 0; t < 3; t++)
+        for (int r = 0; r < 4; r++) s[t * 4 + r] = _mm512_reduce_add_ps(acc[t][r]);
+    for (; i < n; i++)
+        for (int t = 0; t < 3; t++)
+            for (int r = 0; r < 4; r++) s[t * 4 + r] += rows[(size_t)r * n + i] * x[t][i];
+    memcpy(out, s, sizeof(s));
+}
+
 /* ---- dispatch -------------------------------------------------------- */
 
-static const simd_ops_t ops_scalar = {"scalar",    dot4_scalar, dot_scalar,
-                                      axpy_scalar, f16_scalar,  dot4_f16_scalar};
-static const simd_ops_t ops_avx2 = {"avx2",    dot4_avx2, dot_avx2,
-                                    axpy_avx2, f16_avx2,  dot4_f16_avx2};
-static const simd_ops_t ops_avx512 = {"avx512",    dot4_avx512, dot_avx512,
-                                      axpy_avx512, f16_avx512,  dot4_f16_avx512};
+static const simd_ops_t ops_scalar = {"scalar",   dot4_scalar,     dot_scalar,    axpy_scalar,
+                                      f16_scalar, dot4_f16_scalar, tile4x3_scalar};
+static const simd_ops_t ops_avx2 = {"avx2",   dot4_avx2,     dot_avx2,    axpy_avx2,
+                                    f16_avx2, dot4_f16_avx2, tile4x3_avx2};
+static const simd_ops_t ops_avx512 = {"avx512",   dot4_avx512,     dot_avx512,    axpy_avx512,
+                                      f16_avx512, dot4_f16_avx512, tile4x3_avx512};
 
 simd_ops_t simd; /* set by simd_init() / simd_select() before any kernel runs */
 

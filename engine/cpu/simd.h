@@ -20,6 +20,9 @@ typedef struct {
     /* y[r] = dot(f16 row r, x) for r < 4, rows `stride` halves apart: converts as it goes, for
      * steps with too few tokens to amortise a converted copy */
     void (*dot4_f16)(const uint16_t *rows, size_t stride, size_t n, const float *x, float *y);
+    /* out[t*4 + r] = dot(rows + r*n, x[t]) for r < 4, t < 3: a 4x3 register tile, so each load
+     * of a row or a token feeds three or four FMAs (prefill matmuls) */
+    void (*tile4x3)(const float *rows, size_t n, const float *const x[3], float *out);
 } simd_ops_t;
 
 extern simd_ops_t simd;
