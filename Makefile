@@ -191,14 +191,22 @@ $(FUZZ_DIR)/fuzz_request: $(FUZZ_SRC) $(LLHTTP_SRC)
 	@mkdir -p $(FUZZ_DIR)
 	clang -std=gnu11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 	  -I/usr/share/include/llhttp -w $^ -o $@ $(LDLIBS)
-fuzz: deps $(FUZZ_DIR)/fuzz_request
-	mkdir -p $(FUZZ_DIR)/corpus
+$(FUZZ_DIR)/fuzz_gguf: tests/fuzz/fuzz_gguf.c $(ENGINE_SRC)
+	@mkdir -p $(FUZZ_DIR)
+	clang -std=gnu11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -w $^ -o $@ $(LDLIBS)
+fuzz: deps $(FUZZ_DIR)/fuzz_request $(FUZZ_DIR)/fuzz_gguf
+	mkdir -p $(FUZZ_DIR)/corpus $(FUZZ_DIR)/corpus-gguf
 	$(FUZZ_DIR)/fuzz_request -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
 	  $(FUZZ_DIR)/corpus tests/fuzz/corpus
+	$(FUZZ_DIR)/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -max_len=16384 \
+	  $(FUZZ_DIR)/corpus-gguf tests/fuzz/corpus-gguf
 # make test runs a short pass over the seed corpus plus fresh mutations
-fuzz-smoke: $(FUZZ_DIR)/fuzz_request
-	mkdir -p $(FUZZ_DIR)/smoke && rm -rf $(FUZZ_DIR)/smoke/*
+fuzz-smoke: $(FUZZ_DIR)/fuzz_request $(FUZZ_DIR)/fuzz_gguf
+	mkdir -p $(FUZZ_DIR)/smoke $(FUZZ_DIR)/smoke-gguf && rm -rf $(FUZZ_DIR)/smoke/* $(FUZZ_DIR)/smoke-gguf/*
 	$(FUZZ_DIR)/fuzz_request -max_total_time=15 -max_len=2048 -seed=1 $(FUZZ_DIR)/smoke tests/fuzz/corpus
+	$(FUZZ_DIR)/fuzz_gguf -max_total_time=15 -max_len=16384 -seed=1 $(FUZZ_DIR)/smoke-gguf \
+	  tests/fuzz/corpus-gguf
 
 clean:
 	rm -rf $(BUILD)

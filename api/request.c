@@ -245,7 +245,9 @@ static int prompt_tokens(const api_ctx_t *ctx, const cJSON *root, api_req_t *r, 
     if (!p) return BAD(e, "prompt", "'prompt' is required");
     if (cJSON_IsString(p)) {
         size_t len = strlen(p->valuestring);
-        if (eng_tokenize(tok, p->valuestring, len, eng_tok_add_bos(tok), &r->eng.prompt, &n, msg))
+        /* special-token texts become those tokens, as llama.cpp's and vLLM's servers do */
+        if (eng_tokenize_ex(tok, p->valuestring, len, eng_tok_add_bos(tok), true, &r->eng.prompt,
+                            &n, msg))
             return BAD(e, "prompt", "prompt: %s", msg);
         r->prompt_text = strdup(p->valuestring);
     } else if (cJSON_IsArray(p)) {
