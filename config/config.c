@@ -272,7 +272,7 @@ static const opt_t opts[] = {
      "token budget of one engine step (prefill chunk size)"},
     {"kv_block_size", V_INT, COFF(kv_block_size), "16", 1, 4096, "KV cache tokens per block"},
     {"kv_mem_mb", V_INT, COFF(kv_mem_mb), "0", 0, 1 << 24,
-     "KV cache budget in MiB, 0 = max_running full contexts"},
+     "KV cache budget in MiB, 0 = max_running full contexts (at most half the RAM)"},
     {"default_max_tokens", V_INT, COFF(default_max_tokens), "256", 1, 1 << 24,
      "max_tokens when a request gives none"},
     {"request_timeout_s", V_NUM, COFF(request_timeout_s), "600", 0, 1e7,

@@ -9,6 +9,7 @@
 #include "model.h"
 
 #include <math.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -62,8 +63,17 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     if (c->p.kv_mem_bytes) {
         n_blocks = kv_pool_blocks_for_bytes(hp->n_layer, kvd, c->p.block_size, c->p.kv_mem_bytes);
     } else {
+        /* every sequence's full context, but at most half the machine's memory: with large
+         * models the scheduler's pressure policy then shares a smaller pool */
         uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size;
         uint64_t nb = per_seq * c->p.max_seqs;
+        long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+        if (pages > 0 && psz > 0) {
+            uint64_t cap = kv_pool_blocks_for_bytes(hp->n_layer, kvd, c->p.block_size,
+                                                    (size_t)((uint64_t)pages * (uint64_t)psz / 2));
+            if (cap < per_seq) cap = per_seq; /* one full context at least */
+            if (nb > cap) nb = cap;
+        }
         n_blocks = nb > UINT32_MAX / 2 ? UINT32_MAX / 2 : (uint32_t)nb;
     }
     if (n_blocks == 0) {
