@@ -7,6 +7,7 @@
  * one token and rolls the cache back, so the length stays fixed.
  */
 #include "../engine/engine.h"
+#include "../engine/f16.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,7 @@ int main(int argc, char **argv) {
     eng_ctx_params_default(&p);
     p.max_seqs = 1;
     p.n_ctx = hp->n_ctx_train;
+    p.kv_f16 = !(argc > 3 && strcmp(argv[3], "f32") == 0); /* the server's default is F16 */
     eng_ctx_t *c;
     if (eng_ctx_create(&c, m, &p, msg)) {
         fprintf(stderr, "bench_attention: %s\n", msg);
@@ -74,11 +76,18 @@ int main(int argc, char **argv) {
     uint64_t x = 88172645463325252ull;
     for (uint32_t l = 0; l < hp->n_layer; l++)
         for (uint32_t q = 0; q < max_len; q++) {
-            float *k = kv_seq_k(&s, l, q), *v = kv_seq_v(&s, l, q);
+            void *k = kv_seq_kp(&s, l, q), *v = kv_seq_vp(&s, l, q);
             for (uint32_t i = 0; i < kvd; i++) {
                 x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-                k[i] = (float)((int32_t)(x >> 32)) * (1.0f / 2147483648.0f);
-                v[i] = (float)((int32_t)x) * (1.0f / 2147483648.0f);
+                float kf = (float)((int32_t)(x >> 32)) * (1.0f / 2147483648.0f);
+                float vf = (float)((int32_t)x) * (1.0f / 2147483648.0f);
+                if (p.kv_f16) {
+                    ((uint16_t *)k)[i] = eng_f32_to_f16(kf);
+                    ((uint16_t *)v)[i] = eng_f32_to_f16(vf);
+                } else {
+                    ((float *)k)[i] = kf;
+                    ((float *)v)[i] = vf;
+                }
             }
         }
     eng_attn_params_t full = {ENG_ATTN_FULL}, tidal = {ENG_ATTN_TIDAL, budget};
@@ -91,9 +100,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "model %s: %u layers, %u heads (%u KV), selection layers", hp->name,
             hp->n_layer, hp->n_head, hp->n_head_kv);
     for (uint32_t i = 0; i < tidal.n_sel_layers; i++) fprintf(stderr, " %u", tidal.sel_layers[i]);
-    fprintf(stderr, ", budget %u, SIMD %s\n\n%8s %12s %12s %9s %14s %10s\n", budget,
-            eng_cpu_simd_name(), "cached", "full ms", "tidal ms", "speedup", "full+tele ms",
-            "tele cost");
+    fprintf(stderr, ", budget %u, KV %s, SIMD %s\n\n%8s %12s %12s %9s %14s %10s\n", budget,
+            p.kv_f16 ? "f16" : "f32", eng_cpu_simd_name(), "cached", "full ms", "tidal ms",
+            "speedup", "full+tele ms", "tele cost");
     for (int i = 0; i < 4; i++) {
         if (lens[i] > max_len) continue;
         s.n_tokens = lens[i];

@@ -68,6 +68,7 @@ static const flag_t gen_flags[] = {
      "attention-sink tokens eviction keeps (default 4)"},
     {"--kv-block-size", F_INT, 1, 4096, OFF(block_size), "N",
      "KV cache tokens per block: the eviction granularity (default 16)"},
+    {"--kv-type", F_STR, 0, 0, OFF(kv_type), "TYPE", "KV cache values: f16 or f32 (default f16)"},
     {"--evict-chunk", F_INT, 0, 1 << 24, OFF(evict_chunk), "N",
      "tokens evicted when the window fills, block-rounded (default window/8)"},
     {"--no-eviction", F_BOOL, 0, 0, OFF(no_eviction), "",
@@ -161,6 +162,7 @@ static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg)
     c->batch_size = 512;
     c->sinks = 4;
     c->block_size = 16;
+    c->kv_type = "f16";
     c->attention = "full";
     c->token_budget = 256;
     for (int i = 1; i < argc; i++) {
@@ -232,6 +234,10 @@ static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg)
         snprintf(msg, CFG_ERRMSG_LEN, "--attention: '%s' must be full or tidal", c->attention);
         return -1;
     }
+    if (strcmp(c->kv_type, "f16") != 0 && strcmp(c->kv_type, "f32") != 0) {
+        snprintf(msg, CFG_ERRMSG_LEN, "--kv-type: '%s' must be f16 or f32", c->kv_type);
+        return -1;
+    }
     if (c->token_budget < 1) {
         snprintf(msg, CFG_ERRMSG_LEN, "--token-budget must be at least 1");
         return -1;
@@ -271,6 +277,8 @@ static const opt_t opts[] = {
     {"step_tokens", V_INT, COFF(step_tokens), "256", 1, 65536,
      "token budget of one engine step (prefill chunk size)"},
     {"kv_block_size", V_INT, COFF(kv_block_size), "16", 1, 4096, "KV cache tokens per block"},
+    {"kv_type", V_STR, COFF(kv_type), "f16", 0, 0,
+     "KV cache values: f16 (half the memory and attention reads) or f32"},
     {"kv_mem_mb", V_INT, COFF(kv_mem_mb), "0", 0, 1 << 24,
      "KV cache budget in MiB, 0 = max_running full contexts (at most half the RAM)"},
     {"default_max_tokens", V_INT, COFF(default_max_tokens), "256", 1, 1 << 24,
@@ -523,6 +531,10 @@ int cfg_load(cfg_t *c, int argc, char **argv, char **envp, char *msg) {
     }
     if (strcmp(c->attention, "full") && strcmp(c->attention, "tidal")) {
         snprintf(msg, CFG_ERRMSG_LEN, "attention: '%s' must be full or tidal", c->attention);
+        goto fail;
+    }
+    if (strcmp(c->kv_type, "f16") && strcmp(c->kv_type, "f32")) {
+        snprintf(msg, CFG_ERRMSG_LEN, "kv_type: '%s' must be f16 or f32", c->kv_type);
         goto fail;
     }
     if (strcmp(c->kv_pressure, "evict") && strcmp(c->kv_pressure, "preempt")) {

@@ -34,6 +34,7 @@ typedef struct {
     const char *file;             /* perplexity: the text to evaluate */
     int32_t sinks;                /* attention-sink tokens kept by eviction */
     int32_t block_size;           /* KV cache tokens per block (eviction granularity) */
+    const char *kv_type;          /* f16 or f32 */
     int32_t evict_chunk;          /* tokens evicted at a time, 0 = window/8 (block-rounded) */
     bool no_eviction;             /* stop at a full window instead of evicting */
     const char *attention;        /* full or tidal */
@@ -68,6 +69,7 @@ typedef struct {
     int64_t step_tokens; /* token budget per engine step */
     int64_t kv_block_size;
     int64_t kv_mem_mb; /* 0: enough for max_running full contexts */
+    char *kv_type;     /* f16 or f32 */
     int64_t default_max_tokens;
     double request_timeout_s; /* per-request deadline; 0: none */
     int64_t max_header_bytes;

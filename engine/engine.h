@@ -87,6 +87,7 @@ typedef struct {
     uint32_t n_ctx;            /* per-sequence context; 0: the model's training context */
     uint32_t max_batch_tokens; /* tokens per forward call (default 512) */
     uint32_t max_seqs;         /* sequences per forward call (default 16) */
+    bool kv_f16;               /* store keys and values as F16 (half the memory and reads) */
 } eng_ctx_params_t;
 
 typedef struct eng_ctx eng_ctx_t;

@@ -6,6 +6,7 @@
  * sequence through its block table. Activations live in buffers sized once
  * for max_batch_tokens, so a step allocates nothing.
  */
+#include "f16.h"
 #include "model.h"
 
 #include <math.h>
@@ -61,7 +62,8 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     uint32_t kvd = hp->n_head_kv * hp->head_dim;
     uint32_t n_blocks;
     if (c->p.kv_mem_bytes) {
-        n_blocks = kv_pool_blocks_for_bytes(hp->n_layer, kvd, c->p.block_size, c->p.kv_mem_bytes);
+        n_blocks = kv_pool_blocks_for_bytes_typed(hp->n_layer, kvd, c->p.block_size,
+                                                  c->p.kv_mem_bytes, c->p.kv_f16 ? 2 : 4);
     } else {
         /* every sequence's full context, but at most half the machine's memory: with large
          * models the scheduler's pressure policy then shares a smaller pool */
@@ -69,8 +71,9 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
         uint64_t nb = per_seq * c->p.max_seqs;
         long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
         if (pages > 0 && psz > 0) {
-            uint64_t cap = kv_pool_blocks_for_bytes(hp->n_layer, kvd, c->p.block_size,
-                                                    (size_t)((uint64_t)pages * (uint64_t)psz / 2));
+            uint64_t cap = kv_pool_blocks_for_bytes_typed(
+                hp->n_layer, kvd, c->p.block_size, (size_t)((uint64_t)pages * (uint64_t)psz / 2),
+                c->p.kv_f16 ? 2 : 4);
             if (cap < per_seq) cap = per_seq; /* one full context at least */
             if (nb > cap) nb = cap;
         }
@@ -80,7 +83,9 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
         rc = eng_fail(msg, ENG_EINVAL, "KV memory budget is smaller than one block");
         goto fail;
     }
-    if ((rc = kv_pool_init(&c->pool, hp->n_layer, kvd, c->p.block_size, n_blocks, msg))) goto fail;
+    if ((rc = kv_pool_init_typed(&c->pool, hp->n_layer, kvd, c->p.block_size, n_blocks, c->p.kv_f16,
+                                 msg)))
+        goto fail;
     if ((rc = eng_cpu_backend_create(&c->be, c->p.n_threads, msg))) goto fail;
     size_t widest = hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd;
     if (c->be->ops->reserve(c->be, widest, c->p.block_size, c->p.max_seqs, c->p.n_ctx) != 0) {
@@ -204,6 +209,16 @@ static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_
             as->n_att = NULL;
         }
     }
+}
+
+/* Write one key or value vector into the cache in its value type. */
+static void store_kv(void *dst, const float *src, uint32_t n, uint32_t elem) {
+    if (elem == 4) {
+        memcpy(dst, src, sizeof(float) * n);
+        return;
+    }
+    uint16_t *h = dst;
+    for (uint32_t i = 0; i < n; i++) h[i] = eng_f32_to_f16(src[i]);
 }
 
 uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
@@ -335,10 +350,10 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
         for (uint32_t i = 0; i < n_items; i++) {
             const eng_attn_seq_t *a = &c->aseq[i];
             for (uint32_t j = 0; j < a->n_q; j++) {
-                memcpy(kv_seq_k(a->seq, l, a->pos0 + j), c->k + (size_t)(a->q_start + j) * kvd,
-                       sizeof(float) * kvd);
-                memcpy(kv_seq_v(a->seq, l, a->pos0 + j), c->v + (size_t)(a->q_start + j) * kvd,
-                       sizeof(float) * kvd);
+                store_kv(kv_seq_kp(a->seq, l, a->pos0 + j), c->k + (size_t)(a->q_start + j) * kvd,
+                         kvd, c->pool.elem);
+                store_kv(kv_seq_vp(a->seq, l, a->pos0 + j), c->v + (size_t)(a->q_start + j) * kvd,
+                         kvd, c->pool.elem);
             }
         }
         op->attention(be, &shape, l, c->q, c->aseq, n_items, c->att);

@@ -11,7 +11,12 @@ static size_t block_floats(uint32_t n_layer, uint32_t kv_dim, uint32_t block_siz
 
 uint32_t kv_pool_blocks_for_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
                                   size_t mem_bytes) {
-    size_t per = block_floats(n_layer, kv_dim, block_size) * sizeof(float);
+    return kv_pool_blocks_for_bytes_typed(n_layer, kv_dim, block_size, mem_bytes, 4);
+}
+
+uint32_t kv_pool_blocks_for_bytes_typed(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                                        size_t mem_bytes, uint32_t elem) {
+    size_t per = block_floats(n_layer, kv_dim, block_size) * elem;
     if (!per) return 0;
     size_t n = mem_bytes / per;
     return n > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)n;
@@ -19,21 +24,28 @@ uint32_t kv_pool_blocks_for_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t bl
 
 int kv_pool_init(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
                  uint32_t n_blocks, char *msg) {
+    return kv_pool_init_typed(p, n_layer, kv_dim, block_size, n_blocks, false, msg);
+}
+
+int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                       uint32_t n_blocks, bool f16, char *msg) {
     memset(p, 0, sizeof(*p));
+    uint32_t elem = f16 ? 2 : 4;
     if (!n_layer || !kv_dim || !block_size || !n_blocks)
         return eng_fail(msg, ENG_EINVAL, "KV pool: every dimension must be positive");
     size_t per = block_floats(n_layer, kv_dim, block_size);
-    if (per > SIZE_MAX / sizeof(float) / n_blocks)
+    if (per > SIZE_MAX / elem / n_blocks)
         return eng_fail(msg, ENG_ERANGE, "KV pool: size overflows");
-    p->data = calloc(per * n_blocks, sizeof(float));
+    p->data = calloc(per * n_blocks, elem);
     p->free_list = malloc(sizeof(uint32_t) * n_blocks);
     if (!p->data || !p->free_list) {
         free(p->data);
         free(p->free_list);
         memset(p, 0, sizeof(*p));
         return eng_fail(msg, ENG_ENOMEM, "KV pool: cannot allocate %u blocks of %zu bytes",
-                        n_blocks, per * sizeof(float));
+                        n_blocks, per * elem);
     }
+    p->elem = elem;
     p->n_layer = n_layer;
     p->kv_dim = kv_dim;
     p->block_size = block_size;

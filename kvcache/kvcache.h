@@ -12,6 +12,7 @@
 #ifndef TIDALD_KVCACHE_H
 #define TIDALD_KVCACHE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -20,7 +21,8 @@ typedef struct {
     uint32_t kv_dim;     /* n_head_kv * head_dim */
     uint32_t block_size; /* tokens per block */
     uint32_t n_blocks;
-    float *data;         /* n_blocks * n_layer * 2 * block_size * kv_dim floats */
+    uint32_t elem;       /* bytes per stored value: 4 (F32) or 2 (F16) */
+    void *data;          /* n_blocks * n_layer * 2 * block_size * kv_dim values */
     uint32_t *free_list; /* stack of free block ids */
     uint32_t n_free;
 } kv_pool_t;
@@ -34,13 +36,19 @@ typedef struct {
     uint64_t n_evicted; /* tokens evicted over the sequence's life */
 } kv_seq_t;
 
-/* Size a pool of n_blocks blocks. Returns 0 or a negative eng_err_t (msg filled). */
+/* Size a pool of n_blocks blocks of F32 values. Returns 0 or a negative eng_err_t (msg
+ * filled). */
 int kv_pool_init(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
                  uint32_t n_blocks, char *msg);
+/* The same with a choice of value type: F16 halves the memory and the bytes attention reads. */
+int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                       uint32_t n_blocks, bool f16, char *msg);
 void kv_pool_close(kv_pool_t *p);
 /* How many blocks fit in mem_bytes for the given shape (at least 0). */
 uint32_t kv_pool_blocks_for_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
                                   size_t mem_bytes);
+uint32_t kv_pool_blocks_for_bytes_typed(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                                        size_t mem_bytes, uint32_t elem);
 static inline double kv_pool_usage(const kv_pool_t *p) {
     return p->n_blocks ? (double)(p->n_blocks - p->n_free) / p->n_blocks : 0.0;
 }
@@ -59,16 +67,26 @@ uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n);
 void kv_seq_reset(kv_seq_t *s);
 void kv_seq_close(kv_seq_t *s);
 
-/* Address of the key (or value) vector of token `pos` in `layer`. pos < capacity. */
-static inline float *kv_seq_k(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
+/* Address of the key (or value) vector of token `pos` in `layer` (pos < capacity), in the
+ * pool's value type. */
+static inline void *kv_seq_kp(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
     const kv_pool_t *p = s->pool;
     uint32_t b = s->blocks[pos / p->block_size];
     size_t slab = (size_t)p->block_size * p->kv_dim;
-    return p->data + ((size_t)b * p->n_layer + layer) * 2 * slab +
-           (size_t)(pos % p->block_size) * p->kv_dim;
+    size_t idx =
+        ((size_t)b * p->n_layer + layer) * 2 * slab + (size_t)(pos % p->block_size) * p->kv_dim;
+    return (char *)p->data + idx * p->elem;
+}
+static inline void *kv_seq_vp(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
+    return (char *)kv_seq_kp(s, layer, pos) +
+           (size_t)s->pool->block_size * s->pool->kv_dim * s->pool->elem;
+}
+/* The same as floats: F32 pools only. */
+static inline float *kv_seq_k(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
+    return (float *)kv_seq_kp(s, layer, pos);
 }
 static inline float *kv_seq_v(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
-    return kv_seq_k(s, layer, pos) + (size_t)s->pool->block_size * s->pool->kv_dim;
+    return (float *)kv_seq_vp(s, layer, pos);
 }
 
 #endif

@@ -845,6 +845,7 @@ static void load_model(uv_work_t *w) {
     p.n_ctx = (uint32_t)cfg->ctx_size;
     p.block_size = (uint32_t)cfg->kv_block_size;
     p.kv_mem_bytes = (size_t)cfg->kv_mem_mb << 20;
+    p.kv_f16 = strcmp(cfg->kv_type, "f16") == 0;
     p.max_seqs = (uint32_t)cfg->max_running;
     p.max_batch_tokens =
         (uint32_t)(cfg->step_tokens > cfg->max_running ? cfg->step_tokens : cfg->max_running);

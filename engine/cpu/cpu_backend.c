@@ -195,14 +195,19 @@ typedef struct {
 /* Fold nk keys into acc and o: contiguous from kbase (stride floats apart) when pos is NULL,
  * else the listed positions. all (if not NULL) receives every raw score by position. */
 static inline void fold(const float *q, const kv_seq_t *seq, uint32_t layer, size_t kvoff,
-                        uint32_t hd, float scale, const float *kbase, const float *vbase,
-                        uint32_t p0, const uint32_t *pos, uint32_t nk, uint32_t n_sinks, float *sc,
-                        float *o, acc_t *a, float *all, bool stats) {
-    size_t stride = seq->pool->kv_dim;
+                        uint32_t hd, float scale, const void *kbase, const void *vbase, uint32_t p0,
+                        const uint32_t *pos, uint32_t nk, uint32_t n_sinks, float *sc, float *o,
+                        acc_t *a, float *all, bool stats) {
+    const kv_pool_t *pool = seq->pool;
+    size_t stride = (size_t)pool->kv_dim * pool->elem, off = kvoff * pool->elem;
+    bool f16 = pool->elem == 2;
     float bm = -INFINITY;
     for (uint32_t i = 0; i < nk; i++) {
-        const float *k = pos ? kv_seq_k(seq, layer, pos[i]) + kvoff : kbase + i * stride;
-        sc[i] = simd.dot(q, k, hd) * scale;
+        const char *k = pos ? (const char *)kv_seq_kp(seq, layer, pos[i]) + off
+                            : (const char *)kbase + i * stride;
+        sc[i] =
+            (f16 ? simd.dot_f16(q, (const uint16_t *)k, hd) : simd.dot(q, (const float *)k, hd)) *
+            scale;
         if (all) all[pos ? pos[i] : p0 + i] = sc[i];
         if (sc[i] > bm) bm = sc[i];
     }
@@ -222,8 +227,12 @@ static inline void fold(const float *q, const kv_seq_t *seq, uint32_t layer, siz
             a->t += w * d;
             if (p < n_sinks) a->sink += w;
         }
-        const float *v = pos ? kv_seq_v(seq, layer, pos[i]) + kvoff : vbase + i * stride;
-        simd.axpy(o, w, v, hd);
+        const char *v = pos ? (const char *)kv_seq_vp(seq, layer, pos[i]) + off
+                            : (const char *)vbase + i * stride;
+        if (f16)
+            simd.axpy_f16(o, w, (const uint16_t *)v, hd);
+        else
+            simd.axpy(o, w, (const float *)v, hd);
     }
 }
 
@@ -250,9 +259,11 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
     if (!sel) {
         for (uint32_t p0 = 0; p0 < n_keys; p0 += bs) {
             uint32_t nk = n_keys - p0 < bs ? n_keys - p0 : bs;
-            fold(q, s->seq, j->layer, kvoff, hd, sh->scale, kv_seq_k(s->seq, j->layer, p0) + kvoff,
-                 kv_seq_v(s->seq, j->layer, p0) + kvoff, p0, NULL, nk, s->n_sinks, w->chunk, o, &a,
-                 all, stats);
+            size_t off = kvoff * s->seq->pool->elem;
+            fold(q, s->seq, j->layer, kvoff, hd, sh->scale,
+                 (const char *)kv_seq_kp(s->seq, j->layer, p0) + off,
+                 (const char *)kv_seq_vp(s->seq, j->layer, p0) + off, p0, NULL, nk, s->n_sinks,
+                 w->chunk, o, &a, all, stats);
         }
     } else {
         /* chunk the sorted positions by block, as the dense path does, so a selection of every
@@ -409,17 +420,30 @@ static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_
         sn[i] = -sinf(th);
         theta *= theta_scale;
     }
+    bool f16 = seq->pool->elem == 2;
     for (uint32_t l = 0; l < seq->pool->n_layer; l++)
         for (uint32_t p = from; p < to; p++) {
-            float *k = kv_seq_k(seq, l, p);
-            for (uint32_t h = 0; h < n_head_kv; h++) {
-                float *v = k + (size_t)h * head_dim;
+            void *kp = kv_seq_kp(seq, l, p);
+            for (uint32_t h = 0; h < n_head_kv; h++)
                 for (uint32_t i = 0; i < n_rot; i += 2) {
-                    float a = v[i], b = v[i + 1];
-                    v[i] = a * cs[i / 2] - b * sn[i / 2];
-                    v[i + 1] = a * sn[i / 2] + b * cs[i / 2];
+                    size_t x = (size_t)h * head_dim + i;
+                    float a, b;
+                    if (f16) {
+                        a = eng_f16_to_f32(((uint16_t *)kp)[x]);
+                        b = eng_f16_to_f32(((uint16_t *)kp)[x + 1]);
+                    } else {
+                        a = ((float *)kp)[x];
+                        b = ((float *)kp)[x + 1];
+                    }
+                    float ra = a * cs[i / 2] - b * sn[i / 2], rb = a * sn[i / 2] + b * cs[i / 2];
+                    if (f16) {
+                        ((uint16_t *)kp)[x] = eng_f32_to_f16(ra);
+                        ((uint16_t *)kp)[x + 1] = eng_f32_to_f16(rb);
+                    } else {
+                        ((float *)kp)[x] = ra;
+                        ((float *)kp)[x + 1] = rb;
+                    }
                 }
-            }
         }
 }
 

@@ -47,6 +47,16 @@ static void tile4x3_scalar(const float *rows, size_t n, const float *const x[3],
         for (int r = 0; r < 4; r++) out[t * 4 + r] = dot_scalar(rows + (size_t)r * n, x[t], n);
 }
 
+static float dot_f16_scalar(const float *a, const uint16_t *b, size_t n) {
+    float s = 0;
+    for (size_t i = 0; i < n; i++) s += a[i] * eng_f16_to_f32(b[i]);
+    return s;
+}
+
+static void axpy_f16_scalar(float *y, float a, const uint16_t *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += a * eng_f16_to_f32(x[i]);
+}
+
 /* ---- AVX2 + FMA ------------------------------------------------------ */
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -172,6 +182,27 @@ AVX2 static void tile4x3_avx2(const float *rows, size_t n, const float *const x[
     memcpy(out, s, sizeof(s));
 }
 
+AVX2 static float dot_f16_avx2(const float *a, const uint16_t *b, size_t n) {
+    __m256 s0 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i),
+                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), s0);
+    float s = hsum256(s0);
+    for (; i < n; i++) s += a[i] * eng_f16_to_f32(b[i]);
+    return s;
+}
+
+AVX2 static void axpy_f16_avx2(float *y, float a, const uint16_t *x, size_t n) {
+    __m256 av = _mm256_set1_ps(a);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(
+            y + i, _mm256_fmadd_ps(av, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))),
+                                   _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * eng_f16_to_f32(x[i]);
+}
+
 /* ---- AVX-512F -------------------------------------------------------- */
 
 #define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
@@ -277,12 +308,16 @@ AVX512 static void tile4x3_avx512(const float *rows, size_t n, const float *cons
 
 /* ---- dispatch -------------------------------------------------------- */
 
-static const simd_ops_t ops_scalar = {"scalar",   dot4_scalar,     dot_scalar,    axpy_scalar,
-                                      f16_scalar, dot4_f16_scalar, tile4x3_scalar};
-static const simd_ops_t ops_avx2 = {"avx2",   dot4_avx2,     dot_avx2,    axpy_avx2,
-                                    f16_avx2, dot4_f16_avx2, tile4x3_avx2};
-static const simd_ops_t ops_avx512 = {"avx512",   dot4_avx512,     dot_avx512,    axpy_avx512,
-                                      f16_avx512, dot4_f16_avx512, tile4x3_avx512};
+/* AVX-512 reuses the AVX2 F16 KV kernels: head sizes are small, the halves a 256-bit load */
+static const simd_ops_t ops_scalar = {"scalar",       dot4_scalar,    dot_scalar,
+                                      axpy_scalar,    f16_scalar,     dot4_f16_scalar,
+                                      tile4x3_scalar, dot_f16_scalar, axpy_f16_scalar};
+static const simd_ops_t ops_avx2 = {"avx2",       dot4_avx2,    dot_avx2,
+                                    axpy_avx2,    f16_avx2,     dot4_f16_avx2,
+                                    tile4x3_avx2, dot_f16_avx2, axpy_f16_avx2};
+static const simd_ops_t ops_avx512 = {"avx512",       dot4_avx512,  dot_avx512,
+                                      axpy_avx512,    f16_avx512,   dot4_f16_avx512,
+                                      tile4x3_avx512, dot_f16_avx2, axpy_f16_avx2};
 
 simd_ops_t simd; /* set by simd_init() / simd_select() before any kernel runs */
 

@@ -23,6 +23,9 @@ typedef struct {
     /* out[t*4 + r] = dot(rows + r*n, x[t]) for r < 4, t < 3: a 4x3 register tile, so each load
      * of a row or a token feeds three or four FMAs (prefill matmuls) */
     void (*tile4x3)(const float *rows, size_t n, const float *const x[3], float *out);
+    /* F16 KV cache: dot(a, half b) and y += a * half x */
+    float (*dot_f16)(const float *a, const uint16_t *b, size_t n);
+    void (*axpy_f16)(float *y, float a, const uint16_t *x, size_t n);
 } simd_ops_t;
 
 extern simd_ops_t simd;

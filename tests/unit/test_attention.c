@@ -3,6 +3,7 @@
 #define _GNU_SOURCE /* qsort_r */
 #include "../../engine/backend.h"
 #include "../../engine/engine.h"
+#include "../../engine/f16.h"
 #include "helpers.h"
 #include "ref_ops.h"
 
@@ -24,10 +25,19 @@ typedef struct {
     eng_attn_shape_t sh;
 } fx_t;
 
+static bool g_f16; /* run the fixtures on an F16 cache */
+
+/* Store one cache value (rounded to F16 on an F16 cache) and return what the cache holds. */
+static float put(void *slot, uint32_t i, float v) {
+    if (!g_f16) return ((float *)slot)[i] = v;
+    ((uint16_t *)slot)[i] = eng_f32_to_f16(v);
+    return eng_f16_to_f32(((uint16_t *)slot)[i]);
+}
+
 static void fx_open(fx_t *f, uint32_t n, uint64_t seed) {
     char msg[ENG_ERRMSG_LEN];
     for (uint32_t p = 0; p < N; p++) all_pos[p] = p;
-    cr_assert_eq(kv_pool_init(&f->pool, LAYERS, KVD, 4, 64, msg), 0);
+    cr_assert_eq(kv_pool_init_typed(&f->pool, LAYERS, KVD, 4, 64, g_f16, msg), 0);
     kv_seq_init(&f->seq, &f->pool);
     cr_assert_eq(kv_seq_reserve(&f->seq, n), 0);
     f->seq.n_tokens = n;
@@ -36,8 +46,8 @@ static void fx_open(fx_t *f, uint32_t n, uint64_t seed) {
     for (uint32_t l = 0; l < LAYERS; l++)
         for (uint32_t p = 0; p < n; p++)
             for (uint32_t i = 0; i < KVD; i++) {
-                f->k[l][p * KVD + i] = kv_seq_k(&f->seq, l, p)[i] = frand(&r) * 2;
-                f->v[l][p * KVD + i] = kv_seq_v(&f->seq, l, p)[i] = frand(&r);
+                f->k[l][p * KVD + i] = put(kv_seq_kp(&f->seq, l, p), i, frand(&r) * 2);
+                f->v[l][p * KVD + i] = put(kv_seq_vp(&f->seq, l, p), i, frand(&r));
             }
     for (int i = 0; i < NH * HD; i++) f->q[i] = frand(&r) * 2;
     cr_assert_eq(eng_cpu_backend_create(&f->be, 2, msg), 0);
@@ -105,7 +115,7 @@ static uint32_t brute_select(const double *score, uint32_t n, uint32_t K, uint32
     return m;
 }
 
-Test(attention, test_dense_entropy_and_sink_mass_match_explicit_sums) {
+static void check_dense(void) {
     fx_t f;
     fx_open(&f, N, 5);
     run_t r;
@@ -122,6 +132,15 @@ Test(attention, test_dense_entropy_and_sink_mass_match_explicit_sums) {
         cr_expect_eq(r.n_att[h], N);
     }
     fx_close(&f);
+}
+
+Test(attention, test_dense_entropy_and_sink_mass_match_explicit_sums) {
+    check_dense();
+}
+
+Test(attention, test_f16_cache_dense_entropy_matches_explicit_sums) {
+    g_f16 = true;
+    check_dense();
 }
 
 static void check_selection(bool force, bool group) {
@@ -244,7 +263,7 @@ Test(attention, test_tidal_decode_equals_full_within_budget_on_a_model) {
 }
 
 /* Eviction with the K-shift against the same cache built from scratch at the new positions. */
-Test(attention, test_eviction_keeps_sinks_and_k_shift_equals_rope_at_new_positions) {
+static void check_eviction(bool f16) {
     eng_model_t *m;
     eng_ctx_t *c;
     char msg[ENG_ERRMSG_LEN];
@@ -255,6 +274,8 @@ Test(attention, test_eviction_keeps_sinks_and_k_shift_equals_rope_at_new_positio
     p.block_size = 4;
     p.n_ctx = 64;
     p.max_seqs = 1;
+    p.kv_f16 = f16;
+    g_f16 = f16;
     cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0);
     kv_pool_t *pool = eng_ctx_kv_pool(c);
     uint32_t kvd = hp->n_head_kv * hp->head_dim, n = 50, free0 = pool->n_free;
@@ -270,10 +291,14 @@ Test(attention, test_eviction_keeps_sinks_and_k_shift_equals_rope_at_new_positio
     /* keys stored rotated at their positions, as the forward pass stores them */
     for (uint32_t l = 0; l < hp->n_layer; l++)
         for (uint32_t q = 0; q < n; q++) {
-            float *k = kv_seq_k(&s, l, q);
+            float k[256];
             memcpy(k, pre + ((size_t)l * n + q) * kvd, sizeof(float) * kvd);
             ref_rope(k, &q, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, NULL);
-            memcpy(kv_seq_v(&s, l, q), vv + ((size_t)l * n + q) * kvd, sizeof(float) * kvd);
+            for (uint32_t i = 0; i < kvd; i++) {
+                put(kv_seq_kp(&s, l, q), i, k[i]);
+                vv[((size_t)l * n + q) * kvd + i] =
+                    put(kv_seq_vp(&s, l, q), i, vv[((size_t)l * n + q) * kvd + i]);
+            }
         }
     uint32_t gone = eng_seq_evict(c, &s, 10); /* 10 tokens: 3 blocks of 4 */
     cr_expect_eq(gone, 12);
@@ -286,12 +311,15 @@ Test(attention, test_eviction_keeps_sinks_and_k_shift_equals_rope_at_new_positio
             float want[256];
             memcpy(want, pre + ((size_t)l * n + orig) * kvd, sizeof(float) * kvd);
             ref_rope(want, &q, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, NULL);
-            const float *k = kv_seq_k(&s, l, q), *v = kv_seq_v(&s, l, q);
             for (uint32_t i = 0; i < kvd; i++) {
-                cr_assert(fabsf(k[i] - want[i]) < 2e-4f,
-                          "layer %u pos %u (was %u) dim %u: %g vs %g", l, q, orig, i, k[i],
-                          want[i]);
-                cr_assert_eq(v[i], vv[((size_t)l * n + orig) * kvd + i]);
+                float k = f16 ? eng_f16_to_f32(((uint16_t *)kv_seq_kp(&s, l, q))[i])
+                              : kv_seq_k(&s, l, q)[i];
+                float v = f16 ? eng_f16_to_f32(((uint16_t *)kv_seq_vp(&s, l, q))[i])
+                              : kv_seq_v(&s, l, q)[i];
+                float tol = f16 ? 4e-3f : 2e-4f; /* F16 rounds before and after the rotation */
+                cr_assert(fabsf(k - want[i]) < tol, "layer %u pos %u (was %u) dim %u: %g vs %g", l,
+                          q, orig, i, k, want[i]);
+                cr_assert_eq(v, vv[((size_t)l * n + orig) * kvd + i]);
             }
         }
     /* nothing is evicted from a cache holding only sink blocks */
@@ -301,4 +329,19 @@ Test(attention, test_eviction_keeps_sinks_and_k_shift_equals_rope_at_new_positio
     kv_seq_close(&s);
     eng_ctx_free(c);
     eng_model_free(m);
+}
+
+Test(attention, test_eviction_keeps_sinks_and_k_shift_equals_rope_at_new_positions) {
+    check_eviction(false);
+}
+
+Test(attention, test_f16_cache_eviction_k_shift_equals_rope_at_new_positions) {
+    check_eviction(true);
+}
+
+/* The same kernels reading an F16 cache: the reference runs over the values the cache holds. */
+Test(attention, test_f16_cache_selection_and_sparse_match_reference) {
+    g_f16 = true;
+    check_selection(true, false);
+    check_selection(false, true);
 }

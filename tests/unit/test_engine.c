@@ -15,6 +15,8 @@ typedef struct {
     uint32_t V;
 } fx_t;
 
+static bool g_kv_f16;
+
 static void fx_open(fx_t *f, const char *path, uint32_t max_seqs, uint32_t threads) {
     char msg[ENG_ERRMSG_LEN];
     cr_assert_eq(eng_model_load(&f->m, path, msg), 0, "%s", msg);
@@ -23,6 +25,7 @@ static void fx_open(fx_t *f, const char *path, uint32_t max_seqs, uint32_t threa
     p.max_seqs = max_seqs;
     p.n_threads = (int)threads;
     p.block_size = 4; /* small blocks: every sequence spans several */
+    p.kv_f16 = g_kv_f16;
     cr_assert_eq(eng_ctx_create(&f->c, f->m, &p, msg), 0, "%s", msg);
     f->V = eng_model_hparams(f->m)->n_vocab;
 }
@@ -68,6 +71,21 @@ Test(engine, test_greedy_ids_match_llama_cpp_on_stories260K) {
     if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
     fx_t f;
     fx_open(&f, STORIES_PATH, 4, 2);
+    const int32_t prompt[] = {1, 403, 407, 261, 378};
+    const int32_t want[] = {432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338};
+    int32_t *got = greedy(&f, prompt, 5, 12);
+    for (int i = 0; i < 12; i++)
+        cr_expect_eq(got[i], want[i], "token %d: %d, want %d", i, got[i], want[i]);
+    free(got);
+    fx_close(&f);
+}
+
+/* llama.cpp's default cache type: the greedy ids still match. */
+Test(engine, test_greedy_ids_match_llama_cpp_with_an_f16_cache) {
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    g_kv_f16 = true;
+    fx_t f;
+    fx_open(&f, STORIES_PATH, 2, 2);
     const int32_t prompt[] = {1, 403, 407, 261, 378};
     const int32_t want[] = {432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338};
     int32_t *got = greedy(&f, prompt, 5, 12);
