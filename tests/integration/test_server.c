@@ -5,7 +5,9 @@
 #include "../../tools/synth_model.h"
 #include "harness.h"
 
+#include <arpa/inet.h>
 #include <cjson/cJSON.h>
+#include <netinet/in.h>
 #include <criterion/criterion.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -498,8 +500,10 @@ Test(server, test_metrics_exposition_passes_promtool) {
     const char *args[] = {"--model", tiny_chat_model(), NULL};
     daemon_start(&d, args);
     char *body, *head;
-    http_req(d.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":3}", &body,
-             &head);
+    /* ignore_eos: a random draw could end the request early with finish_reason "stop" */
+    int st0 = http_req(d.port, "POST", "/v1/completions", NULL,
+                       "{\"prompt\":\"x\",\"max_tokens\":3,\"ignore_eos\":true}", &body, &head);
+    cr_expect_eq(st0, 200, "%s", body);
     free(body), free(head);
     cr_expect_eq(http_req(d.port, "GET", "/metrics", NULL, NULL, &body, &head), 200);
     cr_expect(strcasestr(head, "text/plain; version=0.0.4"), "%s", head);
@@ -823,5 +827,43 @@ Test(server, test_entropy_collapse_counter_fires_after_a_run) {
     cr_expect_eq(metric(d.port, "tidald_entropy_collapse_total{layer=\"1\"}"), 1);
     daemon_pump_log(&d);
     cr_expect(strstr(d.log, "\"event\":\"entropy_collapse\""), "no collapse log line");
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
+/* A client that stops reading is buffered up to max_stream_buffer_kb, then cut off; the loop
+ * keeps serving others meanwhile. */
+Test(server, test_slow_reader_is_cut_off_without_blocking_others) {
+    daemon_t d;
+    const char *args[] = {"--model", small_model(), "--max-stream-buffer-kb", "64", NULL};
+    daemon_start(&d, args);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int small = 4096;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)d.port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    const char *body =
+        "{\"prompt\":\"hello\",\"max_tokens\":1800,\"stream\":true,\"ignore_eos\":true,"
+        "\"logprobs\":5,\"telemetry\":{\"entropy\":true,\"per_head\":true}}";
+    char req[1024];
+    int n = snprintf(req, sizeof(req),
+                     "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    cr_assert_eq(send(fd, req, (size_t)n, MSG_NOSIGNAL), n);
+    /* never read; meanwhile another client is served */
+    double cut = 0;
+    for (int i = 0; i < 300 && cut < 1; i++) {
+        usleep(50000);
+        char *rb, *rh;
+        if (i % 20 == 0) {
+            cr_expect_eq(http_req(d.port, "GET", "/health", NULL, NULL, &rb, &rh), 200);
+            free(rb), free(rh);
+        }
+        cut = metric(d.port, "tidald_requests_total{finish_reason=\"cancelled\"}");
+    }
+    cr_expect_geq(cut, 1, "the slow reader was never cut off");
+    daemon_pump_log(&d);
+    cr_expect(strstr(d.log, "\"event\":\"slow_reader\""), "no slow_reader log line");
+    close(fd);
     cr_expect_eq(daemon_stop(&d), 0);
 }
