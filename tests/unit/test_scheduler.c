@@ -117,6 +117,23 @@ static void collect(sfx_t *f, eng_request_t *r, result_t *out) {
     }
 }
 
+/* Each prompt alone on a fresh scheduler: the reference the batched runs must equal. */
+static void solo_runs(const char *const *prompts, int n, uint32_t max_tokens, bool ignore_eos,
+                      result_t *out) {
+    char msg[ENG_ERRMSG_LEN];
+    for (int i = 0; i < n; i++) {
+        sfx_t f;
+        sfx_open(&f, STORIES_PATH, 4, 8, 512);
+        eng_req_params_t p = greedy_params(f.m, prompts[i], max_tokens);
+        p.ignore_eos = ignore_eos;
+        eng_request_t *r = eng_request_create(&p);
+        cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+        collect(&f, r, &out[i]);
+        eng_request_release(r);
+        sfx_close(&f);
+    }
+}
+
 static const char *STORY =
     ", there was a little girl named Lily. She loved to play outside in the park.";
 
@@ -146,16 +163,7 @@ Test(scheduler, test_concurrent_requests_equal_solo_runs) {
                               "One day"};
     result_t solo[4], both[4];
     char msg[ENG_ERRMSG_LEN];
-    for (int i = 0; i < 4; i++) {
-        sfx_t f;
-        sfx_open(&f, STORIES_PATH, 4, 8, 512);
-        eng_req_params_t p = greedy_params(f.m, prompts[i], 24);
-        eng_request_t *r = eng_request_create(&p);
-        cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
-        collect(&f, r, &solo[i]);
-        eng_request_release(r);
-        sfx_close(&f);
-    }
+    solo_runs(prompts, 4, 24, false, solo);
     sfx_t f;
     sfx_open(&f, STORIES_PATH, 4, 8, 6);
     eng_request_t *rs[4];
@@ -317,17 +325,7 @@ static void run_pressure(bool evict_policy) {
     const char *prompts[3] = {"Once upon a time", "The dog", "One day"};
     result_t solo[3], got[3];
     char msg[ENG_ERRMSG_LEN];
-    for (int i = 0; i < 3; i++) {
-        sfx_t f;
-        sfx_open(&f, STORIES_PATH, 4, 8, 512);
-        eng_req_params_t p = greedy_params(f.m, prompts[i], 60);
-        p.ignore_eos = true;
-        eng_request_t *r = eng_request_create(&p);
-        cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
-        collect(&f, r, &solo[i]);
-        eng_request_release(r);
-        sfx_close(&f);
-    }
+    solo_runs(prompts, 3, 60, true, solo);
     sfx_t f;
     memset(&f, 0, sizeof(f));
     pthread_mutex_init(&f.mu, NULL);
