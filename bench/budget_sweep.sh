@@ -20,6 +20,12 @@ for args in "--ctx-size 128 --sinks 4" "--ctx-size 128 --sinks 0" "--ctx-size 20
     echo "{\"bench\":\"perplexity\",\"args\":\"$args\",\"result\":$OUT}"
     printf '%-34s %10s %10s %10s\n' "full $args" "$(echo "$OUT" | field perplexity)" "-" "-" >&2
 done
+# the same comparison over a prefix that fits the model's whole 2048-token context
+for args in "--ctx-size 2048 --no-eviction" "--ctx-size 128 --sinks 4" "--ctx-size 128 --sinks 0"; do
+    OUT=$(run --eval-tokens 2048 $args)
+    echo "{\"bench\":\"perplexity\",\"args\":\"--eval-tokens 2048 $args\",\"result\":$OUT}"
+    printf '%-34s %10s %10s %10s\n' "first 2048: $args" "$(echo "$OUT" | field perplexity)" "-" "-" >&2
+done
 for K in 8 16 32 64; do
     OUT=$(run --ctx-size 512 --attention tidal --token-budget "$K")
     echo "{\"bench\":\"perplexity\",\"args\":\"--ctx-size 512 --attention tidal --token-budget $K\",\"result\":$OUT}"

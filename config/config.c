@@ -42,6 +42,8 @@ static const flag_t gen_flags[] = {
     {"--model", F_STR, 0, 0, OFF(model), "PATH", "GGUF model file (required)"},
     {"--prompt", F_STR, 0, 0, OFF(prompt), "TEXT", "prompt text (generate: required)"},
     {"--file", F_STR, 0, 0, OFF(file), "PATH", "text to evaluate (perplexity: required)"},
+    {"--eval-tokens", F_INT, 0, 1 << 30, OFF(eval_tokens), "N",
+     "perplexity: only the first N tokens of the text, 0 = all (default 0)"},
     {"--max-tokens", F_INT, 0, 1 << 24, OFF(max_tokens), "N", "tokens to generate (default 128)"},
     {"--temperature", F_FLOAT, 0, 100, OFF(temperature), "T",
      "sampling temperature; 0 decodes greedily (default 0.8)"},

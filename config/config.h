@@ -32,6 +32,7 @@ typedef struct {
     int32_t batch_size;
     /* streaming past the window and attention (shared with `perplexity`) */
     const char *file;             /* perplexity: the text to evaluate */
+    int32_t eval_tokens;          /* perplexity: evaluate only the first N tokens, 0 = all */
     int32_t sinks;                /* attention-sink tokens kept by eviction */
     int32_t block_size;           /* KV cache tokens per block (eviction granularity) */
     const char *kv_type;          /* f16 or f32 */

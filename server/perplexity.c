@@ -85,6 +85,7 @@ int cmd_perplexity(int argc, char **argv) {
         fprintf(stderr, "tidald perplexity: %s: %s\n", cfg.file, msg);
         goto done;
     }
+    if (cfg.eval_tokens > 0 && n > (size_t)cfg.eval_tokens) n = (size_t)cfg.eval_tokens;
     if (n < 2) {
         fprintf(stderr, "tidald perplexity: the text has fewer than 2 tokens\n");
         goto done;
