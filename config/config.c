@@ -101,13 +101,16 @@ void cfg_generate_help(FILE *f) {
 }
 
 void cfg_perplexity_help(FILE *f) {
-    fprintf(f, "usage: tidald perplexity --model PATH --file TEXT [options]\n\n"
-               "Run the text through the model with teacher forcing, one token at a time as a\n"
-               "streaming model sees it, evicting when the window (--ctx-size) fills. In tidal\n"
-               "mode every position is also run with full attention over the same cache, to\n"
-               "compare the next-token distributions. The last stdout line is a JSON object with\n"
-               "tokens, perplexity and, in tidal mode, top1_agreement_vs_full and\n"
-               "mean_kl_vs_full.\n\noptions (sampling flags are ignored):\n");
+    fprintf(
+        f,
+        "usage: tidald perplexity --model PATH --file TEXT [options]\n\n"
+        "Run the text through the model with teacher forcing, one token at a time as a\n"
+        "streaming model sees it, evicting when the window (--ctx-size) fills. In tidal\n"
+        "mode every position is also run with full attention over the same cache, to\n"
+        "compare the next-token distributions. Special-token texts in the file (such as\n"
+        "<s> between documents) become those tokens. The last stdout line is a JSON object with\n"
+        "tokens, perplexity and, in tidal mode, top1_agreement_vs_full and\n"
+        "mean_kl_vs_full.\n\noptions (sampling flags are ignored):\n");
     flags_help(f);
 }
 

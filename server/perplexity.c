@@ -81,7 +81,8 @@ int cmd_perplexity(int argc, char **argv) {
     eng_attn_params_t attn;
     if (eval_attn_params(&cfg, hp, &attn)) goto done;
     bool tidal = attn.mode == ENG_ATTN_TIDAL;
-    if (eng_tokenize(tok, text, len, eng_tok_add_bos(tok), &toks, &n, msg) != 0) {
+    /* special-token texts (e.g. <s> between documents) become those tokens */
+    if (eng_tokenize_ex(tok, text, len, eng_tok_add_bos(tok), true, &toks, &n, msg) != 0) {
         fprintf(stderr, "tidald perplexity: %s: %s\n", cfg.file, msg);
         goto done;
     }
