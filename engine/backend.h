@@ -85,6 +85,8 @@ typedef struct {
     /* out[t] = dequantized row ids[t] of w */
     void (*get_rows)(eng_backend_t *be, const eng_tensor_t *w, const int32_t *ids, uint32_t T,
                      float *out);
+    /* run fn(arg, i) for i < n on the backend's host threads (NULL: the caller loops) */
+    void (*parallel_for)(eng_backend_t *be, void (*fn)(void *arg, size_t i), void *arg, size_t n);
     void (*destroy)(eng_backend_t *be); /* frees the backend and its context */
 } eng_backend_ops_t;
 

@@ -98,6 +98,8 @@ void eng_ctx_free(eng_ctx_t *c);
 kv_pool_t *eng_ctx_kv_pool(eng_ctx_t *c);
 uint32_t eng_ctx_n_ctx(const eng_ctx_t *c);
 const char *eng_ctx_backend_name(const eng_ctx_t *c);
+/* Run fn(arg, i) for i < n on the context's host worker threads (serially if it has none). */
+void eng_ctx_parallel_for(eng_ctx_t *c, void (*fn)(void *arg, size_t i), void *arg, size_t n);
 /* Which SIMD path the CPU kernels use: "avx512", "avx2" or "scalar" (chosen at run time). */
 const char *eng_cpu_simd_name(void);
 /* Force a SIMD path ("scalar", "avx2", "avx512") for tests and benchmarks; false if the CPU

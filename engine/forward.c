@@ -144,6 +144,14 @@ void eng_ctx_free(eng_ctx_t *c) {
 kv_pool_t *eng_ctx_kv_pool(eng_ctx_t *c) {
     return &c->pool;
 }
+
+void eng_ctx_parallel_for(eng_ctx_t *c, void (*fn)(void *arg, size_t i), void *arg, size_t n) {
+    if (c->be->ops->parallel_for) {
+        c->be->ops->parallel_for(c->be, fn, arg, n);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) fn(arg, i);
+}
 uint32_t eng_ctx_n_ctx(const eng_ctx_t *c) {
     return c->p.n_ctx;
 }

@@ -76,6 +76,8 @@ struct eng_sched {
     size_t n_waiting, n_running;
     uint64_t admissions;
     eng_request_t **snap; /* running requests at the start of a step */
+    eng_event_t *draws;   /* per batch item: the token drawn this step */
+    bool *drawn;
     float *logits, *raw;
     eng_batch_item_t *items;
     eng_request_t **item_req;
@@ -236,7 +238,9 @@ int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
     s->items = calloc(s->p.max_running, sizeof(eng_batch_item_t));
     s->item_req = calloc(s->p.max_running, sizeof(eng_request_t *));
     s->logits = malloc(sizeof(float) * s->n_vocab * s->p.max_running);
-    s->raw = malloc(sizeof(float) * s->n_vocab);
+    s->raw = malloc(sizeof(float) * s->n_vocab * s->p.max_running);
+    s->draws = calloc(s->p.max_running, sizeof(eng_event_t));
+    s->drawn = calloc(s->p.max_running, sizeof(bool));
     if (!s->inq || !s->waiting || !s->running || !s->snap || !s->items || !s->item_req ||
         !s->logits || !s->raw) {
         eng_sched_destroy(s);
@@ -269,6 +273,8 @@ void eng_sched_destroy(eng_sched_t *s) {
     free(s->item_req);
     free(s->logits);
     free(s->raw);
+    free(s->draws);
+    free(s->drawn);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);
@@ -631,24 +637,39 @@ static eng_attn_stats_t *attn_stats(const eng_sched_t *s, const eng_request_t *r
     return a;
 }
 
-/* Sample, publish, and decide whether r goes on. Returns true if r finished (caller removes). */
-static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
+/* The first half of a token, safe to run for several requests at once (each touches only its
+ * own request, logits and scratch): the distribution's facts, the draw, the sampler's
+ * history, the attention stats. */
+static void draw(const eng_sched_t *s, eng_request_t *r, float *logits, float *raw,
+                 eng_event_t *e) {
     const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
-    eng_event_t e = {.token = -1};
-    bool facts = r->p.logprobs >= 0 || r->p.entropy;
+    memset(e, 0, sizeof(*e));
+    e->token = -1;
     double lse = 0;
-    if (facts) {
+    if (r->p.logprobs >= 0 || r->p.entropy) {
         /* the sampler edits logits in place: keep the raw ones only when logprobs need them */
-        const float *raw = logits;
-        if (r->p.logprobs >= 0) raw = memcpy(s->raw, logits, sizeof(float) * s->n_vocab);
+        const float *src = logits;
+        if (r->p.logprobs >= 0) src = memcpy(raw, logits, sizeof(float) * s->n_vocab);
         float T = r->p.sampling.temperature > 0 ? r->p.sampling.temperature : 1.0f;
-        e.n_top = r->p.logprobs > 0 ? (uint32_t)r->p.logprobs : 0;
-        distribution_facts(raw, s->n_vocab, T, r->p.logprobs >= 0, &lse,
-                           r->p.entropy ? &e.entropy_bits : NULL, e.top, e.n_top);
+        e->n_top = r->p.logprobs > 0 ? (uint32_t)r->p.logprobs : 0;
+        distribution_facts(src, s->n_vocab, T, r->p.logprobs >= 0, &lse,
+                           r->p.entropy ? &e->entropy_bits : NULL, e->top, e->n_top);
     }
     if (r->p.ignore_eos && eng_tok_eos(tok) >= 0) logits[eng_tok_eos(tok)] = -INFINITY;
     int32_t id = eng_sampler_sample(r->smp, logits);
     eng_sampler_accept(r->smp, id);
+    e->token = id;
+    e->attn = attn_stats(s, r);
+    if (r->p.logprobs >= 0) e->logprob = (float)(raw[id] - lse);
+}
+
+/* The second half, on the engine thread alone: record the token, detokenize, apply stop
+ * strings, publish, and decide whether r goes on. Returns true if r finished (caller removes).
+ * Takes ownership of what e owns. */
+static bool on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
+    const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
+    eng_event_t e = *ev;
+    int32_t id = e.token;
     if (r->n_generated == r->gen_cap) {
         uint32_t cap = r->gen_cap ? r->gen_cap * 2 : 64;
         int32_t *g = realloc(r->gen, sizeof(int32_t) * cap);
@@ -656,9 +677,6 @@ static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
     }
     if (r->n_generated < r->gen_cap) r->gen[r->n_generated] = id;
     r->n_generated++;
-    e.token = id;
-    e.attn = attn_stats(s, r);
-    if (r->p.logprobs >= 0) e.logprob = (float)(s->raw[id] - lse);
     pthread_mutex_lock(&s->mu);
     s->stats.generation_tokens++;
     pthread_mutex_unlock(&s->mu);
@@ -670,8 +688,8 @@ static bool on_logits(eng_sched_t *s, eng_request_t *r, float *logits) {
         return true;
     }
     char piece[512];
-    size_t n = eng_detok_push(&r->detok, id, piece, sizeof(piece));
-    hold(r, piece, n);
+    size_t n_piece = eng_detok_push(&r->detok, id, piece, sizeof(piece));
+    hold(r, piece, n_piece);
     long at = find_stop(r);
     if (at >= 0) {
         e.text = dup_text(r->held, (size_t)at);
@@ -712,6 +730,12 @@ static void record_batch(eng_sched_t *s, uint32_t n_seqs, uint32_t n_prompt_done
     s->stats.steps++;
     s->stats.prompt_tokens += n_prompt_done;
     pthread_mutex_unlock(&s->mu);
+}
+
+static void draw_item(void *arg, size_t k) {
+    eng_sched_t *s = arg;
+    if (s->drawn[k])
+        draw(s, s->item_req[k], s->items[k].logits, s->raw + k * s->n_vocab, &s->draws[k]);
 }
 
 static void step(eng_sched_t *s) {
@@ -767,20 +791,30 @@ static void step(eng_sched_t *s) {
     if (!n) return;
     char msg[ENG_ERRMSG_LEN];
     int rc = eng_forward(s->ctx, s->items, n, msg);
+    /* which items produced a token: decoding ones, and prefills that finished their feed */
+    uint32_t n_draw = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        eng_request_t *r = s->item_req[k];
+        s->drawn[k] = false;
+        if (rc) continue;
+        if (!r->decoding) {
+            r->n_prefilled += s->items[k].n_tokens;
+            if (r->n_prefilled != r->n_feed) continue;
+            prompt_done += r->n_feed;
+        }
+        s->drawn[k] = true;
+        n_draw++;
+    }
+    /* the draws (sampling, entropy) run on the worker threads, one request each */
+    if (n_draw) eng_ctx_parallel_for(s->ctx, draw_item, s, n);
     for (uint32_t k = 0; k < n; k++) {
         eng_request_t *r = s->item_req[k];
         bool done = false;
         if (rc) {
             done = true;
             finish(s, r, ENG_FINISH_ERROR, msg);
-        } else if (!r->decoding) {
-            r->n_prefilled += s->items[k].n_tokens;
-            if (r->n_prefilled == r->n_feed) {
-                prompt_done += r->n_feed;
-                done = on_logits(s, r, s->items[k].logits);
-            }
-        } else {
-            done = on_logits(s, r, s->items[k].logits);
+        } else if (s->drawn[k]) {
+            done = on_token(s, r, &s->draws[k]);
         }
         if (done)
             for (size_t i = 0; i < s->n_running; i++)

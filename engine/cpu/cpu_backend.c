@@ -485,6 +485,23 @@ static int cpu_reserve(eng_backend_t *be, size_t max_cols, uint32_t block_size, 
     return 0;
 }
 
+typedef struct {
+    void (*fn)(void *arg, size_t i);
+    void *arg;
+} pfor_t;
+
+static void pfor_range(void *arg, size_t b, size_t e, int worker) {
+    (void)worker;
+    pfor_t *p = arg;
+    for (size_t i = b; i < e; i++) p->fn(p->arg, i);
+}
+
+static void cpu_parallel_for(eng_backend_t *be, void (*fn)(void *arg, size_t i), void *arg,
+                             size_t n) {
+    pfor_t p = {fn, arg};
+    pool_run(ctx_of(be)->pool, pfor_range, &p, n, 1);
+}
+
 static void cpu_destroy(eng_backend_t *be) {
     if (!be) return;
     cpu_ctx_t *c = ctx_of(be);
@@ -511,6 +528,7 @@ static const eng_backend_ops_t cpu_ops = {
     .swiglu = cpu_swiglu,
     .add = cpu_add,
     .get_rows = cpu_get_rows,
+    .parallel_for = cpu_parallel_for,
     .destroy = cpu_destroy,
 };
 
