@@ -15,6 +15,13 @@
 
 #define MAX_BUCKETS 24
 
+/* Count v in the first bucket whose upper bound holds it (the last slot is +Inf). */
+static void bucket(uint64_t *count, const double *le, size_t n_le, double v) {
+    size_t i = 0;
+    while (i < n_le && v > le[i]) i++;
+    count[i]++;
+}
+
 typedef struct {
     const char *name, *help;
     double le[MAX_BUCKETS];
@@ -92,12 +99,6 @@ void api_metrics_layers(uint32_t n) {
     n_layers = layers ? n : 0;
 }
 
-static void bucket(uint64_t *count, const double *le, size_t n_le, double v) {
-    size_t i = 0;
-    while (i < n_le && v > le[i]) i++;
-    count[i]++;
-}
-
 void api_metrics_attention(const eng_attn_stats_t *a) {
     for (uint32_t l = 0; l < a->n_layer && l < n_layers; l++) {
         layer_hist_t *h = &layers[l];
@@ -119,9 +120,7 @@ void api_metrics_init(double start_time_unix) {
 
 void api_metrics_observe(api_hist_id_t id, double v) {
     hist_t *h = &hists[id];
-    int i = 0;
-    while (i < h->n_le && v > h->le[i]) i++;
-    h->count[i]++;
+    bucket(h->count, h->le, (size_t)h->n_le, v);
     h->sum += v;
     h->total++;
 }
@@ -169,16 +168,26 @@ static void emit(out_t *o, const char *fmt, ...) {
     }
 }
 
+/* One histogram series: cumulative buckets, sum and count; `labels` is "" or `k="v",`. */
+static void emit_series(out_t *o, const char *name, const char *labels, const double *le,
+                        size_t n_le, const uint64_t *count, double sum, uint64_t total) {
+    uint64_t cum = 0;
+    for (size_t i = 0; i < n_le; i++) {
+        cum += count[i];
+        emit(o, "%s_bucket{%sle=\"%g\"} %llu\n", name, labels, le[i], (unsigned long long)cum);
+    }
+    emit(o, "%s_bucket{%sle=\"+Inf\"} %llu\n", name, labels, (unsigned long long)total);
+    size_t nl = strlen(labels);
+    /* the same labels without the trailing comma for _sum and _count */
+    emit(o, "%s_sum%s%.*s%s %.9g\n%s_count%s%.*s%s %llu\n", name, nl ? "{" : "",
+         (int)(nl ? nl - 1 : 0), labels, nl ? "}" : "", sum, name, nl ? "{" : "",
+         (int)(nl ? nl - 1 : 0), labels, nl ? "}" : "", (unsigned long long)total);
+}
+
 static void emit_hist(out_t *o, const char *name, const char *help, const double *le, int n_le,
                       const uint64_t *count, double sum, uint64_t total) {
     emit(o, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    uint64_t cum = 0;
-    for (int i = 0; i < n_le; i++) {
-        cum += count[i];
-        emit(o, "%s_bucket{le=\"%g\"} %llu\n", name, le[i], (unsigned long long)cum);
-    }
-    emit(o, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)total);
-    emit(o, "%s_sum %.9g\n%s_count %llu\n", name, sum, name, (unsigned long long)total);
+    emit_series(o, name, "", le, (size_t)n_le, count, sum, total);
 }
 
 static void process_facts(double *rss, int *fds) {
@@ -255,18 +264,10 @@ char *api_metrics_render(const eng_sched_stats_t *st) {
         const double *le = k ? sink_le : att_le;
         size_t n_le = k ? N_SINK_LE : N_ATT_LE;
         for (uint32_t l = 0; l < n_layers; l++) {
-            const uint64_t *cnt = k ? layers[l].sink : layers[l].att;
-            uint64_t cum = 0;
-            for (size_t i = 0; i < n_le; i++) {
-                cum += cnt[i];
-                emit(&o, "%s_bucket{layer=\"%u\",le=\"%g\"} %llu\n", names[k], l, le[i],
-                     (unsigned long long)cum);
-            }
-            emit(&o, "%s_bucket{layer=\"%u\",le=\"+Inf\"} %llu\n", names[k], l,
-                 (unsigned long long)layers[l].n);
-            emit(&o, "%s_sum{layer=\"%u\"} %.9g\n%s_count{layer=\"%u\"} %llu\n", names[k], l,
-                 k ? layers[l].sink_sum : layers[l].att_sum, names[k], l,
-                 (unsigned long long)layers[l].n);
+            char labels[32];
+            snprintf(labels, sizeof(labels), "layer=\"%u\",", l);
+            emit_series(&o, names[k], labels, le, n_le, k ? layers[l].sink : layers[l].att,
+                        k ? layers[l].sink_sum : layers[l].att_sum, layers[l].n);
         }
     }
     emit(&o, "# HELP tidald_entropy_collapse_total Runs of tokens whose normalised attention "
