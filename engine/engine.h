@@ -300,9 +300,6 @@ void eng_request_cancel(eng_request_t *r);
 void eng_request_release(eng_request_t *r);
 /* Move up to cap published events into ev (caller frees each ev[i].text). Any thread. */
 size_t eng_request_drain(eng_request_t *r, eng_event_t *ev, size_t cap);
-/* Opaque per-request slot for the caller (the server keeps its connection here). */
-void eng_request_set_user(eng_request_t *r, void *user);
-void *eng_request_user(const eng_request_t *r);
 double eng_request_submit_time(const eng_request_t *r);
 double eng_request_start_time(const eng_request_t *r); /* when admitted; 0 while waiting */
 

@@ -32,7 +32,6 @@ struct eng_request {
     atomic_bool cancel;
     eng_req_params_t p;
     eng_sched_t *sched;
-    void *user;
     double t_submit, t_start;
     /* engine-thread state */
     kv_seq_t seq;
@@ -156,12 +155,6 @@ void eng_request_cancel(eng_request_t *r) {
     }
 }
 
-void eng_request_set_user(eng_request_t *r, void *user) {
-    r->user = user;
-}
-void *eng_request_user(const eng_request_t *r) {
-    return r->user;
-}
 double eng_request_submit_time(const eng_request_t *r) {
     return r->t_submit;
 }

@@ -603,11 +603,7 @@ static void finish_request(conn_t *c, const eng_event_t *ev) {
     api_resp_ctx_t rc = {
         c->cmpl_id,    c->srv->model_name, c->created, rq, eng_model_tokenizer(c->srv->model),
         c->text_offset};
-    const char *fr = ev->finish == ENG_FINISH_STOP        ? "stop"
-                     : ev->finish == ENG_FINISH_LENGTH    ? "length"
-                     : ev->finish == ENG_FINISH_TIMEOUT   ? "timeout"
-                     : ev->finish == ENG_FINISH_CANCELLED ? "cancelled"
-                                                          : "error";
+    const char *fr = eng_finish_name(ev->finish);
     api_metrics_finished(fr);
     api_metrics_observe(API_H_E2E, ev->time - c->t_arrival);
     double start = eng_request_start_time(c->req);
