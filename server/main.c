@@ -78,19 +78,8 @@ int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx) {
 /* Attention settings from the command line; 0 or -1 with a message on stderr. */
 int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a) {
     char msg[ENG_ERRMSG_LEN];
-    memset(a, 0, sizeof(*a));
-    a->mode = strcmp(cfg->attention, "tidal") == 0 ? ENG_ATTN_TIDAL : ENG_ATTN_FULL;
-    a->token_budget = (uint32_t)cfg->token_budget;
-    a->force_sinks = cfg->force_sinks;
-    a->per_group = cfg->per_group;
-    eng_attn_defaults(hp, a);
-    if (cfg->selection_layers && *cfg->selection_layers &&
-        cfg_parse_layers(cfg->selection_layers, a->sel_layers, ENG_MAX_SEL_LAYERS, &a->n_sel_layers,
-                         msg)) {
-        fprintf(stderr, "tidald: --selection-layers: %s\n", msg);
-        return -1;
-    }
-    if (eng_attn_check(hp, a, msg)) {
+    if (srv_attn_params(cfg->attention, cfg->token_budget, cfg->selection_layers, cfg->force_sinks,
+                        cfg->per_group, hp, a, msg)) {
         fprintf(stderr, "tidald: %s\n", msg);
         return -1;
     }

@@ -829,6 +829,20 @@ static void on_signal(uv_signal_t *h, int signum) {
     if (s->state == SRV_FAILED) begin_shutdown(s);
 }
 
+int srv_attn_params(const char *mode, int64_t budget, const char *layers, bool force_sinks,
+                    bool per_group, const eng_hparams_t *hp, eng_attn_params_t *a, char *msg) {
+    memset(a, 0, sizeof(*a));
+    a->mode = strcmp(mode, "tidal") == 0 ? ENG_ATTN_TIDAL : ENG_ATTN_FULL;
+    a->token_budget = (uint32_t)budget;
+    a->force_sinks = force_sinks;
+    a->per_group = per_group;
+    eng_attn_defaults(hp, a);
+    if (layers && *layers &&
+        cfg_parse_layers(layers, a->sel_layers, ENG_MAX_SEL_LAYERS, &a->n_sel_layers, msg))
+        return -1;
+    return eng_attn_check(hp, a, msg) ? -1 : 0;
+}
+
 static void load_model(uv_work_t *w) {
     srv_t *s = w->data;
     const cfg_t *cfg = s->cfg;
@@ -873,17 +887,9 @@ static void loaded(uv_work_t *w, int status) {
              *s->cfg->model_alias ? s->cfg->model_alias : hp->name);
     s->api = (api_ctx_t){s->model, s->model_name, eng_ctx_n_ctx(s->ctx),
                          (uint32_t)s->cfg->default_max_tokens, s->cfg->request_timeout_s};
-    eng_attn_params_t *a = &s->api.attn;
-    a->mode = strcmp(s->cfg->attention, "tidal") == 0 ? ENG_ATTN_TIDAL : ENG_ATTN_FULL;
-    a->token_budget = (uint32_t)s->cfg->token_budget;
-    a->force_sinks = s->cfg->force_sinks;
-    a->per_group = s->cfg->per_group;
-    eng_attn_defaults(hp, a);
-    char amsg[256];
-    if (*s->cfg->selection_layers)
-        cfg_parse_layers(s->cfg->selection_layers, a->sel_layers, ENG_MAX_SEL_LAYERS,
-                         &a->n_sel_layers, amsg);
-    if (eng_attn_check(hp, a, amsg)) {
+    char amsg[ENG_ERRMSG_LEN];
+    if (srv_attn_params(s->cfg->attention, s->cfg->token_budget, s->cfg->selection_layers,
+                        s->cfg->force_sinks, s->cfg->per_group, hp, &s->api.attn, amsg)) {
         srv_log(SRV_ERROR, NULL, "config", "%s", amsg);
         s->state = SRV_FAILED;
         s->exit_code = 1;
