@@ -12,11 +12,11 @@ CSTD    := -std=gnu11
 OPT     ?= -O2 -g
 CFLAGS_ALL := $(CSTD) $(WARN) $(OPT) -fno-omit-frame-pointer -pthread -MMD -MP \
               -I/usr/share/include/llhttp
-LDLIBS  := -luv -lcjson -lm -pthread
+LDLIBS  := -luv -lcjson -lm -pthread -ldl
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 ENGINE_SRC := engine/err.c engine/gguf.c engine/model.c engine/tokenizer.c engine/sampler.c \
-              engine/forward.c engine/scheduler.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/cpu/threadpool.c \
+              engine/forward.c engine/backend.c engine/scheduler.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/cpu/threadpool.c \
               kvcache/kvcache.c config/config.c
 LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c
 API_SRC    := api/request.c api/response.c api/chat.c api/metrics.c

@@ -1,5 +1,6 @@
 /* config.c - flag tables, strict parsing and --help for the subcommands. */
 #include "config.h"
+#include "../engine/engine.h"
 
 #include <errno.h>
 #include <math.h>
@@ -62,6 +63,8 @@ static const flag_t gen_flags[] = {
      "tokens the penalties look back over (default 64)"},
     {"--seed", F_U64, 0, 0, OFF(seed), "S", "sampling seed (default: from the clock, printed)"},
     {"--threads", F_INT, 0, 256, OFF(threads), "N", "CPU worker threads, 0 = all CPUs (default 0)"},
+    {"--device", F_STR, 0, 0, OFF(device), "DEV",
+     "auto (a CUDA GPU if present), cpu or cuda (default auto)"},
     {"--ctx-size", F_INT, 0, 1 << 24, OFF(ctx_size), "N",
      "context window, 0 = the model's (default 0)"},
     {"--batch-size", F_INT, 1, 65536, OFF(batch_size), "N",
@@ -168,6 +171,7 @@ static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg)
     c->sinks = 4;
     c->block_size = 16;
     c->kv_type = "f16";
+    c->device = "auto";
     c->attention = "full";
     c->token_budget = 256;
     for (int i = 1; i < argc; i++) {
@@ -243,6 +247,10 @@ static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg)
         snprintf(msg, CFG_ERRMSG_LEN, "--kv-type: '%s' must be f16 or f32", c->kv_type);
         return -1;
     }
+    if (eng_device_parse(c->device) < 0) {
+        snprintf(msg, CFG_ERRMSG_LEN, "--device: '%s' must be auto, cpu or cuda", c->device);
+        return -1;
+    }
     if (c->token_budget < 1) {
         snprintf(msg, CFG_ERRMSG_LEN, "--token-budget must be at least 1");
         return -1;
@@ -275,6 +283,8 @@ static const opt_t opts[] = {
     {"model_alias", V_STR, COFF(model_alias), "", 0, 0,
      "model name reported by the API; empty = the file's general.name"},
     {"threads", V_INT, COFF(threads), "0", 0, 256, "CPU worker threads, 0 = all CPUs"},
+    {"device", V_STR, COFF(device), "auto", 0, 0,
+     "auto (a CUDA GPU when one is present, else the CPU), cpu or cuda"},
     {"ctx_size", V_INT, COFF(ctx_size), "0", 0, 1 << 24, "context window, 0 = the model's"},
     {"max_running", V_INT, COFF(max_running), "16", 1, 1024, "sequences decoding at once"},
     {"max_waiting", V_INT, COFF(max_waiting), "64", 1, 1 << 20,
@@ -540,6 +550,10 @@ int cfg_load(cfg_t *c, int argc, char **argv, char **envp, char *msg) {
     }
     if (strcmp(c->kv_type, "f16") && strcmp(c->kv_type, "f32")) {
         snprintf(msg, CFG_ERRMSG_LEN, "kv_type: '%s' must be f16 or f32", c->kv_type);
+        goto fail;
+    }
+    if (eng_device_parse(c->device) < 0) {
+        snprintf(msg, CFG_ERRMSG_LEN, "device: '%s' must be auto, cpu or cuda", c->device);
         goto fail;
     }
     if (strcmp(c->kv_pressure, "evict") && strcmp(c->kv_pressure, "preempt")) {

@@ -28,6 +28,7 @@ typedef struct {
     uint64_t seed;
     bool seed_set;
     int32_t threads;
+    const char *device; /* auto, cpu or cuda */
     int32_t ctx_size;
     int32_t batch_size;
     /* streaming past the window and attention (shared with `perplexity`) */
@@ -64,6 +65,7 @@ typedef struct {
     char *model;
     char *model_alias; /* the "model" name the API reports; default: the file's general.name */
     int64_t threads;
+    char *device; /* auto, cpu or cuda */
     int64_t ctx_size;
     int64_t max_running; /* sequences decoding at once */
     int64_t max_waiting; /* bounded queue; 429 past it */

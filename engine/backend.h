@@ -1,9 +1,14 @@
-/* backend.h - the compute backend interface (CPU now, CUDA behind the same table later).
+/* backend.h - the compute backend interface: the CPU backend (engine/cpu/) and the CUDA
+ * backend (engine/cuda/, a shared library loaded at run time) implement the same table.
  *
  * A backend is a static const table of operations plus a private context.
  * All activations are row-major float arrays of T rows (one per token of the
- * step). Weights are eng_tensor_t in their file type. Every op has a plain
- * scalar reference in tests/unit/ref_ops.c that is the oracle for each backend.
+ * step) in the backend's memory: buffers come from alloc(), so they are host memory on
+ * the CPU and device memory on a GPU, and pointer arithmetic on them is fine. Weights are
+ * eng_tensor_t as load_weight() returned them. Small per-step metadata (token ids,
+ * positions, the sequences' block tables) stays in host memory; a device backend copies it
+ * once per step in begin_step(). Every op has a plain scalar reference in
+ * tests/unit/ref_ops.c that is the oracle for each backend.
  */
 #ifndef TIDALD_ENGINE_BACKEND_H
 #define TIDALD_ENGINE_BACKEND_H
@@ -13,6 +18,7 @@
 #include <stdint.h>
 
 #include "../kvcache/kvcache.h"
+#include "engine.h"
 
 /* A 2-D weight: `rows` rows of `cols` elements of ggml type `type`, row-major. */
 typedef struct {
@@ -40,11 +46,12 @@ typedef struct {
     bool force_sinks; /* SELECT: the first n_sinks positions are always kept */
     bool per_group;   /* SELECT: one selection per KV-head group (summed probabilities) */
     uint32_t n_sinks; /* sink tokens (for force_sinks and sink mass) */
-    uint32_t *sel;    /* [n_head][budget] ascending positions: SELECT writes, SPARSE reads */
-    uint32_t *n_sel;  /* [n_head] */
-    float *entropy;   /* [n_head] out, bits (decode slices; may be NULL) */
-    float *sink_mass; /* [n_head] out (may be NULL) */
-    uint32_t *n_att;  /* [n_head] out: keys attended (may be NULL) */
+    uint32_t *sel;    /* [n_head][budget] ascending positions: SELECT writes, SPARSE reads
+                         (backend memory) */
+    uint32_t *n_sel;  /* [n_head] (backend memory) */
+    float *entropy;   /* [n_head] out, bits (decode slices; may be NULL; host memory) */
+    float *sink_mass; /* [n_head] out (may be NULL; host memory) */
+    uint32_t *n_att;  /* [n_head] out: keys attended (may be NULL; host memory) */
 } eng_attn_seq_t;
 
 typedef struct {
@@ -54,8 +61,38 @@ typedef struct {
 
 typedef struct eng_backend eng_backend_t;
 
+/* What one forward step runs, announced before its first op: the host arrays the step's ops
+ * will be given (ids, pos, the sequences) and the model's shape, so a device backend can copy
+ * them in one go and size its per-step buffers. */
+typedef struct {
+    const int32_t *ids;  /* [T] token ids (get_rows) */
+    const uint32_t *pos; /* [T] positions (rope) */
+    uint32_t T;
+    const eng_attn_seq_t *seqs; /* the attention slices; block tables as of this step */
+    uint32_t n_seqs;
+    const uint8_t *kinds; /* [n_layer][n_seqs] eng_att_kind_t of each slice in each layer */
+    uint32_t n_layer, n_head;
+} eng_step_t;
+
 typedef struct {
     const char *name;
+    /* ---- memory: host memory on the CPU, device memory on a GPU ---- */
+    void *(*alloc)(eng_backend_t *be, size_t bytes); /* zero-filled; NULL when out of memory */
+    void (*release)(eng_backend_t *be, void *p);
+    void (*upload)(eng_backend_t *be, void *dst, const void *host_src, size_t bytes);
+    void (*download)(eng_backend_t *be, void *host_dst, const void *src, size_t bytes);
+    /* Bytes a KV pool may take by default after the weights and scratch are in (a GPU's free
+     * memory less a margin); 0: the engine's host policy. NULL means 0. */
+    size_t (*kv_budget)(eng_backend_t *be);
+    /* A weight in the form this backend computes with (out may alias nothing in w); NULL op:
+     * the backend uses the file's tensor as is. */
+    int (*load_weight)(eng_backend_t *be, const eng_tensor_t *w, eng_tensor_t *out, char *msg);
+    void (*free_weight)(eng_backend_t *be, eng_tensor_t *w);
+    /* ---- one step: begin_step, the ops, end_step (NULL: nothing to do) ---- */
+    void (*begin_step)(eng_backend_t *be, const eng_step_t *st);
+    /* Wait for the step's work; afterwards the telemetry slots named in the step's
+     * eng_attn_seq_t (host memory) hold their values. */
+    void (*end_step)(eng_backend_t *be);
     /* size scratch for rows of up to max_cols, KV blocks of block_size, max_seqs per step and
      * sequences of up to n_ctx tokens */
     int (*reserve)(eng_backend_t *be, size_t max_cols, uint32_t block_size, uint32_t max_seqs,
@@ -73,6 +110,10 @@ typedef struct {
      * and sink mass from the online-softmax accumulators (no second pass) */
     void (*attention)(eng_backend_t *be, const eng_attn_shape_t *shape, uint32_t layer,
                       const float *q, const eng_attn_seq_t *seqs, uint32_t n_seqs, float *out);
+    /* store each slice's new keys and values (rows q_start.. of k and v, kv_dim wide) at
+     * positions pos0.. of `layer` through its block table, in the pool's value type */
+    void (*kv_store)(eng_backend_t *be, uint32_t layer, const eng_attn_seq_t *seqs, uint32_t n_seqs,
+                     const float *k, const float *v);
     /* K-shift: rotate the keys of positions [from, to) of every layer back by delta positions
      * (a pure rotation: RoPE(p) then this equals RoPE(p - delta)) */
     void (*k_shift)(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to, uint32_t delta,
@@ -97,5 +138,18 @@ struct eng_backend {
 
 /* CPU backend with n_threads workers (0: one per online CPU). */
 int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg);
+
+/* The entry point the CUDA backend's shared library exports (engine/cuda/). */
+typedef int (*eng_cuda_create_fn)(eng_backend_t **out, int device, char *msg, size_t msg_len);
+#define ENG_CUDA_CREATE_SYMBOL "tidald_cuda_backend_create"
+#define ENG_CUDA_ABI 1 /* bumped whenever this table changes */
+typedef int (*eng_cuda_abi_fn)(void);
+#define ENG_CUDA_ABI_SYMBOL "tidald_cuda_backend_abi"
+
+/* Create the backend for a device: CPU, CUDA (its library is loaded with dlopen, so a
+ * machine without the CUDA runtime or driver still runs the CPU path), or AUTO: CUDA when a
+ * GPU is present, else the CPU. ENG_EUNSUPPORTED with the reason when CUDA was asked for and
+ * cannot be had. */
+int eng_backend_open(eng_backend_t **out, eng_device_t dev, int n_threads, char *msg);
 
 #endif

@@ -80,7 +80,13 @@ size_t eng_detok_flush(eng_detok_t *d, char *out, size_t cap);
 
 /* ===== context and forward pass ======================================= */
 
+/* Where the engine computes. AUTO: a CUDA GPU when one is present, else the CPU. */
+typedef enum { ENG_DEVICE_AUTO = 0, ENG_DEVICE_CPU = 1, ENG_DEVICE_CUDA = 2 } eng_device_t;
+/* Parse "auto", "cpu" or "cuda"; -1 otherwise. */
+int eng_device_parse(const char *s);
+
 typedef struct {
+    eng_device_t device;       /* default AUTO */
     int n_threads;             /* 0: all online CPUs */
     uint32_t block_size;       /* KV tokens per block (default 16) */
     size_t kv_mem_bytes;       /* KV pool budget; 0: enough for max_seqs * n_ctx */

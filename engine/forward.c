@@ -18,17 +18,25 @@ struct eng_ctx {
     const eng_model_t *m;
     eng_backend_t *be;
     kv_pool_t pool;
+    void *pool_data; /* backend memory behind the pool */
     eng_ctx_params_t p;
-    /* activations, max_batch_tokens rows each */
+    /* the weights as the backend computes with them (the file's tensors on the CPU) */
+    eng_tensor_t tok_embd, output;
+    const float *output_norm, *rope_freqs;
+    eng_layer_t *layers;
+    bool own_weights; /* the backend made copies (load_weight): freed with the context */
+    /* activations in backend memory, max_batch_tokens rows each */
     float *x, *xn, *q, *k, *v, *att, *ffg, *ffu;
-    float *logit_in;  /* final-normed rows that want logits */
-    float *logit_buf; /* max_seqs rows of n_vocab: last-token logits of a step */
+    float *logit_in;   /* final-normed rows that want logits */
+    float *logit_buf;  /* max_seqs rows of n_vocab: logits before they go to the caller */
+    float *logit_host; /* host copy of logit_buf */
+    /* host-side step metadata */
     uint32_t *pos;
     int32_t *ids;
     eng_attn_seq_t *aseq;
-    uint32_t *sel, *n_sel; /* TidalDecode selections: max_seqs * n_head * sel_budget */
+    uint8_t *kinds;        /* [n_layer][max_seqs]: the step's plan */
+    uint32_t *sel, *n_sel; /* backend memory: max_seqs * n_head * sel_budget selections */
     uint32_t sel_budget;
-    float *tele_scratch; /* entropy/sink slots for decode items that asked for none */
 };
 
 void eng_ctx_params_default(eng_ctx_params_t *p) {
@@ -38,8 +46,113 @@ void eng_ctx_params_default(eng_ctx_params_t *p) {
     p->max_seqs = 16;
 }
 
-static void *alloc_f(size_t rows, size_t cols) {
-    return malloc(sizeof(float) * rows * cols);
+int eng_device_parse(const char *s) {
+    if (!s) return -1;
+    if (!strcmp(s, "auto")) return ENG_DEVICE_AUTO;
+    if (!strcmp(s, "cpu")) return ENG_DEVICE_CPU;
+    if (!strcmp(s, "cuda")) return ENG_DEVICE_CUDA;
+    return -1;
+}
+
+static float *alloc_f(eng_ctx_t *c, size_t rows, size_t cols) {
+    return c->be->ops->alloc(c->be, sizeof(float) * rows * cols);
+}
+
+/* A norm vector in backend memory (the file's own on the CPU). */
+static const float *load_vec(eng_ctx_t *c, const float *v, size_t n, bool *fail) {
+    if (!c->own_weights || !v) return v;
+    float *d = alloc_f(c, 1, n);
+    if (!d) {
+        *fail = true;
+        return NULL;
+    }
+    c->be->ops->upload(c->be, d, v, sizeof(float) * n);
+    return d;
+}
+
+static int load_weights(eng_ctx_t *c, char *msg) {
+    const eng_model_t *m = c->m;
+    const eng_backend_ops_t *op = c->be->ops;
+    uint32_t n_layer = m->hp.n_layer, d = m->hp.n_embd;
+    c->layers = calloc(n_layer, sizeof(eng_layer_t));
+    if (!c->layers) return eng_fail(msg, ENG_ENOMEM, "out of memory");
+    if (!op->load_weight) {
+        memcpy(c->layers, m->layers, sizeof(eng_layer_t) * n_layer);
+        c->tok_embd = m->tok_embd;
+        c->output = m->output;
+        c->output_norm = m->output_norm;
+        c->rope_freqs = m->rope_freqs;
+        return 0;
+    }
+    c->own_weights = true;
+    int rc;
+    bool fail = false;
+    if ((rc = op->load_weight(c->be, &m->tok_embd, &c->tok_embd, msg))) return rc;
+    if (m->hp.tied_output)
+        c->output = c->tok_embd;
+    else if ((rc = op->load_weight(c->be, &m->output, &c->output, msg)))
+        return rc;
+    c->output_norm = load_vec(c, m->output_norm, d, &fail);
+    c->rope_freqs = load_vec(c, m->rope_freqs, m->hp.n_rot / 2, &fail);
+    for (uint32_t l = 0; l < n_layer && !fail; l++) {
+        const eng_layer_t *S = &m->layers[l];
+        eng_layer_t *L = &c->layers[l];
+        L->attn_norm = load_vec(c, S->attn_norm, d, &fail);
+        L->ffn_norm = load_vec(c, S->ffn_norm, d, &fail);
+        const eng_tensor_t *src[7] = {&S->wq,     &S->wk,   &S->wv,    &S->wo,
+                                      &S->w_gate, &S->w_up, &S->w_down};
+        eng_tensor_t *dst[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int i = 0; i < 7; i++)
+            if ((rc = op->load_weight(c->be, src[i], dst[i], msg))) return rc;
+    }
+    if (fail) return eng_fail(msg, ENG_ENOMEM, "out of %s memory for the weights", op->name);
+    return 0;
+}
+
+static void free_weights(eng_ctx_t *c) {
+    if (!c->layers) return;
+    if (c->own_weights) {
+        eng_backend_t *be = c->be;
+        for (uint32_t l = 0; l < c->m->hp.n_layer; l++) {
+            eng_layer_t *L = &c->layers[l];
+            eng_tensor_t *w[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+            for (int i = 0; i < 7; i++)
+                if (w[i]->data) be->ops->free_weight(be, w[i]);
+            be->ops->release(be, (void *)L->attn_norm);
+            be->ops->release(be, (void *)L->ffn_norm);
+        }
+        if (c->tok_embd.data) be->ops->free_weight(be, &c->tok_embd);
+        if (!c->m->hp.tied_output && c->output.data) be->ops->free_weight(be, &c->output);
+        be->ops->release(be, (void *)c->output_norm);
+        be->ops->release(be, (void *)c->rope_freqs);
+    }
+    free(c->layers);
+    c->layers = NULL;
+}
+
+/* Blocks for the KV pool: the budget asked for, else every sequence's full context capped by
+ * what the device has left (GPU) or half the machine's memory (CPU), so with large models the
+ * scheduler's pressure policy shares a smaller pool. */
+static uint32_t pool_blocks(eng_ctx_t *c, uint32_t kvd) {
+    const eng_hparams_t *hp = &c->m->hp;
+    uint32_t elem = c->p.kv_f16 ? 2 : 4;
+    if (c->p.kv_mem_bytes)
+        return kv_pool_blocks_for_bytes_typed(hp->n_layer, kvd, c->p.block_size, c->p.kv_mem_bytes,
+                                              elem);
+    uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size;
+    uint64_t nb = per_seq * c->p.max_seqs;
+    size_t avail = c->be->ops->kv_budget ? c->be->ops->kv_budget(c->be) : 0;
+    if (!avail) {
+        long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+        if (pages > 0 && psz > 0) avail = (size_t)((uint64_t)pages * (uint64_t)psz / 2);
+    }
+    if (avail) {
+        uint64_t cap =
+            kv_pool_blocks_for_bytes_typed(hp->n_layer, kvd, c->p.block_size, avail, elem);
+        if (cap < per_seq && !c->be->ops->kv_budget) cap = per_seq; /* one full context */
+        if (nb > cap) nb = cap;
+    }
+    return nb > UINT32_MAX / 2 ? UINT32_MAX / 2 : (uint32_t)nb;
 }
 
 int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t *p, char *msg) {
@@ -60,58 +173,51 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
         goto fail;
     }
     uint32_t kvd = hp->n_head_kv * hp->head_dim;
-    uint32_t n_blocks;
-    if (c->p.kv_mem_bytes) {
-        n_blocks = kv_pool_blocks_for_bytes_typed(hp->n_layer, kvd, c->p.block_size,
-                                                  c->p.kv_mem_bytes, c->p.kv_f16 ? 2 : 4);
-    } else {
-        /* every sequence's full context, but at most half the machine's memory: with large
-         * models the scheduler's pressure policy then shares a smaller pool */
-        uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size;
-        uint64_t nb = per_seq * c->p.max_seqs;
-        long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-        if (pages > 0 && psz > 0) {
-            uint64_t cap = kv_pool_blocks_for_bytes_typed(
-                hp->n_layer, kvd, c->p.block_size, (size_t)((uint64_t)pages * (uint64_t)psz / 2),
-                c->p.kv_f16 ? 2 : 4);
-            if (cap < per_seq) cap = per_seq; /* one full context at least */
-            if (nb > cap) nb = cap;
-        }
-        n_blocks = nb > UINT32_MAX / 2 ? UINT32_MAX / 2 : (uint32_t)nb;
+    if ((rc = eng_backend_open(&c->be, c->p.device, c->p.n_threads, msg))) goto fail;
+    const eng_backend_ops_t *op = c->be->ops;
+    size_t widest = hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd;
+    if (op->reserve(c->be, widest, c->p.block_size, c->p.max_seqs, c->p.n_ctx) != 0) {
+        rc = eng_fail(msg, ENG_ENOMEM, "out of memory for backend scratch");
+        goto fail;
     }
+    if ((rc = load_weights(c, msg))) goto fail;
+    size_t T = c->p.max_batch_tokens;
+    c->x = alloc_f(c, T, hp->n_embd);
+    c->xn = alloc_f(c, T, hp->n_embd);
+    c->q = alloc_f(c, T, hp->n_embd);
+    c->k = alloc_f(c, T, kvd);
+    c->v = alloc_f(c, T, kvd);
+    c->att = alloc_f(c, T, hp->n_embd);
+    c->ffg = alloc_f(c, T, hp->n_ff);
+    c->ffu = alloc_f(c, T, hp->n_ff);
+    c->logit_in = alloc_f(c, T > c->p.max_seqs ? T : c->p.max_seqs, hp->n_embd);
+    c->logit_buf = alloc_f(c, c->p.max_seqs, hp->n_vocab);
+    c->n_sel = op->alloc(c->be, sizeof(uint32_t) * c->p.max_seqs * hp->n_head);
+    c->logit_host = malloc(sizeof(float) * c->p.max_seqs * hp->n_vocab);
+    c->pos = malloc(sizeof(uint32_t) * T);
+    c->ids = malloc(sizeof(int32_t) * T);
+    c->aseq = malloc(sizeof(eng_attn_seq_t) * c->p.max_seqs);
+    c->kinds = malloc((size_t)hp->n_layer * c->p.max_seqs);
+    if (!c->x || !c->xn || !c->q || !c->k || !c->v || !c->att || !c->ffg || !c->ffu ||
+        !c->logit_in || !c->logit_buf || !c->pos || !c->ids || !c->aseq || !c->n_sel ||
+        !c->logit_host || !c->kinds) {
+        rc = eng_fail(msg, ENG_ENOMEM, "out of %s memory for activations", op->name);
+        goto fail;
+    }
+    uint32_t n_blocks = pool_blocks(c, kvd);
     if (n_blocks == 0) {
         rc = eng_fail(msg, ENG_EINVAL, "KV memory budget is smaller than one block");
         goto fail;
     }
-    if ((rc = kv_pool_init_typed(&c->pool, hp->n_layer, kvd, c->p.block_size, n_blocks, c->p.kv_f16,
-                                 msg)))
-        goto fail;
-    if ((rc = eng_cpu_backend_create(&c->be, c->p.n_threads, msg))) goto fail;
-    size_t widest = hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd;
-    if (c->be->ops->reserve(c->be, widest, c->p.block_size, c->p.max_seqs, c->p.n_ctx) != 0) {
-        rc = eng_fail(msg, ENG_ENOMEM, "out of memory for backend scratch");
+    size_t bytes = kv_pool_bytes(hp->n_layer, kvd, c->p.block_size, n_blocks, c->p.kv_f16);
+    if (!bytes || !(c->pool_data = op->alloc(c->be, bytes))) {
+        rc = eng_fail(msg, ENG_ENOMEM, "cannot allocate a KV pool of %u blocks (%zu MiB) on %s",
+                      n_blocks, bytes >> 20, op->name);
         goto fail;
     }
-    size_t T = c->p.max_batch_tokens;
-    c->x = alloc_f(T, hp->n_embd);
-    c->xn = alloc_f(T, hp->n_embd);
-    c->q = alloc_f(T, hp->n_embd);
-    c->k = alloc_f(T, kvd);
-    c->v = alloc_f(T, kvd);
-    c->att = alloc_f(T, hp->n_embd);
-    c->ffg = alloc_f(T, hp->n_ff);
-    c->ffu = alloc_f(T, hp->n_ff);
-    c->logit_in = alloc_f(T > c->p.max_seqs ? T : c->p.max_seqs, hp->n_embd);
-    c->logit_buf = alloc_f(c->p.max_seqs, hp->n_vocab);
-    c->pos = malloc(sizeof(uint32_t) * T);
-    c->ids = malloc(sizeof(int32_t) * T);
-    c->aseq = malloc(sizeof(eng_attn_seq_t) * c->p.max_seqs);
-    c->n_sel = malloc(sizeof(uint32_t) * c->p.max_seqs * hp->n_head);
-    if (!c->x || !c->xn || !c->q || !c->k || !c->v || !c->att || !c->ffg || !c->ffu ||
-        !c->logit_in || !c->logit_buf || !c->pos || !c->ids || !c->aseq || !c->n_sel) {
-        rc = eng_fail(msg, ENG_ENOMEM, "out of memory for activations");
+    if ((rc = kv_pool_init_over(&c->pool, hp->n_layer, kvd, c->p.block_size, n_blocks, c->p.kv_f16,
+                                c->pool_data, msg)))
         goto fail;
-    }
     *out = c;
     return 0;
 fail:
@@ -121,23 +227,24 @@ fail:
 
 void eng_ctx_free(eng_ctx_t *c) {
     if (!c) return;
-    if (c->be) c->be->ops->destroy(c->be);
     kv_pool_close(&c->pool);
-    free(c->x);
-    free(c->xn);
-    free(c->q);
-    free(c->k);
-    free(c->v);
-    free(c->att);
-    free(c->ffg);
-    free(c->ffu);
-    free(c->logit_in);
-    free(c->logit_buf);
+    if (c->be) {
+        eng_backend_t *be = c->be;
+        free_weights(c);
+        float *bufs[] = {c->x,   c->xn,  c->q,   c->k,        c->v,
+                         c->att, c->ffg, c->ffu, c->logit_in, c->logit_buf};
+        for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) be->ops->release(be, bufs[i]);
+        be->ops->release(be, c->sel);
+        be->ops->release(be, c->n_sel);
+        be->ops->release(be, c->pool_data);
+        be->ops->destroy(be);
+    }
+    free(c->layers);
+    free(c->logit_host);
     free(c->pos);
     free(c->ids);
     free(c->aseq);
-    free(c->sel);
-    free(c->n_sel);
+    free(c->kinds);
     free(c);
 }
 
@@ -191,20 +298,25 @@ int eng_attn_check(const eng_hparams_t *hp, const eng_attn_params_t *a, char *ms
 
 /* TidalDecode roles of layer l: dense before the first selection layer, dense + top-k at each
  * selection layer, sparse over the latest selection after it. Decode items only. */
+static eng_att_kind_t kind_of(const eng_attn_seq_t *as, const eng_attn_params_t *a, uint32_t l) {
+    if (!as->sel || !a) return ENG_ATT_DENSE;
+    for (uint32_t k = 0; k < a->n_sel_layers; k++)
+        if (a->sel_layers[k] == l) return ENG_ATT_SELECT;
+    return l > a->sel_layers[0] ? ENG_ATT_SPARSE : ENG_ATT_DENSE;
+}
+
+/* The step's plan: every slice's kind in every layer (kinds[l * n_items + i]). */
+static void plan_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_t n_items) {
+    for (uint32_t l = 0; l < c->m->hp.n_layer; l++)
+        for (uint32_t i = 0; i < n_items; i++)
+            c->kinds[(size_t)l * n_items + i] = (uint8_t)kind_of(&c->aseq[i], items[i].attn, l);
+}
+
 static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_t n_items,
                             uint32_t l) {
     for (uint32_t i = 0; i < n_items; i++) {
         eng_attn_seq_t *as = &c->aseq[i];
-        const eng_attn_params_t *a = items[i].attn;
-        as->kind = ENG_ATT_DENSE;
-        if (as->sel && a) {
-            bool is_sel = false;
-            for (uint32_t k = 0; k < a->n_sel_layers; k++) is_sel |= a->sel_layers[k] == l;
-            if (is_sel)
-                as->kind = ENG_ATT_SELECT;
-            else if (l > a->sel_layers[0])
-                as->kind = ENG_ATT_SPARSE;
-        }
+        as->kind = (eng_att_kind_t)c->kinds[(size_t)l * n_items + i];
         eng_attn_tele_t *te = items[i].tele;
         uint32_t H = c->m->hp.n_head;
         if (te) {
@@ -219,16 +331,6 @@ static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_
     }
 }
 
-/* Write one key or value vector into the cache in its value type. */
-static void store_kv(void *dst, const float *src, uint32_t n, uint32_t elem) {
-    if (elem == 4) {
-        memcpy(dst, src, sizeof(float) * n);
-        return;
-    }
-    uint16_t *h = dst;
-    for (uint32_t i = 0; i < n; i++) h[i] = eng_f32_to_f16(src[i]);
-}
-
 uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
     const eng_hparams_t *hp = &c->m->hp;
     uint32_t bs = seq->pool->block_size, keep = (seq->n_sinks + bs - 1) / bs * bs;
@@ -236,7 +338,7 @@ uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
     /* K-shift: every key after the sink blocks moves down by `gone` positions */
     if (gone)
         c->be->ops->k_shift(c->be, seq, keep, seq->n_tokens, gone, hp->n_head_kv, hp->head_dim,
-                            hp->n_rot, hp->rope_base, c->m->rope_freqs);
+                            hp->n_rot, hp->rope_base, c->rope_freqs);
     return gone;
 }
 
@@ -286,8 +388,10 @@ static int prepare(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, uint
     }
     if (budget > c->p.n_ctx) budget = c->p.n_ctx;
     if (budget > c->sel_budget) {
-        uint32_t *sel = realloc(c->sel, sizeof(uint32_t) * c->p.max_seqs * hp->n_head * budget);
+        eng_backend_t *be = c->be;
+        uint32_t *sel = be->ops->alloc(be, sizeof(uint32_t) * c->p.max_seqs * hp->n_head * budget);
         if (!sel) return eng_fail(msg, ENG_ENOMEM, "out of memory for TidalDecode selections");
+        be->ops->release(be, c->sel);
         c->sel = sel;
         c->sel_budget = budget;
     }
@@ -317,7 +421,7 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
     const eng_hparams_t *hp = &m->hp;
     eng_backend_t *be = c->be;
     const eng_backend_ops_t *op = be->ops;
-    uint32_t d = hp->n_embd, kvd = hp->n_head_kv * hp->head_dim;
+    uint32_t d = hp->n_embd;
 
     uint32_t t = 0;
     for (uint32_t i = 0; i < n_items; i++) {
@@ -340,30 +444,25 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
             c->pos[t] = it->seq->n_tokens + j;
         }
     }
-    op->get_rows(be, &m->tok_embd, c->ids, T, c->x);
+    plan_kinds(c, items, n_items);
+    eng_step_t step = {c->ids, c->pos, T, c->aseq, n_items, c->kinds, hp->n_layer, hp->n_head};
+    if (op->begin_step) op->begin_step(be, &step);
+    op->get_rows(be, &c->tok_embd, c->ids, T, c->x);
     eng_attn_shape_t shape = {hp->n_head, hp->n_head_kv, hp->head_dim,
                               1.0f / sqrtf((float)hp->head_dim)};
     for (uint32_t l = 0; l < hp->n_layer; l++) {
-        const eng_layer_t *L = &m->layers[l];
+        const eng_layer_t *L = &c->layers[l];
         set_layer_kinds(c, items, n_items, l);
         op->rmsnorm(be, c->x, L->attn_norm, c->xn, T, d, hp->rms_eps);
         op->matmul(be, &L->wq, c->xn, c->q, T);
         op->matmul(be, &L->wk, c->xn, c->k, T);
         op->matmul(be, &L->wv, c->xn, c->v, T);
         op->rope(be, c->q, c->pos, T, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base,
-                 m->rope_freqs);
+                 c->rope_freqs);
         op->rope(be, c->k, c->pos, T, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base,
-                 m->rope_freqs);
+                 c->rope_freqs);
         /* append this step's keys and values through the block tables */
-        for (uint32_t i = 0; i < n_items; i++) {
-            const eng_attn_seq_t *a = &c->aseq[i];
-            for (uint32_t j = 0; j < a->n_q; j++) {
-                store_kv(kv_seq_kp(a->seq, l, a->pos0 + j), c->k + (size_t)(a->q_start + j) * kvd,
-                         kvd, c->pool.elem);
-                store_kv(kv_seq_vp(a->seq, l, a->pos0 + j), c->v + (size_t)(a->q_start + j) * kvd,
-                         kvd, c->pool.elem);
-            }
-        }
+        op->kv_store(be, l, c->aseq, n_items, c->k, c->v);
         op->attention(be, &shape, l, c->q, c->aseq, n_items, c->att);
         op->matmul(be, &L->wo, c->att, c->xn, T);
         op->add(be, c->x, c->xn, (size_t)T * d);
@@ -376,36 +475,40 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
     }
     for (uint32_t i = 0; i < n_items; i++) items[i].seq->n_tokens += items[i].n_tokens;
 
-    /* Logits only for the rows that asked. Last-token rows of all items go through one output
-     * matmul (the vocabulary projection is the largest weight); all-token items get their own. */
-    uint32_t R = 0;
+    /* Logits only for the rows that asked, through logit_buf (max_seqs rows) and then to the
+     * caller's host buffer. Last-token rows of all items go through one output matmul (the
+     * vocabulary projection is the largest weight); all-token items go in chunks. */
+    size_t V = hp->n_vocab, LB = c->p.max_seqs;
     for (uint32_t i = 0; i < n_items; i++) {
         eng_batch_item_t *it = &items[i];
-        if (!it->logits) continue;
-        size_t row = c->aseq[i].q_start;
-        if (it->all_logits) {
-            op->rmsnorm(be, c->x + row * d, m->output_norm, c->logit_in, it->n_tokens, d,
+        if (!it->logits || !it->all_logits) continue;
+        for (size_t r0 = 0; r0 < it->n_tokens; r0 += LB) {
+            uint32_t n = (uint32_t)(it->n_tokens - r0 < LB ? it->n_tokens - r0 : LB);
+            op->rmsnorm(be, c->x + (c->aseq[i].q_start + r0) * d, c->output_norm, c->logit_in, n, d,
                         hp->rms_eps);
-            op->matmul(be, &m->output, c->logit_in, it->logits, it->n_tokens);
+            op->matmul(be, &c->output, c->logit_in, c->logit_buf, n);
+            op->download(be, it->logits + r0 * V, c->logit_buf, sizeof(float) * n * V);
         }
     }
+    uint32_t R = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         eng_batch_item_t *it = &items[i];
         if (!it->logits || it->all_logits) continue;
         size_t row = c->aseq[i].q_start + it->n_tokens - 1;
-        op->rmsnorm(be, c->x + row * d, m->output_norm, c->logit_in + (size_t)R * d, 1, d,
+        op->rmsnorm(be, c->x + row * d, c->output_norm, c->logit_in + (size_t)R * d, 1, d,
                     hp->rms_eps);
         R++;
     }
-    if (R) {
-        op->matmul(be, &m->output, c->logit_in, c->logit_buf, R);
+    if (R) { /* one copy from the backend for all of them */
+        op->matmul(be, &c->output, c->logit_in, c->logit_buf, R);
+        op->download(be, c->logit_host, c->logit_buf, sizeof(float) * R * V);
         R = 0;
         for (uint32_t i = 0; i < n_items; i++) {
             eng_batch_item_t *it = &items[i];
             if (!it->logits || it->all_logits) continue;
-            memcpy(it->logits, c->logit_buf + (size_t)R++ * hp->n_vocab,
-                   sizeof(float) * hp->n_vocab);
+            memcpy(it->logits, c->logit_host + (size_t)R++ * V, sizeof(float) * V);
         }
     }
+    if (op->end_step) op->end_step(be);
     return 0;
 }

@@ -27,25 +27,26 @@ int kv_pool_init(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block
     return kv_pool_init_typed(p, n_layer, kv_dim, block_size, n_blocks, false, msg);
 }
 
-int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
-                       uint32_t n_blocks, bool f16, char *msg) {
+size_t kv_pool_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size, uint32_t n_blocks,
+                     bool f16) {
+    size_t per = block_floats(n_layer, kv_dim, block_size), elem = f16 ? 2 : 4;
+    if (!per || !n_blocks || per > SIZE_MAX / elem / n_blocks) return 0;
+    return per * elem * n_blocks;
+}
+
+int kv_pool_init_over(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                      uint32_t n_blocks, bool f16, void *data, char *msg) {
     memset(p, 0, sizeof(*p));
-    uint32_t elem = f16 ? 2 : 4;
     if (!n_layer || !kv_dim || !block_size || !n_blocks)
         return eng_fail(msg, ENG_EINVAL, "KV pool: every dimension must be positive");
-    size_t per = block_floats(n_layer, kv_dim, block_size);
-    if (per > SIZE_MAX / elem / n_blocks)
+    if (!kv_pool_bytes(n_layer, kv_dim, block_size, n_blocks, f16))
         return eng_fail(msg, ENG_ERANGE, "KV pool: size overflows");
-    p->data = calloc(per * n_blocks, elem);
     p->free_list = malloc(sizeof(uint32_t) * n_blocks);
-    if (!p->data || !p->free_list) {
-        free(p->data);
-        free(p->free_list);
-        memset(p, 0, sizeof(*p));
-        return eng_fail(msg, ENG_ENOMEM, "KV pool: cannot allocate %u blocks of %zu bytes",
-                        n_blocks, per * elem);
-    }
-    p->elem = elem;
+    if (!p->free_list)
+        return eng_fail(msg, ENG_ENOMEM, "KV pool: cannot allocate the free list of %u blocks",
+                        n_blocks);
+    p->data = data;
+    p->elem = f16 ? 2 : 4;
     p->n_layer = n_layer;
     p->kv_dim = kv_dim;
     p->block_size = block_size;
@@ -56,8 +57,28 @@ int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t
     return 0;
 }
 
+int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                       uint32_t n_blocks, bool f16, char *msg) {
+    memset(p, 0, sizeof(*p));
+    size_t bytes = kv_pool_bytes(n_layer, kv_dim, block_size, n_blocks, f16);
+    if (!n_layer || !kv_dim || !block_size || !n_blocks)
+        return eng_fail(msg, ENG_EINVAL, "KV pool: every dimension must be positive");
+    if (!bytes) return eng_fail(msg, ENG_ERANGE, "KV pool: size overflows");
+    void *data = calloc(1, bytes);
+    if (!data)
+        return eng_fail(msg, ENG_ENOMEM, "KV pool: cannot allocate %u blocks of %zu bytes",
+                        n_blocks, bytes / n_blocks);
+    int rc = kv_pool_init_over(p, n_layer, kv_dim, block_size, n_blocks, f16, data, msg);
+    if (rc) {
+        free(data);
+        return rc;
+    }
+    p->own_data = true;
+    return 0;
+}
+
 void kv_pool_close(kv_pool_t *p) {
-    free(p->data);
+    if (p->own_data) free(p->data);
     free(p->free_list);
     memset(p, 0, sizeof(*p));
 }

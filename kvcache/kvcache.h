@@ -23,6 +23,7 @@ typedef struct {
     uint32_t n_blocks;
     uint32_t elem;       /* bytes per stored value: 4 (F32) or 2 (F16) */
     void *data;          /* n_blocks * n_layer * 2 * block_size * kv_dim values */
+    bool own_data;       /* data was allocated here (else a backend owns it) */
     uint32_t *free_list; /* stack of free block ids */
     uint32_t n_free;
 } kv_pool_t;
@@ -43,6 +44,13 @@ int kv_pool_init(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block
 /* The same with a choice of value type: F16 halves the memory and the bytes attention reads. */
 int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
                        uint32_t n_blocks, bool f16, char *msg);
+/* The same over `data` that the caller allocated (e.g. device memory from a backend) and
+ * frees after kv_pool_close(); it must hold kv_pool_bytes() zeroed bytes. */
+int kv_pool_init_over(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
+                      uint32_t n_blocks, bool f16, void *data, char *msg);
+/* Bytes of value storage for a pool of this shape (0 on overflow). */
+size_t kv_pool_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size, uint32_t n_blocks,
+                     bool f16);
 void kv_pool_close(kv_pool_t *p);
 /* How many blocks fit in mem_bytes for the given shape (at least 0). */
 uint32_t kv_pool_blocks_for_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,

@@ -63,6 +63,7 @@ int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx) {
     eng_ctx_params_t cp;
     eng_ctx_params_default(&cp);
     cp.n_threads = cfg->threads;
+    cp.device = (eng_device_t)eng_device_parse(cfg->device);
     cp.n_ctx = (uint32_t)cfg->ctx_size;
     cp.block_size = (uint32_t)cfg->block_size;
     cp.kv_f16 = strcmp(cfg->kv_type, "f16") == 0;

@@ -852,6 +852,7 @@ static void load_model(uv_work_t *w) {
     eng_ctx_params_t p;
     eng_ctx_params_default(&p);
     p.n_threads = (int)cfg->threads;
+    p.device = (eng_device_t)eng_device_parse(cfg->device);
     p.n_ctx = (uint32_t)cfg->ctx_size;
     p.block_size = (uint32_t)cfg->kv_block_size;
     p.kv_mem_bytes = (size_t)cfg->kv_mem_mb << 20;

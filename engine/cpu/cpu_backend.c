@@ -517,8 +517,52 @@ static void cpu_destroy(eng_backend_t *be) {
     free(be);
 }
 
+static void *cpu_alloc(eng_backend_t *be, size_t bytes) {
+    (void)be;
+    return calloc(1, bytes ? bytes : 1);
+}
+
+static void cpu_release(eng_backend_t *be, void *p) {
+    (void)be;
+    free(p);
+}
+
+static void cpu_copy(eng_backend_t *be, void *dst, const void *src, size_t bytes) {
+    (void)be;
+    if (bytes) memcpy(dst, src, bytes);
+}
+
+/* Write one key or value vector into the cache in its value type. */
+static void store_kv(void *dst, const float *src, uint32_t n, uint32_t elem) {
+    if (elem == 4) {
+        memcpy(dst, src, sizeof(float) * n);
+        return;
+    }
+    uint16_t *h = dst;
+    for (uint32_t i = 0; i < n; i++) h[i] = eng_f32_to_f16(src[i]);
+}
+
+static void cpu_kv_store(eng_backend_t *be, uint32_t layer, const eng_attn_seq_t *seqs,
+                         uint32_t n_seqs, const float *k, const float *v) {
+    (void)be;
+    for (uint32_t i = 0; i < n_seqs; i++) {
+        const eng_attn_seq_t *a = &seqs[i];
+        const kv_pool_t *p = a->seq->pool;
+        for (uint32_t j = 0; j < a->n_q; j++) {
+            size_t row = (size_t)(a->q_start + j) * p->kv_dim;
+            store_kv(kv_seq_kp(a->seq, layer, a->pos0 + j), k + row, p->kv_dim, p->elem);
+            store_kv(kv_seq_vp(a->seq, layer, a->pos0 + j), v + row, p->kv_dim, p->elem);
+        }
+    }
+}
+
 static const eng_backend_ops_t cpu_ops = {
     .name = "cpu",
+    .alloc = cpu_alloc,
+    .release = cpu_release,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .kv_store = cpu_kv_store,
     .reserve = cpu_reserve,
     .matmul = cpu_matmul,
     .rmsnorm = cpu_rmsnorm,

@@ -32,9 +32,10 @@ Test(config, test_generate_flags_parse_with_defaults) {
 Test(config, test_generate_rejects_bad_values_naming_the_flag) {
     cfg_generate_t c;
     char msg[CFG_ERRMSG_LEN];
-    const char *cases[][2] = {{"--temperature", "nan"}, {"--temperature", "-1"}, {"--top-p", "0"},
-                              {"--max-tokens", "12x"},  {"--top-k", "1e99"},     {"--seed", "-3"},
-                              {"--threads", "9999"},    {"--min-p", ""}};
+    const char *cases[][2] = {
+        {"--temperature", "nan"}, {"--temperature", "-1"}, {"--top-p", "0"},
+        {"--max-tokens", "12x"},  {"--top-k", "1e99"},     {"--seed", "-3"},
+        {"--threads", "9999"},    {"--min-p", ""},         {"--device", "gpu"}};
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         msg[0] = 0;
         cr_expect_eq(parse(&c, msg, 6, "--model", "m", "--prompt", "p", cases[i][0], cases[i][1]),
@@ -105,6 +106,15 @@ Test(config, test_serve_rejects_bad_values_naming_value_and_source) {
     cr_expect(strstr(msg, "--max-running"), "%s", msg);
     cr_expect_eq(load(&c, noenv, msg, 4, "--model", "m", "--log-level", "loud"), -1);
     cr_expect(strstr(msg, "log_level"), "%s", msg);
+    char *dev_env[] = {"TIDALD_DEVICE=tpu", NULL};
+    cr_expect_eq(load(&c, dev_env, msg, 2, "--model", "m"), -1);
+    cr_expect(strstr(msg, "device") && strstr(msg, "auto, cpu or cuda"), "%s", msg);
+    cr_assert_eq(load(&c, noenv, msg, 4, "--model", "m", "--device", "cpu"), 0, "%s", msg);
+    cr_expect_str_eq(c.device, "cpu");
+    cfg_free(&c);
+    cr_assert_eq(load(&c, noenv, msg, 2, "--model", "m"), 0, "%s", msg);
+    cr_expect_str_eq(c.device, "auto");
+    cfg_free(&c);
     const char *path = write_file("{\"model\":\"m\",\"portt\":1}");
     cr_expect_eq(load(&c, noenv, msg, 2, "--config", (char *)path), -1);
     cr_expect(strstr(msg, "\"portt\" is not a known setting"), "%s", msg);
