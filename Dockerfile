@@ -27,7 +27,8 @@ COPY api/ api/
 COPY config/ config/
 COPY server/ server/
 COPY tools/ tools/
-RUN make all CUDA=$([ "$VARIANT" = cuda ] && echo 1 || echo 0)
+RUN make all CUDA=$([ "$VARIANT" = cuda ] && echo 1 || echo 0) \
+    && mkdir -p build/lib && if [ -f build/libtidald-cuda.so ]; then cp build/libtidald-cuda.so build/lib/; fi
 
 # ---- runtime stages --------------------------------------------------------
 FROM debian:12-slim AS runtime-cpu
@@ -41,6 +42,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends libuv1t64 libcj
 FROM runtime-${VARIANT}
 RUN useradd --system --uid 10001 --no-create-home tidald && mkdir -p /models
 COPY --from=build /src/build/tidald /usr/local/bin/tidald
+# the CUDA backend (cuda variant only; the directory is empty for cpu), found by tidald at
+# ../lib/tidald/ from its own path and loaded only when a GPU is present
+COPY --from=build /src/build/lib/ /usr/local/lib/tidald/
 USER 10001
 ENV TIDALD_HOST=0.0.0.0 \
     TIDALD_PORT=8080 \

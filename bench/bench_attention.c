@@ -61,6 +61,16 @@ int main(int argc, char **argv) {
     p.max_seqs = 1;
     p.n_ctx = hp->n_ctx_train;
     p.kv_f16 = !(argc > 3 && strcmp(argv[3], "f32") == 0); /* the server's default is F16 */
+    int dev = eng_device_parse(argc > 4 ? argv[4] : "cpu");
+    if (dev < 0) {
+        fprintf(stderr, "bench_attention: device must be auto, cpu or cuda\n");
+        return 1;
+    }
+    p.device = (eng_device_t)dev;
+    /* a pool of exactly one full context, so its host image below stays that size */
+    uint32_t kvd0 = hp->n_head_kv * hp->head_dim;
+    size_t blocks = (p.n_ctx + p.block_size - 1) / p.block_size;
+    p.kv_mem_bytes = kv_pool_bytes(hp->n_layer, kvd0, p.block_size, (uint32_t)blocks, p.kv_f16);
     eng_ctx_t *c;
     if (eng_ctx_create(&c, m, &p, msg)) {
         fprintf(stderr, "bench_attention: %s\n", msg);
@@ -73,10 +83,22 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_attention: KV cache too small\n");
         return 1;
     }
+    /* fill a host image of the pool through the sequence's block table, then upload it (the
+     * pool may live on a GPU) */
+    kv_pool_t img = *eng_ctx_kv_pool(c);
+    size_t img_bytes =
+        kv_pool_bytes(img.n_layer, img.kv_dim, img.block_size, img.n_blocks, img.elem == 2);
+    img.data = calloc(1, img_bytes);
+    kv_seq_t si = s;
+    si.pool = &img;
+    if (!img.data) {
+        fprintf(stderr, "bench_attention: out of memory\n");
+        return 1;
+    }
     uint64_t x = 88172645463325252ull;
     for (uint32_t l = 0; l < hp->n_layer; l++)
         for (uint32_t q = 0; q < max_len; q++) {
-            void *k = kv_seq_kp(&s, l, q), *v = kv_seq_vp(&s, l, q);
+            void *k = kv_seq_kp(&si, l, q), *v = kv_seq_vp(&si, l, q);
             for (uint32_t i = 0; i < kvd; i++) {
                 x ^= x << 13, x ^= x >> 7, x ^= x << 17;
                 float kf = (float)((int32_t)(x >> 32)) * (1.0f / 2147483648.0f);
@@ -90,6 +112,11 @@ int main(int argc, char **argv) {
                 }
             }
         }
+    if (eng_ctx_kv_upload(c, 0, img.data, img_bytes)) {
+        fprintf(stderr, "bench_attention: cannot load the cache\n");
+        return 1;
+    }
+    free(img.data);
     eng_attn_params_t full = {ENG_ATTN_FULL}, tidal = {ENG_ATTN_TIDAL, budget};
     eng_attn_defaults(hp, &tidal);
     size_t LH = (size_t)hp->n_layer * hp->n_head;
@@ -100,9 +127,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "model %s: %u layers, %u heads (%u KV), selection layers", hp->name,
             hp->n_layer, hp->n_head, hp->n_head_kv);
     for (uint32_t i = 0; i < tidal.n_sel_layers; i++) fprintf(stderr, " %u", tidal.sel_layers[i]);
-    fprintf(stderr, ", budget %u, KV %s, SIMD %s\n\n%8s %12s %12s %9s %14s %10s\n", budget,
-            p.kv_f16 ? "f16" : "f32", eng_cpu_simd_name(), "cached", "full ms", "tidal ms",
-            "speedup", "full+tele ms", "tele cost");
+    fprintf(stderr, ", budget %u, KV %s, backend %s, SIMD %s\n\n%8s %12s %12s %9s %14s %10s\n",
+            budget, p.kv_f16 ? "f16" : "f32", eng_ctx_backend_name(c), eng_cpu_simd_name(),
+            "cached", "full ms", "tidal ms", "speedup", "full+tele ms", "tele cost");
     for (int i = 0; i < 4; i++) {
         if (lens[i] > max_len) continue;
         s.n_tokens = lens[i];
@@ -119,9 +146,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%8u %12.2f %12.2f %8.2fx %14.2f %9.1f%%\n", lens[i], 1e3 * base, 1e3 * tt,
                 base / tt, 1e3 * tel, 100 * (tel - base) / base);
         printf(
-            "{\"bench\":\"long_decode\",\"cached_tokens\":%u,\"full_ms\":%.3f,\"tidal_ms\":%.3f,"
+            "{\"bench\":\"long_decode\",\"backend\":\"%s\",\"cached_tokens\":%u,\"full_ms\":%.3f,"
+            "\"tidal_ms\":%.3f,"
             "\"token_budget\":%u,\"speedup\":%.3f,\"telemetry_ms\":%.3f,\"telemetry_cost\":%.4f}\n",
-            lens[i], 1e3 * base, 1e3 * tt, budget, base / tt, 1e3 * tel, (tel - base) / base);
+            eng_ctx_backend_name(c), lens[i], 1e3 * base, 1e3 * tt, budget, base / tt, 1e3 * tel,
+            (tel - base) / base);
         fflush(stdout);
     }
     free(tb);

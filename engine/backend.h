@@ -88,11 +88,16 @@ typedef struct {
      * the backend uses the file's tensor as is. */
     int (*load_weight)(eng_backend_t *be, const eng_tensor_t *w, eng_tensor_t *out, char *msg);
     void (*free_weight)(eng_backend_t *be, eng_tensor_t *w);
+    /* device name, memory and nominal bandwidth (NULL: host memory, filled by the engine) */
+    void (*device_info)(eng_backend_t *be, eng_device_info_t *out);
+    /* measured read bandwidth in GB/s, for benchmarks (NULL: none) */
+    double (*measure_bandwidth)(eng_backend_t *be);
     /* ---- one step: begin_step, the ops, end_step (NULL: nothing to do) ---- */
-    void (*begin_step)(eng_backend_t *be, const eng_step_t *st);
+    int (*begin_step)(eng_backend_t *be, const eng_step_t *st, char *msg);
     /* Wait for the step's work; afterwards the telemetry slots named in the step's
-     * eng_attn_seq_t (host memory) hold their values. */
-    void (*end_step)(eng_backend_t *be);
+     * eng_attn_seq_t (host memory) hold their values. A device error in any op of the step is
+     * reported here (ENG_EIO, msg filled). */
+    int (*end_step)(eng_backend_t *be, char *msg);
     /* size scratch for rows of up to max_cols, KV blocks of block_size, max_seqs per step and
      * sequences of up to n_ctx tokens */
     int (*reserve)(eng_backend_t *be, size_t max_cols, uint32_t block_size, uint32_t max_seqs,
@@ -142,7 +147,7 @@ int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg);
 /* The entry point the CUDA backend's shared library exports (engine/cuda/). */
 typedef int (*eng_cuda_create_fn)(eng_backend_t **out, int device, char *msg, size_t msg_len);
 #define ENG_CUDA_CREATE_SYMBOL "tidald_cuda_backend_create"
-#define ENG_CUDA_ABI 1 /* bumped whenever this table changes */
+#define ENG_CUDA_ABI 2 /* bumped whenever this table changes */
 typedef int (*eng_cuda_abi_fn)(void);
 #define ENG_CUDA_ABI_SYMBOL "tidald_cuda_backend_abi"
 

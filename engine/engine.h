@@ -104,6 +104,21 @@ void eng_ctx_free(eng_ctx_t *c);
 kv_pool_t *eng_ctx_kv_pool(eng_ctx_t *c);
 uint32_t eng_ctx_n_ctx(const eng_ctx_t *c);
 const char *eng_ctx_backend_name(const eng_ctx_t *c);
+/* What the context computes on. */
+typedef struct {
+    char name[128];   /* e.g. "NVIDIA H200 (sm_90)" or "cpu (avx2, 16 threads)" */
+    size_t mem_bytes; /* device memory (0 for host memory) */
+    double peak_gbps; /* nominal memory bandwidth, GB/s (0: unknown) */
+} eng_device_info_t;
+void eng_ctx_device_info(const eng_ctx_t *c, eng_device_info_t *out);
+/* Measure the read bandwidth of the backend's memory (GB/s) with a streaming kernel: the
+ * roofline for memory-bound decode. 0 when the backend has no such measurement. */
+double eng_ctx_measure_bandwidth(eng_ctx_t *c);
+/* Copy bytes of the KV pool's value storage (kvcache.h's layout) from or to host memory, at a
+ * byte offset: for tools and tests that build or inspect a cache directly, wherever the
+ * backend keeps it. ENG_ERANGE past the pool's end. */
+int eng_ctx_kv_upload(eng_ctx_t *c, size_t offset, const void *src, size_t bytes);
+int eng_ctx_kv_download(eng_ctx_t *c, size_t offset, void *dst, size_t bytes);
 /* Run fn(arg, i) for i < n on the context's host worker threads (serially if it has none). */
 void eng_ctx_parallel_for(eng_ctx_t *c, void (*fn)(void *arg, size_t i), void *arg, size_t n);
 /* Which SIMD path the CPU kernels use: "avx512", "avx2" or "scalar" (chosen at run time). */

@@ -10,6 +10,7 @@
 #include "model.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
@@ -248,6 +249,39 @@ void eng_ctx_free(eng_ctx_t *c) {
     free(c);
 }
 
+void eng_ctx_device_info(const eng_ctx_t *c, eng_device_info_t *out) {
+    memset(out, 0, sizeof(*out));
+    if (c->be->ops->device_info) {
+        c->be->ops->device_info(c->be, out);
+        return;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    snprintf(out->name, sizeof(out->name), "%s (%s, %ld CPUs)", c->be->ops->name,
+             eng_cpu_simd_name(), n);
+}
+
+double eng_ctx_measure_bandwidth(eng_ctx_t *c) {
+    return c->be->ops->measure_bandwidth ? c->be->ops->measure_bandwidth(c->be) : 0;
+}
+
+static bool kv_span_ok(eng_ctx_t *c, size_t offset, size_t bytes) {
+    const kv_pool_t *p = &c->pool;
+    size_t total = kv_pool_bytes(p->n_layer, p->kv_dim, p->block_size, p->n_blocks, p->elem == 2);
+    return offset <= total && bytes <= total - offset;
+}
+
+int eng_ctx_kv_upload(eng_ctx_t *c, size_t offset, const void *src, size_t bytes) {
+    if (!kv_span_ok(c, offset, bytes)) return ENG_ERANGE;
+    c->be->ops->upload(c->be, (char *)c->pool.data + offset, src, bytes);
+    return 0;
+}
+
+int eng_ctx_kv_download(eng_ctx_t *c, size_t offset, void *dst, size_t bytes) {
+    if (!kv_span_ok(c, offset, bytes)) return ENG_ERANGE;
+    c->be->ops->download(c->be, dst, (char *)c->pool.data + offset, bytes);
+    return 0;
+}
+
 kv_pool_t *eng_ctx_kv_pool(eng_ctx_t *c) {
     return &c->pool;
 }
@@ -446,7 +480,7 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
     }
     plan_kinds(c, items, n_items);
     eng_step_t step = {c->ids, c->pos, T, c->aseq, n_items, c->kinds, hp->n_layer, hp->n_head};
-    if (op->begin_step) op->begin_step(be, &step);
+    if (op->begin_step && (rc = op->begin_step(be, &step, msg))) return rc;
     op->get_rows(be, &c->tok_embd, c->ids, T, c->x);
     eng_attn_shape_t shape = {hp->n_head, hp->n_head_kv, hp->head_dim,
                               1.0f / sqrtf((float)hp->head_dim)};
@@ -509,6 +543,6 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
             memcpy(it->logits, c->logit_host + (size_t)R++ * V, sizeof(float) * V);
         }
     }
-    if (op->end_step) op->end_step(be);
+    if (op->end_step) return op->end_step(be, msg);
     return 0;
 }

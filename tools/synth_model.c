@@ -14,6 +14,8 @@ const synth_shape_t synth_shapes[] = {
      "~100M parameters for benchmarks: 12 layers, dim 768, GQA 12/4, tied output"},
     {"long", 32000, 512, 16, 8, 4, 1376, 32768, 1,
      "long-context benchmarks: 16 layers, dim 512, 32K context"},
+    {"b1", 32000, 2048, 22, 32, 4, 5632, 4096, 0,
+     "~1.1B parameters (TinyLlama's shape) for GPU benchmarks: 22 layers, dim 2048, GQA 32/4"},
     {NULL, 0, 0, 0, 0, 0, 0, 0, 0, NULL},
 };
 
@@ -165,7 +167,7 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
         sh = NULL;
     if (!sh) {
         snprintf(msg, 256,
-                 "unknown model '%s' (shapes: tiny small m100 long; types: f32 f16 bf16 q8_0)",
+                 "unknown model '%s' (shapes: tiny small m100 long b1; types: f32 f16 bf16 q8_0)",
                  name);
         return -1;
     }

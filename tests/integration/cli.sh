@@ -28,6 +28,22 @@ done
 "$BIN" generate --model x --prompt y --temperature nan >"$TMP/out" 2>"$TMP/err"
 [ $? -eq 2 ] && grep -q -- "--temperature" "$TMP/err" && ok "bad flag value is named" || bad "bad flag value"
 
+# --device: cpu always works; cuda works on a GPU machine and otherwise fails with the reason;
+# auto runs either way
+[ -x "$MK" ] && "$MK" --shape tiny-f32 --out "$TMP/tiny.gguf" >/dev/null 2>&1
+"$BIN" generate --model "$TMP/tiny.gguf" --prompt hi --max-tokens 4 --device cpu >"$TMP/out" 2>"$TMP/err" &&
+    clean && ok "--device cpu" || bad "--device cpu"
+"$BIN" generate --model "$TMP/tiny.gguf" --prompt hi --max-tokens 4 --device auto >"$TMP/out" 2>"$TMP/err" &&
+    clean && ok "--device auto" || bad "--device auto"
+"$BIN" generate --model "$TMP/tiny.gguf" --prompt hi --max-tokens 4 --device cuda >"$TMP/out" 2>"$TMP/err"
+rc=$?
+if [ $rc -eq 0 ]; then clean && ok "--device cuda (GPU present)" || bad "--device cuda"; else
+    [ $rc -eq 1 ] && grep -q -- "--device cuda: " "$TMP/err" && clean &&
+        ok "--device cuda without a GPU fails with the reason" || bad "--device cuda without a GPU"
+fi
+"$BIN" generate --model "$TMP/tiny.gguf" --prompt hi --device tpu >"$TMP/out" 2>"$TMP/err"
+[ $? -eq 2 ] && grep -q -- "--device" "$TMP/err" && ok "unknown device is refused" || bad "unknown device"
+
 "$BIN" generate --model /nonexistent.gguf --prompt hi >"$TMP/out" 2>"$TMP/err"
 [ $? -eq 1 ] && grep -q "cannot open" "$TMP/err" && [ ! -s "$TMP/out" ] && clean && ok "missing model file" || bad "missing model file"
 

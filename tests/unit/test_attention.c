@@ -227,6 +227,7 @@ Test(attention, test_tidal_decode_equals_full_within_budget_on_a_model) {
     cr_assert_eq(eng_model_load(&m, path, msg), 0, "%s", msg);
     eng_ctx_params_t p;
     eng_ctx_params_default(&p);
+    p.device = ENG_DEVICE_CPU; /* the CPU backend under test; GPU parity is in test_cuda.c */
     p.n_ctx = 256;
     p.max_seqs = 2;
     cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0);
@@ -271,6 +272,7 @@ static void check_eviction(bool f16) {
     const eng_hparams_t *hp = eng_model_hparams(m);
     eng_ctx_params_t p;
     eng_ctx_params_default(&p);
+    p.device = ENG_DEVICE_CPU; /* the CPU backend under test; GPU parity is in test_cuda.c */
     p.block_size = 4;
     p.n_ctx = 64;
     p.max_seqs = 1;

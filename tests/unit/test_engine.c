@@ -22,6 +22,7 @@ static void fx_open(fx_t *f, const char *path, uint32_t max_seqs, uint32_t threa
     cr_assert_eq(eng_model_load(&f->m, path, msg), 0, "%s", msg);
     eng_ctx_params_t p;
     eng_ctx_params_default(&p);
+    p.device = ENG_DEVICE_CPU; /* the CPU backend under test; GPU parity is in test_cuda.c */
     p.max_seqs = max_seqs;
     p.n_threads = (int)threads;
     p.block_size = 4; /* small blocks: every sequence spans several */
@@ -262,6 +263,7 @@ Test(engine, test_kv_pool_exhaustion_is_reported_not_fatal) {
     cr_assert_eq(eng_model_load(&m, synth_path("tiny-f32"), msg), 0, "%s", msg);
     eng_ctx_params_t p;
     eng_ctx_params_default(&p);
+    p.device = ENG_DEVICE_CPU; /* the CPU backend under test; GPU parity is in test_cuda.c */
     p.block_size = 4;
     p.kv_mem_bytes = 2 * 2 * 32 * 4 * 4 * 3; /* 3 blocks of 4 tokens: 2 layers, kv_dim 32 */
     cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);

@@ -37,6 +37,7 @@ static void sfx_open(sfx_t *f, const char *path, uint32_t max_running, uint32_t 
     cr_assert_eq(eng_model_load(&f->m, path, msg), 0, "%s", msg);
     eng_ctx_params_t p;
     eng_ctx_params_default(&p);
+    p.device = ENG_DEVICE_CPU; /* the CPU backend under test; GPU parity is in test_cuda.c */
     p.max_seqs = max_running;
     p.n_threads = 2;
     p.n_ctx = 256;
@@ -216,6 +217,7 @@ Test(scheduler, test_logprobs_and_entropy_match_explicit_computation) {
     kv_seq_t seq;
     eng_ctx_params_t cp;
     eng_ctx_params_default(&cp);
+    cp.device = ENG_DEVICE_CPU; /* the CPU backend under test; GPU parity is in test_cuda.c */
     eng_ctx_t *c2;
     char msg[ENG_ERRMSG_LEN];
     cr_assert_eq(eng_ctx_create(&c2, f.m, &cp, msg), 0);
@@ -333,6 +335,7 @@ static void run_pressure(bool evict_policy) {
     cr_assert_eq(eng_model_load(&f.m, STORIES_PATH, msg), 0);
     eng_ctx_params_t cp;
     eng_ctx_params_default(&cp);
+    cp.device = ENG_DEVICE_CPU; /* the CPU backend under test; GPU parity is in test_cuda.c */
     cp.max_seqs = 4;
     cp.n_ctx = 256;
     cp.kv_mem_bytes = (size_t)8 * 5 * 2 * 16 * 32 * 4; /* 8 blocks: 5 layers, kv_dim 32 */

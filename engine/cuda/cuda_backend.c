@@ -1,0 +1,670 @@
+/* cuda_backend.c - the CUDA implementation of the backend interface (host side).
+ *
+ * Built into libtidald-cuda.so with the CUDA runtime and cuBLAS, and loaded by
+ * engine/backend.c with dlopen, so the daemon itself never links CUDA. Everything runs on one
+ * stream owned by the backend:
+ * - weights: F16 and BF16 tensors are copied as they are, Q8_0 is dequantized to F16 at load
+ *   and F32 stays F32 (small reference models then match the CPU bit for bit in the
+ *   projections); projections are one cuBLAS GEMM per weight over all tokens of the step with
+ *   FP32 accumulation (activations converted to the weight's 16-bit type first);
+ * - begin_step copies the step's plan (ids, positions, slices, block tables, per-layer kinds)
+ *   to the GPU in one transfer from pinned memory; the ops then only launch kernels;
+ * - the telemetry of every layer stays on the GPU until end_step, which copies it back once.
+ * A CUDA error in an op is remembered and reported by end_step (the step fails with ENG_EIO).
+ */
+#include "../backend.h"
+#include "../err.h"
+#include "../f16.h"
+#include "../gguf.h"
+#include "kernels.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    float *entropy, *sink_mass;
+    uint32_t *n_att;
+} tele_dst_t;
+
+typedef struct {
+    int device;
+    cudaStream_t st;
+    cublasHandle_t blas;
+    char err[ENG_ERRMSG_LEN]; /* the first failure since the last end_step */
+    /* reserve() */
+    size_t max_cols;
+    uint32_t n_ctx;
+    /* activations converted for cuBLAS */
+    void *xh;
+    size_t xh_bytes;
+    /* the step's plan: one pinned staging area and its device copy */
+    void *h_stage, *d_stage;
+    size_t stage_bytes;
+    const int32_t *h_ids;
+    const uint32_t *h_pos;
+    const eng_attn_seq_t *h_seqs;
+    const uint8_t *h_kinds;
+    int32_t *d_ids;
+    uint32_t *d_pos, *d_row_seq, *d_tables;
+    cu_seq_t *d_seqs;
+    uint8_t *d_kinds;
+    uint32_t T, n_seqs, n_layer, n_head, max_keys, max_q;
+    bool in_step, any_select;
+    /* attention scratch */
+    float *d_part, *d_scores, *d_gsum, *d_tele, *h_tele;
+    size_t part_floats, score_floats, tele_floats;
+    tele_dst_t *dst; /* [n_layer][n_seqs] */
+    size_t dst_len;
+    bool tele_wanted;
+    uint32_t *d_shift_table;
+    size_t shift_len;
+} cu_ctx_t;
+
+static cu_ctx_t *ctx_of(eng_backend_t *be) {
+    return be->ctx;
+}
+
+/* Remember the first failure of a step; later ops see it and do nothing. */
+static bool failed(cu_ctx_t *c) {
+    return c->err[0] != 0;
+}
+__attribute__((format(printf, 2, 3))) static void fail(cu_ctx_t *c, const char *fmt, ...) {
+    if (failed(c)) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof(c->err), fmt, ap);
+    va_end(ap);
+}
+static bool ok(cu_ctx_t *c, cudaError_t e, const char *what) {
+    if (e == cudaSuccess) return true;
+    fail(c, "CUDA %s: %s", what, cudaGetErrorString(e));
+    return false;
+}
+static bool blas_ok(cu_ctx_t *c, cublasStatus_t e, const char *what) {
+    if (e == CUBLAS_STATUS_SUCCESS) return true;
+    fail(c, "cuBLAS %s: status %d", what, (int)e);
+    return false;
+}
+
+/* Grow a device buffer to at least `bytes` (contents are not kept). */
+static bool grow(cu_ctx_t *c, void **p, size_t *cap, size_t bytes, const char *what) {
+    if (bytes <= *cap && *p) return true;
+    cudaFree(*p);
+    *p = NULL;
+    *cap = 0;
+    if (!ok(c, cudaMalloc(p, bytes ? bytes : 1), what)) return false;
+    *cap = bytes;
+    return true;
+}
+
+/* ---- memory ---- */
+
+static void *cu_alloc(eng_backend_t *be, size_t bytes) {
+    cu_ctx_t *c = ctx_of(be);
+    void *p = NULL;
+    if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
+        cudaGetLastError(); /* an allocation failure is reported by NULL, not kept */
+        return NULL;
+    }
+    if (cudaMemsetAsync(p, 0, bytes, c->st) != cudaSuccess ||
+        cudaStreamSynchronize(c->st) != cudaSuccess) {
+        cudaFree(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void cu_release(eng_backend_t *be, void *p) {
+    (void)be;
+    if (p) cudaFree(p);
+}
+
+static void cu_upload(eng_backend_t *be, void *dst, const void *src, size_t bytes) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!bytes) return;
+    ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->st), "upload");
+    ok(c, cudaStreamSynchronize(c->st), "upload");
+}
+
+static void cu_download(eng_backend_t *be, void *dst, const void *src, size_t bytes) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!bytes) return;
+    if (failed(c)) {
+        memset(dst, 0, bytes);
+        return;
+    }
+    ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->st), "download");
+    ok(c, cudaStreamSynchronize(c->st), "download");
+}
+
+static size_t cu_kv_budget(eng_backend_t *be) {
+    (void)be;
+    size_t free_b = 0, total = 0;
+    if (cudaMemGetInfo(&free_b, &total) != cudaSuccess) return 0;
+    /* leave room for cuBLAS workspaces, attention scratch and the CUDA context's own needs */
+    size_t margin = total / 16 > ((size_t)768 << 20) ? total / 16 : ((size_t)768 << 20);
+    return free_b > margin ? free_b - margin : 1;
+}
+
+/* ---- weights ---- */
+
+static int cu_load_weight(eng_backend_t *be, const eng_tensor_t *w, eng_tensor_t *out, char *msg) {
+    cu_ctx_t *c = ctx_of(be);
+    *out = *w;
+    out->data = NULL;
+    const void *src = w->data;
+    uint16_t *conv = NULL;
+    if (w->type == GGML_Q8_0) { /* dequantize to F16 once */
+        conv = malloc(sizeof(uint16_t) * w->rows * (size_t)w->cols);
+        if (!conv) return eng_fail(msg, ENG_ENOMEM, "out of host memory converting Q8_0");
+        for (uint32_t r = 0; r < w->rows; r++) {
+            const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+            for (uint32_t b = 0; b < w->cols / QK8_0; b++) {
+                const uint8_t *bp = row + (size_t)b * (2 + QK8_0);
+                uint16_t dh;
+                memcpy(&dh, bp, 2);
+                float d = eng_f16_to_f32(dh);
+                for (int i = 0; i < QK8_0; i++)
+                    conv[(size_t)r * w->cols + b * QK8_0 + i] =
+                        eng_f32_to_f16(d * (float)((const int8_t *)bp + 2)[i]);
+            }
+        }
+        out->type = GGML_F16;
+        out->row_bytes = (size_t)w->cols * 2;
+        src = conv;
+    } else if (w->type != GGML_F32 && w->type != GGML_F16 && w->type != GGML_BF16) {
+        return eng_fail(msg, ENG_EUNSUPPORTED, "the CUDA backend cannot use tensor type %u",
+                        w->type);
+    }
+    size_t bytes = out->row_bytes * w->rows;
+    void *d = NULL;
+    cudaError_t e = cudaMalloc(&d, bytes);
+    if (e == cudaSuccess) e = cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice);
+    free(conv);
+    if (e != cudaSuccess) {
+        cudaFree(d);
+        cudaGetLastError();
+        return eng_fail(msg, ENG_ENOMEM, "cannot place a %u x %u weight on the GPU: %s", w->rows,
+                        w->cols, cudaGetErrorString(e));
+    }
+    (void)c;
+    out->data = d;
+    return 0;
+}
+
+static void cu_free_weight(eng_backend_t *be, eng_tensor_t *w) {
+    (void)be;
+    cudaFree((void *)w->data);
+    w->data = NULL;
+}
+
+/* ---- the step ---- */
+
+static int cu_reserve(eng_backend_t *be, size_t max_cols, uint32_t block_size, uint32_t max_seqs,
+                      uint32_t n_ctx) {
+    cu_ctx_t *c = ctx_of(be);
+    (void)block_size;
+    (void)max_seqs;
+    if (max_cols > c->max_cols) c->max_cols = max_cols;
+    if (n_ctx > c->n_ctx) c->n_ctx = n_ctx;
+    return 0;
+}
+
+static size_t align_up(size_t x) {
+    return (x + 255) & ~(size_t)255;
+}
+
+static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
+    cu_ctx_t *c = ctx_of(be);
+    cudaSetDevice(c->device); /* the engine thread may not be the one that created us */
+    c->err[0] = 0;
+    uint32_t n = st->n_seqs, L = st->n_layer;
+    size_t n_tab = 0;
+    c->max_keys = c->max_q = 0;
+    c->any_select = false;
+    for (uint32_t i = 0; i < n; i++) {
+        const eng_attn_seq_t *a = &st->seqs[i];
+        n_tab += a->seq->n_blocks;
+        if (a->n_q == 1 && a->pos0 + 1 > c->max_keys) c->max_keys = a->pos0 + 1;
+        if (a->n_q > 1 && a->n_q > c->max_q) c->max_q = a->n_q;
+    }
+    for (size_t k = 0; k < (size_t)L * n; k++) c->any_select |= st->kinds[k] == ENG_ATT_SELECT;
+    /* the plan's layout, identical in the pinned and the device buffer */
+    size_t o_ids = 0, o_pos = align_up(o_ids + 4 * (size_t)st->T);
+    size_t o_row = align_up(o_pos + 4 * (size_t)st->T);
+    size_t o_seqs = align_up(o_row + 4 * (size_t)st->T);
+    size_t o_tab = align_up(o_seqs + sizeof(cu_seq_t) * n);
+    size_t o_kind = align_up(o_tab + 4 * n_tab);
+    size_t total = align_up(o_kind + (size_t)L * n);
+    if (total > c->stage_bytes) {
+        cudaFreeHost(c->h_stage);
+        cudaFree(c->d_stage);
+        c->h_stage = c->d_stage = NULL;
+        c->stage_bytes = 0;
+        if (cudaMallocHost(&c->h_stage, total) != cudaSuccess ||
+            cudaMalloc(&c->d_stage, total) != cudaSuccess) {
+            cudaGetLastError();
+            return eng_fail(msg, ENG_ENOMEM, "out of GPU memory for the step's plan");
+        }
+        c->stage_bytes = total;
+    }
+    char *h = c->h_stage;
+    memcpy(h + o_ids, st->ids, 4 * (size_t)st->T);
+    memcpy(h + o_pos, st->pos, 4 * (size_t)st->T);
+    uint32_t *row = (uint32_t *)(h + o_row), *tab = (uint32_t *)(h + o_tab);
+    cu_seq_t *cs = (cu_seq_t *)(h + o_seqs);
+    size_t t_off = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const eng_attn_seq_t *a = &st->seqs[i];
+        for (uint32_t j = 0; j < a->n_q; j++) row[a->q_start + j] = i;
+        cs[i] = (cu_seq_t){a->q_start, a->n_q,         a->pos0,      (uint32_t)t_off, a->n_sinks,
+                           a->budget,  a->force_sinks, a->per_group, a->sel,          a->n_sel};
+        memcpy(tab + t_off, a->seq->blocks, 4 * (size_t)a->seq->n_blocks);
+        t_off += a->seq->n_blocks;
+    }
+    memcpy(h + o_kind, st->kinds, (size_t)L * n);
+    char *d = c->d_stage;
+    c->d_ids = (int32_t *)(d + o_ids);
+    c->d_pos = (uint32_t *)(d + o_pos);
+    c->d_row_seq = (uint32_t *)(d + o_row);
+    c->d_seqs = (cu_seq_t *)(d + o_seqs);
+    c->d_tables = (uint32_t *)(d + o_tab);
+    c->d_kinds = (uint8_t *)(d + o_kind);
+    if (cudaMemcpyAsync(d, h, total, cudaMemcpyHostToDevice, c->st) != cudaSuccess)
+        return eng_fail(msg, ENG_EIO, "CUDA: cannot copy the step's plan: %s",
+                        cudaGetErrorString(cudaGetLastError()));
+    /* buffers this step needs */
+    size_t xh = 2 * (size_t)st->T * (c->max_cols > 64 ? c->max_cols : 64);
+    size_t tele = 5 * (size_t)L * n * st->n_head;
+    size_t scores = c->any_select ? (size_t)n * st->n_head * c->n_ctx : 0;
+    size_t cap;
+    if (xh > c->xh_bytes && !grow(c, &c->xh, &c->xh_bytes, xh, "activation buffer")) goto oom;
+    if (tele > c->tele_floats) {
+        cudaFreeHost(c->h_tele);
+        c->h_tele = NULL;
+        cap = c->tele_floats * 4;
+        if (!grow(c, (void **)&c->d_tele, &cap, tele * 4, "telemetry buffer")) goto oom;
+        if (cudaMallocHost((void **)&c->h_tele, tele * 4) != cudaSuccess) goto oom;
+        c->tele_floats = tele;
+    }
+    if (scores > c->score_floats) {
+        cap = c->score_floats * 4;
+        size_t cap2 = cap;
+        if (!grow(c, (void **)&c->d_scores, &cap, scores * 4, "selection scores") ||
+            !grow(c, (void **)&c->d_gsum, &cap2, scores * 4, "selection scores"))
+            goto oom;
+        c->score_floats = scores;
+    }
+    if ((size_t)L * n > c->dst_len) {
+        tele_dst_t *nd = realloc(c->dst, sizeof(tele_dst_t) * L * n);
+        if (!nd) goto oom;
+        c->dst = nd;
+        c->dst_len = (size_t)L * n;
+    }
+    memset(c->dst, 0, sizeof(tele_dst_t) * L * n);
+    c->h_ids = st->ids;
+    c->h_pos = st->pos;
+    c->h_seqs = st->seqs;
+    c->h_kinds = st->kinds;
+    c->T = st->T;
+    c->n_seqs = n;
+    c->n_layer = L;
+    c->n_head = st->n_head;
+    c->tele_wanted = false;
+    c->in_step = true;
+    return 0;
+oom:
+    cudaGetLastError();
+    c->err[0] = 0;
+    return eng_fail(msg, ENG_ENOMEM, "out of GPU memory for the step's buffers");
+}
+
+static int cu_end_step(eng_backend_t *be, char *msg) {
+    cu_ctx_t *c = ctx_of(be);
+    c->in_step = false;
+    ok(c, cudaStreamSynchronize(c->st), "step");
+    ok(c, cudaGetLastError(), "step");
+    if (!failed(c) && c->tele_wanted) {
+        size_t plane = (size_t)c->n_layer * c->n_seqs * c->n_head;
+        ok(c, cudaMemcpy(c->h_tele, c->d_tele, 3 * plane * 4, cudaMemcpyDeviceToHost),
+           "telemetry copy");
+        for (uint32_t l = 0; l < c->n_layer && !failed(c); l++)
+            for (uint32_t i = 0; i < c->n_seqs; i++) {
+                const tele_dst_t *t = &c->dst[(size_t)l * c->n_seqs + i];
+                size_t at = ((size_t)l * c->n_seqs + i) * c->n_head;
+                for (uint32_t h = 0; h < c->n_head; h++) {
+                    if (t->entropy) t->entropy[h] = c->h_tele[at + h];
+                    if (t->sink_mass) t->sink_mass[h] = c->h_tele[plane + at + h];
+                    if (t->n_att) t->n_att[h] = (uint32_t)c->h_tele[2 * plane + at + h];
+                }
+            }
+    }
+    if (!failed(c)) return 0;
+    int rc = eng_fail(msg, ENG_EIO, "GPU step failed: %s", c->err);
+    c->err[0] = 0;
+    return rc;
+}
+
+static bool in_step(cu_ctx_t *c, const char *op) {
+    if (c->in_step) return true;
+    fail(c, "%s called outside begin_step/end_step", op);
+    return false;
+}
+
+/* ---- ops ---- */
+
+static void cu_matmul(eng_backend_t *be, const eng_tensor_t *w, const float *x, float *y,
+                      uint32_t T) {
+    cu_ctx_t *c = ctx_of(be);
+    if (failed(c) || !T) return;
+    const float one = 1.0f, zero = 0.0f;
+    if (w->type == GGML_F32) {
+        blas_ok(c,
+                cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->rows, (int)T, (int)w->cols,
+                            &one, w->data, (int)w->cols, x, (int)w->cols, &zero, y, (int)w->rows),
+                "sgemm");
+        return;
+    }
+    size_t need = 2 * (size_t)T * w->cols;
+    if (need > c->xh_bytes && !grow(c, &c->xh, &c->xh_bytes, need, "activation buffer")) return;
+    cudaDataType_t dt = w->type == GGML_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    cu_convert(c->st, w->type == GGML_BF16 ? CU_W_BF16 : CU_W_F16, x, c->xh, (size_t)T * w->cols);
+    blas_ok(c,
+            cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->rows, (int)T, (int)w->cols,
+                         &one, w->data, dt, (int)w->cols, c->xh, dt, (int)w->cols, &zero, y,
+                         CUDA_R_32F, (int)w->rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "gemm");
+}
+
+static void cu_rmsnorm_op(eng_backend_t *be, const float *x, const float *weight, float *out,
+                          uint32_t T, uint32_t n, float eps) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!failed(c)) cu_rmsnorm(c->st, x, weight, out, T, n, eps);
+}
+
+/* Host arrays given to an op: the step's device copy when they are the step's own. */
+static const uint32_t *dev_pos(cu_ctx_t *c, const uint32_t *pos, uint32_t T) {
+    if (c->in_step && pos == c->h_pos && T <= c->T) return c->d_pos;
+    fail(c, "positions that were not announced by begin_step");
+    return NULL;
+}
+
+static void cu_rope_op(eng_backend_t *be, float *x, const uint32_t *pos, uint32_t T,
+                       uint32_t n_heads, uint32_t head_dim, uint32_t n_rot, float base,
+                       const float *freq_factors) {
+    cu_ctx_t *c = ctx_of(be);
+    const uint32_t *dp = dev_pos(c, pos, T);
+    if (!failed(c)) cu_rope(c->st, x, dp, T, n_heads, head_dim, n_rot, base, freq_factors);
+}
+
+static void cu_get_rows_op(eng_backend_t *be, const eng_tensor_t *w, const int32_t *ids, uint32_t T,
+                           float *out) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!(c->in_step && ids == c->h_ids && T <= c->T))
+        fail(c, "token ids that were not announced by begin_step");
+    if (!failed(c)) cu_get_rows(c->st, w->type, w->data, w->row_bytes, w->cols, c->d_ids, T, out);
+}
+
+static void cu_swiglu_op(eng_backend_t *be, float *g, const float *u, size_t n) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!failed(c)) cu_swiglu(c->st, g, u, n);
+}
+
+static void cu_add_op(eng_backend_t *be, float *x, const float *y, size_t n) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!failed(c)) cu_add(c->st, x, y, n);
+}
+
+static cu_pool_t pool_of(const kv_pool_t *p) {
+    return (cu_pool_t){p->data, p->n_layer, p->kv_dim, p->block_size, p->elem};
+}
+
+static void cu_kv_store_op(eng_backend_t *be, uint32_t layer, const eng_attn_seq_t *seqs,
+                           uint32_t n_seqs, const float *k, const float *v) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!in_step(c, "kv_store") || failed(c) || !n_seqs) return;
+    if (seqs != c->h_seqs || n_seqs != c->n_seqs) {
+        fail(c, "kv_store on slices that were not announced by begin_step");
+        return;
+    }
+    cu_kv_store(c->st, pool_of(seqs[0].seq->pool), layer, k, v, c->d_pos, c->d_row_seq, c->d_seqs,
+                c->d_tables, c->T);
+}
+
+static void cu_attention_op(eng_backend_t *be, const eng_attn_shape_t *sh, uint32_t layer,
+                            const float *q, const eng_attn_seq_t *seqs, uint32_t n_seqs,
+                            float *out) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!in_step(c, "attention") || failed(c) || !n_seqs) return;
+    if (seqs != c->h_seqs || n_seqs != c->n_seqs || layer >= c->n_layer ||
+        sh->n_head != c->n_head) {
+        fail(c, "attention on slices that were not announced by begin_step");
+        return;
+    }
+    if (sh->head_dim > 256 || sh->head_dim % 2) {
+        fail(c, "head size %u: the CUDA attention kernels take even sizes up to 256", sh->head_dim);
+        return;
+    }
+    bool select = false;
+    for (uint32_t i = 0; i < n_seqs; i++) {
+        uint8_t kind = c->h_kinds[(size_t)layer * n_seqs + i];
+        if (kind != (uint8_t)seqs[i].kind) {
+            fail(c, "slice %u's attention kind differs from the step's plan", i);
+            return;
+        }
+        select |= kind == ENG_ATT_SELECT && seqs[i].n_q == 1;
+        /* the kernels compute telemetry for decode slices (the interface's promise) */
+        tele_dst_t *t = &c->dst[(size_t)layer * n_seqs + i];
+        if (seqs[i].n_q == 1)
+            *t = (tele_dst_t){seqs[i].entropy, seqs[i].sink_mass, seqs[i].n_att};
+        else
+            *t = (tele_dst_t){NULL, NULL, NULL};
+        if (t->entropy || t->sink_mass || t->n_att) c->tele_wanted = true;
+    }
+    cu_shape_t shape = {sh->n_head, sh->n_head_kv, sh->head_dim, sh->scale};
+    cu_pool_t pool = pool_of(seqs[0].seq->pool);
+    const uint8_t *kinds = c->d_kinds + (size_t)layer * n_seqs;
+    size_t plane = (size_t)c->n_layer * n_seqs * c->n_head, at = (size_t)layer * n_seqs * c->n_head;
+    cu_tele_t tele = {c->d_tele + at, c->d_tele + plane + at, c->d_tele + 2 * plane + at,
+                      c->d_tele + 3 * plane + at, c->d_tele + 4 * plane + at};
+    if (c->max_keys) {
+        size_t pf = cu_attn_part_floats(n_seqs, sh->n_head, sh->head_dim, c->max_keys);
+        size_t cap = c->part_floats * 4;
+        if (pf > c->part_floats) {
+            if (!grow(c, (void **)&c->d_part, &cap, pf * 4, "attention partials")) return;
+            c->part_floats = pf;
+        }
+        cu_attn_decode(c->st, shape, pool, layer, q, c->d_seqs, kinds, c->d_tables, n_seqs,
+                       c->max_keys, c->d_part, select ? c->d_scores : NULL, c->n_ctx, out, tele);
+        if (select)
+            cu_attn_select(c->st, shape, c->d_seqs, kinds, n_seqs, c->d_scores, c->n_ctx, tele,
+                           c->d_gsum);
+    }
+    if (c->max_q > 1)
+        cu_attn_prefill(c->st, shape, pool, layer, q, c->d_seqs, c->d_tables, n_seqs, c->max_q,
+                        out);
+    ok(c, cudaGetLastError(), "attention launch");
+}
+
+static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to,
+                          uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot,
+                          float base, const float *freq_factors) {
+    cu_ctx_t *c = ctx_of(be);
+    if (to <= from) return;
+    cudaSetDevice(c->device);
+    size_t cap = c->shift_len * 4;
+    if (seq->n_blocks > c->shift_len) {
+        if (!grow(c, (void **)&c->d_shift_table, &cap, 4 * (size_t)seq->n_blocks, "K-shift"))
+            goto report;
+        c->shift_len = seq->n_blocks;
+    }
+    ok(c,
+       cudaMemcpyAsync(c->d_shift_table, seq->blocks, 4 * (size_t)seq->n_blocks,
+                       cudaMemcpyHostToDevice, c->st),
+       "K-shift table");
+    cu_k_shift(c->st, pool_of(seq->pool), c->d_shift_table, from, to, delta, n_head_kv, head_dim,
+               n_rot, base, freq_factors);
+    ok(c, cudaStreamSynchronize(c->st), "K-shift"); /* the table buffer is reused next time */
+report:
+    if (failed(c)) { /* outside a step nobody else will report it */
+        fprintf(stderr, "tidald: %s\n", c->err);
+        c->err[0] = 0;
+    }
+}
+
+static void cu_device_info(eng_backend_t *be, eng_device_info_t *out) {
+    cu_ctx_t *c = ctx_of(be);
+    struct cudaDeviceProp prop;
+    memset(out, 0, sizeof(*out));
+    if (cudaGetDeviceProperties(&prop, c->device) != cudaSuccess) {
+        snprintf(out->name, sizeof(out->name), "cuda device %d", c->device);
+        return;
+    }
+    snprintf(out->name, sizeof(out->name), "%.100s (sm_%d%d)", prop.name, prop.major, prop.minor);
+    out->mem_bytes = prop.totalGlobalMem;
+    int khz = 0, bits = 0;
+    if (cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, c->device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, c->device) == cudaSuccess)
+        out->peak_gbps = 2.0 * khz * 1e3 * (bits / 8.0) / 1e9; /* double data rate */
+}
+
+/* Best of a few streaming reads of a buffer far larger than the L2 cache. */
+static double cu_measure_bandwidth(eng_backend_t *be) {
+    cu_ctx_t *c = ctx_of(be);
+    size_t free_b = 0, total = 0;
+    cudaSetDevice(c->device);
+    if (cudaMemGetInfo(&free_b, &total) != cudaSuccess) return 0;
+    size_t bytes = (size_t)2 << 30;
+    if (bytes > free_b / 2) bytes = free_b / 2 & ~(size_t)15;
+    void *buf = NULL;
+    float *sums = NULL;
+    cudaEvent_t a = NULL, b = NULL;
+    double best = 0;
+    unsigned blocks = 4096;
+    if (cudaMalloc(&buf, bytes) != cudaSuccess || cudaMalloc((void **)&sums, 4 * blocks) ||
+        cudaMemsetAsync(buf, 0, bytes, c->st) || cudaMemsetAsync(sums, 0, 4 * blocks, c->st) ||
+        cudaEventCreate(&a) || cudaEventCreate(&b))
+        goto done;
+    for (int rep = 0; rep < 6; rep++) {
+        cudaEventRecord(a, c->st);
+        cu_read_probe(c->st, buf, bytes / 16, sums, blocks);
+        cudaEventRecord(b, c->st);
+        float ms = 0;
+        if (cudaEventSynchronize(b) != cudaSuccess || cudaEventElapsedTime(&ms, a, b) != 0) break;
+        double gbps = bytes / (ms * 1e-3) / 1e9;
+        if (rep && gbps > best) best = gbps; /* the first read warms up */
+    }
+done:
+    cudaGetLastError();
+    if (a) cudaEventDestroy(a);
+    if (b) cudaEventDestroy(b);
+    cudaFree(buf);
+    cudaFree(sums);
+    return best;
+}
+
+static void cu_destroy(eng_backend_t *be) {
+    if (!be) return;
+    cu_ctx_t *c = ctx_of(be);
+    if (c) {
+        cudaFree(c->xh);
+        cudaFree(c->d_stage);
+        cudaFreeHost(c->h_stage);
+        cudaFree(c->d_part);
+        cudaFree(c->d_scores);
+        cudaFree(c->d_gsum);
+        cudaFree(c->d_tele);
+        cudaFreeHost(c->h_tele);
+        cudaFree(c->d_shift_table);
+        free(c->dst);
+        if (c->blas) cublasDestroy(c->blas);
+        if (c->st) cudaStreamDestroy(c->st);
+        free(c);
+    }
+    free(be);
+}
+
+static const eng_backend_ops_t cuda_ops = {
+    .name = "cuda",
+    .alloc = cu_alloc,
+    .release = cu_release,
+    .upload = cu_upload,
+    .download = cu_download,
+    .kv_budget = cu_kv_budget,
+    .device_info = cu_device_info,
+    .measure_bandwidth = cu_measure_bandwidth,
+    .load_weight = cu_load_weight,
+    .free_weight = cu_free_weight,
+    .begin_step = cu_begin_step,
+    .end_step = cu_end_step,
+    .reserve = cu_reserve,
+    .matmul = cu_matmul,
+    .rmsnorm = cu_rmsnorm_op,
+    .rope = cu_rope_op,
+    .kv_store = cu_kv_store_op,
+    .attention = cu_attention_op,
+    .k_shift = cu_k_shift_op,
+    .swiglu = cu_swiglu_op,
+    .add = cu_add_op,
+    .get_rows = cu_get_rows_op,
+    .parallel_for = NULL,
+    .destroy = cu_destroy,
+};
+
+__attribute__((visibility("default"))) int tidald_cuda_backend_abi(void) {
+    return ENG_CUDA_ABI;
+}
+
+__attribute__((visibility("default"))) int
+tidald_cuda_backend_create(eng_backend_t **out, int device, char *msg, size_t msg_len) {
+    *out = NULL;
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n <= device) {
+        snprintf(msg, msg_len, "no usable CUDA device (%s)",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "device index out of range");
+        return ENG_EUNSUPPORTED;
+    }
+    struct cudaDeviceProp prop;
+    if ((e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess) {
+        snprintf(msg, msg_len, "cannot query CUDA device %d: %s", device, cudaGetErrorString(e));
+        return ENG_EUNSUPPORTED;
+    }
+    if (prop.major < 8) {
+        snprintf(msg, msg_len,
+                 "%s has compute capability %d.%d; tidald's kernels are built for 8.0 and "
+                 "newer (A100, H100/H200)",
+                 prop.name, prop.major, prop.minor);
+        return ENG_EUNSUPPORTED;
+    }
+    eng_backend_t *be = calloc(1, sizeof(*be));
+    cu_ctx_t *c = calloc(1, sizeof(*c));
+    if (!be || !c) {
+        free(be);
+        free(c);
+        snprintf(msg, msg_len, "out of memory");
+        return ENG_ENOMEM;
+    }
+    be->ops = &cuda_ops;
+    be->ctx = c;
+    c->device = device;
+    if ((e = cudaSetDevice(device)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking)) != cudaSuccess) {
+        snprintf(msg, msg_len, "cannot start CUDA on %s: %s", prop.name, cudaGetErrorString(e));
+        cu_destroy(be);
+        return ENG_EUNSUPPORTED;
+    }
+    cublasStatus_t bs = cublasCreate(&c->blas);
+    if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetStream(c->blas, c->st);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        snprintf(msg, msg_len, "cannot start cuBLAS (status %d)", (int)bs);
+        cu_destroy(be);
+        return ENG_EUNSUPPORTED;
+    }
+    *out = be;
+    return 0;
+}

@@ -1,0 +1,92 @@
+/* kernels.h - the CUDA backend's kernels, as C-callable launchers (kernels.cu).
+ *
+ * Every launcher queues work on the given stream and returns at once. Pointers are device
+ * memory unless a comment says otherwise. The layouts match the CPU backend's: activations are
+ * row-major float rows, the KV pool is the one kvcache.h describes.
+ */
+#ifndef TIDALD_CUDA_KERNELS_H
+#define TIDALD_CUDA_KERNELS_H
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The KV pool as the kernels see it (kvcache.h's layout). */
+typedef struct {
+    void *data;
+    uint32_t n_layer, kv_dim, block_size, elem; /* elem: 2 (F16) or 4 (F32) */
+} cu_pool_t;
+
+/* One attention slice of a step (eng_attn_seq_t without the host pointers). */
+typedef struct {
+    uint32_t q_start, n_q, pos0, table_off; /* table_off: first entry in the step's tables */
+    uint32_t n_sinks, budget, force_sinks, per_group;
+    uint32_t *sel, *n_sel; /* [n_head][budget], [n_head] */
+} cu_seq_t;
+
+/* Per-(slice, head) results of one layer's decode attention. */
+typedef struct {
+    float *entropy, *sink_mass, *n_att; /* [n_seqs][n_head] each, this layer's slot */
+    float *m, *l;                       /* [n_seqs][n_head]: the softmax max and sum */
+} cu_tele_t;
+
+enum { CU_W_F32 = 0, CU_W_F16 = 1, CU_W_BF16 = 30 }; /* ggml type ids */
+
+void cu_get_rows(cudaStream_t st, uint32_t type, const void *w, size_t row_bytes, uint32_t cols,
+                 const int32_t *ids, uint32_t T, float *out);
+void cu_rmsnorm(cudaStream_t st, const float *x, const float *w, float *out, uint32_t T, uint32_t n,
+                float eps);
+void cu_rope(cudaStream_t st, float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads,
+             uint32_t head_dim, uint32_t n_rot, float base, const float *freq_factors);
+void cu_swiglu(cudaStream_t st, float *g, const float *u, size_t n);
+void cu_add(cudaStream_t st, float *x, const float *y, size_t n);
+/* f32 -> f16 (type CU_W_F16) or bf16 (CU_W_BF16), n values */
+void cu_convert(cudaStream_t st, uint32_t type, const float *x, void *out, size_t n);
+
+/* Store row t of k and v at position pos[t] of slice row_seq[t], for T rows. */
+void cu_kv_store(cudaStream_t st, cu_pool_t pool, uint32_t layer, const float *k, const float *v,
+                 const uint32_t *pos, const uint32_t *row_seq, const cu_seq_t *seqs,
+                 const uint32_t *tables, uint32_t T);
+/* Rotate the keys of positions [from, to) of every layer back by delta (K-shift). */
+void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t from, uint32_t to,
+                uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot, float base,
+                const float *freq_factors);
+
+typedef struct {
+    uint32_t n_head, n_head_kv, head_dim;
+    float scale;
+} cu_shape_t;
+
+/* Decode attention (slices with n_q == 1) of one layer: dense over the block table, dense with
+ * every score kept for selection (kind SELECT: scores[i][h][0..pos0]), or sparse over the
+ * slice's selection; flash-decoding split over the key range, partials in part, merged into out
+ * and the telemetry. kinds[i] per slice (eng_att_kind_t); max_keys bounds the keys of any
+ * slice; part holds n_seqs * n_head * n_split(max_keys) * (head_dim + 4) floats. */
+void cu_attn_decode(cudaStream_t st, cu_shape_t sh, cu_pool_t pool, uint32_t layer, const float *q,
+                    const cu_seq_t *seqs, const uint8_t *kinds, const uint32_t *tables,
+                    uint32_t n_seqs, uint32_t max_keys, float *part, float *scores,
+                    uint32_t score_stride, float *out, cu_tele_t tele);
+/* Floats of partials cu_attn_decode needs. */
+size_t cu_attn_part_floats(uint32_t n_seqs, uint32_t n_head, uint32_t head_dim, uint32_t max_keys);
+/* TidalDecode selection for the SELECT slices from their scores: per head (or per KV-head
+ * group, summing each head's probabilities), the current token, the sinks when forced and the
+ * top-scoring others up to the budget, ascending, into the slice's sel / n_sel. */
+void cu_attn_select(cudaStream_t st, cu_shape_t sh, const cu_seq_t *seqs, const uint8_t *kinds,
+                    uint32_t n_seqs, const float *scores, uint32_t score_stride, cu_tele_t tele,
+                    float *gsum);
+/* Causal prefill attention (slices with n_q > 1), tiled over queries and keys. */
+void cu_attn_prefill(cudaStream_t st, cu_shape_t sh, cu_pool_t pool, uint32_t layer, const float *q,
+                     const cu_seq_t *seqs, const uint32_t *tables, uint32_t n_seqs, uint32_t max_q,
+                     float *out);
+
+/* Sum n float4s into out[blockIdx] (a pure streaming read: the bandwidth probe). */
+void cu_read_probe(cudaStream_t st, const void *p, size_t n4, float *out, unsigned blocks);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
