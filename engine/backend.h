@@ -71,7 +71,12 @@ typedef struct {
     const eng_attn_seq_t *seqs; /* the attention slices; block tables as of this step */
     uint32_t n_seqs;
     const uint8_t *kinds; /* [n_layer][n_seqs] eng_att_kind_t of each slice in each layer */
-    uint32_t n_layer, n_head;
+    uint32_t n_layer, n_head, n_head_kv, head_dim;
+    /* The op sequence of a decode step (every slice one token, each wanting its last-token
+     * logits) is a function of n_seqs and kinds alone: a device backend may record it once
+     * and replay it (CUDA graphs). */
+    bool decode_only;
+    uint32_t n_logit_rows; /* rows that go through the output projection */
 } eng_step_t;
 
 typedef struct {
@@ -147,7 +152,7 @@ int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg);
 /* The entry point the CUDA backend's shared library exports (engine/cuda/). */
 typedef int (*eng_cuda_create_fn)(eng_backend_t **out, int device, char *msg, size_t msg_len);
 #define ENG_CUDA_CREATE_SYMBOL "tidald_cuda_backend_create"
-#define ENG_CUDA_ABI 2 /* bumped whenever this table changes */
+#define ENG_CUDA_ABI 3 /* bumped whenever this table changes */
 typedef int (*eng_cuda_abi_fn)(void);
 #define ENG_CUDA_ABI_SYMBOL "tidald_cuda_backend_abi"
 

@@ -479,7 +479,16 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
         }
     }
     plan_kinds(c, items, n_items);
-    eng_step_t step = {c->ids, c->pos, T, c->aseq, n_items, c->kinds, hp->n_layer, hp->n_head};
+    eng_step_t step = {c->ids,       c->pos,       T,
+                       c->aseq,      n_items,      c->kinds,
+                       hp->n_layer,  hp->n_head,   hp->n_head_kv,
+                       hp->head_dim, T == n_items, 0};
+    for (uint32_t i = 0; i < n_items; i++) {
+        if (items[i].logits) step.n_logit_rows += items[i].all_logits ? items[i].n_tokens : 1;
+        /* replayable: one token each, and every item's last-token logits (so which rows go
+         * to the output projection follows from n_items) */
+        if (items[i].all_logits || !items[i].logits) step.decode_only = false;
+    }
     if (op->begin_step && (rc = op->begin_step(be, &step, msg))) return rc;
     op->get_rows(be, &c->tok_embd, c->ids, T, c->x);
     eng_attn_shape_t shape = {hp->n_head, hp->n_head_kv, hp->head_dim,

@@ -9,7 +9,13 @@
  *   FP32 accumulation (activations converted to the weight's 16-bit type first);
  * - begin_step copies the step's plan (ids, positions, slices, block tables, per-layer kinds)
  *   to the GPU in one transfer from pinned memory; the ops then only launch kernels;
- * - the telemetry of every layer stays on the GPU until end_step, which copies it back once.
+ * - the telemetry of every layer stays on the GPU until end_step, which copies it back once;
+ * - decode steps are recorded once per shape (slices, per-layer kinds, logit rows) as a CUDA
+ *   graph and replayed: the ops then only do their host bookkeeping and one graph launch
+ *   replaces a few hundred kernel launches. Everything a recorded kernel reads that changes
+ *   from step to step lives in device memory (the plan); buffers are sized for the whole
+ *   context before recording, and any reallocation retires the recorded graphs.
+ *   TIDALD_CUDA_GRAPHS=0 turns this off.
  * A CUDA error in an op is remembered and reported by end_step (the step fails with ENG_EIO).
  */
 #include "../backend.h"
@@ -29,6 +35,16 @@ typedef struct {
     float *entropy, *sink_mass;
     uint32_t *n_att;
 } tele_dst_t;
+
+#define MAX_GRAPHS 32
+
+typedef struct {
+    uint64_t key, last_used;
+    uint32_t gen;
+    cudaGraphExec_t exec;
+} graph_t;
+
+enum { RUN_EAGER = 0, RUN_RECORD = 1, RUN_REPLAY = 2 };
 
 typedef struct {
     int device;
@@ -62,6 +78,16 @@ typedef struct {
     bool tele_wanted;
     uint32_t *d_shift_table;
     size_t shift_len;
+    /* CUDA graphs of decode steps */
+    bool graphs_on;
+    int run;        /* RUN_*: how this step's ops execute */
+    uint32_t gen;   /* bumped when a buffer a graph captured is reallocated */
+    uint64_t clock; /* for least-recently-used replacement */
+    uint64_t key;   /* this step's shape */
+    graph_t graphs[MAX_GRAPHS];
+    graph_t *cur; /* the graph replayed this step */
+    void *blas_ws;
+    uint64_t graph_records, graph_replays;
 } cu_ctx_t;
 
 static cu_ctx_t *ctx_of(eng_backend_t *be) {
@@ -93,12 +119,77 @@ static bool blas_ok(cu_ctx_t *c, cublasStatus_t e, const char *what) {
 /* Grow a device buffer to at least `bytes` (contents are not kept). */
 static bool grow(cu_ctx_t *c, void **p, size_t *cap, size_t bytes, const char *what) {
     if (bytes <= *cap && *p) return true;
+    if (c->run == RUN_RECORD) { /* sized in begin_step; never allocate inside a recording */
+        fail(c, "%s needs %zu bytes while recording a graph", what, bytes);
+        return false;
+    }
+    c->gen++; /* recorded graphs may hold the old pointer */
     cudaFree(*p);
     *p = NULL;
     *cap = 0;
     if (!ok(c, cudaMalloc(p, bytes ? bytes : 1), what)) return false;
     *cap = bytes;
     return true;
+}
+
+/* ---- CUDA graphs ---- */
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+    const uint8_t *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+static void drop_graph(graph_t *g) {
+    if (g->exec) cudaGraphExecDestroy(g->exec);
+    memset(g, 0, sizeof(*g));
+}
+
+/* End this step's recording or replay: launch the graph, after which the step's work is
+ * queued on the stream like eager work. Called before anything the host reads. */
+static void finish_graph(cu_ctx_t *c) {
+    if (c->run == RUN_REPLAY) {
+        c->run = RUN_EAGER;
+        ok(c, cudaGraphLaunch(c->cur->exec, c->st), "graph launch");
+        c->graph_replays++;
+        return;
+    }
+    if (c->run != RUN_RECORD) return;
+    c->run = RUN_EAGER;
+    cudaGraph_t g = NULL;
+    cudaError_t e = cudaStreamEndCapture(c->st, &g);
+    if (failed(c) || e != cudaSuccess || !g) {
+        /* the recorded work never ran: the step fails, and later steps run eagerly */
+        ok(c, e, "graph recording");
+        fail(c, "graph recording failed");
+        if (g) cudaGraphDestroy(g);
+        c->graphs_on = false;
+        return;
+    }
+    graph_t *slot = &c->graphs[0];
+    for (int i = 0; i < MAX_GRAPHS; i++) {
+        if (!c->graphs[i].exec) {
+            slot = &c->graphs[i];
+            break;
+        }
+        if (c->graphs[i].last_used < slot->last_used) slot = &c->graphs[i];
+    }
+    drop_graph(slot);
+    cudaGraphExec_t exec = NULL;
+    e = cudaGraphInstantiate(&exec, g, 0);
+    cudaGraphDestroy(g);
+    if (!ok(c, e, "graph instantiate")) {
+        c->graphs_on = false;
+        return;
+    }
+    *slot = (graph_t){c->key, ++c->clock, c->gen, exec};
+    c->graph_records++;
+    ok(c, cudaGraphLaunch(exec, c->st), "graph launch");
+}
+
+/* Ops skip their launches while a recorded graph stands in for them. */
+static bool replaying(const cu_ctx_t *c) {
+    return c->run == RUN_REPLAY;
 }
 
 /* ---- memory ---- */
@@ -125,6 +216,7 @@ static void cu_release(eng_backend_t *be, void *p) {
 
 static void cu_upload(eng_backend_t *be, void *dst, const void *src, size_t bytes) {
     cu_ctx_t *c = ctx_of(be);
+    finish_graph(c);
     if (!bytes) return;
     ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->st), "upload");
     ok(c, cudaStreamSynchronize(c->st), "upload");
@@ -132,6 +224,7 @@ static void cu_upload(eng_backend_t *be, void *dst, const void *src, size_t byte
 
 static void cu_download(eng_backend_t *be, void *dst, const void *src, size_t bytes) {
     cu_ctx_t *c = ctx_of(be);
+    finish_graph(c); /* the host is about to read: the step's work must be queued */
     if (!bytes) return;
     if (failed(c)) {
         memset(dst, 0, bytes);
@@ -237,14 +330,18 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
     size_t o_ids = 0, o_pos = align_up(o_ids + 4 * (size_t)st->T);
     size_t o_row = align_up(o_pos + 4 * (size_t)st->T);
     size_t o_seqs = align_up(o_row + 4 * (size_t)st->T);
-    size_t o_tab = align_up(o_seqs + sizeof(cu_seq_t) * n);
-    size_t o_kind = align_up(o_tab + 4 * n_tab);
-    size_t total = align_up(o_kind + (size_t)L * n);
+    /* the block tables last: every other offset depends only on T, n and L, so a recorded
+     * graph's pointers stay valid while the tables grow */
+    size_t o_kind = align_up(o_seqs + sizeof(cu_seq_t) * n);
+    size_t o_tab = align_up(o_kind + (size_t)L * n);
+    size_t total = align_up(o_tab + 4 * n_tab);
     if (total > c->stage_bytes) {
         cudaFreeHost(c->h_stage);
         cudaFree(c->d_stage);
         c->h_stage = c->d_stage = NULL;
         c->stage_bytes = 0;
+        c->gen++;
+        total *= 2; /* headroom: tables grow a block at a time */
         if (cudaMallocHost(&c->h_stage, total) != cudaSuccess ||
             cudaMalloc(&c->d_stage, total) != cudaSuccess) {
             cudaGetLastError();
@@ -274,9 +371,14 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
     c->d_seqs = (cu_seq_t *)(d + o_seqs);
     c->d_tables = (uint32_t *)(d + o_tab);
     c->d_kinds = (uint8_t *)(d + o_kind);
-    if (cudaMemcpyAsync(d, h, total, cudaMemcpyHostToDevice, c->st) != cudaSuccess)
+    size_t used = align_up(o_tab + 4 * n_tab);
+    if (cudaMemcpyAsync(d, h, used, cudaMemcpyHostToDevice, c->st) != cudaSuccess)
         return eng_fail(msg, ENG_EIO, "CUDA: cannot copy the step's plan: %s",
                         cudaGetErrorString(cudaGetLastError()));
+    c->run = RUN_EAGER;
+    bool graph = c->graphs_on && st->decode_only && st->head_dim && c->max_keys;
+    if (graph) /* launch grids cover the whole context, so one recording fits every length */
+        c->max_keys = c->n_ctx;
     /* buffers this step needs */
     size_t xh = 2 * (size_t)st->T * (c->max_cols > 64 ? c->max_cols : 64);
     size_t tele = 5 * (size_t)L * n * st->n_head;
@@ -305,7 +407,15 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
         c->dst = nd;
         c->dst_len = (size_t)L * n;
     }
-    memset(c->dst, 0, sizeof(tele_dst_t) * L * n);
+    if (c->dst) memset(c->dst, 0, sizeof(tele_dst_t) * L * n);
+    if (graph) {
+        size_t pf = cu_attn_part_floats(n, st->n_head, st->head_dim, c->max_keys);
+        cap = c->part_floats * 4;
+        if (pf > c->part_floats) {
+            if (!grow(c, (void **)&c->d_part, &cap, pf * 4, "attention partials")) goto oom;
+            c->part_floats = pf;
+        }
+    }
     c->h_ids = st->ids;
     c->h_pos = st->pos;
     c->h_seqs = st->seqs;
@@ -316,6 +426,26 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
     c->n_head = st->n_head;
     c->tele_wanted = false;
     c->in_step = true;
+    if (graph) {
+        uint64_t k = fnv(1469598103934665603ull, &st->T, sizeof(st->T));
+        k = fnv(k, &n, sizeof(n));
+        k = fnv(k, &st->n_logit_rows, sizeof(st->n_logit_rows));
+        c->key = fnv(k, st->kinds, (size_t)L * n);
+        c->cur = NULL;
+        for (int i = 0; i < MAX_GRAPHS; i++) {
+            graph_t *g = &c->graphs[i];
+            if (g->exec && g->gen != c->gen) drop_graph(g); /* holds a freed buffer */
+            if (g->exec && g->key == c->key) c->cur = g;
+        }
+        if (c->cur) {
+            c->cur->last_used = ++c->clock;
+            c->run = RUN_REPLAY;
+        } else if (cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+            c->run = RUN_RECORD;
+        } else {
+            cudaGetLastError();
+        }
+    }
     return 0;
 oom:
     cudaGetLastError();
@@ -325,6 +455,7 @@ oom:
 
 static int cu_end_step(eng_backend_t *be, char *msg) {
     cu_ctx_t *c = ctx_of(be);
+    finish_graph(c);
     c->in_step = false;
     ok(c, cudaStreamSynchronize(c->st), "step");
     ok(c, cudaGetLastError(), "step");
@@ -360,7 +491,7 @@ static bool in_step(cu_ctx_t *c, const char *op) {
 static void cu_matmul(eng_backend_t *be, const eng_tensor_t *w, const float *x, float *y,
                       uint32_t T) {
     cu_ctx_t *c = ctx_of(be);
-    if (failed(c) || !T) return;
+    if (failed(c) || !T || replaying(c)) return;
     const float one = 1.0f, zero = 0.0f;
     if (w->type == GGML_F32) {
         blas_ok(c,
@@ -383,7 +514,7 @@ static void cu_matmul(eng_backend_t *be, const eng_tensor_t *w, const float *x, 
 static void cu_rmsnorm_op(eng_backend_t *be, const float *x, const float *weight, float *out,
                           uint32_t T, uint32_t n, float eps) {
     cu_ctx_t *c = ctx_of(be);
-    if (!failed(c)) cu_rmsnorm(c->st, x, weight, out, T, n, eps);
+    if (!failed(c) && !replaying(c)) cu_rmsnorm(c->st, x, weight, out, T, n, eps);
 }
 
 /* Host arrays given to an op: the step's device copy when they are the step's own. */
@@ -398,7 +529,8 @@ static void cu_rope_op(eng_backend_t *be, float *x, const uint32_t *pos, uint32_
                        const float *freq_factors) {
     cu_ctx_t *c = ctx_of(be);
     const uint32_t *dp = dev_pos(c, pos, T);
-    if (!failed(c)) cu_rope(c->st, x, dp, T, n_heads, head_dim, n_rot, base, freq_factors);
+    if (!failed(c) && !replaying(c))
+        cu_rope(c->st, x, dp, T, n_heads, head_dim, n_rot, base, freq_factors);
 }
 
 static void cu_get_rows_op(eng_backend_t *be, const eng_tensor_t *w, const int32_t *ids, uint32_t T,
@@ -406,17 +538,18 @@ static void cu_get_rows_op(eng_backend_t *be, const eng_tensor_t *w, const int32
     cu_ctx_t *c = ctx_of(be);
     if (!(c->in_step && ids == c->h_ids && T <= c->T))
         fail(c, "token ids that were not announced by begin_step");
-    if (!failed(c)) cu_get_rows(c->st, w->type, w->data, w->row_bytes, w->cols, c->d_ids, T, out);
+    if (!failed(c) && !replaying(c))
+        cu_get_rows(c->st, w->type, w->data, w->row_bytes, w->cols, c->d_ids, T, out);
 }
 
 static void cu_swiglu_op(eng_backend_t *be, float *g, const float *u, size_t n) {
     cu_ctx_t *c = ctx_of(be);
-    if (!failed(c)) cu_swiglu(c->st, g, u, n);
+    if (!failed(c) && !replaying(c)) cu_swiglu(c->st, g, u, n);
 }
 
 static void cu_add_op(eng_backend_t *be, float *x, const float *y, size_t n) {
     cu_ctx_t *c = ctx_of(be);
-    if (!failed(c)) cu_add(c->st, x, y, n);
+    if (!failed(c) && !replaying(c)) cu_add(c->st, x, y, n);
 }
 
 static cu_pool_t pool_of(const kv_pool_t *p) {
@@ -431,6 +564,7 @@ static void cu_kv_store_op(eng_backend_t *be, uint32_t layer, const eng_attn_seq
         fail(c, "kv_store on slices that were not announced by begin_step");
         return;
     }
+    if (replaying(c)) return;
     cu_kv_store(c->st, pool_of(seqs[0].seq->pool), layer, k, v, c->d_pos, c->d_row_seq, c->d_seqs,
                 c->d_tables, c->T);
 }
@@ -465,6 +599,7 @@ static void cu_attention_op(eng_backend_t *be, const eng_attn_shape_t *sh, uint3
             *t = (tele_dst_t){NULL, NULL, NULL};
         if (t->entropy || t->sink_mass || t->n_att) c->tele_wanted = true;
     }
+    if (replaying(c)) return; /* the host bookkeeping above is all a replay needs */
     cu_shape_t shape = {sh->n_head, sh->n_head_kv, sh->head_dim, sh->scale};
     cu_pool_t pool = pool_of(seqs[0].seq->pool);
     const uint8_t *kinds = c->d_kinds + (size_t)layer * n_seqs;
@@ -581,7 +716,9 @@ static void cu_destroy(eng_backend_t *be) {
         cudaFreeHost(c->h_tele);
         cudaFree(c->d_shift_table);
         free(c->dst);
+        for (int i = 0; i < MAX_GRAPHS; i++) drop_graph(&c->graphs[i]);
         if (c->blas) cublasDestroy(c->blas);
+        cudaFree(c->blas_ws);
         if (c->st) cudaStreamDestroy(c->st);
         free(c);
     }
@@ -614,6 +751,35 @@ static const eng_backend_ops_t cuda_ops = {
     .parallel_for = NULL,
     .destroy = cu_destroy,
 };
+
+/* Record a cuBLAS GEMM and a kernel into a graph and replay it: if this stack cannot, decode
+ * steps run eagerly. */
+static bool graph_self_test(cu_ctx_t *c) {
+    float *buf = NULL;
+    bool good = false;
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t exec = NULL;
+    const float one = 1.0f, zero = 0.0f;
+    if (cudaMalloc((void **)&buf, sizeof(float) * 3 * 64 * 64) != cudaSuccess) goto done;
+    cudaMemsetAsync(buf, 0, sizeof(float) * 3 * 64 * 64, c->st);
+    cudaStreamSynchronize(c->st);
+    if (cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal) != cudaSuccess) goto done;
+    cublasStatus_t bs = cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, 64, 64, 64, &one, buf, 64,
+                                    buf + 4096, 64, &zero, buf + 8192, 64);
+    cu_add(c->st, buf, buf + 8192, 4096);
+    cudaError_t e = cudaStreamEndCapture(c->st, &g);
+    if (bs != CUBLAS_STATUS_SUCCESS || e != cudaSuccess || !g) goto done;
+    if (cudaGraphInstantiate(&exec, g, 0) != cudaSuccess) goto done;
+    good =
+        cudaGraphLaunch(exec, c->st) == cudaSuccess && cudaStreamSynchronize(c->st) == cudaSuccess;
+done:
+    if (!good) fprintf(stderr, "tidald: CUDA graphs unavailable here; decode steps run eagerly\n");
+    cudaGetLastError();
+    if (exec) cudaGraphExecDestroy(exec);
+    if (g) cudaGraphDestroy(g);
+    cudaFree(buf);
+    return good;
+}
 
 __attribute__((visibility("default"))) int tidald_cuda_backend_abi(void) {
     return ENG_CUDA_ABI;
@@ -660,11 +826,17 @@ tidald_cuda_backend_create(eng_backend_t **out, int device, char *msg, size_t ms
     }
     cublasStatus_t bs = cublasCreate(&c->blas);
     if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetStream(c->blas, c->st);
-    if (bs != CUBLAS_STATUS_SUCCESS) {
+    /* a workspace of our own, so cuBLAS never allocates inside a graph recording */
+    size_t ws = (size_t)32 << 20;
+    if (bs == CUBLAS_STATUS_SUCCESS && cudaMalloc(&c->blas_ws, ws) == cudaSuccess)
+        bs = cublasSetWorkspace(c->blas, c->blas_ws, ws);
+    if (bs != CUBLAS_STATUS_SUCCESS || !c->blas_ws) {
         snprintf(msg, msg_len, "cannot start cuBLAS (status %d)", (int)bs);
         cu_destroy(be);
         return ENG_EUNSUPPORTED;
     }
+    const char *g = getenv("TIDALD_CUDA_GRAPHS");
+    c->graphs_on = !(g && strcmp(g, "0") == 0) && graph_self_test(c);
     *out = be;
     return 0;
 }

@@ -298,7 +298,18 @@ __device__ __forceinline__ void merge(float &m, float &l, float &t, float &sink,
 __device__ __forceinline__ float dot_q(const float *qs, const cu_pool_t &pool, size_t kidx,
                                        uint32_t hd) {
     float s = 0;
-    if (pool.elem == 2 && hd % 2 == 0) {
+    if (pool.elem == 2 && hd % 8 == 0 && kidx % 8 == 0) { /* 16-byte loads */
+        const uint4 *k4 = (const uint4 *)((const __half *)pool.data + kidx);
+        for (uint32_t d8 = 0; d8 < hd / 8; d8++) {
+            uint4 u = k4[d8];
+            const __half2 *h2 = (const __half2 *)&u;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float2 kf = __half22float2(h2[j]);
+                s += qs[8 * d8 + 2 * j] * kf.x + qs[8 * d8 + 2 * j + 1] * kf.y;
+            }
+        }
+    } else if (pool.elem == 2 && hd % 2 == 0) {
         const __half2 *k2 = (const __half2 *)((const __half *)pool.data + kidx);
         for (uint32_t d = 0; d < hd / 2; d++) {
             float2 kf = __half22float2(k2[d]);
@@ -439,7 +450,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-#define SEL_THREADS 256
+#define SEL_THREADS 1024
 
 /* Exclusive prefix sums of a and b over the block (thread order); totals in *ta, *tb. */
 __device__ void block_scan2(uint32_t a, uint32_t b, uint32_t *pa, uint32_t *pb, uint32_t *ta,
@@ -454,7 +465,7 @@ __device__ void block_scan2(uint32_t a, uint32_t b, uint32_t *pa, uint32_t *pb, 
     if (lane == WARP - 1) sa[warp] = xa, sb[warp] = xb;
     __syncthreads();
     uint32_t oa = 0, ob = 0, na = 0, nb = 0;
-    for (int w = 0; w < SEL_THREADS / WARP; w++) {
+    for (int w = 0; w < (int)(blockDim.x / WARP); w++) {
         if (w < warp) oa += sa[w], ob += sb[w];
         na += sa[w], nb += sb[w];
     }
@@ -465,7 +476,10 @@ __device__ void block_scan2(uint32_t a, uint32_t b, uint32_t *pa, uint32_t *pb, 
     __syncthreads();
 }
 
-/* grid (head or KV-head group, slice). */
+/* grid (head or KV-head group, slice), SEL_THREADS threads. The candidates are positions
+ * [first, n - 1); the want-th largest score's order key is found by four 8-bit radix passes
+ * (warp-aggregated shared-memory histograms), then each thread writes the taken positions of
+ * its own contiguous range at offsets from one block-wide scan, so the output is ascending. */
 __global__ void k_attn_select(cu_shape_t sh, const cu_seq_t *seqs, const uint8_t *kinds,
                               const float *scores, uint32_t score_stride, cu_tele_t tele,
                               float *gsum) {
@@ -479,6 +493,13 @@ __global__ void k_attn_select(cu_shape_t sh, const cu_seq_t *seqs, const uint8_t
     uint32_t n = s.pos0 + 1, K = s.budget;
     uint32_t h0 = s.per_group ? x * group : x, nh = s.per_group ? group : 1;
     const float *src = scores + ((size_t)i * sh.n_head + h0) * score_stride;
+    if (n <= K) { /* everything fits the budget */
+        for (uint32_t p = threadIdx.x; p < n; p += blockDim.x)
+            for (uint32_t h = h0; h < h0 + nh; h++) s.sel[(size_t)h * K + p] = p;
+        if (threadIdx.x == 0)
+            for (uint32_t h = h0; h < h0 + nh; h++) s.n_sel[h] = n;
+        return;
+    }
     if (s.per_group) { /* each head's probabilities, summed over the group */
         float *g = gsum + ((size_t)i * sh.n_head_kv + x) * score_stride;
         for (uint32_t p = threadIdx.x; p < n; p += blockDim.x) {
@@ -492,24 +513,25 @@ __global__ void k_attn_select(cu_shape_t sh, const cu_seq_t *seqs, const uint8_t
         __syncthreads();
         src = g;
     }
-    if (n <= K) {
-        for (uint32_t p = threadIdx.x; p < n; p += blockDim.x)
-            for (uint32_t h = h0; h < h0 + nh; h++) s.sel[(size_t)h * K + p] = p;
-        if (threadIdx.x == 0)
-            for (uint32_t h = h0; h < h0 + nh; h++) s.n_sel[h] = n;
-        return;
-    }
     uint32_t first = s.force_sinks ? min(s.n_sinks, K - 1) : 0, want = K - 1 - first;
-    /* radix select: the key of the want-th largest candidate in [first, n - 1) */
+    int lane = threadIdx.x % WARP;
     if (threadIdx.x == 0) s_prefix = 0, s_remaining = want;
     uint32_t mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (uint32_t b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
         __syncthreads();
         uint32_t prefix = s_prefix;
-        for (uint32_t p = first + threadIdx.x; p + 1 < n; p += blockDim.x) {
-            uint32_t key = order_key(src[p]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        for (uint32_t base = first; base + 1 < n; base += blockDim.x) { /* block-uniform */
+            uint32_t p = base + threadIdx.x;
+            bool counted = false;
+            uint32_t bin = 0;
+            if (p + 1 < n) {
+                uint32_t key = order_key(src[p]);
+                counted = (key & mask) == prefix;
+                bin = (key >> shift) & 255;
+            }
+            unsigned peers = __match_any_sync(0xffffffffu, counted ? bin : 0xffffffffu);
+            if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (uint32_t)__popc(peers));
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -525,33 +547,33 @@ __global__ void k_attn_select(cu_shape_t sh, const cu_seq_t *seqs, const uint8_t
         mask |= 255u << shift;
         __syncthreads();
     }
-    uint32_t thr = s_prefix, ties = s_remaining; /* take every key above thr, ties lowest first */
+    uint32_t thr = s_prefix, ties = s_remaining; /* every key above thr, the first ties */
     for (uint32_t p = threadIdx.x; p < first; p += blockDim.x)
         for (uint32_t h = h0; h < h0 + nh; h++) s.sel[(size_t)h * K + p] = p;
-    uint32_t base = first, tie_base = 0;
-    for (uint32_t c0 = first; c0 + 1 < n; c0 += blockDim.x) {
-        uint32_t p = c0 + threadIdx.x;
-        uint32_t key = p + 1 < n ? order_key(src[p]) : 0;
-        uint32_t is_tie = p + 1 < n && key == thr, is_gt = p + 1 < n && key > thr;
-        uint32_t tie_pre, gt_pre, tie_tot, gt_tot;
-        block_scan2(is_tie, is_gt, &tie_pre, &gt_pre, &tie_tot, &gt_tot);
-        uint32_t tie_rank = tie_base + tie_pre;
-        bool take = is_gt || (is_tie && tie_rank < ties);
-        /* position among taken so far: taken ties before this one plus greater ones before */
-        uint32_t ties_before = min(tie_rank, ties);
-        uint32_t at = base + gt_pre + (ties_before - min(tie_base, ties));
-        if (take)
-            for (uint32_t h = h0; h < h0 + nh; h++) s.sel[(size_t)h * K + at] = p;
-        uint32_t ties_taken = min(tie_base + tie_tot, ties) - min(tie_base, ties);
-        base += gt_tot + ties_taken;
-        tie_base += tie_tot;
+    uint32_t nc = n - 1 - first, per = (nc + blockDim.x - 1) / blockDim.x;
+    uint32_t b0 = first + min(threadIdx.x * per, nc), b1 = first + min(threadIdx.x * per + per, nc);
+    uint32_t gt = 0, tie = 0;
+    for (uint32_t p = b0; p < b1; p++) {
+        uint32_t key = order_key(src[p]);
+        gt += key > thr;
+        tie += key == thr;
     }
-    if (threadIdx.x == 0) {
+    uint32_t gt_pre, tie_pre, gt_tot, tie_tot;
+    block_scan2(gt, tie, &gt_pre, &tie_pre, &gt_tot, &tie_tot);
+    uint32_t at = first + gt_pre + min(tie_pre, ties), rank = tie_pre;
+    for (uint32_t p = b0; p < b1; p++) {
+        uint32_t key = order_key(src[p]);
+        bool take = key > thr || (key == thr && rank < ties);
+        rank += key == thr;
+        if (!take) continue;
+        for (uint32_t h = h0; h < h0 + nh; h++) s.sel[(size_t)h * K + at] = p;
+        at++;
+    }
+    if (threadIdx.x == 0)
         for (uint32_t h = h0; h < h0 + nh; h++) {
             s.sel[(size_t)h * K + first + want] = n - 1;
             s.n_sel[h] = K;
         }
-    }
 }
 
 extern "C" void cu_attn_select(cudaStream_t st, cu_shape_t sh, const cu_seq_t *seqs,

@@ -107,7 +107,9 @@ typedef struct {
 
 static void gpu_begin(eng_backend_t *be, const plan_t *p) {
     char msg[ENG_ERRMSG_LEN];
-    eng_step_t st = {p->ids, p->pos, p->T, p->seqs, p->n_seqs, p->kinds, p->n_layer, p->n_head};
+    /* decode_only false: the ops given run once, as given (no graph recording) */
+    eng_step_t st = {p->ids,     p->pos,    p->T,      p->seqs, p->n_seqs, p->kinds,
+                     p->n_layer, p->n_head, p->n_head, 0,       false,     0};
     cr_assert_eq(be->ops->begin_step(be, &st, msg), 0, "%s", msg);
 }
 
@@ -556,4 +558,67 @@ Test(cuda, test_tidal_decode_and_eviction_equal_cpu_on_stories260k) {
     check_model_parity(&evict, 96);
     run_cfg_t evict_full = {ENG_DEVICE_CPU, true, 48, NULL};
     check_model_parity(&evict_full, 96);
+}
+
+/* Three sequences of different lengths decoding in one batch (the replayed graph's shape),
+ * one of them tidal: the same greedy ids as the CPU, step after step. */
+static void batched_run(eng_model_t *m, eng_device_t dev, const eng_attn_params_t *tidal,
+                        uint32_t n, int32_t out[3][48]) {
+    char msg[ENG_ERRMSG_LEN];
+    const eng_hparams_t *hp = eng_model_hparams(m);
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.device = dev;
+    p.max_seqs = 3;
+    p.n_ctx = 512;
+    p.kv_mem_bytes = 64u << 20;
+    eng_ctx_t *c;
+    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);
+    kv_seq_t s[3];
+    float *logits = malloc(sizeof(float) * hp->n_vocab * 3);
+    const int32_t prompts[3][6] = {
+        {1, 403, 407, 261, 378}, {1, 378, 261}, {1, 403, 407, 261, 378, 432}};
+    const uint32_t lens[3] = {5, 3, 6};
+    for (int i = 0; i < 3; i++) {
+        kv_seq_init(&s[i], eng_ctx_kv_pool(c));
+        eng_batch_item_t it = {&s[i], prompts[i], lens[i], logits + (size_t)i * hp->n_vocab};
+        cr_assert_eq(eng_forward(c, &it, 1, msg), 0, "%s", msg);
+    }
+    for (uint32_t step = 0; step < n; step++) {
+        eng_batch_item_t items[3];
+        for (int i = 0; i < 3; i++) {
+            const float *l = logits + (size_t)i * hp->n_vocab;
+            int32_t b = 0;
+            for (uint32_t v = 1; v < hp->n_vocab; v++) b = l[v] > l[b] ? (int32_t)v : b;
+            out[i][step] = b;
+            items[i] =
+                (eng_batch_item_t){&s[i], &out[i][step],        1, logits + (size_t)i * hp->n_vocab,
+                                   false, i == 2 ? tidal : NULL};
+        }
+        cr_assert_eq(eng_forward(c, items, 3, msg), 0, "%s", msg);
+    }
+    for (int i = 0; i < 3; i++) kv_seq_close(&s[i]);
+    free(logits);
+    eng_ctx_free(c);
+}
+
+Test(cuda, test_batched_decode_equals_cpu_on_stories260k) {
+    eng_backend_t *probe;
+    char msg[ENG_ERRMSG_LEN];
+    if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
+        cr_skip_test("no CUDA GPU here (%s); the CUDA parity tests need one", msg);
+    probe->ops->destroy(probe);
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    eng_model_t *m;
+    cr_assert_eq(eng_model_load(&m, STORIES_PATH, msg), 0, "%s", msg);
+    eng_attn_params_t tidal = {ENG_ATTN_TIDAL, 16};
+    eng_attn_defaults(eng_model_hparams(m), &tidal);
+    int32_t a[3][48], b[3][48];
+    batched_run(m, ENG_DEVICE_CPU, &tidal, 48, a);
+    batched_run(m, ENG_DEVICE_CUDA, &tidal, 48, b);
+    for (int i = 0; i < 3; i++)
+        for (int t = 0; t < 48; t++)
+            cr_assert_eq(a[i][t], b[i][t], "sequence %d token %d: CPU %d, CUDA %d", i, t, a[i][t],
+                         b[i][t]);
+    eng_model_free(m);
 }
