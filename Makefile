@@ -38,12 +38,12 @@ DEFAULT_MODEL ?= $(MODEL_DIR)/small-f32.gguf
 SHARED_MODEL := ../shared/models/stories260K.gguf
 
 .DELETE_ON_ERROR:
-.PHONY: gpu-check all deps deps-build deploy-test run test unit-test asan-test integration-test cli-test fuzz-smoke format format-check bench fuzz clean models
+.PHONY: cuda-emu-test gpu-check all deps deps-build deploy-test run test unit-test asan-test integration-test cli-test fuzz-smoke format format-check bench fuzz clean models
 
 all: $(BUILD)/tidald $(BUILD)/mkmodel $(BUILD)/loadgen
 
 # ---- dependencies (Debian packages, installed only when missing) ----
-DEB_PKGS := gcc libc6-dev clang libclang-rt-14-dev libuv1-dev libcjson-dev libcriterion-dev \
+DEB_PKGS := gcc g++ libc6-dev clang libclang-rt-14-dev libuv1-dev libcjson-dev libcriterion-dev \
             node-llhttp clang-format prometheus nginx-light python3-yaml curl
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -195,6 +195,7 @@ test: deps
 	$(MAKE) format-check
 	$(MAKE) all
 	$(MAKE) unit-test
+	$(MAKE) cuda-emu-test
 	$(MAKE) asan-test
 	$(MAKE) integration-test
 	$(MAKE) fuzz-smoke
@@ -215,12 +216,46 @@ bench: deps all $(BUILD)/bench_engine $(BUILD)/bench_attention $(MODEL_DIR)/m100
 	$(BUILD)/bench_attention $(MODEL_DIR)/long-f16.gguf 256
 	BUILD=$(BUILD) bash bench/budget_sweep.sh
 
+# ---- the CUDA backend on a CPU emulation of CUDA (tests/cuda_emu/) ----
+# The backend's own sources (cuda_backend.c, kernels.cu with its launches rewritten) built
+# against emulated runtime, cuBLAS and thread model, so test_cuda.c's parity tests run
+# without a GPU. Checks logic, indexing and barriers; speed and real concurrency need a GPU.
+EMU_DIR   := $(BUILD)/emu
+CXX       ?= g++
+EMU_INC   := -Itests/cuda_emu/include -Iengine/cuda
+# -fno-strict-aliasing: CUDA code reads vector loads through other vector types (uint4 as
+# __half2), which nvcc allows and C++ at -O2 would not
+$(EMU_DIR)/kernels_emu.cpp: engine/cuda/kernels.cu tests/cuda_emu/rewrite_launches.py
+	@mkdir -p $(dir $@)
+	python3 tests/cuda_emu/rewrite_launches.py $< $@
+$(EMU_DIR)/kernels_emu.o: $(EMU_DIR)/kernels_emu.cpp engine/cuda/kernels.h $(wildcard tests/cuda_emu/*.h tests/cuda_emu/include/*.h)
+	$(CXX) -std=gnu++17 -O2 -fno-strict-aliasing -g -fPIC -ffp-contract=off \
+	   $(EMU_INC) -include tests/cuda_emu/emu_device.h -w -c $< -o $@
+$(EMU_DIR)/emu_runtime.o: tests/cuda_emu/emu_runtime.cpp $(wildcard tests/cuda_emu/*.h tests/cuda_emu/include/*.h)
+	@mkdir -p $(dir $@)
+	$(CXX) -std=gnu++17 -O1 -g -fPIC -Wall -Wextra -Werror -Itests/cuda_emu/include -c $< -o $@
+$(EMU_DIR)/%.o: engine/cuda/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -pthread $(EMU_INC) -c $< -o $@
+$(EMU_DIR)/err.o: engine/err.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -c $< -o $@
+$(EMU_DIR)/libtidald-cuda.so: $(EMU_DIR)/cuda_backend.o $(EMU_DIR)/kernels_emu.o $(EMU_DIR)/emu_runtime.o $(EMU_DIR)/err.o
+	$(CXX) -shared -o $@ $^ -lm
+$(EMU_DIR)/libcuda.so.1: tests/cuda_emu/fake_driver.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CSTD) $(WARN) -O1 -fPIC -shared $< -o $@
+cuda-emu-test: $(TEST_BIN) $(EMU_DIR)/libtidald-cuda.so $(EMU_DIR)/libcuda.so.1
+	rm -rf $(TEST_TMP)-emu && mkdir -p $(TEST_TMP)-emu
+	LD_LIBRARY_PATH=$(abspath $(EMU_DIR)) TIDALD_CUDA_LIB=$(abspath $(EMU_DIR)/libtidald-cuda.so) \
+	  TIDALD_TEST_TMP=$(abspath $(TEST_TMP))-emu $(TEST_BIN) --filter 'cuda/*' --jobs 2
+
 # ---- the GPU check: build, CUDA parity tests, GPU benchmarks (scripts/gpu-check.sh) ----
 gpu-check:
 	bash scripts/gpu-check.sh
 
 # ---- formatting ----
-FMT_FILES := $(shell find server engine kvcache api config tools tests bench -name '*.[ch]' -o -name '*.cu' 2>/dev/null)
+FMT_FILES := $(shell find server engine kvcache api config tools tests bench -name '*.[ch]' -o -name '*.cu' -o -name '*.cpp' 2>/dev/null)
 format:
 	clang-format -i $(FMT_FILES)
 format-check:

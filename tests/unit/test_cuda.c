@@ -5,7 +5,8 @@
  * Tolerances: projections with F32 weights and every element-wise op agree to 1e-5 relative
  * (summation order only); F16/BF16 weights see their activations rounded to the weight type
  * for cuBLAS, 4e-3 relative; attention outputs 1e-4 absolute, entropy 1e-3 bits and sink mass
- * 1e-4 (online-softmax order differs); selections and greedy tokens must be identical.
+ * 1e-4 (online-softmax order differs); selections and greedy tokens must be identical; end to
+ * end over a model, the entropy of the last token within 1e-3 bits (1e-2 with an F16 cache).
  */
 #include "../../engine/backend.h"
 #include "../../engine/engine.h"
@@ -26,9 +27,10 @@
 /* The library itself: it loads, speaks this engine's ABI, and either starts on a GPU or says
  * why not. Runs wherever the library was built (nvcc present), GPU or not. */
 Test(cuda, test_library_loads_and_reports_its_device) {
-    if (access(CUDA_LIB, R_OK) != 0)
-        cr_skip_test(CUDA_LIB " not built (no nvcc at /usr/local/cuda); skipping");
-    void *h = dlopen(CUDA_LIB, RTLD_NOW | RTLD_LOCAL);
+    const char *lib = getenv("TIDALD_CUDA_LIB") ? getenv("TIDALD_CUDA_LIB") : CUDA_LIB;
+    if (access(lib, R_OK) != 0)
+        cr_skip_test("%s not built (no nvcc at /usr/local/cuda); skipping", lib);
+    void *h = dlopen(lib, RTLD_NOW | RTLD_LOCAL);
     cr_assert_not_null(h, "%s", dlerror());
     eng_cuda_abi_fn abi = (eng_cuda_abi_fn)dlsym(h, ENG_CUDA_ABI_SYMBOL);
     eng_cuda_create_fn create = (eng_cuda_create_fn)dlsym(h, ENG_CUDA_CREATE_SYMBOL);
@@ -531,8 +533,11 @@ static void check_model_parity(const run_cfg_t *base, uint32_t n) {
     greedy_run(m, &gpu, n, b, eb);
     for (uint32_t i = 0; i < n; i++)
         cr_assert_eq(a[i], b[i], "token %u: CPU %d, CUDA %d", i, a[i], b[i]);
+    /* end to end the hidden states drift at rounding level; an F16 cache turns some of that
+     * into whole F16 steps of a key or value */
+    double tol = base->kv_f16 ? 1e-2 : 1e-3;
     for (size_t i = 0; i < LH; i++)
-        cr_expect_lt(fabs(ea[i] - eb[i]), 1e-3, "entropy of layer %zu head %zu: %g vs %g",
+        cr_expect_lt(fabs(ea[i] - eb[i]), tol, "entropy of layer %zu head %zu: %g vs %g",
                      i / hp->n_head, i % hp->n_head, ea[i], eb[i]);
     free(a), free(b), free(ea), free(eb);
     eng_model_free(m);
