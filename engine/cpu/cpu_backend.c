@@ -286,11 +286,6 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
     }
 }
 
-static int cmp_u32(const void *x, const void *y) {
-    uint32_t a = *(const uint32_t *)x, b = *(const uint32_t *)y;
-    return (a > b) - (a < b);
-}
-
 /* Move the k highest-scoring candidates to idx[0..k) (quickselect, O(n) on average). */
 static void top_k_positions(uint32_t *idx, uint32_t n, uint32_t k, const float *score) {
     if (k == 0 || k >= n) return;
@@ -334,10 +329,18 @@ static uint32_t select_positions(const eng_attn_seq_t *s, uint32_t n, const floa
     for (uint32_t p = first; p + 1 < n; p++) idx[nc++] = p;
     uint32_t want = K - 1 - m;
     top_k_positions(idx, nc, want, score);
-    memcpy(out + m, idx, sizeof(uint32_t) * want);
-    m += want;
+    /* the want-th best score, then every candidate above it and, of those equal to it, the
+     * lowest positions: ascending, and the same choice among ties as the CUDA kernel */
+    if (want) {
+        float kth = score[idx[0]];
+        for (uint32_t i = 1; i < want; i++) kth = score[idx[i]] < kth ? score[idx[i]] : kth;
+        uint32_t above = 0;
+        for (uint32_t i = 0; i < want; i++) above += score[idx[i]] > kth;
+        uint32_t ties = want - above;
+        for (uint32_t p = first; p + 1 < n; p++)
+            if (score[p] > kth || (score[p] == kth && ties && ties--)) out[m++] = p;
+    }
     out[m++] = n - 1;
-    qsort(out, m, sizeof(uint32_t), cmp_u32);
     return m;
 }
 

@@ -627,3 +627,97 @@ Test(cuda, test_batched_decode_equals_cpu_on_stories260k) {
                          b[i][t]);
     eng_model_free(m);
 }
+
+/* Ties: keys repeat five prototype vectors, so scores tie in classes. The selection must take
+ * the best classes and, in the class at the budget's edge, the lowest positions, ascending,
+ * plus the current token: both backends, checked against that rule computed on the host. */
+Test(cuda, test_selection_ties_go_to_the_lowest_positions) {
+    const uint32_t len[NS] = {20, 300, 700}, dec[NS] = {1, 1, 1};
+    enum { K = 32, PROTO = 5 };
+    twin_t t;
+    twin_open(&t, 8, 2, 64, false, len);
+    for (int i = 0; i < NS; i++)
+        for (uint32_t p = PROTO; p < len[i]; p++)
+            memcpy(kv_seq_kp(&t.hs[i], 0, p), kv_seq_kp(&t.hs[i], 0, p % PROTO),
+                   sizeof(float) * t.kvd);
+    size_t bytes = kv_pool_bytes(LAYERS, t.kvd, BS, t.hp.n_blocks, false);
+    t.be.gpu->ops->upload(t.be.gpu, t.ddata, t.hp.data, bytes);
+    size_t qn = (size_t)NS * t.nh * t.hd;
+    float *q = malloc(sizeof(float) * qn);
+    uint64_t r = 5;
+    for (size_t i = 0; i < qn; i++) q[i] = frand(&r);
+    float *dq = dev_f(t.be.gpu, q, qn), *dout = dev_f(t.be.gpu, NULL, qn);
+    side_t g;
+    side_init(&g, t.be.gpu, t.ds, dec, t.nh, K, false, false);
+    uint8_t kinds[LAYERS * NS] = {ENG_ATT_SELECT, ENG_ATT_SELECT, ENG_ATT_SELECT, 0, 0, 0};
+    side_t c; /* the CPU backend on the same cache must choose the same positions */
+    side_init(&c, t.be.cpu, t.hs, dec, t.nh, K, false, false);
+    for (int i = 0; i < NS; i++) g.a[i].kind = c.a[i].kind = ENG_ATT_SELECT;
+    float *cpu_out = malloc(sizeof(float) * qn);
+    t.be.cpu->ops->attention(t.be.cpu, &t.sh, 0, q, c.a, NS, cpu_out);
+    free(cpu_out);
+    uint32_t pos[NS] = {0};
+    int32_t ids[NS] = {0};
+    plan_t pl = {ids, pos, NS, g.a, NS, kinds, LAYERS, t.nh};
+    gpu_begin(t.be.gpu, &pl);
+    t.be.gpu->ops->attention(t.be.gpu, &t.sh, 0, dq, g.a, NS, dout);
+    gpu_end(t.be.gpu);
+    uint32_t *sel = malloc(4 * NS * t.nh * K), nsel[NS * 8];
+    t.be.gpu->ops->download(t.be.gpu, sel, g.sel, 4 * NS * t.nh * K);
+    t.be.gpu->ops->download(t.be.gpu, nsel, g.n_sel, 4 * NS * t.nh);
+    for (int i = 0; i < NS; i++) {
+        uint32_t n = len[i];
+        for (uint32_t h = 0; h < t.nh; h++) {
+            const uint32_t *got = sel + ((size_t)i * t.nh + h) * K;
+            uint32_t m = nsel[i * t.nh + h], want[K], w = 0;
+            if (n <= K) {
+                cr_expect_eq(m, n);
+                for (uint32_t p = 0; p < m; p++) cr_expect_eq(got[p], p);
+                continue;
+            }
+            /* class scores on the host, then the rule: classes by score, positions ascending */
+            double cs[PROTO];
+            uint32_t kvh = h / (t.nh / t.nkv);
+            for (int pc = 0; pc < PROTO; pc++) {
+                const float *k = (const float *)kv_seq_kp(&t.hs[i], 0, (uint32_t)pc);
+                cs[pc] = 0;
+                for (uint32_t d = 0; d < t.hd; d++)
+                    cs[pc] += (double)q[((size_t)i * t.nh + h) * t.hd + d] * k[kvh * t.hd + d];
+            }
+            int order[PROTO] = {0, 1, 2, 3, 4};
+            for (int a = 0; a < PROTO; a++)
+                for (int b = a + 1; b < PROTO; b++)
+                    if (cs[order[b]] > cs[order[a]]) {
+                        int x = order[a];
+                        order[a] = order[b];
+                        order[b] = x;
+                    }
+            bool take[1024] = {false};
+            for (int oc = 0; oc < PROTO && w < K - 1; oc++)
+                for (uint32_t p = 0; p + 1 < n && w < K - 1; p++)
+                    if ((int)(p % PROTO) == order[oc]) take[p] = true, w++;
+            take[n - 1] = true;
+            w = 0;
+            for (uint32_t p = 0; p < n; p++)
+                if (take[p]) want[w++] = p;
+            cr_assert_eq(m, K, "slice %d head %u: %u selected", i, h, m);
+            cr_assert_eq(c.n_sel[i * t.nh + h], K);
+            const uint32_t *cpu = c.sel + ((size_t)i * t.nh + h) * K;
+            for (uint32_t k = 0; k < K; k++) {
+                cr_expect_eq(got[k], want[k], "slice %d head %u entry %u: %u, want %u", i, h, k,
+                             got[k], want[k]);
+                cr_expect_eq(cpu[k], want[k], "CPU: slice %d head %u entry %u: %u, want %u", i, h,
+                             k, cpu[k], want[k]);
+            }
+        }
+    }
+    free(sel);
+    free(q);
+    t.be.cpu->ops->release(t.be.cpu, c.sel);
+    t.be.cpu->ops->release(t.be.cpu, c.n_sel);
+    t.be.gpu->ops->release(t.be.gpu, g.sel);
+    t.be.gpu->ops->release(t.be.gpu, g.n_sel);
+    t.be.gpu->ops->release(t.be.gpu, dq);
+    t.be.gpu->ops->release(t.be.gpu, dout);
+    twin_close(&t);
+}
