@@ -72,11 +72,12 @@ typedef struct {
     uint32_t n_seqs;
     const uint8_t *kinds; /* [n_layer][n_seqs] eng_att_kind_t of each slice in each layer */
     uint32_t n_layer, n_head, n_head_kv, head_dim;
-    /* The op sequence of a decode step (every slice one token, each wanting its last-token
-     * logits) is a function of n_seqs and kinds alone: a device backend may record it once
-     * and replay it (CUDA graphs). */
+    /* The op sequence of a decode step (every slice one token, all wanting their last-token
+     * logits or all only its argmax) is a function of n_seqs, kinds and n_argmax_rows alone:
+     * a device backend may record it once and replay it (CUDA graphs). */
     bool decode_only;
-    uint32_t n_logit_rows; /* rows that go through the output projection */
+    uint32_t n_logit_rows;  /* rows that go through the output projection */
+    uint32_t n_argmax_rows; /* of those, rows that only want their argmax */
 } eng_step_t;
 
 typedef struct {
@@ -129,6 +130,9 @@ typedef struct {
     void (*k_shift)(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to, uint32_t delta,
                     uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot, float base,
                     const float *freq_factors);
+    /* out[r] = the index of the largest of rows[r][0..n) (the lowest index on ties), for R
+     * rows; out in backend memory. NULL: the engine does it on the host. */
+    void (*argmax)(eng_backend_t *be, const float *rows, uint32_t R, uint32_t n, int32_t *out);
     /* g[i] = silu(g[i]) * u[i] */
     void (*swiglu)(eng_backend_t *be, float *g, const float *u, size_t n);
     /* x[i] += y[i] */
@@ -152,7 +156,7 @@ int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg);
 /* The entry point the CUDA backend's shared library exports (engine/cuda/). */
 typedef int (*eng_cuda_create_fn)(eng_backend_t **out, int device, char *msg, size_t msg_len);
 #define ENG_CUDA_CREATE_SYMBOL "tidald_cuda_backend_create"
-#define ENG_CUDA_ABI 3 /* bumped whenever this table changes */
+#define ENG_CUDA_ABI 4 /* bumped whenever this table changes */
 typedef int (*eng_cuda_abi_fn)(void);
 #define ENG_CUDA_ABI_SYMBOL "tidald_cuda_backend_abi"
 

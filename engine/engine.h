@@ -164,6 +164,10 @@ typedef struct {
     bool all_logits; /* logits for every token of the item, not only the last */
     const eng_attn_params_t *attn; /* NULL or FULL: dense; TIDAL applies to decode items */
     eng_attn_tele_t *tele;         /* decode items: filled when not NULL */
+    /* With logits NULL: the greedy choice alone, the index of the largest last-token logit
+     * (the lowest on ties, as the sampler picks at temperature 0). A GPU computes it where
+     * the logits are and copies one id instead of the vocabulary's logits. */
+    int32_t *argmax;
 } eng_batch_item_t;
 
 /* Evict at least n of the oldest non-sink tokens (block-granular) and K-shift the keys after

@@ -28,9 +28,11 @@ struct eng_ctx {
     bool own_weights; /* the backend made copies (load_weight): freed with the context */
     /* activations in backend memory, max_batch_tokens rows each */
     float *x, *xn, *q, *k, *v, *att, *ffg, *ffu;
-    float *logit_in;   /* final-normed rows that want logits */
-    float *logit_buf;  /* max_seqs rows of n_vocab: logits before they go to the caller */
-    float *logit_host; /* host copy of logit_buf */
+    float *logit_in;      /* final-normed rows that want logits */
+    float *logit_buf;     /* max_seqs rows of n_vocab: logits before they go to the caller */
+    float *logit_host;    /* host copy of logit_buf */
+    int32_t *argmax_dev;  /* backend memory: max_seqs greedy ids */
+    int32_t *argmax_host; /* their host copy */
     /* host-side step metadata */
     uint32_t *pos;
     int32_t *ids;
@@ -195,6 +197,8 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     c->logit_buf = alloc_f(c, c->p.max_seqs, hp->n_vocab);
     c->n_sel = op->alloc(c->be, sizeof(uint32_t) * c->p.max_seqs * hp->n_head);
     c->logit_host = malloc(sizeof(float) * c->p.max_seqs * hp->n_vocab);
+    c->argmax_host = malloc(sizeof(int32_t) * c->p.max_seqs);
+    c->argmax_dev = op->alloc(c->be, sizeof(int32_t) * c->p.max_seqs);
     c->pos = malloc(sizeof(uint32_t) * T);
     c->ids = malloc(sizeof(int32_t) * T);
     c->aseq = malloc(sizeof(eng_attn_seq_t) * c->p.max_seqs);
@@ -237,11 +241,13 @@ void eng_ctx_free(eng_ctx_t *c) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) be->ops->release(be, bufs[i]);
         be->ops->release(be, c->sel);
         be->ops->release(be, c->n_sel);
+        be->ops->release(be, c->argmax_dev);
         be->ops->release(be, c->pool_data);
         be->ops->destroy(be);
     }
     free(c->layers);
     free(c->logit_host);
+    free(c->argmax_host);
     free(c->pos);
     free(c->ids);
     free(c->aseq);
@@ -484,11 +490,14 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
                        hp->n_layer,  hp->n_head,   hp->n_head_kv,
                        hp->head_dim, T == n_items, 0};
     for (uint32_t i = 0; i < n_items; i++) {
-        if (items[i].logits) step.n_logit_rows += items[i].all_logits ? items[i].n_tokens : 1;
-        /* replayable: one token each, and every item's last-token logits (so which rows go
-         * to the output projection follows from n_items) */
-        if (items[i].all_logits || !items[i].logits) step.decode_only = false;
+        const eng_batch_item_t *it = &items[i];
+        if (it->logits) step.n_logit_rows += it->all_logits ? it->n_tokens : 1;
+        if (!it->logits && it->argmax) step.n_logit_rows++, step.n_argmax_rows++;
+        /* replayable: one token each, every item wanting its last-token logits or every item
+         * its argmax (so which rows go where follows from n_items) */
+        if (it->all_logits || (!it->logits && !it->argmax)) step.decode_only = false;
     }
+    if (step.n_argmax_rows && step.n_argmax_rows != n_items) step.decode_only = false;
     if (op->begin_step && (rc = op->begin_step(be, &step, msg))) return rc;
     op->get_rows(be, &c->tok_embd, c->ids, T, c->x);
     eng_attn_shape_t shape = {hp->n_head, hp->n_head_kv, hp->head_dim,
@@ -533,24 +542,41 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
             op->download(be, it->logits + r0 * V, c->logit_buf, sizeof(float) * n * V);
         }
     }
-    uint32_t R = 0;
-    for (uint32_t i = 0; i < n_items; i++) {
-        eng_batch_item_t *it = &items[i];
-        if (!it->logits || it->all_logits) continue;
-        size_t row = c->aseq[i].q_start + it->n_tokens - 1;
-        op->rmsnorm(be, c->x + row * d, c->output_norm, c->logit_in + (size_t)R * d, 1, d,
-                    hp->rms_eps);
-        R++;
-    }
-    if (R) { /* one copy from the backend for all of them */
-        op->matmul(be, &c->output, c->logit_in, c->logit_buf, R);
-        op->download(be, c->logit_host, c->logit_buf, sizeof(float) * R * V);
-        R = 0;
+    /* last-token rows: first those that want logits, then those that want only the argmax */
+    uint32_t R = 0, RA = 0;
+    for (int pass = 0; pass < 2; pass++)
         for (uint32_t i = 0; i < n_items; i++) {
             eng_batch_item_t *it = &items[i];
-            if (!it->logits || it->all_logits) continue;
-            memcpy(it->logits, c->logit_host + (size_t)R++ * V, sizeof(float) * V);
+            bool want = pass == 0 ? it->logits && !it->all_logits : !it->logits && it->argmax;
+            if (!want) continue;
+            size_t row = c->aseq[i].q_start + it->n_tokens - 1;
+            op->rmsnorm(be, c->x + row * d, c->output_norm, c->logit_in + (size_t)(R + RA) * d, 1,
+                        d, hp->rms_eps);
+            *(pass == 0 ? &R : &RA) += 1;
         }
+    if (R + RA) op->matmul(be, &c->output, c->logit_in, c->logit_buf, R + RA);
+    if (RA && op->argmax) { /* only the ids cross over */
+        op->argmax(be, c->logit_buf + (size_t)R * V, RA, (uint32_t)V, c->argmax_dev);
+        op->download(be, c->argmax_host, c->argmax_dev, sizeof(int32_t) * RA);
+    }
+    /* one copy from the backend for all the logits (and the argmax rows without the op) */
+    uint32_t down = R + (RA && !op->argmax ? RA : 0);
+    if (down) op->download(be, c->logit_host, c->logit_buf, sizeof(float) * down * V);
+    if (RA && !op->argmax)
+        for (uint32_t k = 0; k < RA; k++) {
+            const float *l = c->logit_host + (size_t)(R + k) * V;
+            int32_t best = 0;
+            for (uint32_t v = 1; v < V; v++)
+                if (l[v] > l[best]) best = (int32_t)v;
+            c->argmax_host[k] = best;
+        }
+    uint32_t r = 0, ra = 0;
+    for (uint32_t i = 0; i < n_items; i++) {
+        eng_batch_item_t *it = &items[i];
+        if (it->logits && !it->all_logits)
+            memcpy(it->logits, c->logit_host + (size_t)r++ * V, sizeof(float) * V);
+        else if (!it->logits && it->argmax)
+            *it->argmax = c->argmax_host[ra++];
     }
     if (op->end_step) return op->end_step(be, msg);
     return 0;

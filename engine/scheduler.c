@@ -78,6 +78,7 @@ struct eng_sched {
     eng_event_t *draws;   /* per batch item: the token drawn this step */
     bool *drawn;
     float *logits, *raw;
+    int32_t *argmax; /* per batch item: the greedy id, for requests that need nothing more */
     eng_batch_item_t *items;
     eng_request_t **item_req;
     bool published;
@@ -231,11 +232,12 @@ int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
     s->items = calloc(s->p.max_running, sizeof(eng_batch_item_t));
     s->item_req = calloc(s->p.max_running, sizeof(eng_request_t *));
     s->logits = malloc(sizeof(float) * s->n_vocab * s->p.max_running);
+    s->argmax = malloc(sizeof(int32_t) * s->p.max_running);
     s->raw = malloc(sizeof(float) * s->n_vocab * s->p.max_running);
     s->draws = calloc(s->p.max_running, sizeof(eng_event_t));
     s->drawn = calloc(s->p.max_running, sizeof(bool));
     if (!s->inq || !s->waiting || !s->running || !s->snap || !s->items || !s->item_req ||
-        !s->logits || !s->raw) {
+        !s->logits || !s->raw || !s->argmax) {
         eng_sched_destroy(s);
         return eng_fail(msg, ENG_ENOMEM, "out of memory for the scheduler");
     }
@@ -265,6 +267,7 @@ void eng_sched_destroy(eng_sched_t *s) {
     free(s->items);
     free(s->item_req);
     free(s->logits);
+    free(s->argmax);
     free(s->raw);
     free(s->draws);
     free(s->drawn);
@@ -634,10 +637,16 @@ static eng_attn_stats_t *attn_stats(const eng_sched_t *s, const eng_request_t *r
  * own request, logits and scratch): the distribution's facts, the draw, the sampler's
  * history, the attention stats. */
 static void draw(const eng_sched_t *s, eng_request_t *r, float *logits, float *raw,
-                 eng_event_t *e) {
+                 const int32_t *argmax, eng_event_t *e) {
     const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
     memset(e, 0, sizeof(*e));
     e->token = -1;
+    if (!logits) { /* greedy_only(): the engine chose already */
+        e->token = *argmax;
+        eng_sampler_accept(r->smp, e->token);
+        e->attn = attn_stats(s, r);
+        return;
+    }
     double lse = 0;
     if (r->p.logprobs >= 0 || r->p.entropy) {
         /* the sampler edits logits in place: keep the raw ones only when logprobs need them */
@@ -728,7 +737,28 @@ static void record_batch(eng_sched_t *s, uint32_t n_seqs, uint32_t n_prompt_done
 static void draw_item(void *arg, size_t k) {
     eng_sched_t *s = arg;
     if (s->drawn[k])
-        draw(s, s->item_req[k], s->items[k].logits, s->raw + k * s->n_vocab, &s->draws[k]);
+        draw(s, s->item_req[k], s->items[k].logits, s->raw + k * s->n_vocab, &s->argmax[k],
+             &s->draws[k]);
+}
+
+/* A request that needs only the greedy choice of each token: no temperature, penalties,
+ * logprobs, token entropy or banned EOS. Its logits stay in the engine (on a GPU, only the
+ * chosen id is copied back). */
+static bool greedy_only(const eng_request_t *r) {
+    const eng_sampler_params_t *p = &r->p.sampling;
+    return p->temperature <= 0 && p->repetition_penalty == 1.0f && p->presence_penalty == 0 &&
+           p->frequency_penalty == 0 && r->p.logprobs < 0 && !r->p.entropy && !r->p.ignore_eos;
+}
+
+/* Where item n's last-token result goes. */
+static void set_output(eng_sched_t *s, const eng_request_t *r, uint32_t n, eng_batch_item_t *it) {
+    if (greedy_only(r)) {
+        it->logits = NULL;
+        it->argmax = &s->argmax[n];
+    } else {
+        it->logits = s->logits + (size_t)n * s->n_vocab;
+        it->argmax = NULL;
+    }
 }
 
 static void step(eng_sched_t *s) {
@@ -750,8 +780,8 @@ static void step(eng_sched_t *s) {
             continue;
         claimed += nb;
         s->items[n] =
-            (eng_batch_item_t){&r->seq, &r->last_token, 1,       s->logits + (size_t)n * s->n_vocab,
-                               false,   &r->p.attn,     &r->tele};
+            (eng_batch_item_t){&r->seq, &r->last_token, 1, NULL, false, &r->p.attn, &r->tele};
+        set_output(s, r, n, &s->items[n]);
         s->item_req[n++] = r;
         budget--;
     }
@@ -771,13 +801,9 @@ static void step(eng_sched_t *s) {
         }
         claimed += nb;
         bool last = chunk == left;
-        s->items[n] = (eng_batch_item_t){&r->seq,
-                                         r->feed + r->n_prefilled,
-                                         chunk,
-                                         last ? s->logits + (size_t)n * s->n_vocab : NULL,
-                                         false,
-                                         NULL,
-                                         last ? &r->tele : NULL};
+        s->items[n] = (eng_batch_item_t){&r->seq, r->feed + r->n_prefilled, chunk, NULL, false,
+                                         NULL,    last ? &r->tele : NULL};
+        if (last) set_output(s, r, n, &s->items[n]);
         s->item_req[n++] = r;
         budget -= chunk;
     }

@@ -430,6 +430,7 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
         uint64_t k = fnv(1469598103934665603ull, &st->T, sizeof(st->T));
         k = fnv(k, &n, sizeof(n));
         k = fnv(k, &st->n_logit_rows, sizeof(st->n_logit_rows));
+        k = fnv(k, &st->n_argmax_rows, sizeof(st->n_argmax_rows));
         c->key = fnv(k, st->kinds, (size_t)L * n);
         c->cur = NULL;
         for (int i = 0; i < MAX_GRAPHS; i++) {
@@ -545,6 +546,12 @@ static void cu_get_rows_op(eng_backend_t *be, const eng_tensor_t *w, const int32
 static void cu_swiglu_op(eng_backend_t *be, float *g, const float *u, size_t n) {
     cu_ctx_t *c = ctx_of(be);
     if (!failed(c) && !replaying(c)) cu_swiglu(c->st, g, u, n);
+}
+
+static void cu_argmax_op(eng_backend_t *be, const float *rows, uint32_t R, uint32_t n,
+                         int32_t *out) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!failed(c) && !replaying(c)) cu_argmax(c->st, rows, R, n, out);
 }
 
 static void cu_add_op(eng_backend_t *be, float *x, const float *y, size_t n) {
@@ -747,6 +754,7 @@ static const eng_backend_ops_t cuda_ops = {
     .k_shift = cu_k_shift_op,
     .swiglu = cu_swiglu_op,
     .add = cu_add_op,
+    .argmax = cu_argmax_op,
     .get_rows = cu_get_rows_op,
     .parallel_for = NULL,
     .destroy = cu_destroy,

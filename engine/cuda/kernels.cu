@@ -691,6 +691,41 @@ extern "C" void cu_attn_prefill(cudaStream_t st, cu_shape_t sh, cu_pool_t pool, 
     k_attn_prefill<<<g, PF_WARPS * WARP, shm, st>>>(sh, pool, layer, q, seqs, tables, out);
 }
 
+/* ---- logits post-processing for the sampler ------------------------------------------ */
+
+/* (value, index) with the larger value, the lower index on ties */
+__device__ __forceinline__ void better(float &v, uint32_t &i, float v2, uint32_t i2) {
+    if (v2 > v || (v2 == v && i2 < i)) v = v2, i = i2;
+}
+
+/* grid R, ARGMAX_THREADS: one row each */
+#define ARGMAX_THREADS 1024
+__global__ void k_argmax(const float *rows, uint32_t n, int32_t *out) {
+    __shared__ float sv[ARGMAX_THREADS / WARP];
+    __shared__ uint32_t si[ARGMAX_THREADS / WARP];
+    const float *x = rows + (size_t)blockIdx.x * n;
+    float v = -INFINITY;
+    uint32_t idx = 0xffffffffu;
+    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) better(v, idx, x[k], k);
+    for (int o = WARP / 2; o; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        uint32_t i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+        better(v, idx, v2, i2);
+    }
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) sv[warp] = v, si[warp] = idx;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x / WARP); w++) better(v, idx, sv[w], si[w]);
+        out[blockIdx.x] = idx == 0xffffffffu ? 0 : (int32_t)idx; /* all -inf or NaN: 0 */
+    }
+}
+
+extern "C" void cu_argmax(cudaStream_t st, const float *rows, uint32_t R, uint32_t n,
+                          int32_t *out) {
+    if (R) k_argmax<<<R, ARGMAX_THREADS, 0, st>>>(rows, n, out);
+}
+
 /* ---- bandwidth probe ----------------------------------------------------------------- */
 
 __global__ void k_read_probe(const float4 *p, size_t n4, float *out) {

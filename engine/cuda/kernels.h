@@ -82,6 +82,9 @@ void cu_attn_prefill(cudaStream_t st, cu_shape_t sh, cu_pool_t pool, uint32_t la
                      const cu_seq_t *seqs, const uint32_t *tables, uint32_t n_seqs, uint32_t max_q,
                      float *out);
 
+/* out[r] = index of the largest of rows[r][0..n), the lowest index on ties (the sampler's
+ * greedy choice), for R rows. */
+void cu_argmax(cudaStream_t st, const float *rows, uint32_t R, uint32_t n, int32_t *out);
 /* Sum n float4s into out[blockIdx] (a pure streaming read: the bandwidth probe). */
 void cu_read_probe(cudaStream_t st, const void *p, size_t n4, float *out, unsigned blocks);
 

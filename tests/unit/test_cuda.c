@@ -472,6 +472,7 @@ typedef struct {
     bool kv_f16;
     uint32_t window; /* evict past it (0: never) */
     const eng_attn_params_t *attn;
+    bool argmax; /* decode with argmax items (the greedy id computed by the backend) */
 } run_cfg_t;
 
 /* Greedy ids for n tokens after BOS + "Once upon a time", and the entropy of every layer and
@@ -498,12 +499,14 @@ static void greedy_run(eng_model_t *m, const run_cfg_t *rc, uint32_t n, int32_t 
     int32_t prompt[5] = {1, 403, 407, 261, 378};
     eng_batch_item_t it = {&s, prompt, 5, logits};
     cr_assert_eq(eng_forward(c, &it, 1, msg), 0, "%s", msg);
+    int32_t next = 0;
     for (uint32_t i = 0; i < n; i++) {
         int32_t b = 0;
         for (uint32_t v = 1; v < hp->n_vocab; v++) b = logits[v] > logits[b] ? (int32_t)v : b;
-        out[i] = b;
+        out[i] = rc->argmax && i ? next : b;
         if (rc->window) eng_seq_make_room(c, &s, rc->window, 1, 0);
-        eng_batch_item_t d = {&s, &out[i], 1, logits, false, rc->attn, &tele};
+        eng_batch_item_t d = {&s,    &out[i],  1,     rc->argmax ? NULL : logits,
+                              false, rc->attn, &tele, &next};
         cr_assert_eq(eng_forward(c, &d, 1, msg), 0, "%s", msg);
     }
     memcpy(last_entropy, tele.entropy, sizeof(float) * LH);
@@ -547,6 +550,8 @@ Test(cuda, test_greedy_text_on_stories260k_equals_cpu_over_64_tokens) {
     run_cfg_t f32 = {ENG_DEVICE_CPU, false, 0, NULL}, f16 = {ENG_DEVICE_CPU, true, 0, NULL};
     check_model_parity(&f32, 64);
     check_model_parity(&f16, 64);
+    run_cfg_t am = {ENG_DEVICE_CPU, false, 0, NULL, true}; /* the argmax kernel's ids */
+    check_model_parity(&am, 64);
 }
 
 Test(cuda, test_tidal_decode_and_eviction_equal_cpu_on_stories260k) {

@@ -297,3 +297,32 @@ Test(engine, test_model_load_names_missing_tensor_and_bad_architecture) {
     cr_expect(strstr(msg, "general.architecture"), "%s", msg);
     remove("/tmp/tidald-empty.gguf");
 }
+
+/* Argmax items get the index of the largest last-token logit (the lowest on ties), whatever
+ * the mix of items in the batch. */
+Test(engine, test_argmax_items_get_the_greedy_id_of_their_logits) {
+    fx_t f;
+    fx_open(&f, synth_path("tiny-f32"), 4, 2);
+    char msg[ENG_ERRMSG_LEN];
+    kv_seq_t s[4];
+    float *l = malloc(sizeof(float) * f.V * 4);
+    int32_t prompt[6] = {1, 20, 30, 40, 50, 60}, ids[4] = {-1, -1, -1, -1};
+    for (int i = 0; i < 4; i++) kv_seq_init(&s[i], eng_ctx_kv_pool(f.c));
+    /* 0 and 2 want logits, 1 and 3 only the argmax; 3 is a prefill chunk */
+    eng_batch_item_t items[4] = {{&s[0], prompt, 3, l, false},
+                                 {&s[1], prompt, 3, NULL, false, NULL, NULL, &ids[1]},
+                                 {&s[2], prompt + 1, 4, l + f.V, false},
+                                 {&s[3], prompt, 6, NULL, false, NULL, NULL, &ids[3]}};
+    cr_assert_eq(eng_forward(f.c, items, 4, msg), 0, "%s", msg);
+    cr_expect_eq(ids[1], argmax(l, f.V), "same prompt as item 0: same greedy id");
+    /* and item 3's id equals what a logits item with its tokens gets */
+    kv_seq_t t;
+    kv_seq_init(&t, eng_ctx_kv_pool(f.c));
+    eng_batch_item_t ref = {&t, prompt, 6, l + 2 * (size_t)f.V, false};
+    cr_assert_eq(eng_forward(f.c, &ref, 1, msg), 0, "%s", msg);
+    cr_expect_eq(ids[3], argmax(l + 2 * (size_t)f.V, f.V));
+    kv_seq_close(&t);
+    for (int i = 0; i < 4; i++) kv_seq_close(&s[i]);
+    free(l);
+    fx_close(&f);
+}
