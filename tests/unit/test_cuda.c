@@ -516,7 +516,8 @@ static void greedy_run(eng_model_t *m, const run_cfg_t *rc, uint32_t n, int32_t 
     eng_ctx_free(c);
 }
 
-static void check_model_parity(const run_cfg_t *base, uint32_t n) {
+/* stories260K, when there are both a GPU and the model (the test skips otherwise). */
+static eng_model_t *stories_for_gpu(void) {
     eng_backend_t *probe;
     char msg[ENG_ERRMSG_LEN];
     if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
@@ -525,6 +526,11 @@ static void check_model_parity(const run_cfg_t *base, uint32_t n) {
     if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
     eng_model_t *m;
     cr_assert_eq(eng_model_load(&m, STORIES_PATH, msg), 0, "%s", msg);
+    return m;
+}
+
+static void check_model_parity(const run_cfg_t *base, uint32_t n) {
+    eng_model_t *m = stories_for_gpu();
     const eng_hparams_t *hp = eng_model_hparams(m);
     size_t LH = (size_t)hp->n_layer * hp->n_head;
     int32_t *a = malloc(4 * n), *b = malloc(4 * n);
@@ -613,14 +619,7 @@ static void batched_run(eng_model_t *m, eng_device_t dev, const eng_attn_params_
 }
 
 Test(cuda, test_batched_decode_equals_cpu_on_stories260k) {
-    eng_backend_t *probe;
-    char msg[ENG_ERRMSG_LEN];
-    if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
-        cr_skip_test("no CUDA GPU here (%s); the CUDA parity tests need one", msg);
-    probe->ops->destroy(probe);
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
-    eng_model_t *m;
-    cr_assert_eq(eng_model_load(&m, STORIES_PATH, msg), 0, "%s", msg);
+    eng_model_t *m = stories_for_gpu();
     eng_attn_params_t tidal = {ENG_ATTN_TIDAL, 16};
     eng_attn_defaults(eng_model_hparams(m), &tidal);
     int32_t a[3][48], b[3][48];
