@@ -1,5 +1,6 @@
 /* test_scheduler.c - continuous batching: parity with solo runs, stop strings, logprobs and
  * entropy, cancellation freeing KV, the bounded queue and deadlines. */
+#include "../../engine/backend.h"
 #include "../../engine/engine.h"
 #include "helpers.h"
 
@@ -28,6 +29,8 @@ static void on_notify(void *arg) {
     pthread_mutex_unlock(&f->mu);
 }
 
+static eng_device_t g_dev = ENG_DEVICE_CPU; /* the CUDA tests at the end switch it */
+
 static void sfx_open(sfx_t *f, const char *path, uint32_t max_running, uint32_t max_waiting,
                      uint32_t step_tokens) {
     char msg[ENG_ERRMSG_LEN];
@@ -37,7 +40,7 @@ static void sfx_open(sfx_t *f, const char *path, uint32_t max_running, uint32_t 
     cr_assert_eq(eng_model_load(&f->m, path, msg), 0, "%s", msg);
     eng_ctx_params_t p;
     eng_ctx_params_default(&p);
-    p.device = ENG_DEVICE_CPU; /* the CPU backend under test; GPU parity is in test_cuda.c */
+    p.device = g_dev; /* the CPU backend, but for the cuda tests below */
     p.max_seqs = max_running;
     p.n_threads = 2;
     p.n_ctx = 256;
@@ -280,6 +283,8 @@ Test(scheduler, test_queue_bound_and_deadline_and_bad_prompts) {
     char msg[ENG_ERRMSG_LEN];
     eng_req_params_t p = greedy_params(f.m, "hello", 100000);
     p.ignore_eos = true;
+    p.evict = true; /* runs until cancelled, however fast it fills its window */
+    p.sinks = 4;
     eng_request_t *a = eng_request_create(&p);
     cr_assert_eq(eng_sched_submit(f.s, a, msg), 0, "%s", msg);
     while (eng_request_start_time(a) == 0) usleep(1000); /* a is running */
@@ -374,4 +379,49 @@ Test(scheduler, test_memory_pressure_preempts_and_recomputes_exactly) {
 }
 Test(scheduler, test_memory_pressure_evicts_middle_blocks) {
     run_pressure(true);
+}
+
+/* The scheduler on the CUDA backend: greedy requests (their ids chosen on the GPU), a sampled
+ * one and a tidal one in the same steps, with chunked prefill, give what the CPU gives. */
+Test(cuda, test_scheduler_on_the_gpu_equals_the_cpu) {
+    eng_backend_t *probe;
+    char msg[ENG_ERRMSG_LEN];
+    if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
+        cr_skip_test("no CUDA GPU here (%s); the CUDA parity tests need one", msg);
+    probe->ops->destroy(probe);
+    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    const char *prompts[4] = {"Once upon a time", "The dog", "Lily and Tom went to the big park",
+                              "One day"};
+    result_t out[2][4];
+    for (int dev = 0; dev < 2; dev++) {
+        g_dev = dev ? ENG_DEVICE_CUDA : ENG_DEVICE_CPU;
+        sfx_t f;
+        sfx_open(&f, STORIES_PATH, 4, 8, 6);
+        cr_assert_str_eq(eng_ctx_backend_name(f.c), dev ? "cuda" : "cpu");
+        eng_request_t *rs[4];
+        for (int i = 0; i < 4; i++) {
+            eng_req_params_t p = greedy_params(f.m, prompts[i], 24);
+            if (i == 2) { /* sampled: its logits come back to the host */
+                p.sampling.temperature = 0.8f;
+                p.sampling.seed = 42;
+            }
+            if (i == 3) {
+                p.attn = (eng_attn_params_t){ENG_ATTN_TIDAL, 8};
+                eng_attn_defaults(eng_model_hparams(f.m), &p.attn);
+            }
+            rs[i] = eng_request_create(&p);
+            cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+        }
+        for (int i = 0; i < 4; i++) {
+            collect(&f, rs[i], &out[dev][i]);
+            eng_request_release(rs[i]);
+        }
+        sfx_close(&f);
+    }
+    cr_expect(strncmp(out[1][0].text, STORY, out[1][0].len) == 0 && out[1][0].len > 40, "got '%s'",
+              out[1][0].text);
+    for (int i = 0; i < 4; i++) {
+        cr_expect_eq(out[1][i].finish, out[0][i].finish, "request %d", i);
+        cr_expect_str_eq(out[1][i].text, out[0][i].text, "request %d", i);
+    }
 }
