@@ -6,6 +6,7 @@
  * sequence through its block table. Activations live in buffers sized once
  * for max_batch_tokens, so a step allocates nothing.
  */
+#include "cpu/threadpool.h"
 #include "f16.h"
 #include "model.h"
 
@@ -18,6 +19,7 @@
 struct eng_ctx {
     const eng_model_t *m;
     eng_backend_t *be;
+    pool_t *host_pool; /* host threads for eng_ctx_parallel_for when the backend has none */
     kv_pool_t pool;
     void *pool_data; /* backend memory behind the pool */
     eng_ctx_params_t p;
@@ -184,6 +186,15 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
         goto fail;
     }
     if ((rc = load_weights(c, msg))) goto fail;
+    if (!op->parallel_for && c->p.max_seqs > 1) {
+        /* host work per sequence (sampling) still wants the CPUs: up to 8 threads of them */
+        long n = c->p.n_threads > 0 ? c->p.n_threads : sysconf(_SC_NPROCESSORS_ONLN);
+        c->host_pool = pool_create((int)(n < 1 ? 1 : n > 8 ? 8 : n));
+        if (!c->host_pool) {
+            rc = eng_fail(msg, ENG_ENOMEM, "cannot start host threads");
+            goto fail;
+        }
+    }
     size_t T = c->p.max_batch_tokens;
     c->x = alloc_f(c, T, hp->n_embd);
     c->xn = alloc_f(c, T, hp->n_embd);
@@ -245,6 +256,7 @@ void eng_ctx_free(eng_ctx_t *c) {
         be->ops->release(be, c->pool_data);
         be->ops->destroy(be);
     }
+    if (c->host_pool) pool_destroy(c->host_pool);
     free(c->layers);
     free(c->logit_host);
     free(c->argmax_host);
@@ -292,9 +304,25 @@ kv_pool_t *eng_ctx_kv_pool(eng_ctx_t *c) {
     return &c->pool;
 }
 
+typedef struct {
+    void (*fn)(void *arg, size_t i);
+    void *arg;
+} host_for_t;
+
+static void host_for_range(void *arg, size_t b, size_t e, int worker) {
+    (void)worker;
+    host_for_t *h = arg;
+    for (size_t i = b; i < e; i++) h->fn(h->arg, i);
+}
+
 void eng_ctx_parallel_for(eng_ctx_t *c, void (*fn)(void *arg, size_t i), void *arg, size_t n) {
     if (c->be->ops->parallel_for) {
         c->be->ops->parallel_for(c->be, fn, arg, n);
+        return;
+    }
+    if (c->host_pool && n > 1) { /* e.g. the samplers of a GPU step's sequences */
+        host_for_t h = {fn, arg};
+        pool_run(c->host_pool, host_for_range, &h, n, 1);
         return;
     }
     for (size_t i = 0; i < n; i++) fn(arg, i);
