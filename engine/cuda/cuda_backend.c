@@ -85,7 +85,9 @@ typedef struct {
     uint64_t clock; /* for least-recently-used replacement */
     uint64_t key;   /* this step's shape */
     graph_t graphs[MAX_GRAPHS];
-    graph_t *cur; /* the graph replayed this step */
+    graph_t *cur;              /* the graph replayed this step */
+    uint64_t seen[MAX_GRAPHS]; /* shapes run eagerly once: recorded the next time */
+    uint32_t n_seen;
     void *blas_ws;
     uint64_t graph_records, graph_replays;
 } cu_ctx_t;
@@ -438,9 +440,15 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
             if (g->exec && g->gen != c->gen) drop_graph(g); /* holds a freed buffer */
             if (g->exec && g->key == c->key) c->cur = g;
         }
+        /* a shape is recorded the second time it comes: its first run, eager, has loaded
+         * every kernel and let cuBLAS settle, so nothing but launches happens in a recording */
+        bool seen = false;
+        for (uint32_t i = 0; i < c->n_seen && i < MAX_GRAPHS; i++) seen |= c->seen[i] == c->key;
         if (c->cur) {
             c->cur->last_used = ++c->clock;
             c->run = RUN_REPLAY;
+        } else if (!seen) {
+            c->seen[c->n_seen++ % MAX_GRAPHS] = c->key;
         } else if (cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
             c->run = RUN_RECORD;
         } else {

@@ -326,10 +326,10 @@ __device__ __forceinline__ uint32_t n_keys_of(const cu_seq_t &s, uint32_t kind, 
 }
 
 /* grid (split, head, slice), DEC_WARPS warps: one split of one head's keys. */
-__global__ void k_attn_decode(cu_shape_t sh, cu_pool_t pool, uint32_t layer, const float *q,
-                              const cu_seq_t *seqs, const uint8_t *kinds, const uint32_t *tables,
-                              uint32_t max_split, float *part, float *scores,
-                              uint32_t score_stride) {
+__global__ void __launch_bounds__(DEC_WARPS *WARP)
+    k_attn_decode(cu_shape_t sh, cu_pool_t pool, uint32_t layer, const float *q,
+                  const cu_seq_t *seqs, const uint8_t *kinds, const uint32_t *tables,
+                  uint32_t max_split, float *part, float *scores, uint32_t score_stride) {
     __shared__ float qs[MAX_HD];
     __shared__ float wm[DEC_WARPS], wl[DEC_WARPS], wt[DEC_WARPS], ws[DEC_WARPS];
     __shared__ float wo[DEC_WARPS][MAX_HD];
@@ -480,9 +480,9 @@ __device__ void block_scan2(uint32_t a, uint32_t b, uint32_t *pa, uint32_t *pb, 
  * [first, n - 1); the want-th largest score's order key is found by four 8-bit radix passes
  * (warp-aggregated shared-memory histograms), then each thread writes the taken positions of
  * its own contiguous range at offsets from one block-wide scan, so the output is ascending. */
-__global__ void k_attn_select(cu_shape_t sh, const cu_seq_t *seqs, const uint8_t *kinds,
-                              const float *scores, uint32_t score_stride, cu_tele_t tele,
-                              float *gsum) {
+__global__ void __launch_bounds__(SEL_THREADS)
+    k_attn_select(cu_shape_t sh, const cu_seq_t *seqs, const uint8_t *kinds, const float *scores,
+                  uint32_t score_stride, cu_tele_t tele, float *gsum) {
     __shared__ uint32_t hist[256];
     __shared__ uint32_t s_prefix, s_remaining;
     uint32_t x = blockIdx.x, i = blockIdx.y;
@@ -588,8 +588,9 @@ extern "C" void cu_attn_select(cudaStream_t st, cu_shape_t sh, const cu_seq_t *s
 
 /* grid (query tile, head, slice): PF_QT queries of one head against key tiles of PF_KT staged
  * in shared memory; each warp owns PF_QW queries, each lane one key of the tile. */
-__global__ void k_attn_prefill(cu_shape_t sh, cu_pool_t pool, uint32_t layer, const float *q,
-                               const cu_seq_t *seqs, const uint32_t *tables, float *out) {
+__global__ void __launch_bounds__(PF_WARPS *WARP)
+    k_attn_prefill(cu_shape_t sh, cu_pool_t pool, uint32_t layer, const float *q,
+                   const cu_seq_t *seqs, const uint32_t *tables, float *out) {
     extern __shared__ float smem[];
     uint32_t hd = sh.head_dim, qt = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const cu_seq_t &s = seqs[i];
@@ -700,7 +701,8 @@ __device__ __forceinline__ void better(float &v, uint32_t &i, float v2, uint32_t
 
 /* grid R, ARGMAX_THREADS: one row each */
 #define ARGMAX_THREADS 1024
-__global__ void k_argmax(const float *rows, uint32_t n, int32_t *out) {
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+    k_argmax(const float *rows, uint32_t n, int32_t *out) {
     __shared__ float sv[ARGMAX_THREADS / WARP];
     __shared__ uint32_t si[ARGMAX_THREADS / WARP];
     const float *x = rows + (size_t)blockIdx.x * n;

@@ -34,6 +34,7 @@ extern void *emu_dyn_smem;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(n)
 #define __shared__ static /* blocks run one at a time */
 
 void emu_run_grid(dim3 g, dim3 b, size_t shm, const std::function<void()> &body);
