@@ -379,8 +379,13 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
                         cudaGetErrorString(cudaGetLastError()));
     c->run = RUN_EAGER;
     bool graph = c->graphs_on && st->decode_only && st->head_dim && c->max_keys;
-    if (graph) /* launch grids cover the whole context, so one recording fits every length */
-        c->max_keys = c->n_ctx;
+    if (graph) {
+        /* launch grids cover a power-of-two bucket of lengths (blocks past a sequence's keys
+         * return at once), so one recording serves every length in its bucket */
+        uint32_t b = 1024;
+        while (b < c->max_keys && b < c->n_ctx) b *= 2;
+        c->max_keys = b < c->n_ctx ? b : c->n_ctx;
+    }
     /* buffers this step needs */
     size_t xh = 2 * (size_t)st->T * (c->max_cols > 64 ? c->max_cols : 64);
     size_t tele = 5 * (size_t)L * n * st->n_head;
@@ -410,8 +415,8 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
         c->dst_len = (size_t)L * n;
     }
     if (c->dst) memset(c->dst, 0, sizeof(tele_dst_t) * L * n);
-    if (graph) {
-        size_t pf = cu_attn_part_floats(n, st->n_head, st->head_dim, c->max_keys);
+    if (graph) { /* sized for the whole context: a longer bucket retires no recording */
+        size_t pf = cu_attn_part_floats(n, st->n_head, st->head_dim, c->n_ctx);
         cap = c->part_floats * 4;
         if (pf > c->part_floats) {
             if (!grow(c, (void **)&c->d_part, &cap, pf * 4, "attention partials")) goto oom;
@@ -433,6 +438,7 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
         k = fnv(k, &n, sizeof(n));
         k = fnv(k, &st->n_logit_rows, sizeof(st->n_logit_rows));
         k = fnv(k, &st->n_argmax_rows, sizeof(st->n_argmax_rows));
+        k = fnv(k, &c->max_keys, sizeof(c->max_keys)); /* the length bucket */
         c->key = fnv(k, st->kinds, (size_t)L * n);
         c->cur = NULL;
         for (int i = 0; i < MAX_GRAPHS; i++) {

@@ -725,3 +725,51 @@ Test(cuda, test_selection_ties_go_to_the_lowest_positions) {
     t.be.gpu->ops->release(t.be.gpu, dout);
     twin_close(&t);
 }
+
+/* Decode steps whose cache grows across the 1024-key length bucket of the recorded graphs (and
+ * across prefill chunks): the same greedy ids as the CPU. */
+static void long_run(eng_model_t *m, eng_device_t dev, int32_t *out, uint32_t n) {
+    char msg[ENG_ERRMSG_LEN];
+    const eng_hparams_t *hp = eng_model_hparams(m);
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.device = dev;
+    p.max_seqs = 1;
+    p.n_ctx = 2048;
+    p.kv_mem_bytes = 64u << 20;
+    eng_ctx_t *c;
+    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);
+    kv_seq_t s;
+    kv_seq_init(&s, eng_ctx_kv_pool(c));
+    enum { PROMPT = 1010 };
+    int32_t prompt[PROMPT];
+    prompt[0] = 1;
+    for (int i = 1; i < PROMPT; i++) prompt[i] = 3 + (i * 37) % 500;
+    float *logits = malloc(sizeof(float) * hp->n_vocab);
+    for (uint32_t done = 0; done < PROMPT;) { /* prefill in chunks of 512 */
+        uint32_t k = PROMPT - done < 512 ? PROMPT - done : 512;
+        eng_batch_item_t it = {&s, prompt + done, k, logits};
+        cr_assert_eq(eng_forward(c, &it, 1, msg), 0, "%s", msg);
+        done += k;
+    }
+    int32_t b = 0;
+    for (uint32_t v = 1; v < hp->n_vocab; v++) b = logits[v] > logits[b] ? (int32_t)v : b;
+    out[0] = b;
+    for (uint32_t i = 1; i < n; i++) {
+        eng_batch_item_t d = {&s, &out[i - 1], 1, NULL, false, NULL, NULL, &out[i]};
+        cr_assert_eq(eng_forward(c, &d, 1, msg), 0, "%s", msg);
+    }
+    free(logits);
+    kv_seq_close(&s);
+    eng_ctx_free(c);
+}
+
+Test(cuda, test_decode_across_length_buckets_equals_cpu) {
+    eng_model_t *m = stories_for_gpu();
+    int32_t a[40], b[40];
+    long_run(m, ENG_DEVICE_CPU, a, 40);
+    long_run(m, ENG_DEVICE_CUDA, b, 40);
+    for (int i = 0; i < 40; i++)
+        cr_assert_eq(a[i], b[i], "token %d: CPU %d, CUDA %d", i, a[i], b[i]);
+    eng_model_free(m);
+}
