@@ -248,7 +248,7 @@ static size_t cu_kv_budget(eng_backend_t *be) {
 /* ---- weights ---- */
 
 static int cu_load_weight(eng_backend_t *be, const eng_tensor_t *w, eng_tensor_t *out, char *msg) {
-    cu_ctx_t *c = ctx_of(be);
+    (void)be;
     *out = *w;
     out->data = NULL;
     const void *src = w->data;
@@ -286,7 +286,6 @@ static int cu_load_weight(eng_backend_t *be, const eng_tensor_t *w, eng_tensor_t
         return eng_fail(msg, ENG_ENOMEM, "cannot place a %u x %u weight on the GPU: %s", w->rows,
                         w->cols, cudaGetErrorString(e));
     }
-    (void)c;
     out->data = d;
     return 0;
 }
