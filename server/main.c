@@ -113,13 +113,16 @@ static int cmd_generate(int argc, char **argv) {
     const eng_tokenizer_t *tok = eng_model_tokenizer(model);
     uint32_t max_batch = (uint32_t)cfg.batch_size;
     double t_load = now_s() - t0;
-    if (cfg.verbose)
+    if (cfg.verbose) {
+        eng_device_info_t dev;
+        eng_ctx_device_info(ctx, &dev);
         fprintf(stderr,
-                "tidald: %s (%s) layers=%u embd=%u heads=%u/%u vocab=%u ctx=%u backend=%s/%s "
-                "load=%.3fs seed=%llu\n",
+                "tidald: %s (%s) layers=%u embd=%u heads=%u/%u vocab=%u ctx=%u backend=%s "
+                "device=\"%s\" load=%.3fs seed=%llu\n",
                 hp->name, hp->arch, hp->n_layer, hp->n_embd, hp->n_head, hp->n_head_kv, hp->n_vocab,
-                eng_ctx_n_ctx(ctx), eng_ctx_backend_name(ctx), eng_cpu_simd_name(), t_load,
+                eng_ctx_n_ctx(ctx), eng_ctx_backend_name(ctx), dev.name, t_load,
                 (unsigned long long)cfg.seed);
+    }
 
     size_t n_prompt;
     if (eng_tokenize(tok, cfg.prompt, strlen(cfg.prompt), eng_tok_add_bos(tok), &prompt, &n_prompt,

@@ -901,9 +901,11 @@ static void loaded(uv_work_t *w, int status) {
     s->api.evict = s->cfg->kv_eviction;
     api_metrics_layers(hp->n_layer);
     if (s->state == SRV_LOADING) s->state = SRV_READY;
-    srv_log(SRV_INFO, NULL, "ready", "model %s: %u layers, %u ctx, %u KV blocks, backend %s/%s",
+    eng_device_info_t dev;
+    eng_ctx_device_info(s->ctx, &dev);
+    srv_log(SRV_INFO, NULL, "ready", "model %s: %u layers, %u ctx, %u KV blocks, backend %s on %s",
             s->model_name, hp->n_layer, eng_ctx_n_ctx(s->ctx), eng_ctx_kv_pool(s->ctx)->n_blocks,
-            eng_ctx_backend_name(s->ctx), eng_cpu_simd_name());
+            eng_ctx_backend_name(s->ctx), dev.name);
 }
 
 static int load_keys(srv_t *s, char *msg) {
