@@ -6,7 +6,8 @@
 # ratio, and full vs TidalDecode decode step time at 1K-32K cached tokens.
 #
 # Needs the build dependencies of `make` (make deps installs them on Debian) and the CUDA
-# toolkit at $CUDA_HOME (default /usr/local/cuda). Exits non-zero when a build, a test or a
+# toolkit at $CUDA_HOME (default /usr/local/cuda). The model-level tests read stories260K from
+# ../shared/models, or from $TIDALD_SHARED_MODELS. Exits non-zero when a build, a test or a
 # benchmark fails, or when a CUDA test skips although a GPU is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +28,10 @@ phase "build (CUDA=1)"
 make -s -j"$JOBS" CUDA=1 all build/unit_tests build/bench_gpu build/bench_attention
 
 phase "CUDA parity tests"
-if [ ! -f ../shared/models/stories260K.gguf ]; then
-  echo "warning: ../shared/models/stories260K.gguf missing: the model-level parity tests skip"
+MODELS=${TIDALD_SHARED_MODELS:-../shared/models}
+export TIDALD_SHARED_MODELS=$MODELS
+if [ ! -f "$MODELS/stories260K.gguf" ]; then
+  echo "warning: $MODELS/stories260K.gguf missing: the model-level parity tests skip"
 fi
 mkdir -p build/test-tmp
 set +e
@@ -50,9 +53,9 @@ phase "whole unit suite (CPU tests; the backend tests see the GPU)"
 TIDALD_TEST_TMP=$PWD/build/test-tmp build/unit_tests --jobs "$JOBS" 2>&1 | tail -3
 
 phase "end to end: greedy text on stories260K, CPU vs CUDA"
-if [ -f ../shared/models/stories260K.gguf ]; then
+if [ -f "$MODELS/stories260K.gguf" ]; then
   for d in cpu cuda; do
-    build/tidald generate --model ../shared/models/stories260K.gguf --prompt "Once upon a time" \
+    build/tidald generate --model "$MODELS/stories260K.gguf" --prompt "Once upon a time" \
       --temperature 0 --max-tokens 64 --device "$d" >"$OUT/gen-$d.txt" 2>"$OUT/gen-$d.err"
   done
   cat "$OUT/gen-cuda.txt"; echo

@@ -8,6 +8,13 @@
 #include <string.h>
 #include <unistd.h>
 
+const char *stories_path(void) {
+    static char path[512];
+    const char *dir = getenv("TIDALD_SHARED_MODELS");
+    snprintf(path, sizeof(path), "%s/stories260K.gguf", dir && *dir ? dir : "../shared/models");
+    return path;
+}
+
 bool have_stories(void) {
     return access(STORIES_PATH, R_OK) == 0;
 }

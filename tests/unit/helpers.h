@@ -6,7 +6,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define STORIES_PATH "../shared/models/stories260K.gguf"
+/* The shared stories260K model: $TIDALD_SHARED_MODELS/stories260K.gguf, by default
+ * ../shared/models/ (a GPU machine whose copy of the tree has no ../shared can point the
+ * variable at the models wherever they are). */
+const char *stories_path(void);
+#define STORIES_PATH stories_path()
 
 /* True if the shared stories260K model is present; otherwise the caller skips. */
 bool have_stories(void);

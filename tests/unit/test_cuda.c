@@ -523,7 +523,7 @@ static eng_model_t *stories_for_gpu(void) {
     if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
         cr_skip_test("no CUDA GPU here (%s); the CUDA parity tests need one", msg);
     probe->ops->destroy(probe);
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     eng_model_t *m;
     cr_assert_eq(eng_model_load(&m, STORIES_PATH, msg), 0, "%s", msg);
     return m;
@@ -563,7 +563,7 @@ Test(cuda, test_greedy_text_on_stories260k_equals_cpu_over_64_tokens) {
 Test(cuda, test_tidal_decode_and_eviction_equal_cpu_on_stories260k) {
     eng_model_t *m;
     char msg[ENG_ERRMSG_LEN];
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     cr_assert_eq(eng_model_load(&m, STORIES_PATH, msg), 0, "%s", msg);
     eng_attn_params_t tidal = {ENG_ATTN_TIDAL, 16};
     eng_attn_defaults(eng_model_hparams(m), &tidal);

@@ -70,7 +70,7 @@ static int32_t *greedy(fx_t *f, const int32_t *prompt, uint32_t n_prompt, uint32
 
 /* The first 12 greedy ids after BOS + "Once upon a time", as llama.cpp prints them. */
 static void check_greedy_ids(bool kv_f16) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     g_kv_f16 = kv_f16;
     fx_t f;
     fx_open(&f, STORIES_PATH, 4, 2);
@@ -93,7 +93,7 @@ Test(engine, test_greedy_ids_match_llama_cpp_with_an_f16_cache) {
 }
 
 Test(engine, test_greedy_text_matches_llama_cpp_on_stories260K) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     fx_t f;
     fx_open(&f, STORIES_PATH, 1, 1);
     const eng_tokenizer_t *t = eng_model_tokenizer(f.m);

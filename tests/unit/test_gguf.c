@@ -212,7 +212,7 @@ Test(gguf, test_gguf_open_reports_missing_and_non_regular_files) {
 }
 
 Test(gguf, test_gguf_reads_stories260K) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     gguf_t *g;
     char msg[ENG_ERRMSG_LEN];
     cr_assert_eq(gguf_open(&g, STORIES_PATH, msg), 0, "%s", msg);

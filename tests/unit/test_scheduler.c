@@ -142,7 +142,7 @@ static const char *STORY =
     ", there was a little girl named Lily. She loved to play outside in the park.";
 
 Test(scheduler, test_greedy_request_matches_llama_cpp_text_and_usage) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     sfx_t f;
     sfx_open(&f, STORIES_PATH, 4, 8, 512);
     eng_req_params_t p = greedy_params(f.m, "Once upon a time", 20);
@@ -162,7 +162,7 @@ Test(scheduler, test_greedy_request_matches_llama_cpp_text_and_usage) {
 /* Mixed prompts submitted together (small step budget: prefill is chunked and interleaved)
  * give the same text as each alone. */
 Test(scheduler, test_concurrent_requests_equal_solo_runs) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     const char *prompts[4] = {"Once upon a time", "The dog", "Lily and Tom went to the big park",
                               "One day"};
     result_t solo[4], both[4];
@@ -189,7 +189,7 @@ Test(scheduler, test_concurrent_requests_equal_solo_runs) {
 }
 
 Test(scheduler, test_stop_string_cuts_text_before_it) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     sfx_t f;
     sfx_open(&f, STORIES_PATH, 2, 8, 512);
     eng_req_params_t p = greedy_params(f.m, "Once upon a time", 60);
@@ -208,7 +208,7 @@ Test(scheduler, test_stop_string_cuts_text_before_it) {
 }
 
 Test(scheduler, test_logprobs_and_entropy_match_explicit_computation) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     sfx_t f;
     sfx_open(&f, STORIES_PATH, 2, 8, 512);
     eng_req_params_t p = greedy_params(f.m, "Once upon a time", 1);
@@ -328,7 +328,7 @@ Test(scheduler, test_queue_bound_and_deadline_and_bad_prompts) {
  * with exactly its solo text (recomputed after preemption); under the evict policy every
  * request finishes, with middle blocks dropped. Nothing fails. */
 static void run_pressure(bool evict_policy) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     const char *prompts[3] = {"Once upon a time", "The dog", "One day"};
     result_t solo[3], got[3];
     char msg[ENG_ERRMSG_LEN];
@@ -389,7 +389,7 @@ Test(cuda, test_scheduler_on_the_gpu_equals_the_cpu) {
     if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
         cr_skip_test("no CUDA GPU here (%s); the CUDA parity tests need one", msg);
     probe->ops->destroy(probe);
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     const char *prompts[4] = {"Once upon a time", "The dog", "Lily and Tom went to the big park",
                               "One day"};
     result_t out[2][4];

@@ -46,7 +46,7 @@ static char *stream_detok(const eng_tokenizer_t *t, const int32_t *ids, size_t n
 }
 
 Test(tokenizer, test_spm_matches_llama_cpp_ids_on_stories260K) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     eng_model_t *m = load_stories();
     const eng_tokenizer_t *t = eng_model_tokenizer(m);
     cr_expect_eq(eng_tok_kind(t), ENG_TOK_SPM);
@@ -62,7 +62,7 @@ Test(tokenizer, test_spm_matches_llama_cpp_ids_on_stories260K) {
 }
 
 Test(tokenizer, test_spm_round_trips_text_with_byte_fallback) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     eng_model_t *m = load_stories();
     const eng_tokenizer_t *t = eng_model_tokenizer(m);
     const char *texts[] = {"Once upon a time, there was a dog.",
@@ -84,7 +84,7 @@ Test(tokenizer, test_spm_round_trips_text_with_byte_fallback) {
 }
 
 Test(tokenizer, test_tokenize_rejects_invalid_utf8) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     eng_model_t *m = load_stories();
     const char *bad[] = {"\xff", "a\xc3", "\xed\xa0\x80", "\xc0\xaf", "\xf4\x90\x80\x80"};
     for (size_t k = 0; k < 5; k++) {
@@ -100,7 +100,7 @@ Test(tokenizer, test_tokenize_rejects_invalid_utf8) {
 }
 
 Test(tokenizer, test_detok_holds_split_utf8_and_replaces_broken_sequences) {
-    if (!have_stories()) cr_skip_test("../shared/models/stories260K.gguf not present; skipping");
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     eng_model_t *m = load_stories();
     const eng_tokenizer_t *t = eng_model_tokenizer(m);
     /* byte tokens <0xF0> <0x9F> <0x99> <0x82> (ids 3 + byte) spell one emoji */
