@@ -59,19 +59,15 @@ int kv_pool_init_over(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t 
 
 int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
                        uint32_t n_blocks, bool f16, char *msg) {
-    memset(p, 0, sizeof(*p));
+    /* the shape is checked once, by kv_pool_init_over; then the storage is ours */
+    int rc = kv_pool_init_over(p, n_layer, kv_dim, block_size, n_blocks, f16, NULL, msg);
+    if (rc) return rc;
     size_t bytes = kv_pool_bytes(n_layer, kv_dim, block_size, n_blocks, f16);
-    if (!n_layer || !kv_dim || !block_size || !n_blocks)
-        return eng_fail(msg, ENG_EINVAL, "KV pool: every dimension must be positive");
-    if (!bytes) return eng_fail(msg, ENG_ERANGE, "KV pool: size overflows");
-    void *data = calloc(1, bytes);
-    if (!data)
+    if (!(p->data = calloc(1, bytes))) {
+        free(p->free_list);
+        memset(p, 0, sizeof(*p));
         return eng_fail(msg, ENG_ENOMEM, "KV pool: cannot allocate %u blocks of %zu bytes",
                         n_blocks, bytes / n_blocks);
-    int rc = kv_pool_init_over(p, n_layer, kv_dim, block_size, n_blocks, f16, data, msg);
-    if (rc) {
-        free(data);
-        return rc;
     }
     p->own_data = true;
     return 0;
