@@ -207,6 +207,9 @@ int eng_sampler_create(eng_sampler_t **out, const eng_sampler_params_t *p, uint3
 void eng_sampler_free(eng_sampler_t *s);
 /* Record a token that is now part of the context (prompt or generated) for the penalties. */
 void eng_sampler_accept(eng_sampler_t *s, int32_t id);
+/* The index of the largest of x[0..n), the lowest on ties: the sampler's greedy choice, and
+ * what argmax batch items get. */
+int32_t eng_argmax(const float *x, uint32_t n);
 /* Choose the next token from logits (modified in place). */
 int32_t eng_sampler_sample(eng_sampler_t *s, float *logits);
 

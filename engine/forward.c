@@ -591,13 +591,8 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
     uint32_t down = R + (RA && !op->argmax ? RA : 0);
     if (down) op->download(be, c->logit_host, c->logit_buf, sizeof(float) * down * V);
     if (RA && !op->argmax)
-        for (uint32_t k = 0; k < RA; k++) {
-            const float *l = c->logit_host + (size_t)(R + k) * V;
-            int32_t best = 0;
-            for (uint32_t v = 1; v < V; v++)
-                if (l[v] > l[best]) best = (int32_t)v;
-            c->argmax_host[k] = best;
-        }
+        for (uint32_t k = 0; k < RA; k++)
+            c->argmax_host[k] = eng_argmax(c->logit_host + (size_t)(R + k) * V, (uint32_t)V);
     uint32_t r = 0, ra = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         eng_batch_item_t *it = &items[i];

@@ -212,16 +212,18 @@ static size_t top_p_cut(cand_t *c, size_t n, float top_p) {
     return head;
 }
 
+int32_t eng_argmax(const float *x, uint32_t n) {
+    int32_t best = 0;
+    for (uint32_t i = 1; i < n; i++)
+        if (x[i] > x[best]) best = (int32_t)i;
+    return best;
+}
+
 int32_t eng_sampler_sample(eng_sampler_t *s, float *logits) {
     const eng_sampler_params_t *p = &s->p;
     uint32_t V = s->n_vocab;
     apply_penalties(s, logits);
-    if (p->temperature <= 0) {
-        int32_t best = 0;
-        for (uint32_t i = 1; i < V; i++)
-            if (logits[i] > logits[best]) best = (int32_t)i;
-        return best;
-    }
+    if (p->temperature <= 0) return eng_argmax(logits, V);
     size_t n = 0;
     float mx = -INFINITY;
     for (uint32_t i = 0; i < V; i++)
