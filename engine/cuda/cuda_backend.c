@@ -72,12 +72,12 @@ typedef struct {
     bool in_step, any_select;
     /* attention scratch */
     float *d_part, *d_scores, *d_gsum, *d_tele, *h_tele;
-    size_t part_floats, score_floats, tele_floats;
-    tele_dst_t *dst; /* [n_layer][n_seqs] */
+    size_t part_bytes, score_bytes, gsum_bytes, tele_bytes, h_tele_bytes; /* capacities */
+    tele_dst_t *dst;                                                      /* [n_layer][n_seqs] */
     size_t dst_len;
     bool tele_wanted;
     uint32_t *d_shift_table;
-    size_t shift_len;
+    size_t shift_bytes;
     /* CUDA graphs of decode steps */
     bool graphs_on;
     int run;        /* RUN_*: how this step's ops execute */
@@ -89,7 +89,6 @@ typedef struct {
     uint64_t seen[MAX_GRAPHS]; /* shapes run eagerly once: recorded the next time */
     uint32_t n_seen;
     void *blas_ws;
-    uint64_t graph_records, graph_replays;
 } cu_ctx_t;
 
 static cu_ctx_t *ctx_of(eng_backend_t *be) {
@@ -118,9 +117,9 @@ static bool blas_ok(cu_ctx_t *c, cublasStatus_t e, const char *what) {
     return false;
 }
 
-/* Grow a device buffer to at least `bytes` (contents are not kept). */
+/* Grow a device buffer to at least `bytes` (contents are not kept); nothing for 0 bytes. */
 static bool grow(cu_ctx_t *c, void **p, size_t *cap, size_t bytes, const char *what) {
-    if (bytes <= *cap && *p) return true;
+    if (!bytes || (bytes <= *cap && *p)) return true;
     if (c->run == RUN_RECORD) { /* sized in begin_step; never allocate inside a recording */
         fail(c, "%s needs %zu bytes while recording a graph", what, bytes);
         return false;
@@ -129,7 +128,7 @@ static bool grow(cu_ctx_t *c, void **p, size_t *cap, size_t bytes, const char *w
     cudaFree(*p);
     *p = NULL;
     *cap = 0;
-    if (!ok(c, cudaMalloc(p, bytes ? bytes : 1), what)) return false;
+    if (!ok(c, cudaMalloc(p, bytes), what)) return false;
     *cap = bytes;
     return true;
 }
@@ -153,7 +152,6 @@ static void finish_graph(cu_ctx_t *c) {
     if (c->run == RUN_REPLAY) {
         c->run = RUN_EAGER;
         ok(c, cudaGraphLaunch(c->cur->exec, c->st), "graph launch");
-        c->graph_replays++;
         return;
     }
     if (c->run != RUN_RECORD) return;
@@ -185,13 +183,19 @@ static void finish_graph(cu_ctx_t *c) {
         return;
     }
     *slot = (graph_t){c->key, ++c->clock, c->gen, exec};
-    c->graph_records++;
     ok(c, cudaGraphLaunch(exec, c->st), "graph launch");
 }
 
 /* Ops skip their launches while a recorded graph stands in for them. */
 static bool replaying(const cu_ctx_t *c) {
     return c->run == RUN_REPLAY;
+}
+
+/* The flash-decoding partials for n_seqs slices of up to max_keys keys. */
+static bool grow_part(cu_ctx_t *c, uint32_t n_seqs, uint32_t n_head, uint32_t head_dim,
+                      uint32_t max_keys) {
+    size_t floats = cu_attn_part_floats(n_seqs, n_head, head_dim, max_keys);
+    return grow(c, (void **)&c->d_part, &c->part_bytes, floats * 4, "attention partials");
 }
 
 /* ---- memory ---- */
@@ -389,23 +393,17 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
     size_t xh = 2 * (size_t)st->T * (c->max_cols > 64 ? c->max_cols : 64);
     size_t tele = 5 * (size_t)L * n * st->n_head;
     size_t scores = c->any_select ? (size_t)n * st->n_head * c->n_ctx : 0;
-    size_t cap;
-    if (xh > c->xh_bytes && !grow(c, &c->xh, &c->xh_bytes, xh, "activation buffer")) goto oom;
-    if (tele > c->tele_floats) {
+    if (!grow(c, &c->xh, &c->xh_bytes, xh, "activation buffer") ||
+        !grow(c, (void **)&c->d_tele, &c->tele_bytes, tele * 4, "telemetry buffer") ||
+        !grow(c, (void **)&c->d_scores, &c->score_bytes, scores * 4, "selection scores") ||
+        !grow(c, (void **)&c->d_gsum, &c->gsum_bytes, scores * 4, "selection scores"))
+        goto oom;
+    if (tele * 4 > c->h_tele_bytes) { /* its pinned host copy */
         cudaFreeHost(c->h_tele);
         c->h_tele = NULL;
-        cap = c->tele_floats * 4;
-        if (!grow(c, (void **)&c->d_tele, &cap, tele * 4, "telemetry buffer")) goto oom;
+        c->h_tele_bytes = 0;
         if (cudaMallocHost((void **)&c->h_tele, tele * 4) != cudaSuccess) goto oom;
-        c->tele_floats = tele;
-    }
-    if (scores > c->score_floats) {
-        cap = c->score_floats * 4;
-        size_t cap2 = cap;
-        if (!grow(c, (void **)&c->d_scores, &cap, scores * 4, "selection scores") ||
-            !grow(c, (void **)&c->d_gsum, &cap2, scores * 4, "selection scores"))
-            goto oom;
-        c->score_floats = scores;
+        c->h_tele_bytes = tele * 4;
     }
     if ((size_t)L * n > c->dst_len) {
         tele_dst_t *nd = realloc(c->dst, sizeof(tele_dst_t) * L * n);
@@ -414,14 +412,8 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
         c->dst_len = (size_t)L * n;
     }
     if (c->dst) memset(c->dst, 0, sizeof(tele_dst_t) * L * n);
-    if (graph) { /* sized for the whole context: a longer bucket retires no recording */
-        size_t pf = cu_attn_part_floats(n, st->n_head, st->head_dim, c->n_ctx);
-        cap = c->part_floats * 4;
-        if (pf > c->part_floats) {
-            if (!grow(c, (void **)&c->d_part, &cap, pf * 4, "attention partials")) goto oom;
-            c->part_floats = pf;
-        }
-    }
+    /* sized for the whole context: a longer bucket retires no recording */
+    if (graph && !grow_part(c, n, st->n_head, st->head_dim, c->n_ctx)) goto oom;
     c->h_ids = st->ids;
     c->h_pos = st->pos;
     c->h_seqs = st->seqs;
@@ -514,8 +506,7 @@ static void cu_matmul(eng_backend_t *be, const eng_tensor_t *w, const float *x, 
                 "sgemm");
         return;
     }
-    size_t need = 2 * (size_t)T * w->cols;
-    if (need > c->xh_bytes && !grow(c, &c->xh, &c->xh_bytes, need, "activation buffer")) return;
+    if (!grow(c, &c->xh, &c->xh_bytes, 2 * (size_t)T * w->cols, "activation buffer")) return;
     cudaDataType_t dt = w->type == GGML_BF16 ? CUDA_R_16BF : CUDA_R_16F;
     cu_convert(c->st, w->type == GGML_BF16 ? CU_W_BF16 : CU_W_F16, x, c->xh, (size_t)T * w->cols);
     blas_ok(c,
@@ -531,28 +522,26 @@ static void cu_rmsnorm_op(eng_backend_t *be, const float *x, const float *weight
     if (!failed(c) && !replaying(c)) cu_rmsnorm(c->st, x, weight, out, T, n, eps);
 }
 
-/* Host arrays given to an op: the step's device copy when they are the step's own. */
-static const uint32_t *dev_pos(cu_ctx_t *c, const uint32_t *pos, uint32_t T) {
-    if (c->in_step && pos == c->h_pos && T <= c->T) return c->d_pos;
-    fail(c, "positions that were not announced by begin_step");
-    return NULL;
+/* Host arrays given to an op must be the step's own (begin_step copied them to the GPU). */
+static bool announced(cu_ctx_t *c, const void *host, const void *step_host, uint32_t T,
+                      const char *what) {
+    if (c->in_step && host == step_host && T <= c->T) return true;
+    fail(c, "%s that were not announced by begin_step", what);
+    return false;
 }
 
 static void cu_rope_op(eng_backend_t *be, float *x, const uint32_t *pos, uint32_t T,
                        uint32_t n_heads, uint32_t head_dim, uint32_t n_rot, float base,
                        const float *freq_factors) {
     cu_ctx_t *c = ctx_of(be);
-    const uint32_t *dp = dev_pos(c, pos, T);
-    if (!failed(c) && !replaying(c))
-        cu_rope(c->st, x, dp, T, n_heads, head_dim, n_rot, base, freq_factors);
+    if (announced(c, pos, c->h_pos, T, "positions") && !failed(c) && !replaying(c))
+        cu_rope(c->st, x, c->d_pos, T, n_heads, head_dim, n_rot, base, freq_factors);
 }
 
 static void cu_get_rows_op(eng_backend_t *be, const eng_tensor_t *w, const int32_t *ids, uint32_t T,
                            float *out) {
     cu_ctx_t *c = ctx_of(be);
-    if (!(c->in_step && ids == c->h_ids && T <= c->T))
-        fail(c, "token ids that were not announced by begin_step");
-    if (!failed(c) && !replaying(c))
+    if (announced(c, ids, c->h_ids, T, "token ids") && !failed(c) && !replaying(c))
         cu_get_rows(c->st, w->type, w->data, w->row_bytes, w->cols, c->d_ids, T, out);
 }
 
@@ -627,12 +616,7 @@ static void cu_attention_op(eng_backend_t *be, const eng_attn_shape_t *sh, uint3
     cu_tele_t tele = {c->d_tele + at, c->d_tele + plane + at, c->d_tele + 2 * plane + at,
                       c->d_tele + 3 * plane + at, c->d_tele + 4 * plane + at};
     if (c->max_keys) {
-        size_t pf = cu_attn_part_floats(n_seqs, sh->n_head, sh->head_dim, c->max_keys);
-        size_t cap = c->part_floats * 4;
-        if (pf > c->part_floats) {
-            if (!grow(c, (void **)&c->d_part, &cap, pf * 4, "attention partials")) return;
-            c->part_floats = pf;
-        }
+        if (!grow_part(c, n_seqs, sh->n_head, sh->head_dim, c->max_keys)) return;
         cu_attn_decode(c->st, shape, pool, layer, q, c->d_seqs, kinds, c->d_tables, n_seqs,
                        c->max_keys, c->d_part, select ? c->d_scores : NULL, c->n_ctx, out, tele);
         if (select)
@@ -651,12 +635,9 @@ static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint3
     cu_ctx_t *c = ctx_of(be);
     if (to <= from) return;
     cudaSetDevice(c->device);
-    size_t cap = c->shift_len * 4;
-    if (seq->n_blocks > c->shift_len) {
-        if (!grow(c, (void **)&c->d_shift_table, &cap, 4 * (size_t)seq->n_blocks, "K-shift"))
-            goto report;
-        c->shift_len = seq->n_blocks;
-    }
+    if (!grow(c, (void **)&c->d_shift_table, &c->shift_bytes, 4 * (size_t)seq->n_blocks,
+              "K-shift table"))
+        goto report;
     ok(c,
        cudaMemcpyAsync(c->d_shift_table, seq->blocks, 4 * (size_t)seq->n_blocks,
                        cudaMemcpyHostToDevice, c->st),
