@@ -1,5 +1,6 @@
 /* helpers.c - shared fixtures for the unit tests. */
 #include "helpers.h"
+#include "../../engine/backend.h"
 #include "../../tools/synth_model.h"
 
 #include <criterion/criterion.h>
@@ -41,4 +42,19 @@ float frand(uint64_t *s) {
     x ^= x << 17;
     *s = x;
     return (float)(x >> 40) / 8388608.0f - 1.0f;
+}
+
+int32_t test_argmax(const float *x, uint32_t n) {
+    int32_t b = 0;
+    for (uint32_t i = 1; i < n; i++)
+        if (x[i] > x[b]) b = (int32_t)i;
+    return b;
+}
+
+void need_cuda_gpu(void) {
+    eng_backend_t *probe;
+    char msg[ENG_ERRMSG_LEN];
+    if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
+        cr_skip_test("no CUDA GPU here (%s); the CUDA parity tests need one", msg);
+    probe->ops->destroy(probe);
 }

@@ -17,5 +17,9 @@ bool have_stories(void);
 /* Path of a synthetic model (e.g. "tiny-f32") generated once per test process into /tmp. */
 const char *synth_path(const char *name);
 float frand(uint64_t *s); /* uniform in [-1, 1) */
+/* The test's own greedy oracle: index of the largest of x[0..n), the lowest on ties. */
+int32_t test_argmax(const float *x, uint32_t n);
+/* Skip the calling test, with the reason, unless a CUDA GPU can be opened. */
+void need_cuda_gpu(void);
 
 #endif

@@ -475,21 +475,29 @@ typedef struct {
     bool argmax; /* decode with argmax items (the greedy id computed by the backend) */
 } run_cfg_t;
 
+/* A context for the model-level runs: one device, a 64 MiB KV pool. */
+static eng_ctx_t *model_ctx(eng_model_t *m, eng_device_t dev, uint32_t max_seqs, uint32_t n_ctx,
+                            bool kv_f16) {
+    char msg[ENG_ERRMSG_LEN];
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.device = dev;
+    p.max_seqs = max_seqs;
+    p.n_ctx = n_ctx;
+    p.kv_f16 = kv_f16;
+    p.kv_mem_bytes = 64u << 20;
+    eng_ctx_t *c;
+    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);
+    return c;
+}
+
 /* Greedy ids for n tokens after BOS + "Once upon a time", and the entropy of every layer and
  * head of the last token. */
 static void greedy_run(eng_model_t *m, const run_cfg_t *rc, uint32_t n, int32_t *out,
                        float *last_entropy) {
     char msg[ENG_ERRMSG_LEN];
     const eng_hparams_t *hp = eng_model_hparams(m);
-    eng_ctx_params_t p;
-    eng_ctx_params_default(&p);
-    p.device = rc->dev;
-    p.max_seqs = 1;
-    p.n_ctx = 512;
-    p.kv_f16 = rc->kv_f16;
-    p.kv_mem_bytes = 64u << 20;
-    eng_ctx_t *c;
-    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);
+    eng_ctx_t *c = model_ctx(m, rc->dev, 1, 512, rc->kv_f16);
     kv_seq_t s;
     kv_seq_init(&s, eng_ctx_kv_pool(c));
     float *logits = malloc(sizeof(float) * hp->n_vocab);
@@ -501,9 +509,7 @@ static void greedy_run(eng_model_t *m, const run_cfg_t *rc, uint32_t n, int32_t 
     cr_assert_eq(eng_forward(c, &it, 1, msg), 0, "%s", msg);
     int32_t next = 0;
     for (uint32_t i = 0; i < n; i++) {
-        int32_t b = 0;
-        for (uint32_t v = 1; v < hp->n_vocab; v++) b = logits[v] > logits[b] ? (int32_t)v : b;
-        out[i] = rc->argmax && i ? next : b;
+        out[i] = rc->argmax && i ? next : test_argmax(logits, hp->n_vocab);
         if (rc->window) eng_seq_make_room(c, &s, rc->window, 1, 0);
         eng_batch_item_t d = {&s,    &out[i],  1,     rc->argmax ? NULL : logits,
                               false, rc->attn, &tele, &next};
@@ -518,11 +524,8 @@ static void greedy_run(eng_model_t *m, const run_cfg_t *rc, uint32_t n, int32_t 
 
 /* stories260K, when there are both a GPU and the model (the test skips otherwise). */
 static eng_model_t *stories_for_gpu(void) {
-    eng_backend_t *probe;
     char msg[ENG_ERRMSG_LEN];
-    if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
-        cr_skip_test("no CUDA GPU here (%s); the CUDA parity tests need one", msg);
-    probe->ops->destroy(probe);
+    need_cuda_gpu();
     if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     eng_model_t *m;
     cr_assert_eq(eng_model_load(&m, STORIES_PATH, msg), 0, "%s", msg);
@@ -582,14 +585,7 @@ static void batched_run(eng_model_t *m, eng_device_t dev, const eng_attn_params_
                         uint32_t n, int32_t out[3][48]) {
     char msg[ENG_ERRMSG_LEN];
     const eng_hparams_t *hp = eng_model_hparams(m);
-    eng_ctx_params_t p;
-    eng_ctx_params_default(&p);
-    p.device = dev;
-    p.max_seqs = 3;
-    p.n_ctx = 512;
-    p.kv_mem_bytes = 64u << 20;
-    eng_ctx_t *c;
-    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);
+    eng_ctx_t *c = model_ctx(m, dev, 3, 512, false);
     kv_seq_t s[3];
     float *logits = malloc(sizeof(float) * hp->n_vocab * 3);
     const int32_t prompts[3][6] = {
@@ -603,10 +599,7 @@ static void batched_run(eng_model_t *m, eng_device_t dev, const eng_attn_params_
     for (uint32_t step = 0; step < n; step++) {
         eng_batch_item_t items[3];
         for (int i = 0; i < 3; i++) {
-            const float *l = logits + (size_t)i * hp->n_vocab;
-            int32_t b = 0;
-            for (uint32_t v = 1; v < hp->n_vocab; v++) b = l[v] > l[b] ? (int32_t)v : b;
-            out[i][step] = b;
+            out[i][step] = test_argmax(logits + (size_t)i * hp->n_vocab, hp->n_vocab);
             items[i] =
                 (eng_batch_item_t){&s[i], &out[i][step],        1, logits + (size_t)i * hp->n_vocab,
                                    false, i == 2 ? tidal : NULL};
@@ -731,14 +724,7 @@ Test(cuda, test_selection_ties_go_to_the_lowest_positions) {
 static void long_run(eng_model_t *m, eng_device_t dev, int32_t *out, uint32_t n) {
     char msg[ENG_ERRMSG_LEN];
     const eng_hparams_t *hp = eng_model_hparams(m);
-    eng_ctx_params_t p;
-    eng_ctx_params_default(&p);
-    p.device = dev;
-    p.max_seqs = 1;
-    p.n_ctx = 2048;
-    p.kv_mem_bytes = 64u << 20;
-    eng_ctx_t *c;
-    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);
+    eng_ctx_t *c = model_ctx(m, dev, 1, 2048, false);
     kv_seq_t s;
     kv_seq_init(&s, eng_ctx_kv_pool(c));
     enum { PROMPT = 1010 };
@@ -752,9 +738,7 @@ static void long_run(eng_model_t *m, eng_device_t dev, int32_t *out, uint32_t n)
         cr_assert_eq(eng_forward(c, &it, 1, msg), 0, "%s", msg);
         done += k;
     }
-    int32_t b = 0;
-    for (uint32_t v = 1; v < hp->n_vocab; v++) b = logits[v] > logits[b] ? (int32_t)v : b;
-    out[0] = b;
+    out[0] = test_argmax(logits, hp->n_vocab);
     for (uint32_t i = 1; i < n; i++) {
         eng_batch_item_t d = {&s, &out[i - 1], 1, NULL, false, NULL, NULL, &out[i]};
         cr_assert_eq(eng_forward(c, &d, 1, msg), 0, "%s", msg);

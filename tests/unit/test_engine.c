@@ -36,13 +36,6 @@ static void fx_close(fx_t *f) {
     eng_model_free(f->m);
 }
 
-static int32_t argmax(const float *x, uint32_t n) {
-    int32_t b = 0;
-    for (uint32_t i = 1; i < n; i++)
-        if (x[i] > x[b]) b = (int32_t)i;
-    return b;
-}
-
 static double max_abs_diff(const float *a, const float *b, size_t n) {
     double e = 0;
     for (size_t i = 0; i < n; i++) e = fmax(e, fabs((double)a[i] - b[i]));
@@ -59,7 +52,7 @@ static int32_t *greedy(fx_t *f, const int32_t *prompt, uint32_t n_prompt, uint32
     eng_batch_item_t it = {&s, prompt, n_prompt, logits, false};
     cr_assert_eq(eng_forward(f->c, &it, 1, msg), 0, "%s", msg);
     for (uint32_t i = 0; i < n; i++) {
-        out[i] = argmax(logits, f->V);
+        out[i] = test_argmax(logits, f->V);
         eng_batch_item_t d = {&s, &out[i], 1, logits, false};
         cr_assert_eq(eng_forward(f->c, &d, 1, msg), 0, "%s", msg);
     }
@@ -314,13 +307,13 @@ Test(engine, test_argmax_items_get_the_greedy_id_of_their_logits) {
                                  {&s[2], prompt + 1, 4, l + f.V, false},
                                  {&s[3], prompt, 6, NULL, false, NULL, NULL, &ids[3]}};
     cr_assert_eq(eng_forward(f.c, items, 4, msg), 0, "%s", msg);
-    cr_expect_eq(ids[1], argmax(l, f.V), "same prompt as item 0: same greedy id");
+    cr_expect_eq(ids[1], test_argmax(l, f.V), "same prompt as item 0: same greedy id");
     /* and item 3's id equals what a logits item with its tokens gets */
     kv_seq_t t;
     kv_seq_init(&t, eng_ctx_kv_pool(f.c));
     eng_batch_item_t ref = {&t, prompt, 6, l + 2 * (size_t)f.V, false};
     cr_assert_eq(eng_forward(f.c, &ref, 1, msg), 0, "%s", msg);
-    cr_expect_eq(ids[3], argmax(l + 2 * (size_t)f.V, f.V));
+    cr_expect_eq(ids[3], test_argmax(l + 2 * (size_t)f.V, f.V));
     kv_seq_close(&t);
     for (int i = 0; i < 4; i++) kv_seq_close(&s[i]);
     free(l);

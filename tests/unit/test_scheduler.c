@@ -1,6 +1,5 @@
 /* test_scheduler.c - continuous batching: parity with solo runs, stop strings, logprobs and
  * entropy, cancellation freeing KV, the bounded queue and deadlines. */
-#include "../../engine/backend.h"
 #include "../../engine/engine.h"
 #include "helpers.h"
 
@@ -384,11 +383,8 @@ Test(scheduler, test_memory_pressure_evicts_middle_blocks) {
 /* The scheduler on the CUDA backend: greedy requests (their ids chosen on the GPU), a sampled
  * one and a tidal one in the same steps, with chunked prefill, give what the CPU gives. */
 Test(cuda, test_scheduler_on_the_gpu_equals_the_cpu) {
-    eng_backend_t *probe;
     char msg[ENG_ERRMSG_LEN];
-    if (eng_backend_open(&probe, ENG_DEVICE_CUDA, 1, msg) != 0)
-        cr_skip_test("no CUDA GPU here (%s); the CUDA parity tests need one", msg);
-    probe->ops->destroy(probe);
+    need_cuda_gpu();
     if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     const char *prompts[4] = {"Once upon a time", "The dog", "Lily and Tom went to the big park",
                               "One day"};
