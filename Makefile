@@ -178,7 +178,7 @@ asan-test: $(ASAN_TEST_BIN) $(ASAN_DIR)/tidald
 	if grep -qE 'ERROR: (Address|Leak)Sanitizer|runtime error:' $(ASAN_DIR)/unit.log; then \
 	  echo "asan-test: sanitizer reports above"; exit 1; fi; exit $$st
 
-INTEG_SRC := tests/integration/harness.c tests/integration/test_server.c
+INTEG_SRC := $(wildcard tests/integration/*.c)
 $(BUILD)/integration_tests: $(call obj,$(BUILD),$(INTEG_SRC) $(TOOL_SRC))
 	$(CC) $(CFLAGS_ALL) $^ -o $@ -lcriterion $(LDLIBS)
 
