@@ -208,9 +208,11 @@ void eng_sampler_free(eng_sampler_t *s);
 /* Record a token that is now part of the context (prompt or generated) for the penalties. */
 void eng_sampler_accept(eng_sampler_t *s, int32_t id);
 /* The index of the largest of x[0..n), the lowest on ties: the sampler's greedy choice, and
- * what argmax batch items get. */
+ * what argmax batch items get. -1 when the logits are not usable: a NaN or +infinity among
+ * them, or nothing above -infinity (a broken model). */
 int32_t eng_argmax(const float *x, uint32_t n);
-/* Choose the next token from logits (modified in place). */
+/* Choose the next token from logits (modified in place); -1 as eng_argmax when no logit is
+ * finite. */
 int32_t eng_sampler_sample(eng_sampler_t *s, float *logits);
 
 /* ===== scheduler: continuous batching on the engine thread ============= */

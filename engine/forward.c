@@ -216,7 +216,7 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     c->kinds = malloc((size_t)hp->n_layer * c->p.max_seqs);
     if (!c->x || !c->xn || !c->q || !c->k || !c->v || !c->att || !c->ffg || !c->ffu ||
         !c->logit_in || !c->logit_buf || !c->pos || !c->ids || !c->aseq || !c->n_sel ||
-        !c->logit_host || !c->kinds) {
+        !c->logit_host || !c->argmax_host || !c->argmax_dev || !c->kinds) {
         rc = eng_fail(msg, ENG_ENOMEM, "out of %s memory for activations", op->name);
         goto fail;
     }

@@ -213,9 +213,13 @@ static size_t top_p_cut(cand_t *c, size_t n, float top_p) {
 }
 
 int32_t eng_argmax(const float *x, uint32_t n) {
-    int32_t best = 0;
-    for (uint32_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = (int32_t)i;
+    int32_t best = -1;
+    float bv = -INFINITY;
+    for (uint32_t i = 0; i < n; i++) {
+        float v = x[i];
+        if (v != v || v == INFINITY) return -1;
+        if (v > bv) bv = v, best = (int32_t)i;
+    }
     return best;
 }
 
@@ -231,7 +235,7 @@ int32_t eng_sampler_sample(eng_sampler_t *s, float *logits) {
             s->cand[n++] = (cand_t){(int32_t)i, logits[i], 0};
             mx = logits[i] > mx ? logits[i] : mx;
         }
-    if (!n) return 0;
+    if (!n) return -1; /* no finite logit */
     /* llama.cpp's order: top-k, top-p, min-p, then temperature */
     if (p->top_k > 0 && (size_t)p->top_k < n) {
         select_top(s->cand, n, (size_t)p->top_k);

@@ -1,20 +1,32 @@
 /* scheduler.c - continuous batching on the engine thread.
  *
- * Other threads submit requests to a locked queue; the engine thread drains
- * it, admits requests FIFO while a sequence slot and enough KV blocks are
- * free, then runs one batched forward per step: one decode token for every
- * running sequence plus prefill chunks of new ones, up to a per-step token
- * budget (chunked prefill keeps long prompts from stalling the streams).
- * After each step it samples, detokenizes, applies stop strings and
- * publishes events to each request's outbox, then calls notify once.
+ * Other threads submit requests to a locked queue; the engine thread drains it into a
+ * waiting deque and runs one batched forward per step. The model is vLLM v1's: every
+ * running request has a token list and a count of the tokens whose K/V are computed, and
+ * each step lets that count chase the list's length, so a prefill chunk and a decode token
+ * are the same thing (a decode is a chunk of one). One loop builds the batch: running
+ * requests first (those with one token to compute before those prefilling, so streams never
+ * wait behind a prompt), then waiting requests admitted FIFO, up to a per-step token budget.
+ * Every path gets its KV blocks from one allocate-or-preempt primitive (allocate()).
  *
- * KV admission is conservative: a request is admitted only when the blocks
- * for prompt + max_tokens (capped by the context) are free, so a running
- * request never fails for lack of memory. (Eviction and preemption, which
- * relax this, come with the attention issue.)
+ * After the forward pass it samples (on the worker threads), detokenizes, applies stop
+ * strings and publishes events to each request's outbox, then calls notify once.
  *
- * Locks: sched->mu guards the incoming queue, stop flag and stats; each
- * request's mu guards its outbox. Neither is held during a forward pass.
+ * Memory pressure: admission waits until the head request's whole remaining prompt (plus
+ * one token) fits beside what admitted prefills still need; decoding sequences then grow on
+ * demand, and when the pool is dry allocate() frees room by the configured policy: the evict
+ * policy first drops the oldest non-sink blocks of sequences that allow eviction and are not
+ * in this step's batch; then (and always under the preempt policy) the newest running
+ * request not in the batch is preempted: its blocks return to the pool and it is requeued at
+ * the front, to recompute its tokens when there is room (identical greedy text). When the
+ * victim is the caller itself, allocate() says so and the caller leaves it out of the step.
+ *
+ * Bounds: the waiting deque has room for max_waiting + max_running requests, every request
+ * that can ever be requeued (submissions stop at max_waiting queued; preemption moves a
+ * request out of the running set, which holds at most max_running).
+ *
+ * Locks: sched->mu guards the incoming queue, stop flag and stats; each request's mu guards
+ * its outbox. Neither is held during a forward pass.
  */
 #define _GNU_SOURCE /* memmem */
 #include "engine.h"
@@ -27,6 +39,8 @@
 #include <string.h>
 #include <time.h>
 
+typedef enum { RQ_NEW = 0, RQ_WAITING, RQ_RUNNING, RQ_DONE } rq_state_t;
+
 struct eng_request {
     atomic_int refs;
     atomic_bool cancel;
@@ -34,18 +48,21 @@ struct eng_request {
     eng_sched_t *sched;
     double t_submit, t_start;
     /* engine-thread state */
+    rq_state_t state;
     kv_seq_t seq;
     eng_sampler_t *smp;
     eng_detok_t detok;
-    uint32_t n_prefilled, n_generated;
-    int32_t *feed; /* tokens to prefill: the prompt, or after a preemption prompt + generated */
-    uint32_t n_feed;
-    int32_t *gen; /* generated ids, for recomputation after a preemption */
-    uint32_t gen_cap;
+    /* The sequence's tokens in cache order: toks[0..n_computed) have their K/V in seq (so
+     * n_computed == seq.n_tokens), the rest wait to be computed. Starts as the prompt; each
+     * drawn token is appended; eviction removes what it drops, so a preempted request
+     * recomputes exactly what its cache held. */
+    int32_t *toks;
+    uint32_t n_toks, cap_toks, n_computed;
+    uint32_t n_generated;
     uint64_t admit_order;
-    int32_t last_token;
-    bool decoding, admitted;
-    char *held; /* released text held back while it may start a stop string */
+    bool decoding; /* its prompt (or recomputation) is done: one token per step from now on */
+    bool batched;  /* in the batch being built this step */
+    char *held;    /* released text held back while it may start a stop string */
     size_t held_len, held_cap;
     uint32_t window;
     eng_attn_tele_t tele; /* per-layer, per-head attention telemetry of the last forward */
@@ -71,16 +88,20 @@ struct eng_sched {
     atomic_uint n_queued;    /* inq + waiting, for the bound */
     eng_sched_stats_t stats; /* mu */
     /* engine thread only */
-    eng_request_t **waiting, **running;
-    size_t n_waiting, n_running;
+    eng_request_t **wq; /* the waiting deque: a ring of wq_cap entries from wq_head */
+    size_t wq_cap, wq_head, n_waiting;
+    eng_request_t **running; /* in admission order */
+    size_t n_running;
     uint64_t admissions;
-    eng_request_t **snap; /* running requests at the start of a step */
-    eng_event_t *draws;   /* per batch item: the token drawn this step */
+    eng_request_t **order; /* this step's scheduling order of the running requests */
+    eng_event_t *draws;    /* per batch item: the token drawn this step */
     bool *drawn;
     float *logits, *raw;
     int32_t *argmax; /* per batch item: the greedy id, for requests that need nothing more */
     eng_batch_item_t *items;
     eng_request_t **item_req;
+    uint32_t n_items;
+    uint64_t evicted; /* tokens evicted during this step */
     bool published;
 };
 
@@ -128,8 +149,7 @@ eng_request_t *eng_request_create(eng_req_params_t *p) {
 }
 
 static void free_request(eng_request_t *r) {
-    if (r->feed != r->p.prompt) free(r->feed);
-    free(r->gen);
+    free(r->toks);
     free(r->p.prompt);
     for (uint32_t i = 0; i < r->p.n_stop; i++) free(r->p.stop[i]);
     for (size_t i = 0; i < r->n_ev; i++) eng_event_free(&r->ev[i]);
@@ -175,8 +195,9 @@ size_t eng_request_drain(eng_request_t *r, eng_event_t *ev, size_t cap) {
     return n;
 }
 
-/* Publish an event (takes ownership of e->text). On allocation failure the text is dropped
- * but a final event is still delivered, since its slot is reserved ahead. */
+/* Publish an event (takes ownership of what e owns). The outbox grows by doubling; if that
+ * fails, a token event is dropped, but a final event is never lost: it overwrites the last
+ * undelivered event, so the client always learns how the request ended. */
 static void publish(eng_sched_t *s, eng_request_t *r, eng_event_t *e) {
     e->time = mono_now();
     pthread_mutex_lock(&r->mu);
@@ -190,6 +211,9 @@ static void publish(eng_sched_t *s, eng_request_t *r, eng_event_t *e) {
     }
     if (r->n_ev < r->cap_ev) {
         r->ev[r->n_ev++] = *e;
+    } else if (e->finish != ENG_FINISH_NONE && r->n_ev) {
+        eng_event_free(&r->ev[r->n_ev - 1]);
+        r->ev[r->n_ev - 1] = *e;
     } else {
         eng_event_free(e);
     }
@@ -225,19 +249,21 @@ int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
     s->n_ctx = eng_ctx_n_ctx(ctx);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    size_t R = s->p.max_running, V = s->n_vocab;
+    s->wq_cap = (size_t)s->p.max_waiting + R;
     s->inq = calloc(s->p.max_waiting, sizeof(eng_request_t *));
-    s->waiting = calloc(s->p.max_waiting, sizeof(eng_request_t *));
-    s->running = calloc(s->p.max_running, sizeof(eng_request_t *));
-    s->snap = calloc(s->p.max_running, sizeof(eng_request_t *));
-    s->items = calloc(s->p.max_running, sizeof(eng_batch_item_t));
-    s->item_req = calloc(s->p.max_running, sizeof(eng_request_t *));
-    s->logits = malloc(sizeof(float) * s->n_vocab * s->p.max_running);
-    s->argmax = malloc(sizeof(int32_t) * s->p.max_running);
-    s->raw = malloc(sizeof(float) * s->n_vocab * s->p.max_running);
-    s->draws = calloc(s->p.max_running, sizeof(eng_event_t));
-    s->drawn = calloc(s->p.max_running, sizeof(bool));
-    if (!s->inq || !s->waiting || !s->running || !s->snap || !s->items || !s->item_req ||
-        !s->logits || !s->raw || !s->argmax) {
+    s->wq = calloc(s->wq_cap, sizeof(eng_request_t *));
+    s->running = calloc(R, sizeof(eng_request_t *));
+    s->order = calloc(R, sizeof(eng_request_t *));
+    s->items = calloc(R, sizeof(eng_batch_item_t));
+    s->item_req = calloc(R, sizeof(eng_request_t *));
+    s->logits = V <= SIZE_MAX / sizeof(float) / R ? malloc(sizeof(float) * V * R) : NULL;
+    s->raw = s->logits ? malloc(sizeof(float) * V * R) : NULL;
+    s->argmax = malloc(sizeof(int32_t) * R);
+    s->draws = calloc(R, sizeof(eng_event_t));
+    s->drawn = calloc(R, sizeof(bool));
+    if (!s->inq || !s->wq || !s->running || !s->order || !s->items || !s->item_req || !s->logits ||
+        !s->raw || !s->argmax || !s->draws || !s->drawn) {
         eng_sched_destroy(s);
         return eng_fail(msg, ENG_ENOMEM, "out of memory for the scheduler");
     }
@@ -261,9 +287,9 @@ void eng_sched_destroy(eng_sched_t *s) {
     }
     for (size_t i = 0; i < s->n_in; i++) eng_request_release(s->inq[i]);
     free(s->inq);
-    free(s->waiting);
+    free(s->wq);
     free(s->running);
-    free(s->snap);
+    free(s->order);
     free(s->items);
     free(s->item_req);
     free(s->logits);
@@ -280,15 +306,21 @@ static uint32_t window_of(const eng_sched_t *s, const eng_request_t *r) {
     return r->p.window && r->p.window < s->n_ctx ? r->p.window : s->n_ctx;
 }
 
+static uint32_t blocks_for(const eng_sched_t *s, uint64_t tokens) {
+    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
+    return (uint32_t)((tokens + bs - 1) / bs);
+}
+
+/* The blocks a request needs at its largest: prompt + max_tokens, capped by its window. */
 static uint32_t blocks_needed(const eng_sched_t *s, const eng_request_t *r) {
     uint64_t toks = (uint64_t)r->p.n_prompt + r->p.max_tokens;
     if (toks > window_of(s, r)) toks = window_of(s, r);
-    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
-    return (uint32_t)((toks + bs - 1) / bs);
+    return blocks_for(s, toks);
 }
 
 int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg) {
-    if (r->p.n_prompt == 0) return eng_fail(msg, ENG_EINVAL, "the prompt has no tokens");
+    if (r->p.n_prompt == 0 || !r->p.prompt)
+        return eng_fail(msg, ENG_EINVAL, "the prompt has no tokens");
     if (r->p.n_prompt >= window_of(s, r))
         return eng_fail(msg, ENG_EINVAL, "the prompt is %u tokens; the context holds %u",
                         r->p.n_prompt, window_of(s, r));
@@ -309,10 +341,12 @@ int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg) {
         return eng_fail(msg, ENG_ERANGE, "the waiting queue is full (%u requests)",
                         s->p.max_waiting);
     }
+    /* the token list takes over the prompt */
+    r->toks = r->p.prompt;
+    r->n_toks = r->cap_toks = r->p.n_prompt;
+    r->p.prompt = NULL;
     r->sched = s;
     r->t_submit = mono_now();
-    r->feed = r->p.prompt;
-    r->n_feed = r->p.n_prompt;
     atomic_fetch_add(&r->refs, 1);
     atomic_fetch_add(&s->n_queued, 1);
     s->inq[s->n_in++] = r;
@@ -327,34 +361,65 @@ void eng_sched_stats(eng_sched_t *s, eng_sched_stats_t *out) {
     pthread_mutex_unlock(&s->mu);
 }
 
-/* ---- engine thread --------------------------------------------------- */
+/* ---- engine thread: the waiting deque and the running set ---------------- */
 
-static void remove_at(eng_request_t **arr, size_t *n, size_t i) {
-    memmove(arr + i, arr + i + 1, (*n - i - 1) * sizeof(*arr));
-    (*n)--;
+static eng_request_t *wq_at(const eng_sched_t *s, size_t i) {
+    return s->wq[(s->wq_head + i) % s->wq_cap];
 }
 
-static void release_seq(eng_sched_t *s, eng_request_t *r) {
-    (void)s;
-    if (r->admitted) {
-        kv_seq_close(&r->seq);
-        r->admitted = false;
+/* Room is guaranteed by the deque's size (see the file comment); the checks keep a broken
+ * invariant from writing out of bounds. */
+static bool wq_push_back(eng_sched_t *s, eng_request_t *r) {
+    if (s->n_waiting == s->wq_cap) return false;
+    s->wq[(s->wq_head + s->n_waiting++) % s->wq_cap] = r;
+    r->state = RQ_WAITING; /* from the incoming queue: n_queued counts it already */
+    return true;
+}
+
+static bool wq_push_front(eng_sched_t *s, eng_request_t *r) {
+    if (s->n_waiting == s->wq_cap) return false;
+    s->wq_head = (s->wq_head + s->wq_cap - 1) % s->wq_cap;
+    s->wq[s->wq_head] = r;
+    s->n_waiting++;
+    r->state = RQ_WAITING;
+    atomic_fetch_add(&s->n_queued, 1);
+    return true;
+}
+
+/* Take r out of the deque or the running set, wherever it is. */
+static void unlist(eng_sched_t *s, eng_request_t *r) {
+    if (r->state == RQ_WAITING) {
+        size_t k = 0;
+        for (size_t i = 0; i < s->n_waiting; i++) {
+            eng_request_t *q = wq_at(s, i);
+            if (q != r) s->wq[(s->wq_head + k++) % s->wq_cap] = q;
+        }
+        if (k < s->n_waiting) {
+            s->n_waiting = k;
+            atomic_fetch_sub(&s->n_queued, 1);
+        }
+    } else if (r->state == RQ_RUNNING) {
+        for (size_t i = 0; i < s->n_running; i++)
+            if (s->running[i] == r) {
+                memmove(s->running + i, s->running + i + 1,
+                        (s->n_running - i - 1) * sizeof(*s->running));
+                s->n_running--;
+                break;
+            }
     }
+    r->state = RQ_DONE;
 }
 
-static uint32_t blocks_for(const eng_sched_t *s, uint64_t tokens) {
-    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
-    return (uint32_t)((tokens + bs - 1) / bs);
+/* r leaves the scheduler: its KV returns to the pool, it leaves its list, and the
+ * scheduler's reference is dropped (r may be freed when this returns). */
+static void retire(eng_sched_t *s, eng_request_t *r) {
+    if (r->seq.pool) kv_seq_close(&r->seq);
+    unlist(s, r);
+    eng_request_release(r);
 }
 
-/* New blocks a sequence needs to take ntok more tokens. */
-static uint32_t growth(const eng_sched_t *s, const kv_seq_t *q, uint32_t ntok) {
-    uint32_t want = blocks_for(s, (uint64_t)q->n_tokens + ntok);
-    return want > q->n_blocks ? want - q->n_blocks : 0;
-}
-
-/* Publish the final event, free KV, and drop the scheduler's reference. The caller removes r
- * from its list. */
+/* Publish the final event, free r's KV, take it out of its list and drop the scheduler's
+ * reference: r may be freed when this returns. */
 static void finish(eng_sched_t *s, eng_request_t *r, eng_finish_t why, const char *err) {
     eng_event_t e = {.token = -1, .finish = why};
     size_t tail = 0;
@@ -376,149 +441,230 @@ static void finish(eng_sched_t *s, eng_request_t *r, eng_finish_t why, const cha
     e.completion_tokens = r->n_generated;
     if (err) snprintf(e.error, sizeof(e.error), "%s", err);
     publish(s, r, &e);
-    release_seq(s, r);
-    eng_request_release(r);
+    retire(s, r);
 }
 
 static bool expired(const eng_request_t *r, double now) {
     return r->p.deadline > 0 && now > r->p.deadline;
 }
 
+/* Finish every request that was cancelled or whose deadline passed. */
 static void sweep(eng_sched_t *s) {
     double now = mono_now();
-    for (size_t i = 0; i < s->n_running;) {
+    for (size_t i = s->n_running; i-- > 0;) {
         eng_request_t *r = s->running[i];
-        if (atomic_load(&r->cancel) || expired(r, now)) {
-            remove_at(s->running, &s->n_running, i);
-            finish(s, r, atomic_load(&r->cancel) ? ENG_FINISH_CANCELLED : ENG_FINISH_TIMEOUT, NULL);
-        } else {
-            i++;
-        }
+        bool c = atomic_load(&r->cancel);
+        if (c || expired(r, now)) finish(s, r, c ? ENG_FINISH_CANCELLED : ENG_FINISH_TIMEOUT, NULL);
     }
-    for (size_t i = 0; i < s->n_waiting;) {
-        eng_request_t *r = s->waiting[i];
-        if (atomic_load(&r->cancel) || expired(r, now)) {
-            remove_at(s->waiting, &s->n_waiting, i);
-            atomic_fetch_sub(&s->n_queued, 1);
-            finish(s, r, atomic_load(&r->cancel) ? ENG_FINISH_CANCELLED : ENG_FINISH_TIMEOUT, NULL);
-        } else {
-            i++;
-        }
+    for (size_t i = s->n_waiting; i-- > 0;) {
+        eng_request_t *r = wq_at(s, i);
+        bool c = atomic_load(&r->cancel);
+        if (c || expired(r, now)) finish(s, r, c ? ENG_FINISH_CANCELLED : ENG_FINISH_TIMEOUT, NULL);
     }
 }
 
-/* Admit FIFO while a slot is free and the pool holds the head's prefill (plus one decode
- * block) on top of what admitted prefills still need. Decoding sequences then grow on demand;
- * when the pool runs dry the pressure policy (relieve) makes room. */
-static void admit(eng_sched_t *s) {
-    kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
-    uint32_t pending = 0;
-    for (size_t i = 0; i < s->n_running; i++) {
-        eng_request_t *r = s->running[i];
-        if (!r->decoding) pending += growth(s, &r->seq, r->n_feed - r->n_prefilled);
+/* ---- eviction, preemption and the allocation primitive -------------------- */
+
+/* Drop at least n of r's oldest non-sink tokens (sink-aware, block-granular; the engine
+ * K-shifts the keys after them) and the same tokens from its token list. Returns the tokens
+ * dropped. */
+static uint32_t evict_tokens(eng_sched_t *s, eng_request_t *r, uint32_t n) {
+    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
+    uint32_t from = (r->seq.n_sinks + bs - 1) / bs * bs; /* kv_seq_evict keeps the sink blocks */
+    uint32_t gone = eng_seq_evict(s->ctx, &r->seq, n);
+    if (gone) {
+        memmove(r->toks + from, r->toks + from + gone, sizeof(int32_t) * (r->n_toks - from - gone));
+        r->n_toks -= gone;
+        r->n_computed -= gone;
+        s->evicted += gone;
     }
-    while (s->n_waiting && s->n_running < s->p.max_running) {
-        eng_request_t *r = s->waiting[0];
-        uint32_t window = window_of(s, r);
-        uint32_t need = blocks_for(s, r->n_feed + 1 < window ? r->n_feed + 1 : window);
-        if (pending + need > pool->n_free) break; /* FIFO: the head waits */
-        if (!r->smp) {
-            if (eng_sampler_create(&r->smp, &r->p.sampling, s->n_vocab) != 0) break;
-            for (uint32_t i = 0; i < r->p.n_prompt; i++) eng_sampler_accept(r->smp, r->p.prompt[i]);
-            eng_detok_init(&r->detok, eng_model_tokenizer(s->m));
-            r->t_start = mono_now();
-        }
-        const eng_hparams_t *hp = eng_model_hparams(s->m);
-        size_t LH = (size_t)hp->n_layer * hp->n_head;
-        if (!r->tele_buf) {
-            r->tele_buf = malloc(sizeof(float) * 3 * LH + hp->n_layer);
-            if (!r->tele_buf) break;
-            r->tele =
-                (eng_attn_tele_t){r->tele_buf, r->tele_buf + LH, (uint32_t *)(r->tele_buf + 2 * LH),
-                                  (uint8_t *)(r->tele_buf + 3 * LH)};
-        }
-        kv_seq_init(&r->seq, pool);
-        r->seq.n_sinks = r->p.sinks;
-        r->window = window;
-        r->admitted = true;
-        r->admit_order = ++s->admissions;
-        pending += need;
-        remove_at(s->waiting, &s->n_waiting, 0);
-        atomic_fetch_sub(&s->n_queued, 1);
-        s->running[s->n_running++] = r;
-    }
+    return gone;
 }
 
-/* Preempt a running request: free its KV and requeue it first in line, to recompute its
- * prompt and generated tokens when there is room (a sequence that may evict keeps its sinks
- * and the newest window's worth). Its outbox, sampler and text state carry on. */
+/* Free r's blocks and requeue it at the front of the deque, to recompute its tokens when
+ * there is room. A sequence that may evict and has filled its window keeps its sinks and the
+ * newest window's worth. Its outbox, sampler and text state carry on. */
 static void preempt(eng_sched_t *s, eng_request_t *r) {
-    uint32_t n = r->p.n_prompt + r->n_generated, keep = n, head = 0;
-    if (r->p.evict && n >= r->window) {
-        head = r->p.sinks < r->window / 2 ? r->p.sinks : 0;
-        keep = r->window - 1;
+    if (r->p.evict && r->n_toks >= r->window) {
+        uint32_t keep = r->window - 1, head = r->p.sinks < r->window / 2 ? r->p.sinks : 0;
+        memmove(r->toks + head, r->toks + r->n_toks - (keep - head),
+                sizeof(int32_t) * (keep - head));
+        r->n_toks = keep;
     }
-    int32_t *feed = malloc(sizeof(int32_t) * (keep ? keep : 1));
-    if (!feed) return; /* leave it running: the step skips it */
-    for (uint32_t i = 0; i < keep; i++) {
-        uint32_t src = i < head ? i : n - (keep - i);
-        feed[i] = src < r->p.n_prompt ? r->p.prompt[src] : r->gen[src - r->p.n_prompt];
-    }
-    if (r->feed != r->p.prompt) free(r->feed);
-    r->feed = feed;
-    r->n_feed = keep;
     kv_seq_close(&r->seq);
-    r->admitted = false;
+    r->n_computed = 0;
     r->decoding = false;
-    r->n_prefilled = 0;
-    for (size_t i = 0; i < s->n_running; i++)
-        if (s->running[i] == r) {
-            remove_at(s->running, &s->n_running, i);
-            break;
-        }
-    memmove(s->waiting + 1, s->waiting, sizeof(eng_request_t *) * s->n_waiting);
-    s->waiting[0] = r;
-    s->n_waiting++;
-    atomic_fetch_add(&s->n_queued, 1);
+    unlist(s, r);
+    if (!wq_push_front(s, r)) { /* cannot happen: the deque has room for every request */
+        finish(s, r, ENG_FINISH_ERROR, "internal error: the waiting queue overflowed");
+        return;
+    }
     pthread_mutex_lock(&s->mu);
     s->stats.preemptions++;
     pthread_mutex_unlock(&s->mu);
 }
 
-/* Memory pressure: free at least `want` blocks for `cur` without touching requests already in
- * this step's batch. Policy evict drops middle blocks (sink-aware) of the longest sequences;
- * policy preempt, or evict with nothing left to drop, requeues the newest request. Returns
- * false when cur itself had to be preempted. */
-static bool relieve(eng_sched_t *s, uint32_t want, eng_request_t *cur, uint32_t n_items,
-                    uint64_t *evicted) {
-    kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
-    uint32_t free0 = pool->n_free;
-    while (pool->n_free - free0 < want && s->p.pressure_evict) {
-        eng_request_t *v = NULL;
-        for (size_t i = 0; i < s->n_running; i++) {
-            eng_request_t *r = s->running[i];
-            uint32_t bs = pool->block_size, sink_blocks = (r->seq.n_sinks + bs - 1) / bs;
-            if (r->seq.n_tokens / bs > sink_blocks && (!v || r->seq.n_tokens > v->seq.n_tokens))
-                v = r;
-        }
-        if (!v) break;
-        *evicted += eng_seq_evict(s->ctx, &v->seq, pool->block_size);
+/* The evict policy's victim: the longest running sequence that allows eviction, is not in
+ * this step's batch, and has a block past its sinks to give. */
+static eng_request_t *evict_victim(eng_sched_t *s) {
+    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
+    eng_request_t *v = NULL;
+    for (size_t i = 0; i < s->n_running; i++) {
+        eng_request_t *r = s->running[i];
+        uint32_t sink_blocks = (r->seq.n_sinks + bs - 1) / bs;
+        if (r->p.evict && !r->batched && r->seq.n_tokens / bs > sink_blocks &&
+            (!v || r->seq.n_tokens > v->seq.n_tokens))
+            v = r;
     }
-    while (pool->n_free - free0 < want) {
-        eng_request_t *v = NULL;
-        for (size_t i = 0; i < s->n_running; i++) {
-            eng_request_t *r = s->running[i];
-            bool batched = false;
-            for (uint32_t k = 0; k < n_items; k++) batched |= s->item_req[k] == r;
-            if (!batched && (!v || r->admit_order > v->admit_order)) v = r;
+    return v;
+}
+
+/* The preemption victim: the newest running request not in this step's batch. */
+static eng_request_t *preempt_victim(eng_sched_t *s) {
+    eng_request_t *v = NULL;
+    for (size_t i = 0; i < s->n_running; i++) {
+        eng_request_t *r = s->running[i];
+        if (!r->batched && (!v || r->admit_order > v->admit_order)) v = r;
+    }
+    return v;
+}
+
+/* The allocation primitive: reserve the KV blocks for r's next n tokens. When the pool is
+ * dry and may_free is set, free room by the configured policy (evict, then preempt) and
+ * retry. Returns true when the blocks are r's; false when r must sit this step out: it was
+ * preempted itself (now waiting), it finished with an error (and may be freed), or, without
+ * may_free, the room is not there. */
+static bool allocate(eng_sched_t *s, eng_request_t *r, uint32_t n, bool may_free) {
+    for (;;) {
+        int rc = kv_seq_reserve(&r->seq, r->seq.n_tokens + n);
+        if (rc == 0) return true;
+        if (rc != ENG_ENOSPACE) {
+            finish(s, r, ENG_FINISH_ERROR, "out of memory for a KV block table");
+            return false;
         }
-        if (!v) return false;
+        if (!may_free) return false;
+        eng_request_t *v = s->p.pressure_evict ? evict_victim(s) : NULL;
+        if (v) {
+            evict_tokens(s, v, eng_ctx_kv_pool(s->ctx)->block_size);
+            continue;
+        }
+        if (!(v = preempt_victim(s))) return false;
         preempt(s, v);
-        if (v == cur) return false;
+        if (v == r) return false;
     }
+}
+
+/* ---- building the step's batch -------------------------------------------- */
+
+static void set_output(eng_sched_t *s, const eng_request_t *r, uint32_t n, eng_batch_item_t *it);
+
+/* Put r's next chunk (its uncomputed tokens, at most *budget) into the batch. Returns false if
+ * r sits this step out (r may then no longer be running). */
+static bool schedule(eng_sched_t *s, eng_request_t *r, uint32_t *budget, bool may_free) {
+    kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
+    uint32_t n = r->n_toks - r->n_computed;
+    if (n > *budget) n = *budget;
+    if (!n || s->n_items == s->p.max_running) return false;
+    /* a stream that may run past its window drops its oldest non-sink tokens first */
+    if (r->p.evict && (uint64_t)r->seq.n_tokens + n > r->window) {
+        uint32_t over = r->seq.n_tokens + n - r->window, chunk = r->window / 8;
+        evict_tokens(s, r, over > chunk ? over : chunk);
+        if ((uint64_t)r->seq.n_tokens + n > r->window) { /* only sinks left */
+            if (r->seq.n_tokens >= r->window) {
+                finish(s, r, ENG_FINISH_LENGTH, NULL);
+                return false;
+            }
+            n = r->window - r->seq.n_tokens;
+        }
+    }
+    if (n > 1) { /* a prefill chunk takes what the free blocks hold before anyone is moved */
+        uint64_t room = (uint64_t)(r->seq.n_blocks + pool->n_free) * pool->block_size;
+        if (room > r->seq.n_tokens && room - r->seq.n_tokens < n)
+            n = (uint32_t)(room - r->seq.n_tokens);
+    }
+    if (!allocate(s, r, n, may_free)) return false;
+    bool last = r->n_computed + n == r->n_toks;
+    eng_batch_item_t *it = &s->items[s->n_items];
+    *it = (eng_batch_item_t){.seq = &r->seq,
+                             .tokens = r->toks + r->n_computed,
+                             .n_tokens = n,
+                             .attn = r->decoding ? &r->p.attn : NULL,
+                             .tele = last ? &r->tele : NULL};
+    if (last) set_output(s, r, s->n_items, it);
+    s->item_req[s->n_items++] = r;
+    r->batched = true;
+    *budget -= n;
     return true;
 }
 
+/* Make a waiting request runnable: its sampler, detokenizer and telemetry buffers on first
+ * admission, a fresh sequence. False on allocation failure (it then stays waiting). */
+static bool start(eng_sched_t *s, eng_request_t *r) {
+    if (!r->smp) {
+        if (eng_sampler_create(&r->smp, &r->p.sampling, s->n_vocab) != 0) return false;
+        for (uint32_t i = 0; i < r->p.n_prompt; i++) eng_sampler_accept(r->smp, r->toks[i]);
+        eng_detok_init(&r->detok, eng_model_tokenizer(s->m));
+    }
+    if (!r->tele_buf) {
+        const eng_hparams_t *hp = eng_model_hparams(s->m);
+        size_t LH = (size_t)hp->n_layer * hp->n_head;
+        r->tele_buf = malloc(sizeof(float) * 3 * LH + hp->n_layer);
+        if (!r->tele_buf) return false;
+        r->tele = (eng_attn_tele_t){.entropy = r->tele_buf,
+                                    .sink_mass = r->tele_buf + LH,
+                                    .n_att = (uint32_t *)(r->tele_buf + 2 * LH),
+                                    .sparse = (uint8_t *)(r->tele_buf + 3 * LH)};
+    }
+    if (r->t_start == 0) r->t_start = mono_now();
+    kv_seq_init(&r->seq, eng_ctx_kv_pool(s->ctx));
+    r->seq.n_sinks = r->p.sinks;
+    r->window = window_of(s, r);
+    r->admit_order = ++s->admissions;
+    return true;
+}
+
+/* Build the step's batch: running requests (those with one token to compute first), then
+ * waiting requests admitted FIFO while a slot, the blocks for their whole remaining prompt
+ * and budget are there. */
+static void build_batch(eng_sched_t *s) {
+    uint32_t budget = s->p.step_tokens;
+    s->n_items = 0;
+    size_t n_order = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t i = 0; i < s->n_running; i++) {
+            eng_request_t *r = s->running[i];
+            bool one = r->n_toks - r->n_computed == 1;
+            if (one == (pass == 0)) s->order[n_order++] = r;
+        }
+    for (size_t i = 0; i < n_order && budget; i++) {
+        eng_request_t *r = s->order[i];
+        if (r->state == RQ_RUNNING && !r->batched) schedule(s, r, &budget, true);
+    }
+    /* admission: blocks are not taken from anyone for a request that is not running yet */
+    kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
+    uint64_t pending = 0; /* blocks that admitted prefills still need */
+    for (size_t i = 0; i < s->n_running; i++) {
+        eng_request_t *r = s->running[i];
+        uint32_t want = blocks_for(s, r->n_toks);
+        if (!r->decoding && want > r->seq.n_blocks) pending += want - r->seq.n_blocks;
+    }
+    while (budget && s->n_waiting && s->n_running < s->p.max_running &&
+           s->n_items < s->p.max_running) {
+        eng_request_t *r = wq_at(s, 0);
+        uint32_t window = window_of(s, r);
+        uint32_t need = blocks_for(s, r->n_toks + 1 < window ? r->n_toks + 1 : window);
+        if (pending + need > pool->n_free) break; /* FIFO: the head waits */
+        if (!start(s, r)) {
+            finish(s, r, ENG_FINISH_ERROR, "out of memory for the request's sampler");
+            continue;
+        }
+        unlist(s, r);
+        s->running[s->n_running++] = r;
+        r->state = RQ_RUNNING;
+        pending += need;
+        schedule(s, r, &budget, false);
+    }
+}
 /* Append released text to the hold buffer. */
 static bool hold(eng_request_t *r, const char *t, size_t n) {
     if (r->held_len + n + 1 > r->held_cap) {
@@ -641,12 +787,14 @@ static void draw(const eng_sched_t *s, eng_request_t *r, float *logits, float *r
     const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
     memset(e, 0, sizeof(*e));
     e->token = -1;
-    if (!logits) { /* greedy_only(): the engine chose already */
+    if (!logits) { /* greedy_only(): the engine chose already (-1: non-finite logits) */
         e->token = *argmax;
+        if (e->token < 0) return;
         eng_sampler_accept(r->smp, e->token);
         e->attn = attn_stats(s, r);
         return;
     }
+    if (eng_argmax(logits, s->n_vocab) < 0) return; /* NaN or infinity: on_token ends r */
     double lse = 0;
     if (r->p.logprobs >= 0 || r->p.entropy) {
         /* the sampler edits logits in place: keep the raw ones only when logprobs need them */
@@ -659,26 +807,47 @@ static void draw(const eng_sched_t *s, eng_request_t *r, float *logits, float *r
     }
     if (r->p.ignore_eos && eng_tok_eos(tok) >= 0) logits[eng_tok_eos(tok)] = -INFINITY;
     int32_t id = eng_sampler_sample(r->smp, logits);
+    if (id < 0) return;
     eng_sampler_accept(r->smp, id);
     e->token = id;
     e->attn = attn_stats(s, r);
     if (r->p.logprobs >= 0) e->logprob = (float)(raw[id] - lse);
 }
 
+/* Append a drawn token to r's token list. */
+static bool push_token(eng_request_t *r, int32_t id) {
+    if (r->n_toks == r->cap_toks) {
+        uint32_t cap = r->cap_toks < 32 ? 64 : r->cap_toks * 2;
+        int32_t *t = cap > r->cap_toks ? realloc(r->toks, sizeof(int32_t) * cap) : NULL;
+        if (!t) return false;
+        r->toks = t;
+        r->cap_toks = cap;
+    }
+    r->toks[r->n_toks++] = id;
+    return true;
+}
+
 /* The second half, on the engine thread alone: record the token, detokenize, apply stop
- * strings, publish, and decide whether r goes on. Returns true if r finished (caller removes).
- * Takes ownership of what e owns. */
-static bool on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
+ * strings, publish, and decide whether r goes on (it may be freed when it does not). Takes
+ * ownership of what ev owns. */
+static void on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
     const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
     eng_event_t e = *ev;
     int32_t id = e.token;
-    if (r->n_generated == r->gen_cap) {
-        uint32_t cap = r->gen_cap ? r->gen_cap * 2 : 64;
-        int32_t *g = realloc(r->gen, sizeof(int32_t) * cap);
-        if (g) r->gen = g, r->gen_cap = cap;
+    if (id < 0) {
+        eng_event_free(&e);
+        finish(s, r, ENG_FINISH_ERROR,
+               "the model produced non-finite logits (NaN or infinity): its weights or "
+               "activations are broken");
+        return;
     }
-    if (r->n_generated < r->gen_cap) r->gen[r->n_generated] = id;
+    if (!push_token(r, id)) {
+        eng_event_free(&e);
+        finish(s, r, ENG_FINISH_ERROR, "out of memory for the generated tokens");
+        return;
+    }
     r->n_generated++;
+    r->decoding = true;
     pthread_mutex_lock(&s->mu);
     s->stats.generation_tokens++;
     pthread_mutex_unlock(&s->mu);
@@ -687,15 +856,19 @@ static bool on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
         e.text = dup_text("", 0);
         publish(s, r, &e);
         finish(s, r, ENG_FINISH_STOP, NULL);
-        return true;
+        return;
     }
     char piece[512];
     size_t n_piece = eng_detok_push(&r->detok, id, piece, sizeof(piece));
-    hold(r, piece, n_piece);
+    if (!hold(r, piece, n_piece)) {
+        eng_event_free(&e);
+        finish(s, r, ENG_FINISH_ERROR, "out of memory for the generated text");
+        return;
+    }
     long at = find_stop(r);
     if (at >= 0) {
         e.text = dup_text(r->held, (size_t)at);
-        e.text_len = (size_t)at;
+        e.text_len = e.text ? (size_t)at : 0;
         r->held_len = 0;
         publish(s, r, &e);
         /* the stop string and anything after it are dropped */
@@ -703,23 +876,18 @@ static bool on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
         f.prompt_tokens = r->p.n_prompt;
         f.completion_tokens = r->n_generated;
         publish(s, r, &f);
-        release_seq(s, r);
-        eng_request_release(r);
-        return true;
+        retire(s, r);
+        return;
     }
     size_t keep = stop_prefix_len(r);
     e.text_len = r->held_len - keep;
     e.text = dup_text(r->held, e.text_len);
-    memmove(r->held, r->held + e.text_len, keep);
+    if (!e.text) e.text_len = 0;
+    memmove(r->held, r->held + r->held_len - keep, keep);
     r->held_len = keep;
     publish(s, r, &e);
-    if (r->n_generated >= r->p.max_tokens || (!r->p.evict && r->seq.n_tokens + 1 > r->window)) {
+    if (r->n_generated >= r->p.max_tokens || (!r->p.evict && r->n_toks > r->window))
         finish(s, r, ENG_FINISH_LENGTH, NULL);
-        return true;
-    }
-    r->last_token = id;
-    r->decoding = true;
-    return false;
 }
 
 static void record_batch(eng_sched_t *s, uint32_t n_seqs, uint32_t n_prompt_done) {
@@ -763,91 +931,41 @@ static void set_output(eng_sched_t *s, const eng_request_t *r, uint32_t n, eng_b
 
 static void step(eng_sched_t *s) {
     sweep(s);
-    admit(s);
-    uint32_t budget = s->p.step_tokens, n = 0, prompt_done = 0, claimed = 0;
-    kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
-    uint64_t evicted = 0;
-    /* a snapshot: the pressure policy may preempt requests while the batch is built */
-    size_t n_snap = s->n_running;
-    memcpy(s->snap, s->running, sizeof(eng_request_t *) * n_snap);
-    /* decode tokens first: streams never wait behind a prefill */
-    for (size_t i = 0; i < n_snap && budget; i++) {
-        eng_request_t *r = s->snap[i];
-        if (!r->admitted || !r->decoding) continue;
-        if (r->p.evict) evicted += eng_seq_make_room(s->ctx, &r->seq, r->window, 1, 0);
-        uint32_t nb = growth(s, &r->seq, 1);
-        if (claimed + nb > pool->n_free && !relieve(s, claimed + nb - pool->n_free, r, n, &evicted))
-            continue;
-        claimed += nb;
-        s->items[n] =
-            (eng_batch_item_t){&r->seq, &r->last_token, 1, NULL, false, &r->p.attn, &r->tele};
-        set_output(s, r, n, &s->items[n]);
-        s->item_req[n++] = r;
-        budget--;
-    }
-    for (size_t i = 0; i < n_snap && budget; i++) {
-        eng_request_t *r = s->snap[i];
-        if (!r->admitted || r->decoding) continue;
-        uint32_t left = r->n_feed - r->n_prefilled, chunk = left < budget ? left : budget;
-        uint32_t nb = growth(s, &r->seq, chunk);
-        if (claimed + nb > pool->n_free && s->p.pressure_evict)
-            relieve(s, claimed + nb - pool->n_free, r, n, &evicted);
-        if (claimed + nb > pool->n_free) { /* take what fits; the rest waits a step */
-            uint32_t room = (r->seq.n_blocks + (pool->n_free - claimed)) * pool->block_size;
-            chunk = room > r->seq.n_tokens ? room - r->seq.n_tokens : 0;
-            if (chunk > left) chunk = left;
-            if (!chunk) continue;
-            nb = growth(s, &r->seq, chunk);
-        }
-        claimed += nb;
-        bool last = chunk == left;
-        s->items[n] = (eng_batch_item_t){&r->seq, r->feed + r->n_prefilled, chunk, NULL, false,
-                                         NULL,    last ? &r->tele : NULL};
-        if (last) set_output(s, r, n, &s->items[n]);
-        s->item_req[n++] = r;
-        budget -= chunk;
+    s->evicted = 0;
+    build_batch(s);
+    uint32_t n = s->n_items, prompt_done = 0;
+    for (uint32_t k = 0; k < n; k++) s->item_req[k]->batched = false;
+    if (s->evicted) {
+        pthread_mutex_lock(&s->mu);
+        s->stats.evicted_tokens += s->evicted;
+        pthread_mutex_unlock(&s->mu);
     }
     if (!n) return;
     char msg[ENG_ERRMSG_LEN];
     int rc = eng_forward(s->ctx, s->items, n, msg);
-    /* which items produced a token: decoding ones, and prefills that finished their feed */
+    /* which items produced a token: those whose computed count reached the token count */
     uint32_t n_draw = 0;
     for (uint32_t k = 0; k < n; k++) {
         eng_request_t *r = s->item_req[k];
         s->drawn[k] = false;
         if (rc) continue;
-        if (!r->decoding) {
-            r->n_prefilled += s->items[k].n_tokens;
-            if (r->n_prefilled != r->n_feed) continue;
-            prompt_done += r->n_feed;
+        if (!r->decoding) prompt_done += s->items[k].n_tokens;
+        r->n_computed += s->items[k].n_tokens;
+        if (r->n_computed == r->n_toks) {
+            s->drawn[k] = true;
+            n_draw++;
         }
-        s->drawn[k] = true;
-        n_draw++;
     }
     /* the draws (sampling, entropy) run on the worker threads, one request each */
     if (n_draw) eng_ctx_parallel_for(s->ctx, draw_item, s, n);
     for (uint32_t k = 0; k < n; k++) {
         eng_request_t *r = s->item_req[k];
-        bool done = false;
-        if (rc) {
-            done = true;
+        if (rc)
             finish(s, r, ENG_FINISH_ERROR, msg);
-        } else if (s->drawn[k]) {
-            done = on_token(s, r, &s->draws[k]);
-        }
-        if (done)
-            for (size_t i = 0; i < s->n_running; i++)
-                if (s->running[i] == r) {
-                    remove_at(s->running, &s->n_running, i);
-                    break;
-                }
+        else if (s->drawn[k])
+            on_token(s, r, &s->draws[k]);
     }
     record_batch(s, n, prompt_done);
-    if (evicted) {
-        pthread_mutex_lock(&s->mu);
-        s->stats.evicted_tokens += evicted;
-        pthread_mutex_unlock(&s->mu);
-    }
 }
 
 static void *engine_main(void *arg) {
@@ -866,7 +984,7 @@ static void *engine_main(void *arg) {
             pthread_cond_wait(&s->cv, &s->mu);
         }
         bool stop = s->stop;
-        for (size_t i = 0; i < s->n_in; i++) s->waiting[s->n_waiting++] = s->inq[i];
+        for (size_t i = 0; i < s->n_in; i++) wq_push_back(s, s->inq[i]);
         s->n_in = 0;
         pthread_mutex_unlock(&s->mu);
         if (stop) break;
@@ -880,15 +998,12 @@ static void *engine_main(void *arg) {
         if (s->published && s->p.notify) s->p.notify(s->p.notify_arg);
     }
     /* shutdown: everything still here is cancelled */
-    while (s->n_running) {
-        eng_request_t *r = s->running[--s->n_running];
-        finish(s, r, ENG_FINISH_CANCELLED, NULL);
-    }
-    while (s->n_waiting) {
-        eng_request_t *r = s->waiting[--s->n_waiting];
-        atomic_fetch_sub(&s->n_queued, 1);
-        finish(s, r, ENG_FINISH_CANCELLED, NULL);
-    }
+    while (s->n_running) finish(s, s->running[s->n_running - 1], ENG_FINISH_CANCELLED, NULL);
+    while (s->n_waiting) finish(s, wq_at(s, s->n_waiting - 1), ENG_FINISH_CANCELLED, NULL);
+    pthread_mutex_lock(&s->mu);
+    s->stats.running = s->stats.waiting = 0;
+    s->stats.kv_usage = kv_pool_usage(eng_ctx_kv_pool(s->ctx));
+    pthread_mutex_unlock(&s->mu);
     /* no notify here: whoever destroys the scheduler no longer listens */
     return NULL;
 }

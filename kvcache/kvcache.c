@@ -1,4 +1,4 @@
-/* kvcache.c - block pool (free-list stack) and block tables. */
+/* kvcache.c - block pool (free-list stack, reference-counted blocks) and block tables. */
 #include "kvcache.h"
 #include "../engine/err.h"
 
@@ -42,9 +42,14 @@ int kv_pool_init_over(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t 
     if (!kv_pool_bytes(n_layer, kv_dim, block_size, n_blocks, f16))
         return eng_fail(msg, ENG_ERANGE, "KV pool: size overflows");
     p->free_list = malloc(sizeof(uint32_t) * n_blocks);
-    if (!p->free_list)
+    p->refs = calloc(n_blocks, sizeof(uint32_t));
+    if (!p->free_list || !p->refs) {
+        free(p->free_list);
+        free(p->refs);
+        p->free_list = p->refs = NULL;
         return eng_fail(msg, ENG_ENOMEM, "KV pool: cannot allocate the free list of %u blocks",
                         n_blocks);
+    }
     p->data = data;
     p->elem = f16 ? 2 : 4;
     p->n_layer = n_layer;
@@ -65,6 +70,7 @@ int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t
     size_t bytes = kv_pool_bytes(n_layer, kv_dim, block_size, n_blocks, f16);
     if (!(p->data = calloc(1, bytes))) {
         free(p->free_list);
+        free(p->refs);
         memset(p, 0, sizeof(*p));
         return eng_fail(msg, ENG_ENOMEM, "KV pool: cannot allocate %u blocks of %zu bytes",
                         n_blocks, bytes / n_blocks);
@@ -76,7 +82,24 @@ int kv_pool_init_typed(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t
 void kv_pool_close(kv_pool_t *p) {
     if (p->own_data) free(p->data);
     free(p->free_list);
+    free(p->refs);
     memset(p, 0, sizeof(*p));
+}
+
+int kv_block_alloc(kv_pool_t *p, uint32_t *block) {
+    if (!p->n_free) return ENG_ENOSPACE;
+    uint32_t b = p->free_list[--p->n_free];
+    p->refs[b] = 1;
+    *block = b;
+    return 0;
+}
+
+void kv_block_ref(kv_pool_t *p, uint32_t block) {
+    p->refs[block]++;
+}
+
+void kv_block_unref(kv_pool_t *p, uint32_t block) {
+    if (p->refs[block] && --p->refs[block] == 0) p->free_list[p->n_free++] = block;
 }
 
 void kv_seq_init(kv_seq_t *s, kv_pool_t *pool) {
@@ -97,8 +120,9 @@ int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens) {
         s->cap_blocks = cap;
     }
     while (s->n_blocks < need) {
-        if (!p->n_free) return ENG_ENOSPACE;
-        s->blocks[s->n_blocks++] = p->free_list[--p->n_free];
+        int rc = kv_block_alloc(p, &s->blocks[s->n_blocks]);
+        if (rc) return rc;
+        s->n_blocks++;
     }
     return 0;
 }
@@ -111,7 +135,7 @@ uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n) {
     if (full <= sink_blocks || n == 0) return 0;
     uint32_t k = (n + bs - 1) / bs;
     if (k > full - sink_blocks) k = full - sink_blocks;
-    for (uint32_t i = 0; i < k; i++) p->free_list[p->n_free++] = s->blocks[sink_blocks + i];
+    for (uint32_t i = 0; i < k; i++) kv_block_unref(p, s->blocks[sink_blocks + i]);
     memmove(s->blocks + sink_blocks, s->blocks + sink_blocks + k,
             sizeof(uint32_t) * (s->n_blocks - sink_blocks - k));
     s->n_blocks -= k;
@@ -122,7 +146,7 @@ uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n) {
 
 void kv_seq_reset(kv_seq_t *s) {
     kv_pool_t *p = s->pool;
-    while (s->n_blocks) p->free_list[p->n_free++] = s->blocks[--s->n_blocks];
+    while (s->n_blocks) kv_block_unref(p, s->blocks[--s->n_blocks]);
     s->n_tokens = 0;
     s->n_evicted = 0;
 }

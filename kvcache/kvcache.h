@@ -4,7 +4,11 @@
  * `block_size` token slots for every layer: keys and values of kv_dim floats
  * each. A sequence owns a block table mapping its logical blocks to physical
  * ones; attention reads keys and values through that table. Blocks are handed
- * out from a free list in O(1) and returned when a sequence is reset or freed.
+ * out from a free list in O(1) and carry a reference count: a block table holds
+ * one reference per entry, and a block returns to the free list when its last
+ * reference goes (so several sequences may share a block: the prefix cache and
+ * forked sequences build on this; a block shared by more than one holder is
+ * read-only, and whoever would change it copies it first).
  *
  * Not thread-safe: the engine thread owns the pool. Attention kernels may read
  * concurrently while no allocation is in progress.
@@ -26,6 +30,7 @@ typedef struct {
     bool own_data;       /* data was allocated here (else a backend owns it) */
     uint32_t *free_list; /* stack of free block ids */
     uint32_t n_free;
+    uint32_t *refs; /* per block: the references held (0: on the free list) */
 } kv_pool_t;
 
 typedef struct {
@@ -61,17 +66,30 @@ static inline double kv_pool_usage(const kv_pool_t *p) {
     return p->n_blocks ? (double)(p->n_blocks - p->n_free) / p->n_blocks : 0.0;
 }
 
+/* Take a free block with one reference, held by the caller; ENG_ENOSPACE when none is free. */
+int kv_block_alloc(kv_pool_t *p, uint32_t *block);
+/* Add a reference to an allocated block (a second holder shares it). */
+void kv_block_ref(kv_pool_t *p, uint32_t block);
+/* Drop a reference; the last one returns the block to the free list. */
+void kv_block_unref(kv_pool_t *p, uint32_t block);
+/* True while more than one holder references the block (it must not be written then). */
+static inline bool kv_block_shared(const kv_pool_t *p, uint32_t block) {
+    return p->refs[block] > 1;
+}
+
 void kv_seq_init(kv_seq_t *s, kv_pool_t *pool);
-/* Ensure capacity for n_tokens total; allocates blocks. ENG_ENOSPACE if the pool is exhausted
- * (already allocated blocks are kept, so the caller may retry after freeing others). */
+/* Ensure capacity for n_tokens total; allocates blocks (one reference each, held by the
+ * table). ENG_ENOSPACE if the pool is exhausted (already allocated blocks are kept, so the
+ * caller may retry after freeing others); ENG_ENOMEM if the table cannot grow. */
 int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens);
 /* Sink-aware eviction, block-granular (StreamingLLM, arXiv 2309.17453): return up to
  * ceil(n / block_size) of the oldest blocks after the sink blocks (the blocks holding the
- * first n_sinks tokens) to the pool and close the gap in the block table. Returns the tokens
+ * first n_sinks tokens) to the pool (drops the table's references) and close the gap in
+ * the block table. Returns the tokens
  * evicted (a multiple of the block size); positions after the sinks move down by that much,
  * and the caller re-rotates their keys (K-shift). */
 uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n);
-/* Drop all tokens and return every block to the pool. */
+/* Drop all tokens and the table's reference to every block. */
 void kv_seq_reset(kv_seq_t *s);
 void kv_seq_close(kv_seq_t *s);
 

@@ -413,41 +413,46 @@ static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_
                         uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot,
                         float base, const float *freq_factors) {
     (void)be;
-    /* the rotation by -delta: the same angles as RoPE at position delta, negated */
+    /* the rotation by -delta: the same angles as RoPE at position delta, negated. The angles
+     * of up to KS_PAIRS dimension pairs at a time live on the stack, so any n_rot works. */
+    enum { KS_PAIRS = 256 };
     float theta_scale = powf(base, -2.0f / (float)n_rot);
-    float cs[512], sn[512];
+    float cs[KS_PAIRS], sn[KS_PAIRS];
     float theta = (float)delta;
-    for (uint32_t i = 0; i < n_rot / 2 && i < 512; i++) {
-        float th = freq_factors ? theta / freq_factors[i] : theta;
-        cs[i] = cosf(th);
-        sn[i] = -sinf(th);
-        theta *= theta_scale;
-    }
     bool f16 = seq->pool->elem == 2;
-    for (uint32_t l = 0; l < seq->pool->n_layer; l++)
-        for (uint32_t p = from; p < to; p++) {
-            void *kp = kv_seq_kp(seq, l, p);
-            for (uint32_t h = 0; h < n_head_kv; h++)
-                for (uint32_t i = 0; i < n_rot; i += 2) {
-                    size_t x = (size_t)h * head_dim + i;
-                    float a, b;
-                    if (f16) {
-                        a = eng_f16_to_f32(((uint16_t *)kp)[x]);
-                        b = eng_f16_to_f32(((uint16_t *)kp)[x + 1]);
-                    } else {
-                        a = ((float *)kp)[x];
-                        b = ((float *)kp)[x + 1];
-                    }
-                    float ra = a * cs[i / 2] - b * sn[i / 2], rb = a * sn[i / 2] + b * cs[i / 2];
-                    if (f16) {
-                        ((uint16_t *)kp)[x] = eng_f32_to_f16(ra);
-                        ((uint16_t *)kp)[x + 1] = eng_f32_to_f16(rb);
-                    } else {
-                        ((float *)kp)[x] = ra;
-                        ((float *)kp)[x + 1] = rb;
-                    }
-                }
+    for (uint32_t p0 = 0; p0 < n_rot / 2; p0 += KS_PAIRS) {
+        uint32_t np = n_rot / 2 - p0 < KS_PAIRS ? n_rot / 2 - p0 : KS_PAIRS;
+        for (uint32_t j = 0; j < np; j++) {
+            float th = freq_factors ? theta / freq_factors[p0 + j] : theta;
+            cs[j] = cosf(th);
+            sn[j] = -sinf(th);
+            theta *= theta_scale;
         }
+        for (uint32_t l = 0; l < seq->pool->n_layer; l++)
+            for (uint32_t p = from; p < to; p++) {
+                void *kp = kv_seq_kp(seq, l, p);
+                for (uint32_t h = 0; h < n_head_kv; h++)
+                    for (uint32_t j = 0; j < np; j++) {
+                        size_t x = (size_t)h * head_dim + 2 * (p0 + j);
+                        float a, b;
+                        if (f16) {
+                            a = eng_f16_to_f32(((uint16_t *)kp)[x]);
+                            b = eng_f16_to_f32(((uint16_t *)kp)[x + 1]);
+                        } else {
+                            a = ((float *)kp)[x];
+                            b = ((float *)kp)[x + 1];
+                        }
+                        float ra = a * cs[j] - b * sn[j], rb = a * sn[j] + b * cs[j];
+                        if (f16) {
+                            ((uint16_t *)kp)[x] = eng_f32_to_f16(ra);
+                            ((uint16_t *)kp)[x + 1] = eng_f32_to_f16(rb);
+                        } else {
+                            ((float *)kp)[x] = ra;
+                            ((float *)kp)[x + 1] = rb;
+                        }
+                    }
+            }
+    }
 }
 
 static void cpu_swiglu(eng_backend_t *be, float *g, const float *u, size_t n) {

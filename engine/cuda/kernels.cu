@@ -705,10 +705,18 @@ __global__ void __launch_bounds__(ARGMAX_THREADS)
     k_argmax(const float *rows, uint32_t n, int32_t *out) {
     __shared__ float sv[ARGMAX_THREADS / WARP];
     __shared__ uint32_t si[ARGMAX_THREADS / WARP];
+    __shared__ int sbad;
     const float *x = rows + (size_t)blockIdx.x * n;
     float v = -INFINITY;
     uint32_t idx = 0xffffffffu;
-    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) better(v, idx, x[k], k);
+    bool bad = false;
+    if (threadIdx.x == 0) sbad = 0;
+    __syncthreads();
+    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) {
+        float xk = x[k];
+        bad |= xk != xk || xk == INFINITY;
+        better(v, idx, xk, k);
+    }
     for (int o = WARP / 2; o; o >>= 1) {
         float v2 = __shfl_xor_sync(0xffffffffu, v, o);
         uint32_t i2 = __shfl_xor_sync(0xffffffffu, idx, o);
@@ -716,10 +724,12 @@ __global__ void __launch_bounds__(ARGMAX_THREADS)
     }
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     if (lane == 0) sv[warp] = v, si[warp] = idx;
+    if (bad) sbad = 1;
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 1; w < (int)(blockDim.x / WARP); w++) better(v, idx, sv[w], si[w]);
-        out[blockIdx.x] = idx == 0xffffffffu ? 0 : (int32_t)idx; /* all -inf or NaN: 0 */
+        /* a NaN or +inf anywhere, or nothing above -inf: -1, as eng_argmax on the host */
+        out[blockIdx.x] = sbad || idx == 0xffffffffu ? -1 : (int32_t)idx;
     }
 }
 

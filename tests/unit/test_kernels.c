@@ -193,3 +193,35 @@ Test(kernels, test_f16_and_bf16_conversions_round_trip) {
         cr_assert_eq(eng_f32_to_f16(eng_f16_to_f32((uint16_t)h)), h, "half 0x%04x", h);
     }
 }
+
+/* The K-shift for any rotary width: keys rotated for positions p + delta and shifted by delta
+ * equal keys rotated for p. A model file may declare a head far wider than real ones (here
+ * 2,048 rotary dimensions); the shift once kept its angles in fixed 512-entry arrays. */
+Test(kernels, test_k_shift_of_a_wide_head_equals_rope_at_the_new_positions) {
+    enum { HD = 2048, NPOS = 8, DELTA = 5 };
+    char msg[ENG_ERRMSG_LEN];
+    kv_pool_t pool;
+    cr_assert_eq(kv_pool_init(&pool, 1, HD, 4, 2, msg), 0, "%s", msg);
+    kv_seq_t seq;
+    kv_seq_init(&seq, &pool);
+    cr_assert_eq(kv_seq_reserve(&seq, NPOS), 0);
+    seq.n_tokens = NPOS;
+    static float base[NPOS * HD], want[NPOS * HD];
+    uint32_t shifted[NPOS], at[NPOS];
+    uint64_t rng = 5;
+    for (int i = 0; i < NPOS * HD; i++) base[i] = want[i] = frand(&rng);
+    for (uint32_t p = 0; p < NPOS; p++) shifted[p] = p + DELTA, at[p] = p;
+    ref_rope(base, shifted, NPOS, 1, HD, HD, 10000.0f, NULL);
+    ref_rope(want, at, NPOS, 1, HD, HD, 10000.0f, NULL);
+    for (uint32_t p = 0; p < NPOS; p++)
+        memcpy(kv_seq_k(&seq, 0, p), base + p * HD, sizeof(float) * HD);
+    eng_backend_t *be = make_backend(1);
+    be->ops->k_shift(be, &seq, 0, NPOS, DELTA, 1, HD, HD, 10000.0f, NULL);
+    for (uint32_t p = 0; p < NPOS; p++) {
+        double e = rel_err(kv_seq_k(&seq, 0, p), want + p * HD, HD);
+        cr_expect_lt(e, 1e-4, "position %u: err %g", p, e);
+    }
+    be->ops->destroy(be);
+    kv_seq_close(&seq);
+    kv_pool_close(&pool);
+}

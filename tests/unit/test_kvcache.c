@@ -66,3 +66,33 @@ Test(kvcache, test_pool_rejects_zero_and_overflowing_sizes) {
     cr_expect_eq(kv_pool_init(&p, 1 << 20, 1 << 20, 1 << 10, 1 << 20, msg), ENG_ERANGE);
     cr_expect_eq(kv_pool_blocks_for_bytes(2, 8, 4, 2 * 2 * 8 * 4 * 4 * 3 + 5), 3);
 }
+
+/* A block shared by two holders returns to the pool only when both have let go. */
+Test(kvcache, test_shared_block_returns_only_with_its_last_reference) {
+    kv_pool_t p;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(kv_pool_init(&p, 1, 4, 4, 3, msg), 0);
+    kv_seq_t a;
+    kv_seq_init(&a, &p);
+    cr_assert_eq(kv_seq_reserve(&a, 8), 0);
+    uint32_t shared = a.blocks[0];
+    cr_expect_not(kv_block_shared(&p, shared));
+    kv_block_ref(&p, shared); /* a second holder, as a prefix cache or a fork would be */
+    cr_expect(kv_block_shared(&p, shared));
+    kv_seq_close(&a);
+    cr_expect_eq(p.n_free, 2, "the shared block went back while still referenced");
+    cr_expect_not(kv_block_shared(&p, shared));
+    uint32_t b;
+    cr_assert_eq(kv_block_alloc(&p, &b), 0);
+    cr_expect_neq(b, shared);
+    kv_block_unref(&p, shared);
+    cr_expect_eq(p.n_free, 2);
+    kv_block_unref(&p, b);
+    cr_expect_eq(p.n_free, 3);
+    cr_expect_eq(kv_block_alloc(&p, &b), 0);
+    uint32_t c, d;
+    cr_expect_eq(kv_block_alloc(&p, &c), 0);
+    cr_expect_eq(kv_block_alloc(&p, &d), 0);
+    cr_expect_eq(kv_block_alloc(&p, &d), ENG_ENOSPACE);
+    kv_pool_close(&p);
+}

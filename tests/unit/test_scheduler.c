@@ -1,11 +1,13 @@
 /* test_scheduler.c - continuous batching: parity with solo runs, stop strings, logprobs and
  * entropy, cancellation freeing KV, the bounded queue and deadlines. */
 #include "../../engine/engine.h"
+#include "../../engine/gguf.h"
 #include "helpers.h"
 
 #include <criterion/criterion.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -325,7 +327,7 @@ Test(scheduler, test_queue_bound_and_deadline_and_bad_prompts) {
 
 /* A KV pool too small for everyone at once: under the preempt policy every request finishes
  * with exactly its solo text (recomputed after preemption); under the evict policy every
- * request finishes, with middle blocks dropped. Nothing fails. */
+ * request (each allowing eviction) finishes, with middle blocks dropped. Nothing fails. */
 static void run_pressure(bool evict_policy) {
     if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     const char *prompts[3] = {"Once upon a time", "The dog", "One day"};
@@ -352,6 +354,7 @@ static void run_pressure(bool evict_policy) {
         eng_req_params_t p = greedy_params(f.m, prompts[i], 60);
         p.ignore_eos = true;
         p.sinks = 4;
+        p.evict = evict_policy; /* pressure eviction takes blocks only from those that allow it */
         rs[i] = eng_request_create(&p);
         cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
     }
@@ -420,4 +423,295 @@ Test(cuda, test_scheduler_on_the_gpu_equals_the_cpu) {
         cr_expect_eq(out[1][i].finish, out[0][i].finish, "request %d", i);
         cr_expect_str_eq(out[1][i].text, out[0][i].text, "request %d", i);
     }
+}
+
+/* ---- memory pressure, bounded queues and the allocate-or-preempt loop ---------------- */
+
+/* A scheduler over a pool of exactly n_blocks F32 blocks of stories260K (5 layers, kv_dim 32,
+ * 16-token blocks). */
+static void sfx_open_pool(sfx_t *f, uint32_t n_blocks, uint32_t max_running, uint32_t max_waiting,
+                          uint32_t step_tokens, bool evict_policy) {
+    char msg[ENG_ERRMSG_LEN];
+    memset(f, 0, sizeof(*f));
+    pthread_mutex_init(&f->mu, NULL);
+    pthread_cond_init(&f->cv, NULL);
+    cr_assert_eq(eng_model_load(&f->m, STORIES_PATH, msg), 0, "%s", msg);
+    eng_ctx_params_t cp;
+    eng_ctx_params_default(&cp);
+    cp.device = ENG_DEVICE_CPU;
+    cp.max_seqs = max_running;
+    cp.n_threads = 2;
+    cp.n_ctx = 256;
+    cp.kv_f16 = false;
+    cp.kv_mem_bytes = (size_t)n_blocks * 5 * 2 * 16 * 32 * 4;
+    cr_assert_eq(eng_ctx_create(&f->c, f->m, &cp, msg), 0, "%s", msg);
+    cr_assert_eq(eng_ctx_kv_pool(f->c)->n_blocks, n_blocks);
+    eng_sched_params_t sp = {.max_running = max_running,
+                             .max_waiting = max_waiting,
+                             .step_tokens = step_tokens,
+                             .notify = on_notify,
+                             .notify_arg = f,
+                             .pressure_evict = evict_policy};
+    cr_assert_eq(eng_sched_create(&f->s, f->c, f->m, &sp, msg), 0, "%s", msg);
+}
+
+/* Wait (bounded, as a hang guard only) until the scheduler reports nothing running or waiting,
+ * then check the pool is empty. */
+static void expect_idle_and_empty(sfx_t *f) {
+    eng_sched_stats_t st;
+    for (int i = 0; i < 2000; i++) {
+        eng_sched_stats(f->s, &st);
+        if (!st.running && !st.waiting && kv_pool_usage(eng_ctx_kv_pool(f->c)) == 0) break;
+        usleep(5000);
+    }
+    cr_expect_eq(st.running, 0);
+    cr_expect_eq(st.waiting, 0);
+    cr_expect_float_eq(kv_pool_usage(eng_ctx_kv_pool(f->c)), 0.0, 1e-9);
+}
+
+/* Preemption while the waiting queue is full: the requeued request must find room in the
+ * queue (it once wrote past an array of max_waiting entries), and every request still ends
+ * with its solo text. */
+Test(scheduler, test_preemption_with_a_full_queue_stays_in_bounds) {
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    const char *prompts[4] = {"Once upon a time", "The dog", "One day", "Lily"};
+    result_t solo[4], got[4];
+    solo_runs(prompts, 4, 50, true, solo);
+    sfx_t f;
+    sfx_open_pool(&f, 6, 2, 2, 512, false);
+    char msg[ENG_ERRMSG_LEN];
+    eng_request_t *rs[4];
+    for (int i = 0; i < 4; i++) {
+        eng_req_params_t p = greedy_params(f.m, prompts[i], 50);
+        p.ignore_eos = true;
+        rs[i] = eng_request_create(&p);
+        if (i == 2) /* two running, then the queue fills */
+            while (eng_request_start_time(rs[1]) == 0) usleep(1000);
+        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "request %d: %s", i, msg);
+    }
+    for (int i = 0; i < 4; i++) {
+        collect(&f, rs[i], &got[i]);
+        cr_expect_eq(got[i].finish, ENG_FINISH_LENGTH, "request %d", i);
+        cr_expect_str_eq(got[i].text, solo[i].text, "request %d", i);
+        eng_request_release(rs[i]);
+    }
+    eng_sched_stats_t st;
+    eng_sched_stats(f.s, &st);
+    cr_expect_gt(st.preemptions, 0);
+    expect_idle_and_empty(&f);
+    sfx_close(&f);
+}
+
+/* The evict policy with chunked prefill and a pool of a few blocks: a request preempted while
+ * its own chunk was being batched must not leave an empty item in the batch (which failed the
+ * whole step) nor be touched after it finished. */
+Test(scheduler, test_pressure_evict_with_chunked_prefill_never_fails_a_step) {
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    /* prompts that cross a block boundary, so a prefill chunk needs a block of its own */
+    const char *prompts[4] = {
+        "Once upon a time there was a little girl named Lily. She loved to play outside",
+        "The dog and the cat played in the big green park all day long with a red ball",
+        "One day Lily went to the park with her mom and her little brother Tom to play",
+        "Tom had a big red ball and a little blue car. He liked to play with them a lot"};
+    sfx_t f;
+    sfx_open_pool(&f, 5, 4, 8, 4, true);
+    char msg[ENG_ERRMSG_LEN];
+    eng_request_t *rs[4];
+    for (int i = 0; i < 4; i++) {
+        eng_req_params_t p = greedy_params(f.m, prompts[i], 40);
+        p.ignore_eos = true;
+        p.evict = true;
+        p.sinks = 4;
+        rs[i] = eng_request_create(&p);
+        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+    }
+    for (int i = 0; i < 4; i++) {
+        result_t got;
+        collect(&f, rs[i], &got);
+        cr_expect_eq(got.finish, ENG_FINISH_LENGTH, "request %d ended %s", i,
+                     eng_finish_name(got.finish));
+        cr_expect_eq(got.completion_tokens, 40, "request %d", i);
+        eng_request_release(rs[i]);
+    }
+    expect_idle_and_empty(&f);
+    sfx_close(&f);
+}
+
+/* Pressure eviction takes blocks only from sequences that allow eviction and are not already
+ * in the step's batch: a request with evict=false keeps every token (its text equals its solo
+ * run), and so does an evicting stream that is batched first in every step. */
+Test(scheduler, test_pressure_evict_spares_requests_that_did_not_ask) {
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    const char *prompts[2] = {"Once upon a time", "The dog"};
+    result_t solo[2], got[2];
+    solo_runs(prompts, 2, 50, true, solo);
+    sfx_t f;
+    sfx_open_pool(&f, 6, 2, 4, 512, true);
+    char msg[ENG_ERRMSG_LEN];
+    eng_request_t *rs[2];
+    for (int i = 0; i < 2; i++) {
+        eng_req_params_t p = greedy_params(f.m, prompts[i], 50);
+        p.ignore_eos = true;
+        p.evict = i == 0; /* the first may be evicted (when not batched), the second never */
+        p.sinks = 4;
+        rs[i] = eng_request_create(&p);
+        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+        if (i == 0)
+            while (eng_request_start_time(rs[0]) == 0) usleep(1000);
+    }
+    for (int i = 0; i < 2; i++) {
+        collect(&f, rs[i], &got[i]);
+        cr_expect_eq(got[i].finish, ENG_FINISH_LENGTH, "request %d", i);
+        cr_expect_str_eq(got[i].text, solo[i].text, "request %d", i);
+        eng_request_release(rs[i]);
+    }
+    expect_idle_and_empty(&f);
+    sfx_close(&f);
+}
+
+/* A stress run: random arrivals, cancels, deadlines, sampled and greedy, tidal and dense,
+ * windows with and without eviction, into a pool of six blocks and a queue of four. Bounded
+ * in count (every request is small); afterwards every request has ended with a valid reason
+ * (never an engine error), within its max_tokens, and the pool is empty. make test runs it
+ * under ASan+UBSan too, which catches any out-of-bounds write or use after free. */
+static void stress(bool evict_policy, uint32_t step_tokens, uint64_t seed) {
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    static const char *prompts[] = {"Once upon a time", "The dog", "One day Lily went to the park",
+                                    "Tom had a big red ball and a little", "Lily"};
+    enum { N = 48 };
+    sfx_t f;
+    sfx_open_pool(&f, 6, 4, 4, step_tokens, evict_policy);
+    char msg[ENG_ERRMSG_LEN];
+    eng_request_t *rs[N];
+    uint32_t max_tok[N];
+    int n = 0, refused = 0; /* refusals depend on the machine's speed: counted, not checked */
+    uint64_t rng = seed;
+    for (int i = 0; i < N; i++) {
+        uint32_t pick = (uint32_t)((frand(&rng) + 1) * 2.5f) % 5;
+        eng_req_params_t p =
+            greedy_params(f.m, prompts[pick], 1 + (uint32_t)((frand(&rng) + 1) * 30));
+        p.ignore_eos = frand(&rng) > 0;
+        p.sinks = 4;
+        if (frand(&rng) > 0) {
+            p.evict = true;
+            p.window = frand(&rng) > 0 ? 48 : 0;
+        }
+        if (frand(&rng) > 0.5f) {
+            p.sampling.temperature = 0.9f;
+            p.sampling.seed = (uint64_t)i;
+            p.logprobs = 2;
+            p.entropy = true;
+        }
+        if (frand(&rng) > 0.6f) {
+            p.attn = (eng_attn_params_t){.mode = ENG_ATTN_TIDAL, .token_budget = 8};
+            eng_attn_defaults(eng_model_hparams(f.m), &p.attn);
+        }
+        if (frand(&rng) > 0.8f) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            p.deadline = now.tv_sec + now.tv_nsec * 1e-9 + 0.002 * (frand(&rng) + 1);
+        }
+        uint32_t mt = p.max_tokens;
+        eng_request_t *r = eng_request_create(&p);
+        int rc;
+        /* a full queue refuses (the API's 429): retry, as a client would, until it takes it */
+        for (int t = 0; (rc = eng_sched_submit(f.s, r, msg)) == ENG_ERANGE && t < 20000; t++) {
+            refused++;
+            usleep(1000);
+        }
+        cr_assert_eq(rc, 0, "request %d: %s", i, msg);
+        rs[n] = r;
+        max_tok[n++] = mt;
+        if (frand(&rng) > 0.6f)
+            eng_request_cancel(rs[(uint32_t)((frand(&rng) + 1) * 0.5f * n) % n]);
+        usleep((useconds_t)((frand(&rng) + 1) * 1000));
+    }
+    for (int i = 0; i < n; i++) {
+        result_t got;
+        collect(&f, rs[i], &got);
+        cr_expect(got.finish == ENG_FINISH_STOP || got.finish == ENG_FINISH_LENGTH ||
+                      got.finish == ENG_FINISH_CANCELLED || got.finish == ENG_FINISH_TIMEOUT,
+                  "request %d ended %s", i, eng_finish_name(got.finish));
+        cr_expect_leq(got.completion_tokens, max_tok[i], "request %d", i);
+        eng_request_release(rs[i]);
+    }
+    (void)refused;
+    expect_idle_and_empty(&f);
+    sfx_close(&f);
+}
+
+Test(scheduler, test_stress_preempt_policy_chunked_prefill) {
+    stress(false, 4, 7);
+}
+Test(scheduler, test_stress_preempt_policy) {
+    stress(false, 64, 11);
+}
+Test(scheduler, test_stress_evict_policy_chunked_prefill) {
+    stress(true, 4, 13);
+}
+Test(scheduler, test_stress_evict_policy) {
+    stress(true, 64, 17);
+}
+
+/* A model whose weights hold a NaN produces NaN logits: the request ends with an error that
+ * says so (it once emitted token 0 forever), on the greedy path (the engine's argmax) and the
+ * sampled one. */
+Test(scheduler, test_non_finite_logits_end_the_request_with_an_error) {
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    FILE *in = fopen(STORIES_PATH, "rb");
+    cr_assert_not_null(in);
+    fseek(in, 0, SEEK_END);
+    size_t size = (size_t)ftell(in);
+    fseek(in, 0, SEEK_SET);
+    uint8_t *buf = malloc(size);
+    cr_assert_eq(fread(buf, 1, size, in), size);
+    fclose(in);
+    gguf_t *g;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(gguf_parse(&g, buf, size, msg), 0, "%s", msg);
+    const gguf_tensor_t *t = gguf_tensor(g, "output_norm.weight");
+    cr_assert(t && t->type == 0, "stories260K has an F32 output_norm.weight");
+    size_t off = (size_t)((const uint8_t *)t->data - buf);
+    gguf_close(g);
+    float nan = NAN;
+    memcpy(buf + off, &nan, sizeof(nan));
+    const char *dir = getenv("TIDALD_TEST_TMP");
+    char path[512];
+    snprintf(path, sizeof(path), "%s/nan-%d.gguf", dir ? dir : "/tmp", (int)getpid());
+    FILE *out = fopen(path, "wb");
+    cr_assert_not_null(out);
+    cr_assert_eq(fwrite(buf, 1, size, out), size);
+    fclose(out);
+    free(buf);
+    sfx_t f;
+    sfx_open(&f, path, 2, 4, 512);
+    for (int sampled = 0; sampled < 2; sampled++) {
+        eng_req_params_t p = greedy_params(f.m, "Once upon a time", 20);
+        if (sampled) p.sampling.temperature = 0.8f;
+        eng_request_t *r = eng_request_create(&p);
+        cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+        result_t got;
+        memset(&got, 0, sizeof(got));
+        eng_event_t ev[8];
+        char err[128] = "";
+        for (int i = 0; i < 4000 && got.finish == ENG_FINISH_NONE; i++) {
+            size_t n = eng_request_drain(r, ev, 8);
+            for (size_t k = 0; k < n; k++) {
+                if (ev[k].finish != ENG_FINISH_NONE) {
+                    got.finish = ev[k].finish;
+                    got.completion_tokens = ev[k].completion_tokens;
+                    snprintf(err, sizeof(err), "%s", ev[k].error);
+                }
+                eng_event_free(&ev[k]);
+            }
+            if (!n) usleep(5000);
+        }
+        cr_expect_eq(got.finish, ENG_FINISH_ERROR, "sampled %d ended %s", sampled,
+                     eng_finish_name(got.finish));
+        cr_expect_eq(got.completion_tokens, 0);
+        cr_expect(strstr(err, "non-finite"), "sampled %d: '%s'", sampled, err);
+        eng_request_release(r);
+    }
+    sfx_close(&f);
+    unlink(path);
 }
