@@ -21,6 +21,7 @@ ARG VARIANT
 WORKDIR /src
 COPY Makefile ./
 RUN make deps-build
+COPY base/ base/
 COPY engine/ engine/
 COPY kvcache/ kvcache/
 COPY api/ api/

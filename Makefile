@@ -15,8 +15,8 @@ CFLAGS_ALL := $(CSTD) $(WARN) $(OPT) -fno-omit-frame-pointer -pthread -MMD -MP \
 LDLIBS  := -luv -lcjson -lm -pthread -ldl
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-ENGINE_SRC := engine/err.c engine/gguf.c engine/model.c engine/tokenizer.c engine/sampler.c \
-              engine/forward.c engine/backend.c engine/scheduler.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/cpu/threadpool.c \
+ENGINE_SRC := base/err.c engine/gguf.c engine/model.c engine/tokenizer.c engine/sampler.c \
+              engine/forward.c engine/backend.c engine/scheduler.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/threadpool.c \
               kvcache/kvcache.c config/config.c
 LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c
 API_SRC    := api/request.c api/response.c api/chat.c api/metrics.c
@@ -98,7 +98,7 @@ $(BUILD)/cuda/kernels.o: engine/cuda/kernels.cu engine/cuda/kernels.h
 $(BUILD)/cuda/%.o: engine/cuda/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CUDA_CFLAGS) -c $< -o $@
-$(BUILD)/cuda/err.o: engine/err.c
+$(BUILD)/cuda/err.o: base/err.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CUDA_CFLAGS) -c $< -o $@
 $(CUDA_LIB): $(BUILD)/cuda/cuda_backend.o $(BUILD)/cuda/kernels.o $(BUILD)/cuda/err.o
@@ -237,7 +237,7 @@ $(EMU_DIR)/emu_runtime.o: tests/cuda_emu/emu_runtime.cpp $(wildcard tests/cuda_e
 $(EMU_DIR)/%.o: engine/cuda/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -pthread $(EMU_INC) -c $< -o $@
-$(EMU_DIR)/err.o: engine/err.c
+$(EMU_DIR)/err.o: base/err.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -c $< -o $@
 $(EMU_DIR)/libtidald-cuda.so: $(EMU_DIR)/cuda_backend.o $(EMU_DIR)/kernels_emu.o $(EMU_DIR)/emu_runtime.o $(EMU_DIR)/err.o
@@ -255,7 +255,7 @@ gpu-check:
 	bash scripts/gpu-check.sh
 
 # ---- formatting ----
-FMT_FILES := $(shell find server engine kvcache api config tools tests bench -name '*.[ch]' -o -name '*.cu' -o -name '*.cpp' 2>/dev/null)
+FMT_FILES := $(shell find base sched server engine kvcache api config tools tests bench -name '*.[ch]' -o -name '*.cu' -o -name '*.cpp' 2>/dev/null)
 format:
 	clang-format -i $(FMT_FILES)
 format-check:

@@ -7,7 +7,7 @@
  * one token and rolls the cache back, so the length stays fixed.
  */
 #include "../engine/engine.h"
-#include "../engine/f16.h"
+#include "../base/f16.h"
 
 #include <stdio.h>
 #include <stdlib.h>

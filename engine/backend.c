@@ -8,7 +8,7 @@
  */
 #define _GNU_SOURCE
 #include "backend.h"
-#include "err.h"
+#include "../base/err.h"
 
 #include <dlfcn.h>
 #include <libgen.h>

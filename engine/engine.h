@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 #include "../kvcache/kvcache.h"
-#include "err.h"
+#include "../base/err.h"
 
 /* ===== model ========================================================== */
 

@@ -6,8 +6,8 @@
  * sequence through its block table. Activations live in buffers sized once
  * for max_batch_tokens, so a step allocates nothing.
  */
-#include "cpu/threadpool.h"
-#include "f16.h"
+#include "threadpool.h"
+#include "../base/f16.h"
 #include "model.h"
 
 #include <math.h>

@@ -7,7 +7,7 @@
  * tensor data is never touched here.
  */
 #include "gguf.h"
-#include "err.h"
+#include "../base/err.h"
 
 #include <errno.h>
 #include <fcntl.h>

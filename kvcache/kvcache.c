@@ -1,6 +1,6 @@
 /* kvcache.c - block pool (free-list stack, reference-counted blocks) and block tables. */
 #include "kvcache.h"
-#include "../engine/err.h"
+#include "../base/err.h"
 
 #include <stdlib.h>
 #include <string.h>

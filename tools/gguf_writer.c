@@ -1,6 +1,6 @@
 /* gguf_writer.c - GGUF v3 serialization (spec: ggml docs/gguf.md). */
 #include "gguf_writer.h"
-#include "../engine/f16.h"
+#include "../base/f16.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -7,11 +7,11 @@
  */
 #include "../backend.h"
 #include "../engine.h"
-#include "../err.h"
-#include "../f16.h"
+#include "../../base/err.h"
+#include "../../base/f16.h"
 #include "../gguf.h"
 #include "simd.h"
-#include "threadpool.h"
+#include "../threadpool.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -1,6 +1,6 @@
 /* simd.c - scalar, AVX2+FMA and AVX-512F kernels and their run-time dispatch. */
 #include "simd.h"
-#include "../f16.h"
+#include "../../base/f16.h"
 
 #include <immintrin.h>
 #include <string.h>

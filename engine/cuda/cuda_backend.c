@@ -19,8 +19,8 @@
  * A CUDA error in an op is remembered and reported by end_step (the step fails with ENG_EIO).
  */
 #include "../backend.h"
-#include "../err.h"
-#include "../f16.h"
+#include "../../base/err.h"
+#include "../../base/f16.h"
 #include "../gguf.h"
 #include "kernels.h"
 

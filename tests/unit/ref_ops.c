@@ -1,6 +1,6 @@
 /* ref_ops.c - the scalar oracle: the maths in plain loops, in double where it helps. */
 #include "ref_ops.h"
-#include "../../engine/f16.h"
+#include "../../base/f16.h"
 #include "../../engine/gguf.h"
 
 #include <math.h>

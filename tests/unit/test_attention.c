@@ -3,7 +3,7 @@
 #define _GNU_SOURCE /* qsort_r */
 #include "../../engine/backend.h"
 #include "../../engine/engine.h"
-#include "../../engine/f16.h"
+#include "../../base/f16.h"
 #include "helpers.h"
 #include "ref_ops.h"
 

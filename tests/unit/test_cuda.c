@@ -10,7 +10,7 @@
  */
 #include "../../engine/backend.h"
 #include "../../engine/engine.h"
-#include "../../engine/f16.h"
+#include "../../base/f16.h"
 #include "../../engine/gguf.h"
 #include "../../tools/gguf_writer.h"
 #include "helpers.h"

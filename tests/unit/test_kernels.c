@@ -1,7 +1,7 @@
 /* test_kernels.c - every CPU backend op, on every SIMD path the CPU has, against ref_ops. */
 #include "../../engine/backend.h"
 #include "../../engine/engine.h"
-#include "../../engine/f16.h"
+#include "../../base/f16.h"
 #include "../../engine/gguf.h"
 #include "../../tools/gguf_writer.h"
 #include "helpers.h"

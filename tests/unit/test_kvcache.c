@@ -1,5 +1,5 @@
 /* test_kvcache.c - the paged block pool and block tables. */
-#include "../../engine/err.h"
+#include "../../base/err.h"
 #include "../../kvcache/kvcache.h"
 
 #include <criterion/criterion.h>

@@ -1,7 +1,7 @@
 /* cuda_fp16.h (emulation) - half precision for the CPU emulation of tidald's kernels. */
 #ifndef TIDALD_EMU_CUDA_FP16_H
 #define TIDALD_EMU_CUDA_FP16_H
-#include "../../../engine/f16.h"
+#include "../../../base/f16.h"
 
 struct __half {
     uint16_t x;

@@ -1,6 +1,6 @@
 /* f16.h - scalar IEEE half and bfloat16 conversions (portable, exact). */
-#ifndef TIDALD_ENGINE_F16_H
-#define TIDALD_ENGINE_F16_H
+#ifndef TIDALD_BASE_F16_H
+#define TIDALD_BASE_F16_H
 
 #include <stdint.h>
 #include <string.h>

@@ -1,4 +1,4 @@
-/* threadpool.h - private: a fixed pool of workers that run one parallel-for at a time.
+/* threadpool.h - engine-internal: a fixed pool of workers that run one parallel-for at a time.
  *
  * pool_run() hands a range [0, n) to all workers plus the caller; items are
  * claimed in chunks through an atomic counter, so uneven work balances. Only

@@ -1,11 +1,11 @@
-/* err.h - the engine's error codes, shared by every module below the server.
+/* err.h - tidald's error codes: the one base header every module may include.
  *
  * Functions that can fail return 0 on success or one of these negative codes,
  * and fill a caller-supplied message buffer (ENG_ERRMSG_LEN bytes) with a
  * human-readable explanation that names the offending field, tensor or value.
  */
-#ifndef TIDALD_ENGINE_ERR_H
-#define TIDALD_ENGINE_ERR_H
+#ifndef TIDALD_BASE_ERR_H
+#define TIDALD_BASE_ERR_H
 
 #include <stdarg.h>
 #include <stddef.h>
