@@ -60,3 +60,133 @@ Test(api, test_error_object_has_all_four_fields) {
                         "\"invalid_request_error\",\"param\":\"top_p\",\"code\":null}}");
     free(j);
 }
+
+/* ---- request parsing over a real tokenizer --------------------------------------------- */
+
+#include "helpers.h"
+
+#include <stdio.h>
+
+typedef struct {
+    eng_model_t *model;
+    api_ctx_t ctx;
+} fixture_t;
+
+/* stories260K (512-token context, no chat template) or the synthetic tiny model (ChatML,
+ * 256-token context); the api context runs over the model's whole context. */
+static void fx_open(fixture_t *f, const char *path) {
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_model_load(&f->model, path, msg), 0, "%s", msg);
+    const eng_hparams_t *hp = eng_model_hparams(f->model);
+    f->ctx = (api_ctx_t){.model = f->model,
+                         .model_name = "test",
+                         .n_ctx = hp->n_ctx_train,
+                         .default_max_tokens = 16};
+    eng_attn_defaults(hp, &f->ctx.attn);
+}
+
+static void fx_stories(fixture_t *f) {
+    if (!have_stories()) cr_skip_test("no %s", STORIES_PATH);
+    fx_open(f, STORIES_PATH);
+}
+
+static void fx_close(fixture_t *f) {
+    eng_model_free(f->model);
+}
+
+/* Parse body as kind; returns rc, with r freed. */
+static int parse_body(const fixture_t *f, api_kind_t kind, const char *body, api_error_t *e) {
+    api_req_t r;
+    memset(e, 0, sizeof(*e));
+    int rc = api_parse_request(&f->ctx, kind, body, strlen(body), &r, e);
+    if (rc == 0) api_req_free(&r);
+    return rc;
+}
+
+/* body is refused with 400, param want_param, code want_code (NULL: any) and a message
+ * holding want_text (NULL: any). */
+static void expect_refused(const fixture_t *f, api_kind_t kind, const char *body,
+                           const char *want_param, const char *want_code, const char *want_text) {
+    api_error_t e;
+    cr_expect_eq(parse_body(f, kind, body, &e), -1, "accepted: %.200s", body);
+    cr_expect_eq(e.status, 400, "%.200s", body);
+    cr_expect_str_eq(e.param, want_param, "%.200s: %s", body, e.message);
+    if (want_code)
+        cr_expect(e.code && !strcmp(e.code, want_code), "%.200s: code %s", body,
+                  e.code ? e.code : "null");
+    if (want_text)
+        cr_expect(strstr(e.message, want_text), "%.200s: message '%s' lacks '%s'", body, e.message,
+                  want_text);
+}
+
+static void expect_accepted(const fixture_t *f, api_kind_t kind, const char *body) {
+    api_error_t e;
+    cr_expect_eq(parse_body(f, kind, body, &e), 0, "%.200s: %s", body, e.message);
+}
+
+/* A JSON body: head, then n copies of item joined by commas, then tail (malloc'd). */
+static char *repeat_body(const char *head, const char *item, size_t n, const char *tail) {
+    size_t hl = strlen(head), il = strlen(item), tl = strlen(tail);
+    char *b = malloc(hl + n * (il + 1) + tl + 1), *w = b;
+    cr_assert(b);
+    memcpy(w, head, hl), w += hl;
+    for (size_t i = 0; i < n; i++) {
+        if (i) *w++ = ',';
+        memcpy(w, item, il), w += il;
+    }
+    memcpy(w, tail, tl + 1);
+    return b;
+}
+
+/* 160,000 ids took 58 s through cJSON_GetArrayItem (O(n^2)); the list is now refused, once
+ * counted past the window, without being walked. */
+Test(api, test_prompt_ids_past_the_window_are_refused_without_a_quadratic_walk, .timeout = 20) {
+    fixture_t f;
+    fx_stories(&f);
+    char *body = repeat_body("{\"prompt\":[", "100", 160000, "]}");
+    char want[128];
+    snprintf(want, sizeof(want),
+             "the prompt has more than %u token ids; the server's context window is %u tokens",
+             f.ctx.n_ctx, f.ctx.n_ctx);
+    expect_refused(&f, API_COMPLETION, body, "prompt", "context_length_exceeded", want);
+    free(body);
+    fx_close(&f);
+}
+
+/* /detokenize walks its list once: 300,000 ids (quadratic: minutes) and a list past the limit. */
+Test(api, test_detokenize_walks_a_long_list_once_and_bounds_it, .timeout = 20) {
+    fixture_t f;
+    fx_stories(&f);
+    api_error_t e = {0};
+    char *body = repeat_body("{\"tokens\":[", "300", 300000, "]}");
+    char *out = api_detokenize(&f.ctx, body, strlen(body), &e);
+    cr_assert(out, "%s", e.message);
+    char piece[64];
+    size_t k = eng_token_bytes(eng_model_tokenizer(f.model), 300, piece, sizeof(piece), NULL);
+    cr_expect_gt(strlen(out), 300000 * k);
+    free(out);
+    free(body);
+    body = repeat_body("{\"tokens\":[", "1", API_MAX_DETOKENIZE_TOKENS + 1, "]}");
+    memset(&e, 0, sizeof(e));
+    cr_expect_null(api_detokenize(&f.ctx, body, strlen(body), &e));
+    cr_expect_str_eq(e.param, "tokens");
+    cr_expect(strstr(e.message, "at most 1048576"), "%s", e.message);
+    free(body);
+    fx_close(&f);
+}
+
+/* chat messages are bounded by the window before they are walked (each takes >= 1 token) */
+Test(api, test_chat_messages_past_the_window_are_refused_without_a_quadratic_walk, .timeout = 20) {
+    fixture_t f;
+    fx_open(&f, synth_path("tiny-f32"));
+    char *body =
+        repeat_body("{\"messages\":[", "{\"role\":\"user\",\"content\":\"hi\"}", 100000, "]}");
+    char want[128];
+    snprintf(want, sizeof(want), "'messages' holds more than %u messages", f.ctx.n_ctx);
+    expect_refused(&f, API_CHAT, body, "messages", "context_length_exceeded", want);
+    free(body);
+    expect_accepted(&f, API_CHAT,
+                    "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":"
+                    "\"a\"},{\"type\":\"text\",\"text\":\"b\"}]}]}");
+    fx_close(&f);
+}
