@@ -190,3 +190,83 @@ Test(api, test_chat_messages_past_the_window_are_refused_without_a_quadratic_wal
                     "\"a\"},{\"type\":\"text\",\"text\":\"b\"}]}]}");
     fx_close(&f);
 }
+
+/* ---- NUL characters (\u0000) ------------------------------------------------------------ */
+
+/* "a\u0000b" used to tokenize as "a": cJSON's strings end at the NUL. */
+Test(api, test_tokenize_refuses_a_nul_instead_of_cutting_the_text) {
+    fixture_t f;
+    fx_stories(&f);
+    const char *body = "{\"content\":\"a\\u0000b\"}";
+    api_error_t e = {0};
+    char *out = api_tokenize(&f.ctx, body, strlen(body), &e);
+    cr_expect_null(out, "accepted: %s", out ? out : "");
+    free(out);
+    cr_expect_eq(e.status, 400);
+    cr_expect_str_eq(e.param, "content");
+    cr_expect(strstr(e.message, "NUL character (\\u0000)"), "%s", e.message);
+    /* a raw zero byte inside the string is the same NUL */
+    const char raw[] = "{\"content\":\"a\0b\"}";
+    memset(&e, 0, sizeof(e));
+    out = api_tokenize(&f.ctx, raw, sizeof(raw) - 1, &e);
+    cr_expect_null(out);
+    free(out);
+    cr_expect_eq(e.status, 400);
+    /* an escaped backslash before u0000 is text, not a NUL */
+    body = "{\"content\":\"a\\\\u0000b\"}";
+    out = api_tokenize(&f.ctx, body, strlen(body), &e);
+    cr_expect(out, "%s", e.message);
+    free(out);
+    fx_close(&f);
+}
+
+Test(api, test_completion_and_chat_refuse_a_nul_naming_the_field) {
+    fixture_t f;
+    fx_open(&f, synth_path("tiny-f32"));
+    expect_refused(&f, API_COMPLETION, "{\"prompt\":\"a\\u0000b\"}", "prompt", NULL,
+                   "'prompt' contains a NUL character (\\u0000), which tidald does not accept");
+    expect_refused(&f, API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\\u0000y\"}]}",
+                   "content", NULL, "NUL character");
+    expect_refused(&f, API_COMPLETION, "{\"prompt\":\"ab\",\"stop\":[\"\\u0000\"]}", "stop", NULL,
+                   "NUL character");
+    expect_accepted(&f, API_COMPLETION, "{\"prompt\":\"a\\\\u0000b\"}");
+    fx_close(&f);
+}
+
+/* A <0x00> byte token detokenizes to a NUL byte: the reply must carry it as \u0000 and keep
+ * what follows (cJSON_CreateString stopped at it). */
+Test(api, test_detokenize_escapes_a_nul_byte_and_keeps_the_rest) {
+    fixture_t f;
+    fx_stories(&f);
+    const eng_tokenizer_t *tok = eng_model_tokenizer(f.model);
+    int32_t nul = -1;
+    for (uint32_t id = 0; id < eng_tok_n_vocab(tok) && nul < 0; id++) {
+        char b[8];
+        size_t need = 0;
+        if (eng_token_bytes(tok, id, b, sizeof(b), &need) == 1 && need == 1 && b[0] == 0)
+            nul = (int32_t)id;
+    }
+    if (nul < 0) cr_skip_test("no <0x00> byte token");
+    int32_t *ids;
+    size_t n;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_tokenize(tok, "end", 3, false, &ids, &n, msg), 0, "%s", msg);
+    char body[256];
+    int w = snprintf(body, sizeof(body), "{\"tokens\":[%d", nul);
+    for (size_t i = 0; i < n; i++) w += snprintf(body + w, sizeof(body) - (size_t)w, ",%d", ids[i]);
+    snprintf(body + w, sizeof(body) - (size_t)w, "]}");
+    free(ids);
+    api_error_t e = {0};
+    char *out = api_detokenize(&f.ctx, body, strlen(body), &e);
+    cr_assert(out, "%s", e.message);
+    cr_expect(strstr(out, "\\u0000") && strstr(out, "end\"}"), "%s", out);
+    free(out);
+    fx_close(&f);
+}
+
+Test(api, test_json_quote_escapes_control_bytes_quotes_and_backslashes) {
+    char *q = api__json_quote("a\0\"\\\n\x01z", 7);
+    cr_assert(q);
+    cr_expect_str_eq(q, "\"a\\u0000\\\"\\\\\\n\\u0001z\"");
+    free(q);
+}
