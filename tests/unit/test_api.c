@@ -270,3 +270,138 @@ Test(api, test_json_quote_escapes_control_bytes_quotes_and_backslashes) {
     cr_expect_str_eq(q, "\"a\\u0000\\\"\\\\\\n\\u0001z\"");
     free(q);
 }
+
+/* ---- OpenAI fields tidald does not implement -------------------------------------------- */
+
+typedef struct {
+    api_kind_t kind;
+    const char *field, *value;
+} field_case_t;
+
+static char *with_field(api_kind_t kind, const char *field, const char *value) {
+    char *b = malloc(strlen(field) + strlen(value) + 128);
+    cr_assert(b);
+    sprintf(b, "{%s,\"%s\":%s}",
+            kind == API_CHAT ? "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]"
+                             : "\"prompt\":\"hi\"",
+            field, value);
+    return b;
+}
+
+/* A request asking for behaviour tidald does not have gets a 400 naming the field;
+ * "logit_bias": "bad" used to get 200. */
+Test(api, test_unsupported_fields_are_refused_naming_the_field) {
+    fixture_t f;
+    fx_open(&f, synth_path("tiny-f32"));
+    static const field_case_t bad[] = {
+        {API_COMPLETION, "logit_bias", "\"bad\""},
+        {API_COMPLETION, "logit_bias", "{\"50256\": -100}"},
+        {API_CHAT, "logit_bias", "{\"1\": 5}"},
+        {API_COMPLETION, "best_of", "2"},
+        {API_COMPLETION, "suffix", "\"tail\""},
+        {API_COMPLETION, "n", "2"},
+        {API_CHAT, "n", "3"},
+        {API_COMPLETION, "response_format", "{\"type\":\"json_object\"}"},
+        {API_CHAT, "response_format", "{\"type\":\"json_schema\",\"json_schema\":{}}"},
+        {API_CHAT, "response_format", "\"text\""},
+        {API_CHAT, "tools", "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]"},
+        {API_CHAT, "tools", "\"bad\""},
+        {API_CHAT, "tool_choice", "\"required\""},
+        {API_CHAT, "tool_choice", "{\"type\":\"function\",\"function\":{\"name\":\"f\"}}"},
+        {API_CHAT, "functions", "[{\"name\":\"f\"}]"},
+        {API_CHAT, "function_call", "{\"name\":\"f\"}"},
+        {API_CHAT, "parallel_tool_calls", "\"yes\""},
+        {API_CHAT, "audio", "{\"voice\":\"alloy\",\"format\":\"wav\"}"},
+        {API_CHAT, "modalities", "[\"text\",\"audio\"]"},
+        {API_CHAT, "prediction", "{\"type\":\"content\",\"content\":\"x\"}"},
+        {API_CHAT, "reasoning_effort", "\"low\""},
+        {API_CHAT, "verbosity", "\"low\""},
+        {API_CHAT, "web_search_options", "{}"},
+        {API_CHAT, "store", "true"},
+        {API_CHAT, "echo", "true"},
+        {API_COMPLETION, "grammar", "\"root ::= \\\"a\\\"\""},
+        {API_CHAT, "json_schema", "{}"},
+        {API_COMPLETION, "guided_json", "{}"},
+        {API_COMPLETION, "guided_regex", "\"a+\""},
+        {API_CHAT, "guided_choice", "[\"a\"]"},
+        {API_CHAT, "guided_grammar", "\"x\""},
+        {API_COMPLETION, "min_tokens", "5"},
+        {API_COMPLETION, "typical_p", "0.5"},
+        {API_CHAT, "mirostat", "2"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char *body = with_field(bad[i].kind, bad[i].field, bad[i].value);
+        api_error_t e;
+        cr_expect_eq(parse_body(&f, bad[i].kind, body, &e), -1, "accepted: %s", body);
+        cr_expect_eq(e.status, 400, "%s", body);
+        cr_expect_str_eq(e.type, "invalid_request_error", "%s", body);
+        cr_expect(e.code && !strcmp(e.code, "unsupported_parameter"), "%s: code %s", body,
+                  e.code ? e.code : "null");
+        cr_expect_str_eq(e.param, bad[i].field, "%s: %s", body, e.message);
+        cr_expect(strstr(e.message, bad[i].field), "%s: %s", body, e.message);
+        free(body);
+    }
+    /* tool calls replayed in the history are not rendered either */
+    expect_refused(
+        &f, API_CHAT,
+        "{\"messages\":[{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":"
+        "\"c\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]"
+        "}]}",
+        "messages[0].tool_calls", "unsupported_parameter", "tool_calls");
+    fx_close(&f);
+}
+
+/* null and the values clients send by habit ask for nothing and stay accepted. */
+Test(api, test_unsupported_fields_accept_null_and_their_defaults) {
+    fixture_t f;
+    fx_open(&f, synth_path("tiny-f32"));
+    static const field_case_t good[] = {
+        {API_COMPLETION, "logit_bias", "{}"},
+        {API_COMPLETION, "logit_bias", "null"},
+        {API_CHAT, "logit_bias", "{}"},
+        {API_COMPLETION, "best_of", "1"},
+        {API_COMPLETION, "n", "1"},
+        {API_CHAT, "n", "1"},
+        {API_COMPLETION, "suffix", "null"},
+        {API_COMPLETION, "suffix", "\"\""},
+        {API_COMPLETION, "echo", "false"},
+        {API_COMPLETION, "echo", "true"}, /* implemented for completions */
+        {API_CHAT, "echo", "false"},
+        {API_CHAT, "response_format", "{\"type\":\"text\"}"},
+        {API_COMPLETION, "response_format", "null"},
+        {API_CHAT, "tools", "[]"},
+        {API_CHAT, "tools", "null"},
+        {API_CHAT, "tool_choice", "\"none\""},
+        {API_CHAT, "tool_choice", "\"auto\""},
+        {API_CHAT, "functions", "[]"},
+        {API_CHAT, "function_call", "\"none\""},
+        {API_CHAT, "parallel_tool_calls", "true"},
+        {API_CHAT, "parallel_tool_calls", "false"},
+        {API_CHAT, "modalities", "[\"text\"]"},
+        {API_CHAT, "audio", "null"},
+        {API_CHAT, "store", "false"},
+        {API_CHAT, "reasoning_effort", "null"},
+        {API_COMPLETION, "user", "\"x\""},
+        {API_CHAT, "user", "\"x\""},
+        {API_CHAT, "stream_options", "null"},
+        {API_COMPLETION, "seed", "42"},
+        {API_CHAT, "metadata", "{\"k\":\"v\"}"},
+        {API_CHAT, "service_tier", "\"auto\""},
+        {API_COMPLETION, "grammar", "\"\""},
+        {API_COMPLETION, "min_tokens", "0"},
+        {API_COMPLETION, "typical_p", "1"},
+        {API_COMPLETION, "mirostat", "0"},
+        {API_CHAT, "logprobs", "true"},
+        {API_CHAT, "top_logprobs", "null"},
+        {API_COMPLETION, "logprobs", "2"},
+    };
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        char *body = with_field(good[i].kind, good[i].field, good[i].value);
+        expect_accepted(&f, good[i].kind, body);
+        free(body);
+    }
+    expect_accepted(&f, API_CHAT,
+                    "{\"messages\":[{\"role\":\"assistant\",\"content\":\"x\",\"tool_calls\":[]},"
+                    "{\"role\":\"user\",\"content\":\"y\"}]}");
+    fx_close(&f);
+}
