@@ -405,3 +405,106 @@ Test(api, test_unsupported_fields_accept_null_and_their_defaults) {
                     "{\"role\":\"user\",\"content\":\"y\"}]}");
     fx_close(&f);
 }
+
+/* ---- limits in error messages ----------------------------------------------------------- */
+
+/* "between 1 and 1.67772e+07" was %g on an integer limit */
+Test(api, test_integer_limits_print_as_integers) {
+    fixture_t f;
+    fx_open(&f, synth_path("tiny-f32"));
+    expect_refused(&f, API_COMPLETION, "{\"prompt\":\"hi\",\"max_tokens\":0}", "max_tokens", NULL,
+                   "'max_tokens' must be an integer between 1 and 16777216");
+    expect_refused(&f, API_COMPLETION, "{\"prompt\":\"hi\",\"ctx_size\":99999999}", "ctx_size",
+                   NULL, "between 1 and 16777216");
+    expect_refused(&f, API_COMPLETION, "{\"prompt\":\"hi\",\"top_k\":-5}", "top_k", NULL,
+                   "between -1 and 16777216");
+    expect_refused(&f, API_COMPLETION, "{\"prompt\":\"hi\",\"attention\":{\"token_budget\":0}}",
+                   "attention.token_budget", NULL, "between 1 and 16777216");
+    fx_close(&f);
+}
+
+/* A prompt of n tokens as a list of ids (BOS then "1"s). */
+static char *ids_prompt(size_t n, const char *extra) {
+    char head[64];
+    snprintf(head, sizeof(head), "{%s%s\"prompt\":[", extra, *extra ? "," : "");
+    return repeat_body(head, "5", n, "]}");
+}
+
+/* The prompt alone filling the window named max_tokens; it must name the prompt, and say
+ * which window it is: the request's ctx_size or the server's context. */
+Test(api, test_a_prompt_that_fills_the_window_names_the_prompt_and_the_window) {
+    fixture_t f;
+    fx_open(&f, synth_path("tiny-f32"));
+    char want[160], *body;
+    uint32_t n_ctx = f.ctx.n_ctx;
+    body = ids_prompt(n_ctx, "\"max_tokens\":10");
+    snprintf(want, sizeof(want),
+             "the prompt is %u tokens; the server's context window is %u tokens", n_ctx, n_ctx);
+    expect_refused(&f, API_COMPLETION, body, "prompt", "context_length_exceeded", want);
+    free(body);
+    /* a text prompt too: its tokens are counted after tokenizing */
+    body = repeat_body("{\"max_tokens\":5,\"prompt\":\"", "once upon a time", n_ctx, "\"}");
+    for (char *c = strstr(body, "once"); *c; c++) /* the joining commas become spaces */
+        if (*c == ',') *c = ' ';
+    expect_refused(&f, API_COMPLETION, body, "prompt", "context_length_exceeded",
+                   "the server's context window");
+    free(body);
+    body = ids_prompt(20, "\"ctx_size\":16");
+    expect_refused(&f, API_COMPLETION, body, "prompt", "context_length_exceeded",
+                   "the request's ctx_size is 16 tokens");
+    free(body);
+    /* the prompt fits; prompt + max_tokens does not: that is max_tokens' fault */
+    body = ids_prompt(10, "\"ctx_size\":16,\"max_tokens\":10");
+    expect_refused(&f, API_COMPLETION, body, "max_tokens", "context_length_exceeded",
+                   "the request's ctx_size is 16 tokens; the request has 10 prompt tokens and "
+                   "asks for 10 more");
+    free(body);
+    body = ids_prompt(10, "\"max_tokens\":100000");
+    snprintf(want, sizeof(want), "the server's context window is %u tokens", n_ctx);
+    expect_refused(&f, API_COMPLETION, body, "max_tokens", "context_length_exceeded", want);
+    free(body);
+    expect_refused(
+        &f, API_CHAT,
+        "{\"ctx_size\":4,\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}",
+        "messages", "context_length_exceeded", "the request's ctx_size is 4 tokens");
+    fx_close(&f);
+}
+
+/* ---- non-streamed generation is bounded ------------------------------------------------- */
+
+/* With eviction a non-streamed max_tokens of 2^24 grew memory until its deadline, then lost
+ * the text in a 503; it is refused up front, naming max_tokens and the limit. */
+Test(api, test_non_streamed_max_tokens_is_bounded) {
+    fixture_t f;
+    fx_open(&f, synth_path("tiny-f32"));
+    f.ctx.evict = true;
+    expect_refused(&f, API_COMPLETION, "{\"prompt\":\"hi\",\"max_tokens\":16777216}", "max_tokens",
+                   NULL,
+                   "'max_tokens' is 16777216; a request without \"stream\": true may generate at "
+                   "most 16384 tokens");
+    expect_refused(&f, API_CHAT,
+                   "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+                   "\"max_completion_tokens\":20000}",
+                   "max_completion_tokens", NULL, "stream");
+    expect_accepted(&f, API_COMPLETION,
+                    "{\"prompt\":\"hi\",\"max_tokens\":16777216,\"stream\":true}");
+    expect_accepted(&f, API_COMPLETION, "{\"prompt\":\"hi\",\"max_tokens\":16384}");
+    /* a configured limit; the server's default max_tokens is capped to it silently */
+    f.ctx.max_nonstream_tokens = 100;
+    f.ctx.default_max_tokens = 1000;
+    expect_refused(&f, API_COMPLETION, "{\"prompt\":\"hi\",\"max_tokens\":101}", "max_tokens", NULL,
+                   "at most 100 tokens");
+    api_req_t r;
+    api_error_t e;
+    const char *body = "{\"prompt\":\"hi\"}";
+    cr_assert_eq(api_parse_request(&f.ctx, API_COMPLETION, body, strlen(body), &r, &e), 0, "%s",
+                 e.message);
+    cr_expect_eq(r.eng.max_tokens, 100);
+    api_req_free(&r);
+    body = "{\"prompt\":\"hi\",\"stream\":true}";
+    cr_assert_eq(api_parse_request(&f.ctx, API_COMPLETION, body, strlen(body), &r, &e), 0, "%s",
+                 e.message);
+    cr_expect_eq(r.eng.max_tokens, 1000);
+    api_req_free(&r);
+    fx_close(&f);
+}
