@@ -508,3 +508,31 @@ Test(api, test_non_streamed_max_tokens_is_bounded) {
     api_req_free(&r);
     fx_close(&f);
 }
+
+/* Generated text holding a NUL byte (a <0x00> token) is sent whole, the NUL as \u0000. */
+Test(api, test_responses_carry_generated_nul_bytes_escaped) {
+    api_req_t cmpl = {.kind = API_COMPLETION, .logprobs = -1},
+              chat = {.kind = API_CHAT, .logprobs = -1};
+    api_resp_ctx_t rc = {.id = "cmpl-1", .model = "m", .created = 1, .req = &cmpl};
+    char bytes[] = "a\0b";
+    eng_event_t ev = {.token = 7, .text = bytes, .text_len = 3};
+    char *s = api_stream_chunk(&rc, &ev, true);
+    cr_expect(strstr(s, "\"text\":\"a\\u0000b\""), "%s", s);
+    free(s);
+    rc.req = &chat;
+    s = api_stream_chunk(&rc, &ev, true);
+    cr_expect(strstr(s, "\"content\":\"a\\u0000b\""), "%s", s);
+    free(s);
+    api_acc_t acc = {0};
+    cr_assert_eq(api_acc_add(&acc, &ev), 0);
+    eng_event_t last = {.token = -1, .text = bytes + 2, .text_len = 1, .finish = ENG_FINISH_STOP};
+    cr_assert_eq(api_acc_add(&acc, &last), 0);
+    s = api_final_response(&rc, &acc, ENG_FINISH_STOP, 1, 1);
+    cr_expect(strstr(s, "\"content\":\"a\\u0000bb\""), "%s", s);
+    free(s);
+    rc.req = &cmpl;
+    s = api_final_response(&rc, &acc, ENG_FINISH_STOP, 1, 1);
+    cr_expect(strstr(s, "\"text\":\"a\\u0000bb\""), "%s", s);
+    free(s);
+    api_acc_free(&acc);
+}
