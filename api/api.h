@@ -4,8 +4,9 @@
  * Nothing here computes anything heavy: parsing turns a JSON body into an engine request
  * (tokenized prompt, sampler settings, stop strings) in time linear in the body, builders turn
  * engine events into JSON text. The parse functions (api_parse_request, api_tokenize,
- * api_detokenize) touch no shared mutable state and may run on any thread; the metrics
- * registry is loop-thread only.
+ * api_detokenize) keep no static buffers and share no unsynchronised state (the one shared
+ * value is the atomic counter behind default seeds), so they may run on any thread; the
+ * metrics registry is loop-thread only.
  */
 #ifndef TIDALD_API_H
 #define TIDALD_API_H
