@@ -1,9 +1,12 @@
 /* api.h - the OpenAI wire format: request parsing and validation, response and stream-chunk
  * builders, error objects, chat templates, and the Prometheus metrics registry.
  *
- * Everything here runs on the loop thread and computes nothing heavy: parsing
- * turns a JSON body into an engine request (tokenized prompt, sampler settings,
- * stop strings), builders turn engine events into JSON text.
+ * Nothing here computes anything heavy: parsing turns a JSON body into an engine request
+ * (tokenized prompt, sampler settings, stop strings) in time linear in the body, builders turn
+ * engine events into JSON text. The parse functions (api_parse_request, api_tokenize,
+ * api_detokenize) keep no static buffers and share no unsynchronised state (the one shared
+ * value is the atomic counter behind default seeds), so they may run on any thread; the
+ * metrics registry is loop-thread only.
  */
 #ifndef TIDALD_API_H
 #define TIDALD_API_H
@@ -40,10 +43,16 @@ typedef struct {
     uint32_t n_ctx;
     uint32_t default_max_tokens;
     double request_timeout_s;
-    eng_attn_params_t attn; /* server defaults for "attention" */
-    uint32_t sinks;         /* attention-sink tokens */
-    bool evict;             /* requests may run past their window (sink-aware eviction) */
+    eng_attn_params_t attn;        /* server defaults for "attention" */
+    uint32_t sinks;                /* attention-sink tokens */
+    bool evict;                    /* requests may run past their window (sink-aware eviction) */
+    uint32_t max_nonstream_tokens; /* largest max_tokens without stream; 0: the default below */
 } api_ctx_t;
+
+/* max_nonstream_tokens when the context leaves it 0 (as cfg_t's default). */
+#define API_DEFAULT_MAX_NONSTREAM_TOKENS 16384
+/* The longest token list /detokenize accepts. */
+#define API_MAX_DETOKENIZE_TOKENS (1u << 20)
 
 typedef struct {
     api_kind_t kind;
@@ -80,6 +89,9 @@ char *api_render_chat(api_tmpl_t t, const api_msg_t *msgs, size_t n);
 char *api_tokenize(const api_ctx_t *ctx, const char *body, size_t len, api_error_t *err);
 char *api_detokenize(const api_ctx_t *ctx, const char *body, size_t len, api_error_t *err);
 char *api_models_json(const api_ctx_t *ctx, double created);
+/* Module internal: n bytes of UTF-8 text (NUL bytes allowed) as a quoted JSON string, malloc'd;
+ * NULL when out of memory. */
+char *api__json_quote(const char *s, size_t n);
 
 /* ---- responses ------------------------------------------------------ */
 

@@ -22,6 +22,15 @@ static void token_text(const eng_tokenizer_t *tok, int32_t id, char *out, size_t
     out[w] = 0;
 }
 
+/* Add n bytes of generated text as a string member. The text may hold NUL bytes (a <0x00>
+ * byte token): cJSON_AddStringToObject would end the text there, so it is quoted with its
+ * length. */
+static void add_text(cJSON *o, const char *name, const char *s, size_t n) {
+    char *q = api__json_quote(s, n);
+    if (!q || !cJSON_AddRawToObject(o, name, q)) cJSON_AddNullToObject(o, name);
+    free(q);
+}
+
 static const char *finish_str(eng_finish_t f) {
     return f == ENG_FINISH_STOP ? "stop" : f == ENG_FINISH_LENGTH ? "length" : NULL;
 }
@@ -149,7 +158,8 @@ char *api_stream_chunk(const api_resp_ctx_t *rc, const eng_event_t *ev, bool fir
     if (rq->kind == API_CHAT) {
         cJSON *delta = cJSON_AddObjectToObject(c, "delta");
         if (first) cJSON_AddStringToObject(delta, "role", "assistant");
-        if (text && (*text || !ev->finish)) cJSON_AddStringToObject(delta, "content", text);
+        if (text && (plen + ev->text_len || !ev->finish))
+            add_text(delta, "content", text, plen + ev->text_len);
         if (rq->logprobs >= 0 && is_token) {
             cJSON *lp = cJSON_AddObjectToObject(c, "logprobs");
             cJSON *content = cJSON_AddArrayToObject(lp, "content");
@@ -158,7 +168,7 @@ char *api_stream_chunk(const api_resp_ctx_t *rc, const eng_event_t *ev, bool fir
             cJSON_AddNullToObject(c, "logprobs");
         }
     } else {
-        cJSON_AddStringToObject(c, "text", text ? text : "");
+        add_text(c, "text", text ? text : "", text ? plen + ev->text_len : 0);
         if (rq->logprobs >= 0 && is_token)
             cJSON_AddItemToObject(c, "logprobs", completion_lp(rc, ev, 1, rc->text_offset + plen));
         else
@@ -234,7 +244,7 @@ char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, eng_finis
     if (rq->kind == API_CHAT) {
         cJSON *m = cJSON_AddObjectToObject(c, "message");
         cJSON_AddStringToObject(m, "role", "assistant");
-        cJSON_AddStringToObject(m, "content", gen);
+        add_text(m, "content", gen, a->text ? a->len : 0);
         if (rq->logprobs >= 0) {
             cJSON *lp = cJSON_AddObjectToObject(c, "logprobs");
             cJSON *content = cJSON_AddArrayToObject(lp, "content");
@@ -250,7 +260,7 @@ char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, eng_finis
             memcpy(text + plen, gen, a->len);
             text[plen + a->len] = 0;
         }
-        cJSON_AddStringToObject(c, "text", text ? text : "");
+        add_text(c, "text", text ? text : "", text ? plen + a->len : 0);
         free(text);
         if (rq->logprobs >= 0)
             cJSON_AddItemToObject(c, "logprobs", completion_lp(rc, a->tok, a->n_tok, plen));

@@ -1,12 +1,17 @@
-/* config.c - flag tables, strict parsing and --help for the subcommands. */
+/* config.c - flag tables, strict parsing and --help for the subcommands. A leaf module: it
+ * includes nothing of the others, so values such as the device name are validated here. */
 #include "config.h"
-#include "../engine/engine.h"
 
 #include <errno.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The device names the engine knows ("auto", "cpu", "cuda"); eng_device_parse maps them. */
+bool cfg_device_valid(const char *s) {
+    return s && (!strcmp(s, "auto") || !strcmp(s, "cpu") || !strcmp(s, "cuda"));
+}
 
 int cfg_parse_int(const char *s, long long lo, long long hi, long long *out) {
     if (!s || !*s) return -1;
@@ -229,6 +234,9 @@ static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg)
     bad:
         if (f->type == F_U64)
             snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' is not an unsigned integer", f->flag, val);
+        else if (f->type == F_INT) /* integer limits as integers, not %g's 1.67772e+07 */
+            snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' is not an integer in [%.0f, %.0f]", f->flag,
+                     val, f->lo, f->hi);
         else
             snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' is not a number in [%g, %g]", f->flag, val,
                      f->lo, f->hi);
@@ -247,7 +255,7 @@ static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg)
         snprintf(msg, CFG_ERRMSG_LEN, "--kv-type: '%s' must be f16 or f32", c->kv_type);
         return -1;
     }
-    if (eng_device_parse(c->device) < 0) {
+    if (!cfg_device_valid(c->device)) {
         snprintf(msg, CFG_ERRMSG_LEN, "--device: '%s' must be auto, cpu or cuda", c->device);
         return -1;
     }
@@ -298,6 +306,9 @@ static const opt_t opts[] = {
      "KV cache budget in MiB, 0 = max_running full contexts (at most half the RAM)"},
     {"default_max_tokens", V_INT, COFF(default_max_tokens), "256", 1, 1 << 24,
      "max_tokens when a request gives none"},
+    {"max_nonstream_tokens", V_INT, COFF(max_nonstream_tokens), "16384", 1, 1 << 24,
+     "largest max_tokens of a request without stream:true (its text is held until the end; "
+     "longer generations must stream)"},
     {"request_timeout_s", V_NUM, COFF(request_timeout_s), "600", 0, 1e7,
      "deadline of a request (queue + generation), 0 = none"},
     {"max_header_bytes", V_INT, COFF(max_header_bytes), "16384", 256, 1 << 24,
@@ -389,9 +400,12 @@ static int set_opt(cfg_t *c, const opt_t *o, const char *val, const char *src, c
     }
     if (o->type == V_BOOL)
         snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' must be true or false", src, val);
+    else if (o->type == V_INT) /* integer limits as integers, not %g's 1.67772e+07 */
+        snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' is not an integer in [%.0f, %.0f]", src, val, o->lo,
+                 o->hi);
     else
-        snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' is not %s in [%g, %g]", src, val,
-                 o->type == V_INT ? "an integer" : "a number", o->lo, o->hi);
+        snprintf(msg, CFG_ERRMSG_LEN, "%s: '%s' is not a number in [%g, %g]", src, val, o->lo,
+                 o->hi);
     return -1;
 }
 
@@ -552,7 +566,7 @@ int cfg_load(cfg_t *c, int argc, char **argv, char **envp, char *msg) {
         snprintf(msg, CFG_ERRMSG_LEN, "kv_type: '%s' must be f16 or f32", c->kv_type);
         goto fail;
     }
-    if (eng_device_parse(c->device) < 0) {
+    if (!cfg_device_valid(c->device)) {
         snprintf(msg, CFG_ERRMSG_LEN, "device: '%s' must be auto, cpu or cuda", c->device);
         goto fail;
     }

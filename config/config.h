@@ -74,7 +74,8 @@ typedef struct {
     int64_t kv_mem_mb; /* 0: enough for max_running full contexts */
     char *kv_type;     /* f16 or f32 */
     int64_t default_max_tokens;
-    double request_timeout_s; /* per-request deadline; 0: none */
+    int64_t max_nonstream_tokens; /* largest max_tokens without stream (the reply is held whole) */
+    double request_timeout_s;     /* per-request deadline; 0: none */
     int64_t max_header_bytes;
     int64_t max_body_bytes;
     double header_timeout_s;
@@ -106,6 +107,9 @@ typedef struct {
 int cfg_load(cfg_t *c, int argc, char **argv, char **envp, char *msg);
 void cfg_free(cfg_t *c);
 void cfg_help(FILE *f);
+
+/* True for a device name the engine knows: auto, cpu or cuda. */
+bool cfg_device_valid(const char *s);
 
 /* Strict number parsing: the whole string must be a finite number in [lo, hi]. */
 int cfg_parse_int(const char *s, long long lo, long long hi, long long *out);

@@ -6,11 +6,8 @@
  */
 #include "../config/config.h"
 #include "../engine/engine.h"
+#include "cli.h"
 #include "server.h"
-
-int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a);
-int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx);
-int cmd_perplexity(int argc, char **argv);
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,8 +49,6 @@ static int cmd_serve(int argc, char **argv) {
     return code;
 }
 
-/* Load the model and a one-sequence context from the command line; 0, or -1 with a message on
- * stderr (what was created is left for the caller to free). */
 int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx) {
     char msg[ENG_ERRMSG_LEN];
     if (eng_model_load(model, cfg->model, msg) != 0) {
@@ -65,6 +60,14 @@ int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx) {
     cp.n_threads = cfg->threads;
     cp.device = (eng_device_t)eng_device_parse(cfg->device);
     cp.n_ctx = (uint32_t)cfg->ctx_size;
+    uint32_t n_train = eng_model_hparams(*model)->n_ctx_train;
+    if (cp.n_ctx > n_train) { /* as serve does: positions past training are untrained */
+        fprintf(stderr,
+                "tidald: warning: --ctx-size %u is larger than the model's training context of %u "
+                "tokens; using %u\n",
+                cp.n_ctx, n_train, n_train);
+        cp.n_ctx = n_train;
+    }
     cp.block_size = (uint32_t)cfg->block_size;
     cp.kv_f16 = strcmp(cfg->kv_type, "f16") == 0;
     cp.max_seqs = 1;
@@ -76,7 +79,6 @@ int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx) {
     return 0;
 }
 
-/* Attention settings from the command line; 0 or -1 with a message on stderr. */
 int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a) {
     char msg[ENG_ERRMSG_LEN];
     if (srv_attn_params(cfg->attention, cfg->token_budget, cfg->selection_layers, cfg->force_sinks,

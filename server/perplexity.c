@@ -8,15 +8,13 @@
  */
 #include "../config/config.h"
 #include "../engine/engine.h"
+#include "cli.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a);
-int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx);
 
 static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");

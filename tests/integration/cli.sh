@@ -41,6 +41,14 @@ if [ $rc -eq 0 ]; then clean && ok "--device cuda (GPU present)" || bad "--devic
     [ $rc -eq 1 ] && grep -q -- "--device cuda: " "$TMP/err" && clean &&
         ok "--device cuda without a GPU fails with the reason" || bad "--device cuda without a GPU"
 fi
+# a --ctx-size past the model's training context (tiny: 256) is clamped with a warning, not silently
+"$BIN" generate --model "$TMP/tiny.gguf" --prompt hi --max-tokens 4 --ctx-size 100000 >"$TMP/out" 2>"$TMP/err" &&
+    grep -q -- "warning: --ctx-size 100000 is larger than the model's training context of 256 tokens; using 256" "$TMP/err" &&
+    clean && ok "--ctx-size past the training context warns and clamps" || bad "--ctx-size past the training context"
+"$BIN" generate --model "$TMP/tiny.gguf" --prompt hi --max-tokens 4 --ctx-size 128 >"$TMP/out" 2>"$TMP/err" &&
+    ! grep -q "warning" "$TMP/err" && clean && ok "--ctx-size within the training context: no warning" || bad "--ctx-size 128 warned"
+"$BIN" serve --help >"$TMP/out" 2>"$TMP/err" && grep -q -- "--max-nonstream-tokens" "$TMP/out" &&
+    grep -q "TIDALD_MAX_NONSTREAM_TOKENS" "$TMP/out" && ok "serve --help lists --max-nonstream-tokens" || bad "serve --help lacks --max-nonstream-tokens"
 "$BIN" generate --model "$TMP/tiny.gguf" --prompt hi --device tpu >"$TMP/out" 2>"$TMP/err"
 [ $? -eq 2 ] && grep -q -- "--device" "$TMP/err" && ok "unknown device is refused" || bad "unknown device"
 

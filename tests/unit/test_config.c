@@ -149,3 +149,58 @@ Test(config, test_serve_help_lists_every_value_with_env_and_default) {
         cr_expect(strstr(buf, names[i]), "help lacks %s", names[i]);
     free(buf);
 }
+
+/* The non-streamed generation bound is a setting like the others: flag, env, JSON key. */
+Test(config, test_max_nonstream_tokens_from_flag_env_and_file) {
+    cfg_t c;
+    char msg[CFG_ERRMSG_LEN];
+    char *noenv[] = {NULL};
+    cr_assert_eq(load(&c, noenv, msg, 2, "--model", "m"), 0, "%s", msg);
+    cr_expect_eq(c.max_nonstream_tokens, 16384);
+    cfg_free(&c);
+    cr_assert_eq(load(&c, noenv, msg, 4, "--model", "m", "--max-nonstream-tokens", "100"), 0, "%s",
+                 msg);
+    cr_expect_eq(c.max_nonstream_tokens, 100);
+    cfg_free(&c);
+    char *env[] = {"TIDALD_MAX_NONSTREAM_TOKENS=200", NULL};
+    cr_assert_eq(load(&c, env, msg, 2, "--model", "m"), 0, "%s", msg);
+    cr_expect_eq(c.max_nonstream_tokens, 200);
+    cfg_free(&c);
+    const char *path = write_file("{\"model\":\"m\",\"max_nonstream_tokens\":300}");
+    cr_assert_eq(load(&c, noenv, msg, 2, "--config", (char *)path), 0, "%s", msg);
+    cr_expect_eq(c.max_nonstream_tokens, 300);
+    cfg_free(&c);
+    remove(path);
+    cr_expect_eq(load(&c, noenv, msg, 4, "--model", "m", "--max-nonstream-tokens", "0"), -1);
+    cr_expect(strstr(msg, "--max-nonstream-tokens"), "%s", msg);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    cfg_help(f);
+    fclose(f);
+    cr_expect(strstr(buf, "--max-nonstream-tokens") && strstr(buf, "TIDALD_MAX_NONSTREAM_TOKENS"),
+              "help lacks the setting");
+    free(buf);
+}
+
+/* "not an integer in [0, 1.67772e+07]": integer limits print as integers */
+Test(config, test_integer_limits_print_as_integers) {
+    cfg_t c;
+    char msg[CFG_ERRMSG_LEN];
+    char *noenv[] = {NULL};
+    cr_expect_eq(load(&c, noenv, msg, 4, "--model", "m", "--ctx-size", "99999999"), -1);
+    cr_expect(strstr(msg, "--ctx-size: '99999999' is not an integer in [0, 16777216]"), "%s", msg);
+    cfg_generate_t g;
+    cr_expect_eq(parse(&g, msg, 6, "--model", "m", "--prompt", "p", "--ctx-size", "99999999"), -1);
+    cr_expect(strstr(msg, "[0, 16777216]"), "%s", msg);
+}
+
+/* config validates the device name itself (it includes nothing of the engine) */
+Test(config, test_device_names_are_validated_in_config) {
+    cr_expect(cfg_device_valid("auto"));
+    cr_expect(cfg_device_valid("cpu"));
+    cr_expect(cfg_device_valid("cuda"));
+    cr_expect_not(cfg_device_valid("gpu"));
+    cr_expect_not(cfg_device_valid(""));
+    cr_expect_not(cfg_device_valid(NULL));
+}
