@@ -427,10 +427,10 @@ Test(cuda, test_scheduler_on_the_gpu_equals_the_cpu) {
 
 /* ---- memory pressure, bounded queues and the allocate-or-preempt loop ---------------- */
 
-/* A scheduler over a pool of exactly n_blocks F32 blocks of stories260K (5 layers, kv_dim 32,
- * 16-token blocks). */
-static void sfx_open_pool(sfx_t *f, uint32_t n_blocks, uint32_t max_running, uint32_t max_waiting,
-                          uint32_t step_tokens, bool evict_policy) {
+/* A scheduler over a pool of exactly n_blocks F32 blocks of block_size tokens of stories260K
+ * (5 layers, kv_dim 32), with a 1,024-token context. */
+static void sfx_open_blocks(sfx_t *f, uint32_t block_size, uint32_t n_blocks, uint32_t max_running,
+                            uint32_t max_waiting, uint32_t step_tokens, bool evict_policy) {
     char msg[ENG_ERRMSG_LEN];
     memset(f, 0, sizeof(*f));
     pthread_mutex_init(&f->mu, NULL);
@@ -441,9 +441,10 @@ static void sfx_open_pool(sfx_t *f, uint32_t n_blocks, uint32_t max_running, uin
     cp.device = ENG_DEVICE_CPU;
     cp.max_seqs = max_running;
     cp.n_threads = 2;
-    cp.n_ctx = 256;
+    cp.n_ctx = 1024;
     cp.kv_f16 = false;
-    cp.kv_mem_bytes = (size_t)n_blocks * 5 * 2 * 16 * 32 * 4;
+    cp.block_size = block_size;
+    cp.kv_mem_bytes = (size_t)n_blocks * 5 * 2 * block_size * 32 * 4;
     cr_assert_eq(eng_ctx_create(&f->c, f->m, &cp, msg), 0, "%s", msg);
     cr_assert_eq(eng_ctx_kv_pool(f->c)->n_blocks, n_blocks);
     eng_sched_params_t sp = {.max_running = max_running,
@@ -453,6 +454,12 @@ static void sfx_open_pool(sfx_t *f, uint32_t n_blocks, uint32_t max_running, uin
                              .notify_arg = f,
                              .pressure_evict = evict_policy};
     cr_assert_eq(eng_sched_create(&f->s, f->c, f->m, &sp, msg), 0, "%s", msg);
+}
+
+/* The same with 16-token blocks. */
+static void sfx_open_pool(sfx_t *f, uint32_t n_blocks, uint32_t max_running, uint32_t max_waiting,
+                          uint32_t step_tokens, bool evict_policy) {
+    sfx_open_blocks(f, 16, n_blocks, max_running, max_waiting, step_tokens, evict_policy);
 }
 
 /* Wait (bounded, as a hang guard only) until the scheduler reports nothing running or waiting,
@@ -502,37 +509,37 @@ Test(scheduler, test_preemption_with_a_full_queue_stays_in_bounds) {
     sfx_close(&f);
 }
 
-/* The evict policy with chunked prefill and a pool of a few blocks: a request preempted while
- * its own chunk was being batched must not leave an empty item in the batch (which failed the
- * whole step) nor be touched after it finished. */
+/* The evict policy with chunked prefill and a pool of six 256-token blocks: requests
+ * preempted while decoding come back and recompute ~260 tokens in 4-token chunks, and a chunk
+ * that crosses into a new block finds the pool taken by the decoders batched before it. The
+ * chunk's own request is then the newest, the one to preempt: it must be left out of the
+ * batch (it once went in with a closed sequence, failing the whole step, and was touched
+ * again after it finished). */
 Test(scheduler, test_pressure_evict_with_chunked_prefill_never_fails_a_step) {
     if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
-    /* prompts that cross a block boundary, so a prefill chunk needs a block of its own */
-    const char *prompts[4] = {
-        "Once upon a time there was a little girl named Lily. She loved to play outside",
-        "The dog and the cat played in the big green park all day long with a red ball",
-        "One day Lily went to the park with her mom and her little brother Tom to play",
-        "Tom had a big red ball and a little blue car. He liked to play with them a lot"};
+    enum { N = 6 };
+    const char *prompts[N] = {"Once upon a time", "The dog", "One day", "Lily", "Tom", "A cat"};
     sfx_t f;
-    sfx_open_pool(&f, 5, 4, 8, 4, true);
+    sfx_open_blocks(&f, 256, 6, 8, 16, 4, true);
     char msg[ENG_ERRMSG_LEN];
-    eng_request_t *rs[4];
-    for (int i = 0; i < 4; i++) {
-        eng_req_params_t p = greedy_params(f.m, prompts[i], 40);
+    eng_request_t *rs[N];
+    for (int i = 0; i < N; i++) {
+        eng_req_params_t p = greedy_params(f.m, prompts[i], 300);
         p.ignore_eos = true;
-        p.evict = true;
-        p.sinks = 4;
         rs[i] = eng_request_create(&p);
         cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
     }
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < N; i++) {
         result_t got;
         collect(&f, rs[i], &got);
         cr_expect_eq(got.finish, ENG_FINISH_LENGTH, "request %d ended %s", i,
                      eng_finish_name(got.finish));
-        cr_expect_eq(got.completion_tokens, 40, "request %d", i);
+        cr_expect_eq(got.completion_tokens, 300, "request %d", i);
         eng_request_release(rs[i]);
     }
+    eng_sched_stats_t st;
+    eng_sched_stats(f.s, &st);
+    cr_expect_gt(st.preemptions, 0);
     expect_idle_and_empty(&f);
     sfx_close(&f);
 }
