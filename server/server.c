@@ -165,6 +165,8 @@ static const char *status_text(int s) {
         return "Request Timeout";
     case 413:
         return "Content Too Large";
+    case 417:
+        return "Expectation Failed";
     case 429:
         return "Too Many Requests";
     case 431:
@@ -173,6 +175,8 @@ static const char *status_text(int s) {
         return "Internal Server Error";
     case 503:
         return "Service Unavailable";
+    case 505:
+        return "HTTP Version Not Supported";
     default:
         return "Unknown";
     }
@@ -528,10 +532,16 @@ static void http_error(conn_t *c) {
     else if (status == 413)
         api_fail(&e, 413, "invalid_request_error", NULL, "body_too_large",
                  "the request body exceeds %lld bytes", (long long)c->srv->cfg->max_body_bytes);
+    else if (status == 505)
+        api_fail(&e, 505, "invalid_request_error", NULL, "http_version_not_supported", "%s",
+                 srv_http_error_reason(&c->http));
+    else if (status == 417)
+        api_fail(&e, 417, "invalid_request_error", NULL, "expectation_failed", "%s",
+                 srv_http_error_reason(&c->http));
     else
         api_fail(&e, 400, "invalid_request_error", NULL, "malformed_http",
                  "malformed HTTP request: %s", srv_http_error_reason(&c->http));
-    if (!c->reqid[0]) snprintf(c->reqid, sizeof(c->reqid), "-");
+    set_request_id(c); /* every response carries one, the refused ones too */
     c->keep_alive = false;
     respond_error(c, &e, status == 400 ? "invalid_request" : "too_large", NULL);
 }
@@ -540,7 +550,14 @@ static void conn_feed(conn_t *c, const char *data, size_t len) {
     while (len && !c->busy && !c->closing && !c->close_after_write) {
         size_t used;
         srv_http_rc_t rc = srv_http_feed(&c->http, data, len, &used);
-        if (rc == SRV_HTTP_MORE) return;
+        if (rc == SRV_HTTP_MORE) {
+            /* the client waits for this before it sends the body (RFC 9110 sec. 10.1.1) */
+            if (c->http.expect_continue && !c->http.continue_sent) {
+                c->http.continue_sent = true;
+                conn_write(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+            }
+            return;
+        }
         if (rc == SRV_HTTP_ERROR) {
             http_error(c);
             return;
@@ -773,6 +790,7 @@ static void on_tick(uv_timer_t *t) {
             api_fail(&e, 408, "invalid_request_error", NULL, "request_timeout",
                      "the request was not received within %g s", s->cfg->header_timeout_s);
             c->keep_alive = false;
+            set_request_id(c);
             respond_error(c, &e, "invalid_request", NULL);
         } else if (!c->http.in_message && c->write_pending == 0 &&
                    now - c->t_active > s->cfg->idle_timeout_s) {

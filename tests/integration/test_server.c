@@ -583,7 +583,8 @@ Test(server, test_bad_http_never_hurts_the_server) {
          "HTTP/1.1 400"},
         {"POST /v1/completions HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
          "HTTP/1.1 4"},
-        {"POST /v1/completions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"prompt\"", "HTTP/1.1 408"},
+        {"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"prompt\"",
+         "HTTP/1.1 408"},
         {"GET /health HTTP/1.1\r\nHost: x", "HTTP/1.1 408"},
         {"\x00\x01\x02\xff\r\n\r\n", "HTTP/1.1 400"},
     };
@@ -604,7 +605,8 @@ Test(server, test_bad_http_never_hurts_the_server) {
     free(resp);
     /* a chunked body is accepted */
     const char *chunked =
-        "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        "POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: "
+        "close\r\n\r\n"
         "5\r\n{\"con\r\ne\r\ntent\":\"hello\"}\r\n0\r\n\r\n";
     resp = http_raw(d.port, chunked, strlen(chunked), 3, NULL);
     cr_expect(strstr(resp, "\"tokens\""), "chunked body: %.200s", resp);
