@@ -29,6 +29,7 @@ static void reset(srv_http_t *h) {
     h->cur_header = H_NONE;
     h->auth_len = 0;
     h->auth[0] = 0;
+    h->auth_overflow = false;
     h->reqid_len = 0;
     h->reqid[0] = 0;
     h->expect_len = 0;
@@ -96,7 +97,7 @@ static int on_header_field_complete(llhttp_t *p) {
     srv_http_t *h = of(p);
     h->cur_header = H_NONE;
     if (strcasecmp(h->hfield, "authorization") == 0)
-        h->cur_header = H_AUTH, h->auth_len = 0;
+        h->cur_header = H_AUTH, h->auth_len = 0, h->auth_overflow = false;
     else if (strcasecmp(h->hfield, "x-request-id") == 0)
         h->cur_header = H_REQID, h->reqid_len = 0;
     else if (strcasecmp(h->hfield, "host") == 0)
@@ -123,11 +124,12 @@ static int on_header_value(llhttp_t *p, const char *at, size_t n) {
     char before = byte_before(h, at, h->feed_start);
     if (before == '\n' || before == '\r')
         return refuse(h, 400, "obsolete line folding in a header");
-    if (h->cur_header == H_EXPECT)
+    if (h->cur_header == H_EXPECT) {
         append(h->expect, &h->expect_len, sizeof(h->expect), at, n);
-    else if (h->cur_header == H_AUTH)
+    } else if (h->cur_header == H_AUTH) {
+        if (h->auth_len + n >= sizeof(h->auth)) h->auth_overflow = true;
         append(h->auth, &h->auth_len, sizeof(h->auth), at, n);
-    else if (h->cur_header == H_REQID)
+    } else if (h->cur_header == H_REQID)
         append(h->reqid, &h->reqid_len, sizeof(h->reqid), at, n);
     return 0;
 }

@@ -18,6 +18,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+/* Longest Authorization value kept (a longer one matches no key). */
+#define SRV_HTTP_AUTH_MAX 4096
+
 typedef struct {
     llhttp_t parser;
     size_t max_head, max_body;
@@ -28,8 +31,9 @@ typedef struct {
     char hfield[32];
     size_t hfield_len;
     int cur_header;
-    char auth[512];
+    char auth[SRV_HTTP_AUTH_MAX];
     size_t auth_len;
+    bool auth_overflow; /* the Authorization value did not fit: it matches no key */
     char reqid[129];
     size_t reqid_len;
     char expect[32];

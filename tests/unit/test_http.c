@@ -8,7 +8,7 @@
 #include <string.h>
 
 typedef struct {
-    char method[16], url[2048], auth[512], reqid[129], body[512];
+    char method[16], url[2048], auth[SRV_HTTP_AUTH_MAX], reqid[129], body[512];
     size_t body_len;
     bool keep_alive;
 } msg_t;
