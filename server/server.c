@@ -926,20 +926,21 @@ static void notify_loop(void *arg) {
 
 /* ---- accept, timers, signals, loading --------------------------------- */
 
-static void on_connection(uv_stream_t *ls, int status);
+static void reject_connection(srv_t *s);
 
 static void on_reject_closed(uv_handle_t *h) {
     srv_t *s = h->data;
     s->reject_busy = false;
     if (s->accept_owed && s->listener_open) {
         s->accept_owed = false;
-        on_connection((uv_stream_t *)&s->listener, 0); /* take the one still waiting */
+        reject_connection(s); /* the one still waiting in the listener */
     }
 }
 
 /* No memory for a connection: accept it anyway and close it, because libuv stops polling a
- * listener whose pending connection was not accepted. With the spare handle still closing,
- * the connection waits in the listener and is taken in on_reject_closed. */
+ * listener whose pending connection was not accepted (uv_accept restarts it). With the spare
+ * handle still closing, the connection waits in the listener and is taken in
+ * on_reject_closed. */
 static void reject_connection(srv_t *s) {
     if (s->reject_busy) {
         s->accept_owed = true;
