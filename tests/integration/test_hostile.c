@@ -495,11 +495,18 @@ Test(hostile, test_idle_keep_alive_connections_release_their_body_buffers) {
 
 Test(hostile, test_smuggling_forms_and_http_edges) {
     daemon_t d;
-    const char *args[] = {"--model", model("tiny-f32"), "--max-body-bytes", "4096", NULL};
+    const char *args[] = {"--model", model("tiny-f32"),    "--max-body-bytes",
+                          "4096",    "--max-header-bytes", "1024",
+                          NULL};
     daemon_start(&d, args);
+    char big_head[2048];
+    int bh = snprintf(big_head, sizeof(big_head), "GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ");
+    memset(big_head + bh, 'a', 1500);
+    memcpy(big_head + bh + 1500, "\r\n\r\n", 5);
     struct {
         const char *raw, *want;
     } cases[] = {
+        {big_head, "HTTP/1.1 431"},
         {"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
          "14\r\n{\"content\":\"hello\"}\r\n0\r\n\r\n",
          "HTTP/1.1 400"},
