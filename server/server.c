@@ -1308,7 +1308,9 @@ int srv_run(const cfg_t *cfg) {
     uv_tcp_getsockname(&s->listener, (struct sockaddr *)&bound, &blen);
     int port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                  : ((struct sockaddr_in *)&bound)->sin_port);
-    srv_log(SRV_INFO, NULL, "listening", "http://%s:%d (port %d)", cfg->host, port, port);
+    bool v6_literal = strchr(cfg->host, ':') != NULL;
+    srv_log(SRV_INFO, NULL, "listening", "http://%s%s%s:%d (port %d)", v6_literal ? "[" : "",
+            cfg->host, v6_literal ? "]" : "", port, port);
     uv_async_init(&s->loop, &s->wake, on_wake);
     s->wake.data = s;
     s->wake_open = true;
