@@ -187,7 +187,14 @@ def main():
         d.kill()
         return 1
 
-    http_get(port, "/health")
+    # warm up (model pages, KV pool, allocator arenas) so that "before" is a steady state
+    warm = random.Random(0)
+    for act in ACTIONS:
+        try:
+            act(port, warm)
+        except OSError:
+            pass
+    time.sleep(1)
     before = {"rss_kb": rss_kb(d.pid), "fds": n_fds(d.pid),
               "kv_usage": metric(port, "tidald_kv_cache_usage_ratio")}
     counts, lock = {}, threading.Lock()
