@@ -319,6 +319,8 @@ static const opt_t opts[] = {
      "time allowed to send a request (slowloris guard)"},
     {"idle_timeout_s", V_NUM, COFF(idle_timeout_s), "60", 0.01, 86400,
      "idle keep-alive connection timeout"},
+    {"write_timeout_s", V_NUM, COFF(write_timeout_s), "30", 0.01, 86400,
+     "a client that reads none of the unsent response for this long is cut off"},
     {"max_connections", V_INT, COFF(max_connections), "1024", 1, 1 << 20,
      "open connections at most; more are closed at once"},
     {"max_stream_buffer_kb", V_INT, COFF(max_stream_buffer_kb), "1024", 1, 1 << 20,

@@ -80,6 +80,7 @@ typedef struct {
     int64_t max_body_bytes;
     double header_timeout_s;
     double idle_timeout_s;
+    double write_timeout_s; /* unsent bytes the client leaves unread this long: cut off */
     int64_t max_connections;
     int64_t max_stream_buffer_kb; /* a slower reader is cancelled */
     double drain_timeout_s;

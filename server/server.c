@@ -22,6 +22,8 @@
 #include <llhttp.h>
 #include <pthread.h>
 #include <math.h>
+#include <netdb.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +45,11 @@ typedef struct {
     uv_signal_t sig_term, sig_int;
     uv_timer_t tick;
     uv_work_t load_work;
+    uv_tcp_t reject;        /* accepts a connection there is no memory for, to close it at once */
+    bool reject_busy;       /* reject is closing */
+    bool accept_owed;       /* a connection waits in the listener for reject to be free again */
+    int fail_conn_allocs;   /* test hook (TIDALD_TEST_FAIL_CONN_ALLOC): fail this many allocs */
+    pthread_mutex_t api_mu; /* serialises api_* parsing on the worker pool (see parse_work) */
     const cfg_t *cfg;
     eng_model_t *model;
     eng_ctx_t *ctx;
@@ -64,17 +71,34 @@ typedef struct {
     int exit_code;
 } srv_t;
 
+/* What a request's parse on the worker pool produced (written there, read here after). */
+typedef enum { JOB_COMPLETION, JOB_CHAT, JOB_TOKENIZE, JOB_DETOKENIZE } job_kind_t;
+typedef struct {
+    job_kind_t kind;
+    int rc;
+    api_error_t err;
+    char *out;     /* tokenize/detokenize: the reply JSON */
+    api_req_t req; /* completions: the parsed request */
+} job_t;
+
 struct conn {
     uv_tcp_t tcp;
     srv_t *srv;
     conn_t *prev, *next;
     srv_http_t http; /* the request stream */
     double t_active;
-    /* bytes received while a request was being answered */
+    /* bytes received while a request was being answered, or while the answers back up */
     char *stash;
     size_t stash_len, stash_cap;
-    bool busy, closing, close_after_write, keep_alive, read_eof;
-    size_t write_pending;
+    bool busy, closing, close_after_write, keep_alive, read_eof, reading;
+    /* a parse is running on the worker pool: the loop leaves http and job alone, and a close
+     * waits for it (uv_close is called from parse_done) */
+    bool working, close_deferred;
+    uv_work_t work;
+    job_t job;
+    size_t write_pending;             /* bytes handed to uv_write whose callback has not run */
+    uint64_t bytes_queued, sent_seen; /* write-stall watch: progress is sent bytes growing */
+    double stall_since;               /* 0: nothing unsent */
     /* the request in flight */
     eng_request_t *req;
     api_req_t areq;
@@ -108,6 +132,17 @@ typedef struct {
 } wreq_t;
 
 static void conn_close(conn_t *c);
+static void conn_continue(conn_t *c);
+
+/* Bytes queued on the socket that the kernel has not taken yet. */
+static size_t unsent(conn_t *c) {
+    return uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+}
+
+/* More unsent than the stream bound: stop reading this client's requests until it reads. */
+static bool backlogged(conn_t *c) {
+    return unsent(c) > (size_t)c->srv->cfg->max_stream_buffer_kb * 1024;
+}
 
 static void on_written(uv_write_t *w, int status) {
     wreq_t *wr = (wreq_t *)w;
@@ -115,23 +150,20 @@ static void on_written(uv_write_t *w, int status) {
     c->write_pending -= wr->len;
     free(wr);
     if (status < 0) {
+        /* the peer is gone (EPIPE, ECONNRESET): a request in flight is cancelled */
         conn_close(c);
         return;
     }
-    if (c->close_after_write && c->write_pending == 0) conn_close(c);
+    if (c->close_after_write && c->write_pending == 0)
+        conn_close(c);
+    else if (!c->busy && !c->reading && !c->closing)
+        conn_continue(c); /* the backlog may have drained */
 }
 
-/* Queue bytes (copied). A reader that lets more than the stream bound pile up is cut off. */
+/* Queue bytes (copied). Whole responses are not bounded here: a stream's backlog is (see
+ * write_chunk), and a client that stops reading altogether meets the write-stall timeout. */
 static void conn_write(conn_t *c, const char *data, size_t len) {
     if (c->closing || !len) return;
-    if (c->write_pending + len > (size_t)c->srv->cfg->max_stream_buffer_kb * 1024) {
-        srv_log(SRV_WARN, c->reqid, "slow_reader",
-                "client reads too slowly (%zu bytes unsent); "
-                "cancelling",
-                c->write_pending);
-        conn_close(c);
-        return;
-    }
     wreq_t *wr = malloc(sizeof(*wr) + len);
     if (!wr) {
         conn_close(c);
@@ -146,7 +178,9 @@ static void conn_write(conn_t *c, const char *data, size_t len) {
         c->write_pending -= len;
         free(wr);
         conn_close(c);
+        return;
     }
+    c->bytes_queued += len;
 }
 
 static const char *status_text(int s) {
@@ -165,6 +199,8 @@ static const char *status_text(int s) {
         return "Request Timeout";
     case 413:
         return "Content Too Large";
+    case 417:
+        return "Expectation Failed";
     case 429:
         return "Too Many Requests";
     case 431:
@@ -173,6 +209,8 @@ static const char *status_text(int s) {
         return "Internal Server Error";
     case 503:
         return "Service Unavailable";
+    case 505:
+        return "HTTP Version Not Supported";
     default:
         return "Unknown";
     }
@@ -216,6 +254,15 @@ static void respond_error(conn_t *c, const api_error_t *e, const char *reject_re
 
 /* Chunked transfer framing for a stream body. */
 static void write_chunk(conn_t *c, const char *s, size_t n) {
+    if (c->closing) return;
+    /* a stream reader that lets more than the bound pile up unsent is cut off */
+    size_t backlog = unsent(c);
+    if (backlog + n > (size_t)c->srv->cfg->max_stream_buffer_kb * 1024) {
+        srv_log(SRV_WARN, c->reqid, "slow_reader",
+                "client reads too slowly (%zu bytes unsent); cancelling", backlog);
+        conn_close(c);
+        return;
+    }
     char hdr[32];
     int h = snprintf(hdr, sizeof(hdr), "%zx\r\n", n);
     size_t total = (size_t)h + n + 2;
@@ -257,6 +304,12 @@ static void drop_request(conn_t *c) {
     api_acc_free(&c->acc);
 }
 
+static void job_free(job_t *j) {
+    free(j->out);
+    j->out = NULL;
+    api_req_free(&j->req);
+}
+
 static void on_closed(uv_handle_t *h) {
     conn_t *c = h->data;
     srv_t *s = c->srv;
@@ -280,6 +333,12 @@ static void conn_close(conn_t *c) {
         api_metrics_finished("cancelled");
     }
     drop_request(c);
+    if (c->working) { /* parse_done closes it: the worker still reads c->http */
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = false;
+        c->close_deferred = true;
+        return;
+    }
     uv_close((uv_handle_t *)&c->tcp, on_closed);
 }
 
@@ -300,20 +359,26 @@ static void set_request_id(conn_t *c) {
     }
 }
 
+/* The whole presented key against every configured key, in time that depends only on the
+ * configured keys' lengths (a length mismatch is folded into the difference, not returned
+ * early). A header longer than the parser keeps (auth_overflow) matches nothing. */
 static bool authorized(conn_t *c) {
     srv_t *s = c->srv;
     if (!s->n_keys) return true;
-    if (c->http.auth_len < 7 || strncasecmp(c->http.auth, "Bearer ", 7) != 0) return false;
+    if (c->http.auth_overflow || c->http.auth_len < 7 ||
+        strncasecmp(c->http.auth, "Bearer ", 7) != 0)
+        return false;
     const char *k = c->http.auth + 7;
-    size_t kl = strlen(k);
+    size_t kl = c->http.auth_len - 7;
+    bool ok = false;
     for (size_t i = 0; i < s->n_keys; i++) {
         size_t l = strlen(s->keys[i]);
-        unsigned diff = (unsigned)(l ^ kl);
+        size_t diff = l ^ kl;
         for (size_t j = 0; j < l; j++)
             diff |= (unsigned char)s->keys[i][j] ^ (unsigned char)(j < kl ? k[j] : 0);
-        if (!diff) return true;
+        ok |= diff == 0;
     }
-    return false;
+    return ok;
 }
 
 static void answer_engine_unavailable(conn_t *c) {
@@ -326,28 +391,63 @@ static void answer_engine_unavailable(conn_t *c) {
     respond_error(c, &e, "unavailable", "Retry-After: 5\r\n");
 }
 
-/* JSON bodies must be UTF-8: answer 400 and return false when this one is not. */
-static bool body_utf8_or_400(conn_t *c) {
-    if (eng_utf8_valid(c->http.body, c->http.body_len)) return true;
-    api_error_t e;
-    api_fail(&e, 400, "invalid_request_error", NULL, NULL, "the body is not valid UTF-8");
-    respond_error(c, &e, "invalid_request", NULL);
-    return false;
+static void message_done(conn_t *c);
+
+/* Worker pool: validate, parse and tokenize the body (JSON parsing, chat rendering and
+ * tokenizing a megabyte prompt take seconds; the loop must not). Reads c->http, writes c->job
+ * only; the model and tokenizer are read-only after load. api_* parsing is not reentrant
+ * (cJSON_Parse records its error position in a global; the seed counter is a plain static),
+ * so jobs run one at a time under api_mu: off the loop thread, not in parallel. */
+static void parse_work(uv_work_t *w) {
+    conn_t *c = w->data;
+    srv_t *s = c->srv;
+    job_t *j = &c->job;
+    const char *body = c->http.body ? c->http.body : "";
+    size_t len = c->http.body_len;
+    j->rc = 0;
+    j->out = NULL;
+    if (!eng_utf8_valid(body, len)) {
+        j->rc = api_fail(&j->err, 400, "invalid_request_error", NULL, NULL,
+                         "the body is not valid UTF-8");
+        return;
+    }
+    pthread_mutex_lock(&s->api_mu);
+    switch (j->kind) {
+    case JOB_COMPLETION:
+    case JOB_CHAT:
+        j->rc = api_parse_request(&s->api, j->kind == JOB_CHAT ? API_CHAT : API_COMPLETION, body,
+                                  len, &j->req, &j->err);
+        break;
+    case JOB_TOKENIZE:
+    case JOB_DETOKENIZE:
+        j->out = j->kind == JOB_TOKENIZE ? api_tokenize(&s->api, body, len, &j->err)
+                                         : api_detokenize(&s->api, body, len, &j->err);
+        j->rc = j->out ? 0 : -1;
+        break;
+    }
+    pthread_mutex_unlock(&s->api_mu);
 }
 
-static void start_completion(conn_t *c, api_kind_t kind) {
+/* Loop thread, after a parse: submit the request, or answer. */
+static void submit_parsed(conn_t *c) {
     srv_t *s = c->srv;
+    job_t *j = &c->job;
     api_error_t e;
-    if (s->state != SRV_READY) {
-        answer_engine_unavailable(c);
+    if (j->rc) {
+        respond_error(c, &j->err, j->err.code ? "context_length" : "invalid_request", NULL);
+        job_free(j);
+        message_done(c);
         return;
     }
-    if (!body_utf8_or_400(c)) return;
-    if (api_parse_request(&s->api, kind, c->http.body ? c->http.body : "", c->http.body_len,
-                          &c->areq, &e)) {
-        respond_error(c, &e, e.code ? "context_length" : "invalid_request", NULL);
+    if (j->kind == JOB_TOKENIZE || j->kind == JOB_DETOKENIZE) {
+        respond_json(c, 200, j->out, NULL);
+        j->out = NULL;
+        message_done(c);
         return;
     }
+    c->areq = j->req;
+    memset(&j->req, 0, sizeof(j->req));
+    api_kind_t kind = j->kind == JOB_CHAT ? API_CHAT : API_COMPLETION;
     c->areq.eng.entropy = true; /* always measured: it feeds the entropy histogram */
     srv_log(SRV_INFO, c->reqid, "request_start", "%s prompt_tokens=%u max_tokens=%u stream=%d",
             kind == API_CHAT ? "chat" : "completion", c->areq.eng.n_prompt, c->areq.eng.max_tokens,
@@ -366,10 +466,10 @@ static void start_completion(conn_t *c, api_kind_t kind) {
                      rc == ENG_ENOMEM ? "out of memory" : msg);
             respond_error(c, &e, "invalid_request", NULL);
         }
+        message_done(c);
         return;
     }
     c->req = r;
-    c->busy = true;
     c->t_arrival = c->http.t_start;
     c->created = unix_now();
     c->t_last_token = 0;
@@ -389,6 +489,43 @@ static void start_completion(conn_t *c, api_kind_t kind) {
                          c->reqid, c->keep_alive ? "" : "Connection: close\r\n");
         conn_write(c, head, (size_t)n);
     }
+}
+
+static void parse_done(uv_work_t *w, int status) {
+    conn_t *c = w->data;
+    c->working = false;
+    if (c->closing) { /* the client left while its request was parsed */
+        job_free(&c->job);
+        if (c->close_deferred) uv_close((uv_handle_t *)&c->tcp, on_closed);
+        return;
+    }
+    if (status != 0) { /* cancelled: only at loop teardown */
+        job_free(&c->job);
+        conn_close(c);
+        return;
+    }
+    submit_parsed(c);
+}
+
+/* Hand the body to the worker pool; the connection stays busy until parse_done. */
+static void queue_parse(conn_t *c, job_kind_t kind) {
+    srv_t *s = c->srv;
+    if (s->state != SRV_READY &&
+        (s->state != SRV_DRAINING || kind == JOB_COMPLETION || kind == JOB_CHAT)) {
+        answer_engine_unavailable(c);
+        return;
+    }
+    memset(&c->job, 0, sizeof(c->job));
+    c->job.kind = kind;
+    c->work.data = c;
+    if (uv_queue_work(&s->loop, &c->work, parse_work, parse_done) != 0) {
+        static const char busy[] = "{\"error\":{\"message\":\"cannot queue the request\","
+                                   "\"type\":\"server_error\",\"param\":null,\"code\":null}}";
+        respond(c, 500, "application/json", busy, sizeof(busy) - 1, NULL);
+        return;
+    }
+    c->busy = true;
+    c->working = true;
 }
 
 static void route(conn_t *c) {
@@ -445,10 +582,10 @@ static void route(conn_t *c) {
     }
     switch (hit->id) {
     case 1:
-        start_completion(c, API_COMPLETION);
+        queue_parse(c, JOB_COMPLETION);
         return;
     case 2:
-        start_completion(c, API_CHAT);
+        queue_parse(c, JOB_CHAT);
         return;
     case 3:
         if (s->state != SRV_READY && s->state != SRV_DRAINING)
@@ -457,22 +594,11 @@ static void route(conn_t *c) {
             respond_json(c, 200, api_models_json(&s->api, s->start_unix), NULL);
         return;
     case 4:
-    case 5: {
-        if (s->state != SRV_READY && s->state != SRV_DRAINING) {
-            answer_engine_unavailable(c);
-            return;
-        }
-        if (!body_utf8_or_400(c)) return;
-        char *out =
-            hit->id == 4
-                ? api_tokenize(&s->api, c->http.body ? c->http.body : "", c->http.body_len, &e)
-                : api_detokenize(&s->api, c->http.body ? c->http.body : "", c->http.body_len, &e);
-        if (!out)
-            respond_error(c, &e, "invalid_request", NULL);
-        else
-            respond_json(c, 200, out, NULL);
+        queue_parse(c, JOB_TOKENIZE);
         return;
-    }
+    case 5:
+        queue_parse(c, JOB_DETOKENIZE);
+        return;
     case 6:
     case 8: {
         static const char *bodies[] = {"{\"status\":\"loading\"}", "{\"status\":\"ok\"}",
@@ -492,31 +618,86 @@ static void route(conn_t *c) {
             respond_json(c, 500, NULL, NULL);
             return;
         }
-        respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", text, strlen(text), NULL);
+        /* the server's own families: connections and the request bytes they hold */
+        size_t held = 0;
+        for (conn_t *o = s->conns; o; o = o->next)
+            held += srv_http_buffered(&o->http) + o->stash_cap;
+        char own[512];
+        int k = snprintf(own, sizeof(own),
+                         "# HELP tidald_http_connections Open client connections.\n"
+                         "# TYPE tidald_http_connections gauge\n"
+                         "tidald_http_connections %zu\n"
+                         "# HELP tidald_http_request_buffer_bytes Bytes held for requests "
+                         "(bodies and pipelined input) over all connections.\n"
+                         "# TYPE tidald_http_request_buffer_bytes gauge\n"
+                         "tidald_http_request_buffer_bytes %zu\n",
+                         s->n_conns, held);
+        size_t tl = strlen(text);
+        char *all = malloc(tl + (size_t)k + 1);
+        if (!all) {
+            free(text);
+            respond_json(c, 500, NULL, NULL);
+            return;
+        }
+        memcpy(all, text, tl);
+        memcpy(all + tl, own, (size_t)k + 1);
         free(text);
+        respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", all, tl + (size_t)k, NULL);
+        free(all);
         return;
     }
     }
 }
 
 static void conn_feed(conn_t *c, const char *data, size_t len);
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf);
 
-/* The answer to the current message is complete: go on with stashed bytes. */
-static void message_done(conn_t *c) {
+/* The current message is answered (or its answer is queued): ready for the next one. */
+static void message_end(conn_t *c) {
     c->busy = false;
     srv_http_next(&c->http);
     c->t_active = mono_now();
-    if (c->closing || c->close_after_write) return;
-    if (c->stash_len) {
+}
+
+/* After a message or a write: with nothing in flight, read on, stop reading while the
+ * answers back up, or close once everything is written after the client's EOF. */
+static void conn_settle(conn_t *c) {
+    if (c->closing || c->close_after_write || c->busy) return;
+    if (backlogged(c)) {
+        if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = false;
+        return;
+    }
+    if (c->read_eof) { /* half-closed: every complete request is answered; an incomplete one
+                          can never complete */
+        if (c->write_pending == 0)
+            conn_close(c);
+        else
+            c->close_after_write = true;
+        return;
+    }
+    if (!c->reading && uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
+        c->reading = true;
+}
+
+/* Go on with stashed bytes (pipelined requests), then settle. */
+static void conn_continue(conn_t *c) {
+    while (!c->closing && !c->close_after_write && !c->busy && c->stash_len && !backlogged(c)) {
         char *buf = c->stash;
         size_t n = c->stash_len;
         c->stash = NULL;
         c->stash_len = c->stash_cap = 0;
         conn_feed(c, buf, n);
         free(buf);
-    } else if (c->read_eof) {
-        conn_close(c);
     }
+    conn_settle(c);
+}
+
+/* The answer to a message that was in flight (parse or engine) is complete. */
+static void message_done(conn_t *c) {
+    message_end(c);
+    conn_continue(c);
 }
 
 static void http_error(conn_t *c) {
@@ -528,19 +709,34 @@ static void http_error(conn_t *c) {
     else if (status == 413)
         api_fail(&e, 413, "invalid_request_error", NULL, "body_too_large",
                  "the request body exceeds %lld bytes", (long long)c->srv->cfg->max_body_bytes);
+    else if (status == 505)
+        api_fail(&e, 505, "invalid_request_error", NULL, "http_version_not_supported", "%s",
+                 srv_http_error_reason(&c->http));
+    else if (status == 417)
+        api_fail(&e, 417, "invalid_request_error", NULL, "expectation_failed", "%s",
+                 srv_http_error_reason(&c->http));
     else
         api_fail(&e, 400, "invalid_request_error", NULL, "malformed_http",
                  "malformed HTTP request: %s", srv_http_error_reason(&c->http));
-    if (!c->reqid[0]) snprintf(c->reqid, sizeof(c->reqid), "-");
+    set_request_id(c); /* every response carries one, the refused ones too */
     c->keep_alive = false;
     respond_error(c, &e, status == 400 ? "invalid_request" : "too_large", NULL);
 }
 
+/* Parse and answer what arrived; whatever cannot be handled now (a request is in flight, or
+ * the answers back up) waits in the stash. */
 static void conn_feed(conn_t *c, const char *data, size_t len) {
-    while (len && !c->busy && !c->closing && !c->close_after_write) {
+    while (len && !c->busy && !c->closing && !c->close_after_write && !backlogged(c)) {
         size_t used;
         srv_http_rc_t rc = srv_http_feed(&c->http, data, len, &used);
-        if (rc == SRV_HTTP_MORE) return;
+        if (rc == SRV_HTTP_MORE) {
+            /* the client waits for this before it sends the body (RFC 9110 sec. 10.1.1) */
+            if (c->http.expect_continue && !c->http.continue_sent) {
+                c->http.continue_sent = true;
+                conn_write(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+            }
+            return;
+        }
         if (rc == SRV_HTTP_ERROR) {
             http_error(c);
             return;
@@ -549,9 +745,9 @@ static void conn_feed(conn_t *c, const char *data, size_t len) {
         len -= used;
         c->keep_alive = srv_http_keep_alive(&c->http) && c->srv->state != SRV_DRAINING;
         route(c);
-        if (!c->busy) message_done(c);
+        if (!c->busy) message_end(c);
     }
-    if (len && c->busy) {
+    if (len && !c->closing && !c->close_after_write) {
         if (c->stash_len + len > (size_t)c->srv->cfg->max_body_bytes + 65536) {
             conn_close(c); /* a client pipelining more than it could ever send in one request */
             return;
@@ -583,15 +779,17 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     if (n > 0) {
         c->t_active = mono_now();
         conn_feed(c, buf->base, (size_t)n);
-    } else if (n < 0) {
-        /* EOF or error: a request in flight is cancelled (the client left); answers already
-         * queued are still written before the connection closes */
-        c->read_eof = true;
+        conn_settle(c);
+    } else if (n == UV_EOF) {
+        /* a half-close (shutdown(SHUT_WR), nc -N) is not a cancellation: a request in flight
+         * is answered, then the connection closes. A client that is really gone shows up as a
+         * write error (EPIPE/ECONNRESET) on the answer or the stream, which cancels. */
         uv_read_stop(st);
-        if (c->busy || c->write_pending == 0)
-            conn_close(c);
-        else
-            c->close_after_write = true;
+        c->reading = false;
+        c->read_eof = true;
+        conn_settle(c);
+    } else if (n < 0) {
+        conn_close(c); /* ECONNRESET and the like: the client is gone; cancel what runs */
     }
     free(buf->base);
 }
@@ -728,11 +926,46 @@ static void notify_loop(void *arg) {
 
 /* ---- accept, timers, signals, loading --------------------------------- */
 
+static void reject_connection(srv_t *s);
+
+static void on_reject_closed(uv_handle_t *h) {
+    srv_t *s = h->data;
+    s->reject_busy = false;
+    if (s->accept_owed && s->listener_open) {
+        s->accept_owed = false;
+        reject_connection(s); /* the one still waiting in the listener */
+    }
+}
+
+/* No memory for a connection: accept it anyway and close it, because libuv stops polling a
+ * listener whose pending connection was not accepted (uv_accept restarts it). With the spare
+ * handle still closing, the connection waits in the listener and is taken in
+ * on_reject_closed. */
+static void reject_connection(srv_t *s) {
+    if (s->reject_busy) {
+        s->accept_owed = true;
+        return;
+    }
+    uv_tcp_init(&s->loop, &s->reject);
+    s->reject.data = s;
+    s->reject_busy = true;
+    uv_accept((uv_stream_t *)&s->listener, (uv_stream_t *)&s->reject);
+    uv_close((uv_handle_t *)&s->reject, on_reject_closed);
+    srv_log(SRV_WARN, NULL, "accept", "out of memory for a connection: closed it");
+}
+
 static void on_connection(uv_stream_t *ls, int status) {
     srv_t *s = ls->data;
     if (status < 0) return;
-    conn_t *c = calloc(1, sizeof(*c));
-    if (!c) return;
+    conn_t *c = NULL;
+    if (s->fail_conn_allocs > 0)
+        s->fail_conn_allocs--;
+    else
+        c = calloc(1, sizeof(*c));
+    if (!c) {
+        reject_connection(s);
+        return;
+    }
     c->srv = s;
     uv_tcp_init(&s->loop, &c->tcp);
     c->tcp.data = c;
@@ -752,7 +985,25 @@ static void on_connection(uv_stream_t *ls, int status) {
     srv_http_init(&c->http, (size_t)s->cfg->max_header_bytes, (size_t)s->cfg->max_body_bytes);
     c->t_active = mono_now();
     snprintf(c->reqid, sizeof(c->reqid), "-");
-    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    c->reading = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0;
+}
+
+/* A client that leaves sent bytes unread for write_timeout_s is cut off: it would otherwise
+ * hold its connection (and a --max-connections slot) forever. Progress is any growth of the
+ * bytes the kernel took, so a slow but steady reader is fine. */
+static bool write_stalled(conn_t *c, double now) {
+    size_t q = unsent(c);
+    if (q == 0) {
+        c->stall_since = 0;
+        return false;
+    }
+    uint64_t sent = c->bytes_queued - q;
+    if (c->stall_since == 0 || sent != c->sent_seen) {
+        c->sent_seen = sent;
+        c->stall_since = now;
+        return false;
+    }
+    return now - c->stall_since > c->srv->cfg->write_timeout_s;
 }
 
 static void close_handle(uv_handle_t *h) {
@@ -767,12 +1018,21 @@ static void on_tick(uv_timer_t *t) {
     conn_t *next;
     for (conn_t *c = s->conns; c; c = next) {
         next = c->next;
-        if (c->closing || c->busy) continue;
+        if (c->closing) continue;
+        if (write_stalled(c, now)) {
+            srv_log(SRV_WARN, c->req ? c->reqid : NULL, "write_stall",
+                    "client read nothing of %zu unsent bytes for %g s; closing", unsent(c),
+                    s->cfg->write_timeout_s);
+            conn_close(c);
+            continue;
+        }
+        if (c->busy) continue;
         if (c->http.in_message && now - c->http.t_start > s->cfg->header_timeout_s) {
             api_error_t e;
             api_fail(&e, 408, "invalid_request_error", NULL, "request_timeout",
                      "the request was not received within %g s", s->cfg->header_timeout_s);
             c->keep_alive = false;
+            set_request_id(c);
             respond_error(c, &e, "invalid_request", NULL);
         } else if (!c->http.in_message && c->write_pending == 0 &&
                    now - c->t_active > s->cfg->idle_timeout_s) {
@@ -886,8 +1146,22 @@ static void loaded(uv_work_t *w, int status) {
     const eng_hparams_t *hp = eng_model_hparams(s->model);
     snprintf(s->model_name, sizeof(s->model_name), "%s",
              *s->cfg->model_alias ? s->cfg->model_alias : hp->name);
-    s->api = (api_ctx_t){s->model, s->model_name, eng_ctx_n_ctx(s->ctx),
-                         (uint32_t)s->cfg->default_max_tokens, s->cfg->request_timeout_s};
+    /* what one request can really hold: its window, unless the whole KV pool is smaller */
+    const kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
+    uint64_t pool_tokens = (uint64_t)pool->n_blocks * pool->block_size;
+    uint32_t n_ctx = eng_ctx_n_ctx(s->ctx);
+    if (pool_tokens < n_ctx) {
+        srv_log(SRV_WARN, NULL, "kv_budget",
+                "the KV cache holds %llu tokens, less than one %u-token context; requests are "
+                "limited to %llu tokens (raise --kv-mem-mb or lower --ctx-size)",
+                (unsigned long long)pool_tokens, n_ctx, (unsigned long long)pool_tokens);
+        n_ctx = (uint32_t)pool_tokens;
+    }
+    s->api = (api_ctx_t){.model = s->model,
+                         .model_name = s->model_name,
+                         .n_ctx = n_ctx,
+                         .default_max_tokens = (uint32_t)s->cfg->default_max_tokens,
+                         .request_timeout_s = s->cfg->request_timeout_s};
     char amsg[ENG_ERRMSG_LEN];
     if (srv_attn_params(s->cfg->attention, s->cfg->token_budget, s->cfg->selection_layers,
                         s->cfg->force_sinks, s->cfg->per_group, hp, &s->api.attn, amsg)) {
@@ -908,48 +1182,96 @@ static void loaded(uv_work_t *w, int status) {
             eng_ctx_backend_name(s->ctx), dev.name);
 }
 
+/* Add one key (trimmed); keys longer than the parser keeps of Authorization are refused. */
+static int add_key(srv_t *s, char *tok, char *msg) {
+    while (*tok == ' ' || *tok == '\t' || *tok == '\r' || *tok == '\n') tok++;
+    size_t l = strlen(tok);
+    while (l &&
+           (tok[l - 1] == ' ' || tok[l - 1] == '\t' || tok[l - 1] == '\r' || tok[l - 1] == '\n'))
+        tok[--l] = 0;
+    if (!l) return 0;
+    if (l > SRV_HTTP_AUTH_MAX - 8) {
+        snprintf(msg, 256, "api key %zu: %zu characters, at most %d", s->n_keys + 1, l,
+                 SRV_HTTP_AUTH_MAX - 8);
+        return -1;
+    }
+    char **k = realloc(s->keys, sizeof(char *) * (s->n_keys + 1));
+    if (!k) goto oom;
+    s->keys = k;
+    if (!(s->keys[s->n_keys] = strdup(tok))) goto oom;
+    s->n_keys++;
+    return 0;
+oom:
+    snprintf(msg, 256, "out of memory reading the API keys");
+    return -1;
+}
+
+/* Keys from --api-key-file (one a line, any length) and --api-keys (comma-separated). Any
+ * failure is an error: a server must not start with fewer keys than it was given. */
 static int load_keys(srv_t *s, char *msg) {
     const cfg_t *cfg = s->cfg;
-    char *all = NULL;
-    size_t len = 0;
+    int rc = 0;
     if (*cfg->api_key_file) {
         FILE *f = fopen(cfg->api_key_file, "r");
         if (!f) {
             snprintf(msg, 256, "api_key_file: cannot open '%s'", cfg->api_key_file);
             return -1;
         }
-        char line[1024];
-        while (fgets(line, sizeof(line), f)) {
-            size_t n = strlen(line), k = len + n + 2;
-            char *a = realloc(all, k);
-            if (!a) break;
-            all = a;
-            memcpy(all + len, line, n);
-            len += n;
-            all[len++] = ',';
-            all[len] = 0;
+        char *line = NULL;
+        size_t cap = 0;
+        while (rc == 0 && getline(&line, &cap, f) != -1) rc = add_key(s, line, msg);
+        if (rc == 0 && ferror(f)) {
+            snprintf(msg, 256, "api_key_file: cannot read '%s'", cfg->api_key_file);
+            rc = -1;
         }
+        free(line);
         fclose(f);
+        if (rc) return -1;
     }
-    size_t n = strlen(cfg->api_keys);
-    char *a = realloc(all, len + n + 2);
-    if (!a) {
-        free(all);
+    char *all = strdup(cfg->api_keys);
+    if (!all) {
+        snprintf(msg, 256, "out of memory reading the API keys");
         return -1;
     }
-    all = a;
-    memcpy(all + len, cfg->api_keys, n + 1);
-    for (char *tok = strtok(all, ",\r\n"); tok; tok = strtok(NULL, ",\r\n")) {
-        while (*tok == ' ' || *tok == '\t') tok++;
-        size_t l = strlen(tok);
-        while (l && (tok[l - 1] == ' ' || tok[l - 1] == '\t')) tok[--l] = 0;
-        if (!l) continue;
-        char **k = realloc(s->keys, sizeof(char *) * (s->n_keys + 1));
-        if (!k) break;
-        s->keys = k;
-        s->keys[s->n_keys++] = strdup(tok);
-    }
+    char *save = NULL;
+    for (char *tok = strtok_r(all, ",", &save); tok && rc == 0; tok = strtok_r(NULL, ",", &save))
+        rc = add_key(s, tok, msg);
     free(all);
+    return rc;
+}
+
+/* Bind the listener to cfg->host: an IP literal or a name (localhost), IPv4 or IPv6; the
+ * first address that binds wins. Start-up only, so the blocking lookup is fine. */
+static int bind_listener(srv_t *s) {
+    const cfg_t *cfg = s->cfg;
+    char port[16];
+    snprintf(port, sizeof(port), "%lld", (long long)cfg->port);
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
+    struct addrinfo *res = NULL;
+    int g = getaddrinfo(*cfg->host ? cfg->host : NULL, port, &hints, &res);
+    if (g != 0) {
+        srv_log(SRV_ERROR, NULL, "config", "host: cannot resolve '%s': %s", cfg->host,
+                gai_strerror(g));
+        return -1;
+    }
+    int rc = UV_EADDRNOTAVAIL;
+    for (struct addrinfo *a = res; a; a = a->ai_next) {
+        rc = uv_tcp_bind(&s->listener, a->ai_addr, 0);
+        if (!rc) rc = uv_listen((uv_stream_t *)&s->listener, 511, on_connection);
+        if (!rc) break;
+        /* a failed bind leaves the handle unusable for another family: start over */
+        close_handle((uv_handle_t *)&s->listener);
+        uv_run(&s->loop, UV_RUN_DEFAULT);
+        uv_tcp_init(&s->loop, &s->listener);
+        s->listener.data = s;
+    }
+    freeaddrinfo(res);
+    if (rc) {
+        srv_log(SRV_ERROR, NULL, "listen", "cannot listen on %s:%lld: %s", cfg->host,
+                (long long)cfg->port, uv_strerror(rc));
+        return -1;
+    }
     return 0;
 }
 
@@ -960,7 +1282,15 @@ int srv_run(const cfg_t *cfg) {
     s->start_unix = unix_now();
     s->id_seed = (uint64_t)(s->start_unix * 1e6) ^ ((uint64_t)getpid() << 32);
     srv_log_level(cfg->log_level);
+    /* a write to a peer that is gone must return EPIPE, not kill the process (libuv writes
+     * with write(2), which has no MSG_NOSIGNAL) */
+    struct sigaction ign = {.sa_handler = SIG_IGN};
+    sigemptyset(&ign.sa_mask);
+    sigaction(SIGPIPE, &ign, NULL);
+    const char *fault = getenv("TIDALD_TEST_FAIL_CONN_ALLOC");
+    s->fail_conn_allocs = fault ? atoi(fault) : 0;
     pthread_mutex_init(&s->wake_mu, NULL);
+    pthread_mutex_init(&s->api_mu, NULL);
     api_metrics_init(s->start_unix);
     char msg[256] = {0};
     int code = 1;
@@ -971,26 +1301,16 @@ int srv_run(const cfg_t *cfg) {
     uv_loop_init(&s->loop);
     uv_tcp_init(&s->loop, &s->listener);
     s->listener.data = s;
-    struct sockaddr_storage addr;
-    if (uv_ip4_addr(cfg->host, (int)cfg->port, (struct sockaddr_in *)&addr) != 0 &&
-        uv_ip6_addr(cfg->host, (int)cfg->port, (struct sockaddr_in6 *)&addr) != 0) {
-        srv_log(SRV_ERROR, NULL, "config", "host: '%s' is not an IP address", cfg->host);
-        goto out_loop;
-    }
-    int rc = uv_tcp_bind(&s->listener, (const struct sockaddr *)&addr, 0);
-    if (!rc) rc = uv_listen((uv_stream_t *)&s->listener, 511, on_connection);
-    if (rc) {
-        srv_log(SRV_ERROR, NULL, "listen", "cannot listen on %s:%lld: %s", cfg->host,
-                (long long)cfg->port, uv_strerror(rc));
-        goto out_loop;
-    }
+    if (bind_listener(s)) goto out_loop;
     s->listener_open = true;
     struct sockaddr_storage bound;
     int blen = sizeof(bound);
     uv_tcp_getsockname(&s->listener, (struct sockaddr *)&bound, &blen);
     int port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                  : ((struct sockaddr_in *)&bound)->sin_port);
-    srv_log(SRV_INFO, NULL, "listening", "http://%s:%d (port %d)", cfg->host, port, port);
+    bool v6_literal = strchr(cfg->host, ':') != NULL;
+    srv_log(SRV_INFO, NULL, "listening", "http://%s%s%s:%d (port %d)", v6_literal ? "[" : "",
+            cfg->host, v6_literal ? "]" : "", port, port);
     uv_async_init(&s->loop, &s->wake, on_wake);
     s->wake.data = s;
     s->wake_open = true;
@@ -1022,6 +1342,7 @@ out:
     for (size_t i = 0; i < s->n_keys; i++) free(s->keys[i]);
     free(s->keys);
     pthread_mutex_destroy(&s->wake_mu);
+    pthread_mutex_destroy(&s->api_mu);
     free(s);
     return code;
 }

@@ -11,8 +11,9 @@ typedef struct {
     pid_t pid;
     int port;
     int err_fd;        /* the daemon's stderr */
-    char log[1 << 16]; /* what it printed so far */
+    char log[1 << 16]; /* what it printed so far (the tail, once it is longer) */
     size_t log_len;
+    bool sanitizer_seen; /* a sanitizer report scrolled out of `log` */
 } daemon_t;
 
 /* Start TIDALD_BIN (default build/tidald) `serve --port 0` with extra args; waits for ready. */

@@ -8,7 +8,7 @@
 #include <string.h>
 
 typedef struct {
-    char method[16], url[2048], auth[512], reqid[129], body[512];
+    char method[16], url[2048], auth[SRV_HTTP_AUTH_MAX], reqid[129], body[512];
     size_t body_len;
     bool keep_alive;
 } msg_t;
@@ -58,7 +58,7 @@ static const char *REQS =
     "POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer k1\r\n"
     "X-Request-Id: abc\r\nContent-Length: 15\r\n\r\n{\"prompt\":\"hi\"}"
     "GET /health HTTP/1.1\r\nHost: a\r\n\r\n"
-    "POST /tokenize HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    "POST /tokenize HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     "4\r\n{\"co\r\n10\r\nntent\":\"hello\"} \r\n0\r\n\r\n";
 
 static void check(const msg_t *m, int n) {
@@ -103,9 +103,9 @@ Test(http, test_limits_and_garbage_give_the_right_status) {
     memset(big + k, 'a', 1100);
     strcpy(big + k + 1100, "\r\n\r\n");
     cr_expect_eq(parse_cut(big, strlen(big), NULL, 0, m, 2), -431);
-    const char *body = "POST / HTTP/1.1\r\nContent-Length: 300\r\n\r\n";
+    const char *body = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 300\r\n\r\n";
     cr_expect_eq(parse_cut(body, strlen(body), NULL, 0, m, 2), -413);
-    const char *chunky = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n200\r\n";
+    const char *chunky = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n200\r\n";
     char c2[1024];
     snprintf(c2, sizeof(c2), "%s%0512d", chunky, 0);
     cr_expect_eq(parse_cut(c2, strlen(c2), NULL, 0, m, 2), -413);
@@ -113,4 +113,80 @@ Test(http, test_limits_and_garbage_give_the_right_status) {
                          "GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "\x01\x02\r\n"};
     for (int i = 0; i < 4; i++)
         cr_expect_eq(parse_cut(bad[i], strlen(bad[i]), NULL, 0, m, 2), -400, "case %d", i);
+}
+
+/* The status a request gets, fed whole and split at every byte: every split must agree. */
+static int status_every_split(const char *raw) {
+    size_t len = strlen(raw);
+    msg_t m[2];
+    int whole = parse_cut(raw, len, NULL, 0, m, 2);
+    for (size_t cut = 1; cut < len; cut++) {
+        int n = parse_cut(raw, len, &cut, 1, m, 2);
+        cr_assert_eq(n, whole, "split at %zu gave %d, whole gave %d: %s", cut, n, whole, raw);
+    }
+    return whole;
+}
+
+/* Request-smuggling primitives llhttp 8.1 lets through by itself. */
+Test(http, test_obs_fold_and_bad_chunk_terminator_are_refused) {
+    cr_expect_eq(status_every_split("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked"
+                                    "\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+                 -400);
+    cr_expect_eq(status_every_split("GET / HTTP/1.1\r\nHost: a\r\nX-A: a\r\n\tb\r\n\r\n"), -400);
+    cr_expect_eq(status_every_split("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                                    "\r\n5\r\nhelloXY0\r\n\r\n"),
+                 -400);
+    cr_expect_eq(status_every_split("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                                    "\r\n5\r\nhello\rX0\r\n\r\n"),
+                 -400);
+    cr_expect_eq(status_every_split("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
+                                    "Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n"),
+                 -400);
+    /* the well-formed versions parse, and whitespace around values is still fine */
+    cr_expect_eq(
+        status_every_split("POST / HTTP/1.1\r\nHost:   a  \r\nTransfer-Encoding: chunked\r\n"
+                           "\r\n5\r\nhello\r\n2\r\nab\r\n0\r\n\r\n"),
+        1);
+}
+
+Test(http, test_host_version_and_expect_rules) {
+    cr_expect_eq(status_every_split("GET / HTTP/1.1\r\n\r\n"), -400);
+    cr_expect_eq(status_every_split("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), -400);
+    cr_expect_eq(status_every_split("GET / HTTP/1.0\r\n\r\n"), 1); /* 1.0 needs no Host */
+    cr_expect_eq(status_every_split("GET / HTTP/2.0\r\nHost: a\r\n\r\n"), -505);
+    cr_expect_eq(status_every_split("POST / HTTP/1.1\r\nHost: a\r\nExpect: tea\r\n"
+                                    "Content-Length: 1\r\n\r\nx"),
+                 -417);
+    /* 100-continue: flagged at the head, before any body byte */
+    srv_http_t h;
+    srv_http_init(&h, 1024, 256);
+    const char *head = "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\n"
+                       "Content-Length: 2\r\n\r\n";
+    size_t used;
+    cr_assert_eq(srv_http_feed(&h, head, strlen(head), &used), SRV_HTTP_MORE);
+    cr_expect(h.expect_continue);
+    cr_assert_eq(srv_http_feed(&h, "ok", 2, &used), SRV_HTTP_MESSAGE);
+    cr_expect_eq(h.body_len, 2);
+    srv_http_next(&h);
+    cr_expect(!h.expect_continue);
+    srv_http_free(&h);
+    /* too large with Expect: 413 before the body */
+    cr_expect_eq(status_every_split("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                                    "Content-Length: 300\r\n\r\n"),
+                 -413);
+}
+
+Test(http, test_body_buffer_is_released_between_messages) {
+    srv_http_t h;
+    srv_http_init(&h, 1024, 256);
+    const char *req = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 200\r\n\r\n";
+    size_t used;
+    cr_assert_eq(srv_http_feed(&h, req, strlen(req), &used), SRV_HTTP_MORE);
+    char body[200];
+    memset(body, 'x', sizeof(body));
+    cr_assert_eq(srv_http_feed(&h, body, sizeof(body), &used), SRV_HTTP_MESSAGE);
+    cr_expect_geq(srv_http_buffered(&h), 200);
+    srv_http_next(&h);
+    cr_expect_eq(srv_http_buffered(&h), 0);
+    srv_http_free(&h);
 }
