@@ -55,6 +55,7 @@ typedef struct {
     eng_ctx_t *ctx;
     eng_sched_t *sched;
     char load_msg[ENG_ERRMSG_LEN];
+    uint32_t ctx_asked; /* --ctx-size when it exceeded the model's training context (logged) */
     int load_rc;
     api_ctx_t api;
     char model_name[128];
@@ -1120,7 +1121,10 @@ static void load_model(uv_work_t *w) {
     p.max_seqs = (uint32_t)cfg->max_running;
     p.max_batch_tokens =
         (uint32_t)(cfg->step_tokens > cfg->max_running ? cfg->step_tokens : cfg->max_running);
-    if (p.n_ctx > hp->n_ctx_train) p.n_ctx = hp->n_ctx_train;
+    if (p.n_ctx > hp->n_ctx_train) { /* logged by loaded(), on the loop thread */
+        s->ctx_asked = p.n_ctx;
+        p.n_ctx = hp->n_ctx_train;
+    }
     s->load_rc = eng_ctx_create(&s->ctx, s->model, &p, s->load_msg);
 }
 
@@ -1173,6 +1177,11 @@ static void loaded(uv_work_t *w, int status) {
     }
     s->api.sinks = (uint32_t)s->cfg->sinks;
     s->api.evict = s->cfg->kv_eviction;
+    s->api.max_nonstream_tokens = (uint32_t)s->cfg->max_nonstream_tokens;
+    if (s->ctx_asked)
+        srv_log(SRV_WARN, NULL, "ctx_size",
+                "--ctx-size %u exceeds the model's training context of %u tokens: using %u",
+                s->ctx_asked, eng_model_hparams(s->model)->n_ctx_train, eng_ctx_n_ctx(s->ctx));
     api_metrics_layers(hp->n_layer);
     if (s->state == SRV_LOADING) s->state = SRV_READY;
     eng_device_info_t dev;

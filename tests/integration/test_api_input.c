@@ -146,3 +146,25 @@ Test(api_input, test_non_streamed_generation_is_bounded, .timeout = 60) {
     cJSON_Delete(j);
     cr_expect_eq(daemon_stop(&d), 0);
 }
+
+/* --max-nonstream-tokens reaches the server's limit, and a --ctx-size past the model's training
+ * context (256 tokens for the tiny model) is clamped with a warning, not silently. */
+Test(api_input, test_nonstream_limit_flag_and_ctx_size_clamp_are_applied, .timeout = 60) {
+    daemon_t d;
+    const char *args[] = {"--model", tiny_model(), "--max-nonstream-tokens", "8", "--ctx-size",
+                          "100000",  NULL};
+    daemon_start(&d, args);
+    int st;
+    cJSON *j = post(d.port, "/v1/completions", "{\"prompt\":\"hi\",\"max_tokens\":9}", &st);
+    cr_expect_eq(st, 400);
+    cr_expect_str_eq(err_field(j, "param"), "max_tokens");
+    cr_expect(strstr(err_field(j, "message"), "at most 8 tokens"), "%s", err_field(j, "message"));
+    cJSON_Delete(j);
+    j = post(d.port, "/v1/completions", "{\"prompt\":\"hi\",\"max_tokens\":8}", &st);
+    cr_expect_eq(st, 200);
+    cJSON_Delete(j);
+    daemon_pump_log(&d);
+    cr_expect(strstr(d.log, "\"event\":\"ctx_size\"") && strstr(d.log, "100000"),
+              "no warning about the clamped --ctx-size in: %.2000s", d.log);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
