@@ -98,10 +98,10 @@ $(BUILD)/cuda/kernels.o: engine/cuda/kernels.cu engine/cuda/kernels.h
 $(BUILD)/cuda/%.o: engine/cuda/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CUDA_CFLAGS) -c $< -o $@
-$(BUILD)/cuda/err.o: base/err.c
+$(BUILD)/cuda/base/err.o: base/err.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CUDA_CFLAGS) -c $< -o $@
-$(CUDA_LIB): $(BUILD)/cuda/cuda_backend.o $(BUILD)/cuda/kernels.o $(BUILD)/cuda/err.o
+$(CUDA_LIB): $(BUILD)/cuda/cuda_backend.o $(BUILD)/cuda/kernels.o $(BUILD)/cuda/base/err.o
 	$(CC) -shared -o $@ $^ -L$(CUDA_HOME)/lib64 -lcublas -lcudart_static -lrt -ldl -lm -pthread \
 	  -Wl,-rpath,'$$ORIGIN:$(CUDA_HOME)/lib64' -Wl,--no-undefined
 
@@ -237,10 +237,10 @@ $(EMU_DIR)/emu_runtime.o: tests/cuda_emu/emu_runtime.cpp $(wildcard tests/cuda_e
 $(EMU_DIR)/%.o: engine/cuda/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -pthread $(EMU_INC) -c $< -o $@
-$(EMU_DIR)/err.o: base/err.c
+$(EMU_DIR)/base/err.o: base/err.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -c $< -o $@
-$(EMU_DIR)/libtidald-cuda.so: $(EMU_DIR)/cuda_backend.o $(EMU_DIR)/kernels_emu.o $(EMU_DIR)/emu_runtime.o $(EMU_DIR)/err.o
+$(EMU_DIR)/libtidald-cuda.so: $(EMU_DIR)/cuda_backend.o $(EMU_DIR)/kernels_emu.o $(EMU_DIR)/emu_runtime.o $(EMU_DIR)/base/err.o
 	$(CXX) -shared -o $@ $^ -lm
 $(EMU_DIR)/libcuda.so.1: tests/cuda_emu/fake_driver.c
 	@mkdir -p $(dir $@)
