@@ -295,7 +295,7 @@ typedef struct eng_sched eng_sched_t;
 typedef struct {
     uint32_t max_running;      /* sequences decoding at once */
     uint32_t max_waiting;      /* bounded queue; submit fails past it */
-    uint32_t step_tokens;      /* token budget per step (chunked prefill) */
+    uint32_t step_tokens;      /* token budget per step (chunked prefill); at least max_running */
     void (*notify)(void *arg); /* called from the engine thread when outboxes have news */
     void *notify_arg;
     bool pressure_evict; /* KV pool dry: evict middle blocks of the longest sequence first

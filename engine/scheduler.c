@@ -197,7 +197,8 @@ size_t eng_request_drain(eng_request_t *r, eng_event_t *ev, size_t cap) {
 
 /* Publish an event (takes ownership of what e owns). The outbox grows by doubling; if that
  * fails, a token event is dropped, but a final event is never lost: it overwrites the last
- * undelivered event, so the client always learns how the request ended. */
+ * undelivered event (the outbox has slots from submission on), so the client always learns
+ * how the request ended. */
 static void publish(eng_sched_t *s, eng_request_t *r, eng_event_t *e) {
     e->time = mono_now();
     pthread_mutex_lock(&r->mu);
@@ -245,6 +246,9 @@ int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
     if (!s->p.max_running) s->p.max_running = 16;
     if (!s->p.max_waiting) s->p.max_waiting = 256;
     if (!s->p.step_tokens) s->p.step_tokens = 512;
+    /* every running stream gets its token each step (as vLLM requires max_num_batched_tokens
+     * >= max_num_seqs): a smaller budget would starve the streams admitted last */
+    if (s->p.step_tokens < s->p.max_running) s->p.step_tokens = s->p.max_running;
     s->n_vocab = eng_model_hparams(m)->n_vocab;
     s->n_ctx = eng_ctx_n_ctx(ctx);
     pthread_mutex_init(&s->mu, NULL);
@@ -340,6 +344,15 @@ int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg) {
         pthread_mutex_unlock(&s->mu);
         return eng_fail(msg, ENG_ERANGE, "the waiting queue is full (%u requests)",
                         s->p.max_waiting);
+    }
+    /* the outbox has room from the start, so a final event always finds a slot (publish) */
+    if (!r->ev) {
+        r->ev = malloc(16 * sizeof(*r->ev));
+        if (!r->ev) {
+            pthread_mutex_unlock(&s->mu);
+            return eng_fail(msg, ENG_ENOMEM, "out of memory for the request's events");
+        }
+        r->cap_ev = 16;
     }
     /* the token list takes over the prompt */
     r->toks = r->p.prompt;
@@ -482,26 +495,21 @@ static uint32_t evict_tokens(eng_sched_t *s, eng_request_t *r, uint32_t n) {
 }
 
 /* Free r's blocks and requeue it at the front of the deque, to recompute its tokens when
- * there is room. A sequence that may evict and has filled its window keeps its sinks and the
- * newest window's worth. Its outbox, sampler and text state carry on. */
-static void preempt(eng_sched_t *s, eng_request_t *r) {
-    if (r->p.evict && r->n_toks >= r->window) {
-        uint32_t keep = r->window - 1, head = r->p.sinks < r->window / 2 ? r->p.sinks : 0;
-        memmove(r->toks + head, r->toks + r->n_toks - (keep - head),
-                sizeof(int32_t) * (keep - head));
-        r->n_toks = keep;
-    }
+ * there is room. Its token list already holds exactly what its cache held (eviction removed
+ * what it dropped; at most window + 1 tokens), so the recomputation, and the window eviction
+ * after it, go as they would have without the preemption. Its outbox, sampler and text state
+ * carry on. False (nothing changed) if the deque is full, which its size rules out. */
+static bool preempt(eng_sched_t *s, eng_request_t *r) {
+    if (s->n_waiting == s->wq_cap) return false;
     kv_seq_close(&r->seq);
     r->n_computed = 0;
     r->decoding = false;
     unlist(s, r);
-    if (!wq_push_front(s, r)) { /* cannot happen: the deque has room for every request */
-        finish(s, r, ENG_FINISH_ERROR, "internal error: the waiting queue overflowed");
-        return;
-    }
+    wq_push_front(s, r);
     pthread_mutex_lock(&s->mu);
     s->stats.preemptions++;
     pthread_mutex_unlock(&s->mu);
+    return true;
 }
 
 /* The evict policy's victim: the longest running sequence that allows eviction, is not in
@@ -548,8 +556,7 @@ static bool allocate(eng_sched_t *s, eng_request_t *r, uint32_t n, bool may_free
             evict_tokens(s, v, eng_ctx_kv_pool(s->ctx)->block_size);
             continue;
         }
-        if (!(v = preempt_victim(s))) return false;
-        preempt(s, v);
+        if (!(v = preempt_victim(s)) || !preempt(s, v)) return false;
         if (v == r) return false;
     }
 }
@@ -598,7 +605,7 @@ static bool schedule(eng_sched_t *s, eng_request_t *r, uint32_t *budget, bool ma
 }
 
 /* Make a waiting request runnable: its sampler, detokenizer and telemetry buffers on first
- * admission, a fresh sequence. False on allocation failure (it then stays waiting). */
+ * admission, a fresh sequence. False on allocation failure (the caller ends the request). */
 static bool start(eng_sched_t *s, eng_request_t *r) {
     if (!r->smp) {
         if (eng_sampler_create(&r->smp, &r->p.sampling, s->n_vocab) != 0) return false;
@@ -984,9 +991,15 @@ static void *engine_main(void *arg) {
             pthread_cond_wait(&s->cv, &s->mu);
         }
         bool stop = s->stop;
-        for (size_t i = 0; i < s->n_in; i++) wq_push_back(s, s->inq[i]);
+        size_t n_in = s->n_in, n_moved = 0;
+        for (; n_moved < n_in && wq_push_back(s, s->inq[n_moved]); n_moved++) {
+        }
         s->n_in = 0;
         pthread_mutex_unlock(&s->mu);
+        for (size_t i = n_moved; i < n_in; i++) { /* the deque's size rules this out */
+            atomic_fetch_sub(&s->n_queued, 1);
+            finish(s, s->inq[i], ENG_FINISH_ERROR, "internal error: the waiting queue is full");
+        }
         if (stop) break;
         s->published = false;
         step(s);

@@ -722,3 +722,43 @@ Test(scheduler, test_non_finite_logits_end_the_request_with_an_error) {
     sfx_close(&f);
     unlink(path);
 }
+
+/* A stream that may evict, preempted as its token list reaches its window (33 tokens: the
+ * 33rd token needs a new block, and the pool of four blocks is then held by it and an older
+ * request): its cache held exactly its token list, so it must recompute all of it (it once
+ * dropped the token after its sinks) and go on, evicting past its window, exactly as it
+ * would have alone. Any timing of the preemption must give the solo text. */
+Test(scheduler, test_preempted_evicting_stream_recomputes_its_whole_cache) {
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    const char *prompts[2] = {"The dog", "Once upon a time"}; /* the second is the newer */
+    char msg[ENG_ERRMSG_LEN];
+    for (int round = 0; round < 2; round++) {
+        result_t solo[2], got[2];
+        for (int pass = 0; pass < 2; pass++) {
+            sfx_t f;
+            sfx_open_pool(&f, pass ? 4 : 8, 2, 4, 512, false);
+            eng_request_t *rs[2];
+            for (int i = 0; i < 2; i++) {
+                eng_req_params_t p = greedy_params(f.m, prompts[i], i ? 60 : 36 + round);
+                p.ignore_eos = true;
+                p.evict = i == 1;
+                p.window = i == 1 ? 33 : 0;
+                p.sinks = 4;
+                rs[i] = eng_request_create(&p);
+                cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+                if (pass == 0) { /* the reference: each alone */
+                    collect(&f, rs[i], &solo[i]);
+                    eng_request_release(rs[i]);
+                }
+            }
+            if (pass == 1)
+                for (int i = 0; i < 2; i++) {
+                    collect(&f, rs[i], &got[i]);
+                    cr_expect_eq(got[i].finish, ENG_FINISH_LENGTH, "round %d request %d", round, i);
+                    cr_expect_str_eq(got[i].text, solo[i].text, "round %d request %d", round, i);
+                    eng_request_release(rs[i]);
+                }
+            sfx_close(&f);
+        }
+    }
+}
