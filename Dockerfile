@@ -24,6 +24,7 @@ RUN make deps-build
 COPY base/ base/
 COPY engine/ engine/
 COPY kvcache/ kvcache/
+COPY sched/ sched/
 COPY api/ api/
 COPY config/ config/
 COPY server/ server/

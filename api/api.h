@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../engine/engine.h"
+#include "../sched/sched.h"
 
 /* ---- errors --------------------------------------------------------- */
 
@@ -57,11 +57,11 @@ typedef struct {
 typedef struct {
     api_kind_t kind;
     bool stream, include_usage, echo;
-    bool entropy;         /* telemetry.entropy */
-    bool per_head;        /* telemetry.per_head */
-    int logprobs;         /* -1 off; else alternatives wanted (0..5) */
-    char *prompt_text;    /* for echo (completions with a string prompt) */
-    eng_req_params_t eng; /* ownership moves into the engine request */
+    bool entropy;           /* telemetry.entropy */
+    bool per_head;          /* telemetry.per_head */
+    int logprobs;           /* -1 off; else alternatives wanted (0..5) */
+    char *prompt_text;      /* for echo (completions with a string prompt) */
+    sched_req_params_t eng; /* ownership moves into the engine request */
 } api_req_t;
 
 /* Parse and validate a completions or chat-completions body. On failure returns -1 and fills
@@ -99,7 +99,7 @@ char *api__json_quote(const char *s, size_t n);
 typedef struct {
     char *text;
     size_t len, cap;
-    eng_event_t *tok; /* token events in order, for logprobs and telemetry (text not kept) */
+    sched_event_t *tok; /* token events in order, for logprobs and telemetry (text not kept) */
     size_t n_tok, cap_tok;
     bool oom;
 } api_acc_t;
@@ -114,15 +114,15 @@ typedef struct {
 } api_resp_ctx_t;
 
 /* One SSE data payload (JSON, malloc'd) for a token event or the final event. */
-char *api_stream_chunk(const api_resp_ctx_t *rc, const eng_event_t *ev, bool first);
+char *api_stream_chunk(const api_resp_ctx_t *rc, const sched_event_t *ev, bool first);
 /* The usage-only chunk (choices: []). */
 char *api_usage_chunk(const api_resp_ctx_t *rc, uint32_t prompt, uint32_t completion);
 /* A stream error event payload. */
 char *api_stream_error(const char *message);
 /* Whole response for a non-stream request. */
-int api_acc_add(api_acc_t *a, const eng_event_t *ev);
+int api_acc_add(api_acc_t *a, const sched_event_t *ev);
 void api_acc_free(api_acc_t *a);
-char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, eng_finish_t finish,
+char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, sched_finish_t finish,
                          uint32_t prompt, uint32_t completion);
 
 /* ---- metrics (process-wide registry; loop thread only) --------------- */
@@ -140,13 +140,13 @@ void api_metrics_init(double start_time_unix);
 /* Size the per-layer attention histograms (once the model is known). */
 void api_metrics_layers(uint32_t n_layer);
 /* Per-layer attention entropy and sink mass of one token. */
-void api_metrics_attention(const eng_attn_stats_t *a);
+void api_metrics_attention(const sched_attn_stats_t *a);
 /* A layer's normalised entropy stayed under the collapse threshold for the configured run. */
 void api_metrics_collapse(uint32_t layer);
 void api_metrics_observe(api_hist_id_t h, double v);
 void api_metrics_finished(const char *finish_reason);
 void api_metrics_rejected(const char *reason);
 /* Render the exposition text (malloc'd). */
-char *api_metrics_render(const eng_sched_stats_t *st);
+char *api_metrics_render(const sched_stats_t *st);
 
 #endif

@@ -99,7 +99,7 @@ void api_metrics_layers(uint32_t n) {
     n_layers = layers ? n : 0;
 }
 
-void api_metrics_attention(const eng_attn_stats_t *a) {
+void api_metrics_attention(const sched_attn_stats_t *a) {
     for (uint32_t l = 0; l < a->n_layer && l < n_layers; l++) {
         layer_hist_t *h = &layers[l];
         bucket(h->att, att_le, N_ATT_LE, a->entropy_bits[l]);
@@ -210,7 +210,7 @@ static void process_facts(double *rss, int *fds) {
     }
 }
 
-char *api_metrics_render(const eng_sched_stats_t *st) {
+char *api_metrics_render(const sched_stats_t *st) {
     out_t o = {0};
     emit(&o,
          "# HELP tidald_requests_running Requests decoding now.\n"

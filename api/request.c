@@ -90,13 +90,13 @@ static size_t array_count(const cJSON *a, size_t max) {
     return n;
 }
 
-static int parse_stop(const cJSON *root, eng_req_params_t *p, api_error_t *e) {
+static int parse_stop(const cJSON *root, sched_req_params_t *p, api_error_t *e) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "stop");
     if (!v || cJSON_IsNull(v)) return 0;
     const cJSON *one = cJSON_IsString(v) ? v : NULL;
     if (!one && !cJSON_IsArray(v)) return BAD(e, "stop", "'stop' must be a string or a list");
-    if (!one && array_count(v, ENG_MAX_STOP) > ENG_MAX_STOP)
-        return BAD(e, "stop", "'stop' may hold at most %d strings", ENG_MAX_STOP);
+    if (!one && array_count(v, SCHED_MAX_STOP) > SCHED_MAX_STOP)
+        return BAD(e, "stop", "'stop' may hold at most %d strings", SCHED_MAX_STOP);
     for (const cJSON *s = one ? one : v->child; s; s = one ? NULL : s->next) {
         if (!cJSON_IsString(s)) return BAD(e, "stop", "'stop' entries must be strings");
         size_t l = strlen(s->valuestring);
@@ -579,12 +579,13 @@ int api_parse_request(const api_ctx_t *ctx, api_kind_t kind, const char *body, s
     }
     if (kind == API_COMPLETION) {
         if (bool_field(root, "echo", &r->echo, e)) goto done;
-        if (num_field(root, "logprobs", 0, ENG_MAX_LOGPROBS, true, &d, &present, e)) goto done;
+        if (num_field(root, "logprobs", 0, SCHED_MAX_LOGPROBS, true, &d, &present, e)) goto done;
         if (present) r->logprobs = (int)d;
     } else {
         bool lp = false;
         if (bool_field(root, "logprobs", &lp, e)) goto done;
-        if (num_field(root, "top_logprobs", 0, ENG_MAX_LOGPROBS, true, &d, &present, e)) goto done;
+        if (num_field(root, "top_logprobs", 0, SCHED_MAX_LOGPROBS, true, &d, &present, e))
+            goto done;
         if (present && !lp) {
             BAD(e, "top_logprobs", "'top_logprobs' needs 'logprobs': true");
             goto done;

@@ -31,8 +31,8 @@ static void add_text(cJSON *o, const char *name, const char *s, size_t n) {
     free(q);
 }
 
-static const char *finish_str(eng_finish_t f) {
-    return f == ENG_FINISH_STOP ? "stop" : f == ENG_FINISH_LENGTH ? "length" : NULL;
+static const char *finish_str(sched_finish_t f) {
+    return f == SCHED_FINISH_STOP ? "stop" : f == SCHED_FINISH_LENGTH ? "length" : NULL;
 }
 
 static cJSON *head(const api_resp_ctx_t *rc, bool chunk) {
@@ -54,7 +54,7 @@ static cJSON *bytes_array(const uint8_t *b, size_t n) {
 }
 
 /* Chat logprobs entry for one token. */
-static cJSON *chat_lp(const api_resp_ctx_t *rc, const eng_event_t *ev) {
+static cJSON *chat_lp(const api_resp_ctx_t *rc, const sched_event_t *ev) {
     char t[1024];
     uint8_t raw[256];
     size_t nr;
@@ -76,7 +76,7 @@ static cJSON *chat_lp(const api_resp_ctx_t *rc, const eng_event_t *ev) {
 }
 
 /* Completions (legacy) logprobs object for a run of token events. */
-static cJSON *completion_lp(const api_resp_ctx_t *rc, const eng_event_t *ev, size_t n,
+static cJSON *completion_lp(const api_resp_ctx_t *rc, const sched_event_t *ev, size_t n,
                             size_t offset0) {
     cJSON *o = cJSON_CreateObject();
     cJSON *toks = cJSON_AddArrayToObject(o, "tokens"),
@@ -117,10 +117,10 @@ static cJSON *float_array(const float *v, uint32_t n) {
 
 /* The per-token telemetry object: the sampling entropy, and per layer the attention entropy
  * (bits and normalised), the sink mass and which layers were sparse. */
-static cJSON *telemetry(const eng_event_t *ev) {
+static cJSON *telemetry(const sched_event_t *ev) {
     cJSON *t = cJSON_CreateObject();
     cJSON_AddNumberToObject(t, "token_entropy_bits", ev->entropy_bits);
-    const eng_attn_stats_t *a = ev->attn;
+    const sched_attn_stats_t *a = ev->attn;
     if (!a) return t;
     cJSON_AddItemToObject(t, "attention_entropy_bits", float_array(a->entropy_bits, a->n_layer));
     cJSON_AddItemToObject(t, "attention_entropy_norm", float_array(a->entropy_norm, a->n_layer));
@@ -141,7 +141,7 @@ static cJSON *telemetry(const eng_event_t *ev) {
     return t;
 }
 
-char *api_stream_chunk(const api_resp_ctx_t *rc, const eng_event_t *ev, bool first) {
+char *api_stream_chunk(const api_resp_ctx_t *rc, const sched_event_t *ev, bool first) {
     cJSON *o = head(rc, true);
     cJSON *choices = cJSON_AddArrayToObject(o, "choices"), *c = cJSON_CreateObject();
     cJSON_AddItemToArray(choices, c);
@@ -200,7 +200,7 @@ char *api_stream_error(const char *message) {
     return api_error_json(&e);
 }
 
-int api_acc_add(api_acc_t *a, const eng_event_t *ev) {
+int api_acc_add(api_acc_t *a, const sched_event_t *ev) {
     if (a->len + ev->text_len + 1 > a->cap) {
         size_t cap = (a->len + ev->text_len + 1) * 2;
         char *t = realloc(a->text, cap);
@@ -214,7 +214,7 @@ int api_acc_add(api_acc_t *a, const eng_event_t *ev) {
     if (ev->token >= 0 && !ev->finish) {
         if (a->n_tok == a->cap_tok) {
             size_t cap = a->cap_tok ? a->cap_tok * 2 : 64;
-            eng_event_t *t = realloc(a->tok, cap * sizeof(*t));
+            sched_event_t *t = realloc(a->tok, cap * sizeof(*t));
             if (!t) return a->oom = true, -1;
             a->tok = t;
             a->cap_tok = cap;
@@ -232,7 +232,7 @@ void api_acc_free(api_acc_t *a) {
     memset(a, 0, sizeof(*a));
 }
 
-char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, eng_finish_t finish,
+char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, sched_finish_t finish,
                          uint32_t prompt, uint32_t completion) {
     const api_req_t *rq = rc->req;
     cJSON *o = head(rc, false);

@@ -2,7 +2,8 @@
  * forward pass over paged KV sequences, and the sampler.
  *
  * The engine never touches sockets or libuv. One thread (the engine thread)
- * drives a context; the CPU backend parallelises inside each call.
+ * drives a context; the CPU backend parallelises inside each call. Scheduling
+ * (which requests run in a step) is sched/'s; the engine runs one batch.
  */
 #ifndef TIDALD_ENGINE_H
 #define TIDALD_ENGINE_H
@@ -214,125 +215,5 @@ int32_t eng_argmax(const float *x, uint32_t n);
 /* Choose the next token from logits (modified in place); -1 as eng_argmax when no logit is
  * finite. */
 int32_t eng_sampler_sample(eng_sampler_t *s, float *logits);
-
-/* ===== scheduler: continuous batching on the engine thread ============= */
-
-#define ENG_MAX_LOGPROBS 5
-#define ENG_MAX_STOP 8
-
-typedef enum {
-    ENG_FINISH_NONE = 0,
-    ENG_FINISH_STOP,      /* EOS/EOT or a stop string */
-    ENG_FINISH_LENGTH,    /* max_tokens or the context window */
-    ENG_FINISH_CANCELLED, /* the client went away or the server is shutting down */
-    ENG_FINISH_TIMEOUT,   /* the request's deadline passed */
-    ENG_FINISH_ERROR,     /* an engine error; the event's text says which */
-} eng_finish_t;
-
-const char *eng_finish_name(eng_finish_t f);
-
-typedef struct {
-    int32_t *prompt; /* owned by the request once submitted */
-    uint32_t n_prompt;
-    uint32_t max_tokens;
-    eng_sampler_params_t sampling;
-    char *stop[ENG_MAX_STOP]; /* owned; text is cut before the first match */
-    uint32_t n_stop;
-    int32_t logprobs; /* -1: none; 0..5: chosen token's logprob plus this many alternatives */
-    bool entropy;     /* compute token_entropy_bits */
-    double deadline;  /* CLOCK_MONOTONIC seconds; 0: none */
-    bool ignore_eos;
-    uint32_t window;        /* this sequence's context window; 0: the context's */
-    bool evict;             /* run past the window with sink-aware eviction */
-    uint32_t sinks;         /* attention-sink tokens (eviction, force_sinks, sink mass) */
-    eng_attn_params_t attn; /* FULL or TIDAL (decode steps) */
-    bool per_head;          /* telemetry: per-head arrays too */
-} eng_req_params_t;
-
-typedef struct {
-    int32_t id;
-    float logprob;
-} eng_logprob_t;
-
-/* Attention telemetry of one generated token: for each layer, the head-mean attention entropy
- * (bits), its normalised form (entropy / log2 of the keys attended, head-mean), the head-mean
- * attention mass on the sink tokens, and whether the layer was sparse (then the figures are
- * over the selected keys). One malloc'd block; per-head arrays only when asked for. */
-typedef struct {
-    uint32_t n_layer, n_head;
-    float *entropy_bits;      /* [n_layer] */
-    float *entropy_norm;      /* [n_layer] */
-    float *sink_mass;         /* [n_layer] */
-    uint8_t *sparse;          /* [n_layer] */
-    float *head_entropy_bits; /* [n_layer * n_head] or NULL */
-    float *head_sink_mass;    /* [n_layer * n_head] or NULL */
-} eng_attn_stats_t;
-
-/* One unit published to the request's outbox. A token event carries the text it released
- * (possibly empty while UTF-8 or a stop-string prefix is held back). The final event has
- * finish != NONE and may carry trailing text. */
-typedef struct {
-    int32_t token; /* -1 for a final event without a token */
-    char *text;    /* malloc'd, NUL-terminated, whole UTF-8; may be "" */
-    size_t text_len;
-    float logprob;
-    uint32_t n_top;
-    eng_logprob_t top[ENG_MAX_LOGPROBS];
-    float entropy_bits;
-    eng_attn_stats_t *attn; /* token events: the attention telemetry (owned), or NULL */
-    double time;            /* CLOCK_MONOTONIC when produced */
-    eng_finish_t finish;
-    uint32_t prompt_tokens, completion_tokens; /* filled on the final event */
-    char error[128];
-} eng_event_t;
-
-/* Free what an event owns (its text and attention telemetry). */
-void eng_event_free(eng_event_t *e);
-
-typedef struct eng_request eng_request_t;
-typedef struct eng_sched eng_sched_t;
-
-typedef struct {
-    uint32_t max_running;      /* sequences decoding at once */
-    uint32_t max_waiting;      /* bounded queue; submit fails past it */
-    uint32_t step_tokens;      /* token budget per step (chunked prefill); at least max_running */
-    void (*notify)(void *arg); /* called from the engine thread when outboxes have news */
-    void *notify_arg;
-    bool pressure_evict; /* KV pool dry: evict middle blocks of the longest sequence first
-                            (sink-aware) instead of preempting the newest request */
-} eng_sched_params_t;
-
-typedef struct {
-    uint32_t running, waiting;
-    double kv_usage;
-    uint64_t prompt_tokens, generation_tokens, steps;
-    uint64_t batch_hist[8]; /* sequences per step: 1, 2, 4, 8, 16, 32, 64, more */
-    uint64_t batch_sum, batch_count;
-    uint64_t evicted_tokens; /* sink-aware eviction: windows and memory pressure */
-    uint64_t preemptions;    /* requests preempted and requeued under memory pressure */
-} eng_sched_stats_t;
-
-/* Takes ownership of nothing; ctx must outlive the scheduler. Starts the engine thread. */
-int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
-                     const eng_sched_params_t *p, char *msg);
-/* Cancel everything, join the engine thread, free. */
-void eng_sched_destroy(eng_sched_t *s);
-
-/* Create a request from params (ownership of prompt and stop strings moves into it). The
- * caller holds one reference. */
-eng_request_t *eng_request_create(eng_req_params_t *p);
-/* Submit: the scheduler takes its own reference. ENG_ERANGE if the queue is full, ENG_EINVAL
- * if the request can never fit the context (msg filled). */
-int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg);
-/* Ask the scheduler to stop a request (idempotent, any thread). */
-void eng_request_cancel(eng_request_t *r);
-/* Drop a reference; the last one frees the request. */
-void eng_request_release(eng_request_t *r);
-/* Move up to cap published events into ev (caller frees each ev[i].text). Any thread. */
-size_t eng_request_drain(eng_request_t *r, eng_event_t *ev, size_t cap);
-double eng_request_submit_time(const eng_request_t *r);
-double eng_request_start_time(const eng_request_t *r); /* when admitted; 0 while waiting */
-
-void eng_sched_stats(eng_sched_t *s, eng_sched_stats_t *out);
 
 #endif

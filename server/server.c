@@ -16,7 +16,7 @@
 #include "server.h"
 #include "http.h"
 #include "../api/api.h"
-#include "../engine/engine.h"
+#include "../sched/sched.h"
 
 #include <cjson/cJSON.h>
 #include <llhttp.h>
@@ -53,7 +53,7 @@ typedef struct {
     const cfg_t *cfg;
     eng_model_t *model;
     eng_ctx_t *ctx;
-    eng_sched_t *sched;
+    sched_t *sched;
     char load_msg[ENG_ERRMSG_LEN];
     uint32_t ctx_asked; /* --ctx-size when it exceeded the model's training context (logged) */
     int load_rc;
@@ -101,7 +101,7 @@ struct conn {
     uint64_t bytes_queued, sent_seen; /* write-stall watch: progress is sent bytes growing */
     double stall_since;               /* 0: nothing unsent */
     /* the request in flight */
-    eng_request_t *req;
+    sched_request_t *req;
     api_req_t areq;
     api_acc_t acc;
     char reqid[130], cmpl_id[64];
@@ -297,8 +297,8 @@ static void write_sse(conn_t *c, char *json) {
 
 static void drop_request(conn_t *c) {
     if (c->req) {
-        eng_request_cancel(c->req);
-        eng_request_release(c->req);
+        sched_request_cancel(c->req);
+        sched_request_release(c->req);
         c->req = NULL;
     }
     api_req_free(&c->areq);
@@ -453,11 +453,11 @@ static void submit_parsed(conn_t *c) {
     srv_log(SRV_INFO, c->reqid, "request_start", "%s prompt_tokens=%u max_tokens=%u stream=%d",
             kind == API_CHAT ? "chat" : "completion", c->areq.eng.n_prompt, c->areq.eng.max_tokens,
             c->areq.stream);
-    eng_request_t *r = eng_request_create(&c->areq.eng);
+    sched_request_t *r = sched_request_create(&c->areq.eng);
     char msg[ENG_ERRMSG_LEN];
-    int rc = r ? eng_sched_submit(s->sched, r, msg) : ENG_ENOMEM;
+    int rc = r ? sched_submit(s->sched, r, msg) : ENG_ENOMEM;
     if (rc) {
-        if (r) eng_request_release(r);
+        if (r) sched_request_release(r);
         api_req_free(&c->areq);
         if (rc == ENG_ERANGE) {
             api_fail(&e, 429, "rate_limit_error", NULL, "queue_full", "%s; retry later", msg);
@@ -612,8 +612,8 @@ static void route(conn_t *c) {
         respond(c, 200, "application/json", "{\"status\":\"alive\"}", 18, NULL);
         return;
     case 9: {
-        eng_sched_stats_t st = {0};
-        if (s->sched) eng_sched_stats(s->sched, &st);
+        sched_stats_t st = {0};
+        if (s->sched) sched_stats(s->sched, &st);
         char *text = api_metrics_render(&st);
         if (!text) {
             respond_json(c, 500, NULL, NULL);
@@ -797,23 +797,23 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
 
 /* ---- engine events ---------------------------------------------------- */
 
-static void finish_request(conn_t *c, const eng_event_t *ev) {
+static void finish_request(conn_t *c, const sched_event_t *ev) {
     const api_req_t *rq = &c->areq;
     api_resp_ctx_t rc = {
         c->cmpl_id,    c->srv->model_name, c->created, rq, eng_model_tokenizer(c->srv->model),
         c->text_offset};
-    const char *fr = eng_finish_name(ev->finish);
+    const char *fr = sched_finish_name(ev->finish);
     api_metrics_finished(fr);
     api_metrics_observe(API_H_E2E, ev->time - c->t_arrival);
-    double start = eng_request_start_time(c->req);
-    if (start > 0) api_metrics_observe(API_H_QUEUE, start - eng_request_submit_time(c->req));
-    bool ok = ev->finish == ENG_FINISH_STOP || ev->finish == ENG_FINISH_LENGTH;
+    double start = sched_request_start_time(c->req);
+    if (start > 0) api_metrics_observe(API_H_QUEUE, start - sched_request_submit_time(c->req));
+    bool ok = ev->finish == SCHED_FINISH_STOP || ev->finish == SCHED_FINISH_LENGTH;
     char err[256];
     snprintf(err, sizeof(err), "%s",
-             ev->finish == ENG_FINISH_TIMEOUT     ? "the request's deadline passed"
-             : ev->finish == ENG_FINISH_CANCELLED ? "the request was cancelled: the server is "
-                                                    "shutting down"
-                                                  : ev->error);
+             ev->finish == SCHED_FINISH_TIMEOUT     ? "the request's deadline passed"
+             : ev->finish == SCHED_FINISH_CANCELLED ? "the request was cancelled: the server is "
+                                                      "shutting down"
+                                                    : ev->error);
     srv_log(ok ? SRV_INFO : SRV_WARN, c->reqid, "request_end",
             "finish=%s prompt_tokens=%u completion_tokens=%u e2e=%.3fs", fr, ev->prompt_tokens,
             ev->completion_tokens, ev->time - c->t_arrival);
@@ -837,12 +837,12 @@ static void finish_request(conn_t *c, const eng_event_t *ev) {
             NULL);
     } else {
         api_error_t e;
-        api_fail(&e, ev->finish == ENG_FINISH_ERROR ? 500 : 503,
-                 ev->finish == ENG_FINISH_ERROR ? "server_error" : "service_unavailable", NULL,
-                 ev->finish == ENG_FINISH_TIMEOUT ? "timeout" : NULL, "%s", err);
+        api_fail(&e, ev->finish == SCHED_FINISH_ERROR ? 500 : 503,
+                 ev->finish == SCHED_FINISH_ERROR ? "server_error" : "service_unavailable", NULL,
+                 ev->finish == SCHED_FINISH_TIMEOUT ? "timeout" : NULL, "%s", err);
         respond_error(c, &e, NULL, NULL);
     }
-    eng_request_release(c->req);
+    sched_request_release(c->req);
     c->req = NULL;
     api_req_free(&c->areq);
     api_acc_free(&c->acc);
@@ -851,7 +851,7 @@ static void finish_request(conn_t *c, const eng_event_t *ev) {
 
 /* Entropy collapse: a layer whose normalised entropy stays under the threshold for a run of
  * tokens fires the counter and a log line once per run. */
-static void watch_collapse(conn_t *c, const eng_attn_stats_t *a) {
+static void watch_collapse(conn_t *c, const sched_attn_stats_t *a) {
     const cfg_t *cfg = c->srv->cfg;
     if (!c->collapse_run) c->collapse_run = calloc(a->n_layer, sizeof(uint32_t));
     if (!c->collapse_run) return;
@@ -868,12 +868,12 @@ static void watch_collapse(conn_t *c, const eng_attn_stats_t *a) {
 }
 
 static void deliver(conn_t *c) {
-    eng_event_t ev[64];
+    sched_event_t ev[64];
     size_t n;
-    while (c->req && !c->closing && (n = eng_request_drain(c->req, ev, 64)) > 0) {
+    while (c->req && !c->closing && (n = sched_request_drain(c->req, ev, 64)) > 0) {
         size_t i = 0;
         for (; i < n && c->req && !c->closing; i++) {
-            eng_event_t *e = &ev[i];
+            sched_event_t *e = &ev[i];
             if (e->finish) {
                 finish_request(c, e);
             } else {
@@ -902,9 +902,9 @@ static void deliver(conn_t *c) {
                     c->first_chunk = false;
                 }
             }
-            eng_event_free(e);
+            sched_event_free(e);
         }
-        for (; i < n; i++) eng_event_free(&ev[i]); /* the connection went away mid-batch */
+        for (; i < n; i++) sched_event_free(&ev[i]); /* the connection went away mid-batch */
     }
 }
 
@@ -1049,7 +1049,7 @@ static void on_tick(uv_timer_t *t) {
             srv_log(SRV_WARN, NULL, "drain_timeout", "cancelling requests still running");
             s->drain_cancelled = true;
             for (conn_t *c = s->conns; c; c = c->next)
-                if (c->req) eng_request_cancel(c->req);
+                if (c->req) sched_request_cancel(c->req);
         }
     }
 }
@@ -1132,13 +1132,13 @@ static void loaded(uv_work_t *w, int status) {
     srv_t *s = w->data;
     if (s->state == SRV_FAILED) return; /* a signal arrived while loading: already closing */
     if (status == 0 && s->load_rc == 0) {
-        eng_sched_params_t sp = {(uint32_t)s->cfg->max_running,
-                                 (uint32_t)s->cfg->max_waiting,
-                                 (uint32_t)s->cfg->step_tokens,
-                                 notify_loop,
-                                 s,
-                                 strcmp(s->cfg->kv_pressure, "evict") == 0};
-        s->load_rc = eng_sched_create(&s->sched, s->ctx, s->model, &sp, s->load_msg);
+        sched_params_t sp = {.max_running = (uint32_t)s->cfg->max_running,
+                             .max_waiting = (uint32_t)s->cfg->max_waiting,
+                             .step_tokens = (uint32_t)s->cfg->step_tokens,
+                             .notify = notify_loop,
+                             .notify_arg = s,
+                             .pressure_evict = strcmp(s->cfg->kv_pressure, "evict") == 0};
+        s->load_rc = sched_create(&s->sched, s->ctx, s->model, &sp, s->load_msg);
     }
     if (status != 0 || s->load_rc != 0) {
         srv_log(SRV_ERROR, NULL, "load_failed", "%s", s->load_msg);
@@ -1336,7 +1336,7 @@ int srv_run(const cfg_t *cfg) {
     uv_run(&s->loop, UV_RUN_DEFAULT);
     code = s->exit_code;
     /* the engine thread is idle now (every request finished or was cancelled) */
-    eng_sched_destroy(s->sched);
+    sched_destroy(s->sched);
     eng_ctx_free(s->ctx);
     eng_model_free(s->model);
 out_loop:

@@ -515,7 +515,7 @@ Test(api, test_responses_carry_generated_nul_bytes_escaped) {
               chat = {.kind = API_CHAT, .logprobs = -1};
     api_resp_ctx_t rc = {.id = "cmpl-1", .model = "m", .created = 1, .req = &cmpl};
     char bytes[] = "a\0b";
-    eng_event_t ev = {.token = 7, .text = bytes, .text_len = 3};
+    sched_event_t ev = {.token = 7, .text = bytes, .text_len = 3};
     char *s = api_stream_chunk(&rc, &ev, true);
     cr_expect(strstr(s, "\"text\":\"a\\u0000b\""), "%s", s);
     free(s);
@@ -525,13 +525,14 @@ Test(api, test_responses_carry_generated_nul_bytes_escaped) {
     free(s);
     api_acc_t acc = {0};
     cr_assert_eq(api_acc_add(&acc, &ev), 0);
-    eng_event_t last = {.token = -1, .text = bytes + 2, .text_len = 1, .finish = ENG_FINISH_STOP};
+    sched_event_t last = {
+        .token = -1, .text = bytes + 2, .text_len = 1, .finish = SCHED_FINISH_STOP};
     cr_assert_eq(api_acc_add(&acc, &last), 0);
-    s = api_final_response(&rc, &acc, ENG_FINISH_STOP, 1, 1);
+    s = api_final_response(&rc, &acc, SCHED_FINISH_STOP, 1, 1);
     cr_expect(strstr(s, "\"content\":\"a\\u0000bb\""), "%s", s);
     free(s);
     rc.req = &cmpl;
-    s = api_final_response(&rc, &acc, ENG_FINISH_STOP, 1, 1);
+    s = api_final_response(&rc, &acc, SCHED_FINISH_STOP, 1, 1);
     cr_expect(strstr(s, "\"text\":\"a\\u0000bb\""), "%s", s);
     free(s);
     api_acc_free(&acc);

@@ -1,6 +1,6 @@
 /* test_scheduler.c - continuous batching: parity with solo runs, stop strings, logprobs and
  * entropy, cancellation freeing KV, the bounded queue and deadlines. */
-#include "../../engine/engine.h"
+#include "../../sched/sched.h"
 #include "../../engine/gguf.h"
 #include "helpers.h"
 
@@ -16,7 +16,7 @@
 typedef struct {
     eng_model_t *m;
     eng_ctx_t *c;
-    eng_sched_t *s;
+    sched_t *s;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int wakes;
@@ -46,18 +46,23 @@ static void sfx_open(sfx_t *f, const char *path, uint32_t max_running, uint32_t 
     p.n_threads = 2;
     p.n_ctx = 256;
     cr_assert_eq(eng_ctx_create(&f->c, f->m, &p, msg), 0, "%s", msg);
-    eng_sched_params_t sp = {max_running, max_waiting, step_tokens, on_notify, f};
-    cr_assert_eq(eng_sched_create(&f->s, f->c, f->m, &sp, msg), 0, "%s", msg);
+    sched_params_t sp = {.max_running = max_running,
+                         .max_waiting = max_waiting,
+                         .step_tokens = step_tokens,
+                         .notify = on_notify,
+                         .notify_arg = f};
+    cr_assert_eq(sched_create(&f->s, f->c, f->m, &sp, msg), 0, "%s", msg);
 }
 
 static void sfx_close(sfx_t *f) {
-    eng_sched_destroy(f->s);
+    sched_destroy(f->s);
     eng_ctx_free(f->c);
     eng_model_free(f->m);
 }
 
-static eng_req_params_t greedy_params(const eng_model_t *m, const char *text, uint32_t max_tokens) {
-    eng_req_params_t p = {0};
+static sched_req_params_t greedy_params(const eng_model_t *m, const char *text,
+                                        uint32_t max_tokens) {
+    sched_req_params_t p = {0};
     size_t n;
     char msg[ENG_ERRMSG_LEN];
     const eng_tokenizer_t *t = eng_model_tokenizer(m);
@@ -73,19 +78,19 @@ static eng_req_params_t greedy_params(const eng_model_t *m, const char *text, ui
 typedef struct {
     char text[4096];
     size_t len;
-    eng_finish_t finish;
+    sched_finish_t finish;
     uint32_t n_events, prompt_tokens, completion_tokens;
-    eng_event_t first;
+    sched_event_t first;
 } result_t;
 
 /* Collect events until the final one (at most 20 s). */
-static void collect(sfx_t *f, eng_request_t *r, result_t *out) {
+static void collect(sfx_t *f, sched_request_t *r, result_t *out) {
     memset(out, 0, sizeof(*out));
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
-        eng_event_t ev[32];
-        size_t n = eng_request_drain(r, ev, 32);
+        sched_event_t ev[32];
+        size_t n = sched_request_drain(r, ev, 32);
         for (size_t i = 0; i < n; i++) {
             if (out->n_events == 0) {
                 out->first = ev[i]; /* scalars only: what it owns is freed below */
@@ -97,15 +102,15 @@ static void collect(sfx_t *f, eng_request_t *r, result_t *out) {
                 memcpy(out->text + out->len, ev[i].text, ev[i].text_len);
                 out->len += ev[i].text_len;
             }
-            bool fin = ev[i].finish != ENG_FINISH_NONE;
+            bool fin = ev[i].finish != SCHED_FINISH_NONE;
             if (fin) {
                 out->finish = ev[i].finish;
                 out->prompt_tokens = ev[i].prompt_tokens;
                 out->completion_tokens = ev[i].completion_tokens;
             }
-            eng_event_free(&ev[i]);
+            sched_event_free(&ev[i]);
             if (fin) {
-                for (size_t k = i + 1; k < n; k++) eng_event_free(&ev[k]);
+                for (size_t k = i + 1; k < n; k++) sched_event_free(&ev[k]);
                 return;
             }
         }
@@ -129,12 +134,12 @@ static void solo_runs(const char *const *prompts, int n, uint32_t max_tokens, bo
     for (int i = 0; i < n; i++) {
         sfx_t f;
         sfx_open(&f, STORIES_PATH, 4, 8, 512);
-        eng_req_params_t p = greedy_params(f.m, prompts[i], max_tokens);
+        sched_req_params_t p = greedy_params(f.m, prompts[i], max_tokens);
         p.ignore_eos = ignore_eos;
-        eng_request_t *r = eng_request_create(&p);
-        cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+        sched_request_t *r = sched_request_create(&p);
+        cr_assert_eq(sched_submit(f.s, r, msg), 0, "%s", msg);
         collect(&f, r, &out[i]);
-        eng_request_release(r);
+        sched_request_release(r);
         sfx_close(&f);
     }
 }
@@ -146,17 +151,17 @@ Test(scheduler, test_greedy_request_matches_llama_cpp_text_and_usage) {
     if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     sfx_t f;
     sfx_open(&f, STORIES_PATH, 4, 8, 512);
-    eng_req_params_t p = greedy_params(f.m, "Once upon a time", 20);
-    eng_request_t *r = eng_request_create(&p);
+    sched_req_params_t p = greedy_params(f.m, "Once upon a time", 20);
+    sched_request_t *r = sched_request_create(&p);
     char msg[ENG_ERRMSG_LEN];
-    cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+    cr_assert_eq(sched_submit(f.s, r, msg), 0, "%s", msg);
     result_t res;
     collect(&f, r, &res);
-    cr_expect_eq(res.finish, ENG_FINISH_LENGTH);
+    cr_expect_eq(res.finish, SCHED_FINISH_LENGTH);
     cr_expect_eq(res.prompt_tokens, 5);
     cr_expect_eq(res.completion_tokens, 20);
     cr_expect(strncmp(res.text, STORY, res.len) == 0 && res.len > 40, "got '%s'", res.text);
-    eng_request_release(r);
+    sched_request_release(r);
     sfx_close(&f);
 }
 
@@ -171,19 +176,19 @@ Test(scheduler, test_concurrent_requests_equal_solo_runs) {
     solo_runs(prompts, 4, 24, false, solo);
     sfx_t f;
     sfx_open(&f, STORIES_PATH, 4, 8, 6);
-    eng_request_t *rs[4];
+    sched_request_t *rs[4];
     for (int i = 0; i < 4; i++) {
-        eng_req_params_t p = greedy_params(f.m, prompts[i], 24);
-        rs[i] = eng_request_create(&p);
-        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+        sched_req_params_t p = greedy_params(f.m, prompts[i], 24);
+        rs[i] = sched_request_create(&p);
+        cr_assert_eq(sched_submit(f.s, rs[i], msg), 0, "%s", msg);
     }
     for (int i = 0; i < 4; i++) {
         collect(&f, rs[i], &both[i]);
         cr_expect_str_eq(both[i].text, solo[i].text, "prompt %d", i);
-        eng_request_release(rs[i]);
+        sched_request_release(rs[i]);
     }
-    eng_sched_stats_t st;
-    eng_sched_stats(f.s, &st);
+    sched_stats_t st;
+    sched_stats(f.s, &st);
     cr_expect_gt(st.batch_sum, st.batch_count, "steps never batched two sequences");
     cr_expect_eq(st.generation_tokens, 4 * 24);
     sfx_close(&f);
@@ -193,18 +198,18 @@ Test(scheduler, test_stop_string_cuts_text_before_it) {
     if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     sfx_t f;
     sfx_open(&f, STORIES_PATH, 2, 8, 512);
-    eng_req_params_t p = greedy_params(f.m, "Once upon a time", 60);
+    sched_req_params_t p = greedy_params(f.m, "Once upon a time", 60);
     p.stop[0] = strdup("xyz never");
     p.stop[1] = strdup("Lily");
     p.n_stop = 2;
-    eng_request_t *r = eng_request_create(&p);
+    sched_request_t *r = sched_request_create(&p);
     char msg[ENG_ERRMSG_LEN];
-    cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+    cr_assert_eq(sched_submit(f.s, r, msg), 0, "%s", msg);
     result_t res;
     collect(&f, r, &res);
-    cr_expect_eq(res.finish, ENG_FINISH_STOP);
+    cr_expect_eq(res.finish, SCHED_FINISH_STOP);
     cr_expect_str_eq(res.text, ", there was a little girl named ");
-    eng_request_release(r);
+    sched_request_release(r);
     sfx_close(&f);
 }
 
@@ -212,7 +217,7 @@ Test(scheduler, test_logprobs_and_entropy_match_explicit_computation) {
     if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
     sfx_t f;
     sfx_open(&f, STORIES_PATH, 2, 8, 512);
-    eng_req_params_t p = greedy_params(f.m, "Once upon a time", 1);
+    sched_req_params_t p = greedy_params(f.m, "Once upon a time", 1);
     p.logprobs = 5;
     p.entropy = true;
     /* the explicit distribution of the first token */
@@ -235,11 +240,11 @@ Test(scheduler, test_logprobs_and_entropy_match_explicit_computation) {
         double pr = exp(l[i] - mx) / z;
         if (pr > 0) h -= pr * log2(pr);
     }
-    eng_request_t *r = eng_request_create(&p);
-    cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+    sched_request_t *r = sched_request_create(&p);
+    cr_assert_eq(sched_submit(f.s, r, msg), 0, "%s", msg);
     result_t res;
     collect(&f, r, &res);
-    eng_event_t *e = &res.first;
+    sched_event_t *e = &res.first;
     cr_expect_eq(e->token, 432);
     cr_expect_eq(e->n_top, 5);
     cr_expect_eq(e->top[0].id, 432);
@@ -250,31 +255,31 @@ Test(scheduler, test_logprobs_and_entropy_match_explicit_computation) {
     kv_seq_close(&seq);
     eng_ctx_free(c2);
     free(l);
-    eng_request_release(r);
+    sched_request_release(r);
     sfx_close(&f);
 }
 
 Test(scheduler, test_cancel_frees_kv_within_a_step) {
     sfx_t f;
     sfx_open(&f, synth_path("tiny-f32"), 2, 8, 512);
-    eng_req_params_t p = greedy_params(f.m, "hello world", 200);
+    sched_req_params_t p = greedy_params(f.m, "hello world", 200);
     p.ignore_eos = true;
-    eng_request_t *r = eng_request_create(&p);
+    sched_request_t *r = sched_request_create(&p);
     char msg[ENG_ERRMSG_LEN];
-    cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
-    eng_event_t ev[4];
-    while (eng_request_drain(r, ev, 1) == 0) usleep(1000);
-    eng_event_free(&ev[0]);
-    eng_request_cancel(r);
+    cr_assert_eq(sched_submit(f.s, r, msg), 0, "%s", msg);
+    sched_event_t ev[4];
+    while (sched_request_drain(r, ev, 1) == 0) usleep(1000);
+    sched_event_free(&ev[0]);
+    sched_request_cancel(r);
     result_t res;
     collect(&f, r, &res);
-    cr_expect_eq(res.finish, ENG_FINISH_CANCELLED);
+    cr_expect_eq(res.finish, SCHED_FINISH_CANCELLED);
     usleep(20000);
-    eng_sched_stats_t st;
-    eng_sched_stats(f.s, &st);
+    sched_stats_t st;
+    sched_stats(f.s, &st);
     cr_expect_float_eq(st.kv_usage, 0.0, 1e-9);
     cr_expect_float_eq(kv_pool_usage(eng_ctx_kv_pool(f.c)), 0.0, 1e-9);
-    eng_request_release(r);
+    sched_request_release(r);
     sfx_close(&f);
 }
 
@@ -282,46 +287,46 @@ Test(scheduler, test_queue_bound_and_deadline_and_bad_prompts) {
     sfx_t f;
     sfx_open(&f, synth_path("tiny-f32"), 1, 1, 512);
     char msg[ENG_ERRMSG_LEN];
-    eng_req_params_t p = greedy_params(f.m, "hello", 100000);
+    sched_req_params_t p = greedy_params(f.m, "hello", 100000);
     p.ignore_eos = true;
     p.evict = true; /* runs until cancelled, however fast it fills its window */
     p.sinks = 4;
-    eng_request_t *a = eng_request_create(&p);
-    cr_assert_eq(eng_sched_submit(f.s, a, msg), 0, "%s", msg);
-    while (eng_request_start_time(a) == 0) usleep(1000); /* a is running */
+    sched_request_t *a = sched_request_create(&p);
+    cr_assert_eq(sched_submit(f.s, a, msg), 0, "%s", msg);
+    while (sched_request_start_time(a) == 0) usleep(1000); /* a is running */
     p = greedy_params(f.m, "hello", 4);
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     p.deadline = now.tv_sec + now.tv_nsec * 1e-9 + 0.05;
-    eng_request_t *b = eng_request_create(&p);
-    cr_assert_eq(eng_sched_submit(f.s, b, msg), 0, "%s", msg); /* waits: one slot */
+    sched_request_t *b = sched_request_create(&p);
+    cr_assert_eq(sched_submit(f.s, b, msg), 0, "%s", msg); /* waits: one slot */
     p = greedy_params(f.m, "hello", 4);
-    eng_request_t *c = eng_request_create(&p);
-    cr_expect_eq(eng_sched_submit(f.s, c, msg), ENG_ERANGE);
+    sched_request_t *c = sched_request_create(&p);
+    cr_expect_eq(sched_submit(f.s, c, msg), ENG_ERANGE);
     cr_expect(strstr(msg, "queue is full"), "%s", msg);
     result_t res;
     collect(&f, b, &res);
-    cr_expect_eq(res.finish, ENG_FINISH_TIMEOUT);
-    eng_request_cancel(a);
+    cr_expect_eq(res.finish, SCHED_FINISH_TIMEOUT);
+    sched_request_cancel(a);
     collect(&f, a, &res);
-    cr_expect_eq(res.finish, ENG_FINISH_CANCELLED);
+    cr_expect_eq(res.finish, SCHED_FINISH_CANCELLED);
     /* empty and oversized prompts are refused up front */
-    eng_req_params_t e = {0};
+    sched_req_params_t e = {0};
     e.max_tokens = 1;
-    eng_request_t *d = eng_request_create(&e);
-    cr_expect_eq(eng_sched_submit(f.s, d, msg), ENG_EINVAL);
-    eng_req_params_t big = {0};
+    sched_request_t *d = sched_request_create(&e);
+    cr_expect_eq(sched_submit(f.s, d, msg), ENG_EINVAL);
+    sched_req_params_t big = {0};
     big.prompt = calloc(300, sizeof(int32_t));
     big.n_prompt = 300;
     big.max_tokens = 1;
-    eng_request_t *g = eng_request_create(&big);
-    cr_expect_eq(eng_sched_submit(f.s, g, msg), ENG_EINVAL);
+    sched_request_t *g = sched_request_create(&big);
+    cr_expect_eq(sched_submit(f.s, g, msg), ENG_EINVAL);
     cr_expect(strstr(msg, "context"), "%s", msg);
-    eng_request_release(a);
-    eng_request_release(b);
-    eng_request_release(c);
-    eng_request_release(d);
-    eng_request_release(g);
+    sched_request_release(a);
+    sched_request_release(b);
+    sched_request_release(c);
+    sched_request_release(d);
+    sched_request_release(g);
     sfx_close(&f);
 }
 
@@ -347,26 +352,31 @@ static void run_pressure(bool evict_policy) {
     cp.kv_mem_bytes = (size_t)8 * 5 * 2 * 16 * 32 * 4; /* 8 blocks: 5 layers, kv_dim 32 */
     cr_assert_eq(eng_ctx_create(&f.c, f.m, &cp, msg), 0, "%s", msg);
     cr_assert_eq(eng_ctx_kv_pool(f.c)->n_blocks, 8);
-    eng_sched_params_t sp = {4, 8, 512, on_notify, &f, evict_policy};
-    cr_assert_eq(eng_sched_create(&f.s, f.c, f.m, &sp, msg), 0);
-    eng_request_t *rs[3];
+    sched_params_t sp = {.max_running = 4,
+                         .max_waiting = 8,
+                         .step_tokens = 512,
+                         .notify = on_notify,
+                         .notify_arg = &f,
+                         .pressure_evict = evict_policy};
+    cr_assert_eq(sched_create(&f.s, f.c, f.m, &sp, msg), 0);
+    sched_request_t *rs[3];
     for (int i = 0; i < 3; i++) {
-        eng_req_params_t p = greedy_params(f.m, prompts[i], 60);
+        sched_req_params_t p = greedy_params(f.m, prompts[i], 60);
         p.ignore_eos = true;
         p.sinks = 4;
         p.evict = evict_policy; /* pressure eviction takes blocks only from those that allow it */
-        rs[i] = eng_request_create(&p);
-        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+        rs[i] = sched_request_create(&p);
+        cr_assert_eq(sched_submit(f.s, rs[i], msg), 0, "%s", msg);
     }
     for (int i = 0; i < 3; i++) {
         collect(&f, rs[i], &got[i]);
-        cr_expect_eq(got[i].finish, ENG_FINISH_LENGTH);
+        cr_expect_eq(got[i].finish, SCHED_FINISH_LENGTH);
         cr_expect_eq(got[i].completion_tokens, 60);
         if (!evict_policy) cr_expect_str_eq(got[i].text, solo[i].text, "request %d", i);
-        eng_request_release(rs[i]);
+        sched_request_release(rs[i]);
     }
-    eng_sched_stats_t st;
-    eng_sched_stats(f.s, &st);
+    sched_stats_t st;
+    sched_stats(f.s, &st);
     if (evict_policy)
         cr_expect_gt(st.evicted_tokens, 0);
     else
@@ -397,9 +407,9 @@ Test(cuda, test_scheduler_on_the_gpu_equals_the_cpu) {
         sfx_t f;
         sfx_open(&f, STORIES_PATH, 4, 8, 6);
         cr_assert_str_eq(eng_ctx_backend_name(f.c), dev ? "cuda" : "cpu");
-        eng_request_t *rs[4];
+        sched_request_t *rs[4];
         for (int i = 0; i < 4; i++) {
-            eng_req_params_t p = greedy_params(f.m, prompts[i], 24);
+            sched_req_params_t p = greedy_params(f.m, prompts[i], 24);
             if (i == 2) { /* sampled: its logits come back to the host */
                 p.sampling.temperature = 0.8f;
                 p.sampling.seed = 42;
@@ -408,12 +418,12 @@ Test(cuda, test_scheduler_on_the_gpu_equals_the_cpu) {
                 p.attn = (eng_attn_params_t){ENG_ATTN_TIDAL, 8};
                 eng_attn_defaults(eng_model_hparams(f.m), &p.attn);
             }
-            rs[i] = eng_request_create(&p);
-            cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+            rs[i] = sched_request_create(&p);
+            cr_assert_eq(sched_submit(f.s, rs[i], msg), 0, "%s", msg);
         }
         for (int i = 0; i < 4; i++) {
             collect(&f, rs[i], &out[dev][i]);
-            eng_request_release(rs[i]);
+            sched_request_release(rs[i]);
         }
         sfx_close(&f);
     }
@@ -447,13 +457,13 @@ static void sfx_open_blocks(sfx_t *f, uint32_t block_size, uint32_t n_blocks, ui
     cp.kv_mem_bytes = (size_t)n_blocks * 5 * 2 * block_size * 32 * 4;
     cr_assert_eq(eng_ctx_create(&f->c, f->m, &cp, msg), 0, "%s", msg);
     cr_assert_eq(eng_ctx_kv_pool(f->c)->n_blocks, n_blocks);
-    eng_sched_params_t sp = {.max_running = max_running,
-                             .max_waiting = max_waiting,
-                             .step_tokens = step_tokens,
-                             .notify = on_notify,
-                             .notify_arg = f,
-                             .pressure_evict = evict_policy};
-    cr_assert_eq(eng_sched_create(&f->s, f->c, f->m, &sp, msg), 0, "%s", msg);
+    sched_params_t sp = {.max_running = max_running,
+                         .max_waiting = max_waiting,
+                         .step_tokens = step_tokens,
+                         .notify = on_notify,
+                         .notify_arg = f,
+                         .pressure_evict = evict_policy};
+    cr_assert_eq(sched_create(&f->s, f->c, f->m, &sp, msg), 0, "%s", msg);
 }
 
 /* The same with 16-token blocks. */
@@ -465,9 +475,9 @@ static void sfx_open_pool(sfx_t *f, uint32_t n_blocks, uint32_t max_running, uin
 /* Wait (bounded, as a hang guard only) until the scheduler reports nothing running or waiting,
  * then check the pool is empty. */
 static void expect_idle_and_empty(sfx_t *f) {
-    eng_sched_stats_t st;
+    sched_stats_t st;
     for (int i = 0; i < 2000; i++) {
-        eng_sched_stats(f->s, &st);
+        sched_stats(f->s, &st);
         if (!st.running && !st.waiting && kv_pool_usage(eng_ctx_kv_pool(f->c)) == 0) break;
         usleep(5000);
     }
@@ -487,23 +497,23 @@ Test(scheduler, test_preemption_with_a_full_queue_stays_in_bounds) {
     sfx_t f;
     sfx_open_pool(&f, 6, 2, 2, 512, false);
     char msg[ENG_ERRMSG_LEN];
-    eng_request_t *rs[4];
+    sched_request_t *rs[4];
     for (int i = 0; i < 4; i++) {
-        eng_req_params_t p = greedy_params(f.m, prompts[i], 50);
+        sched_req_params_t p = greedy_params(f.m, prompts[i], 50);
         p.ignore_eos = true;
-        rs[i] = eng_request_create(&p);
+        rs[i] = sched_request_create(&p);
         if (i == 2) /* two running, then the queue fills */
-            while (eng_request_start_time(rs[1]) == 0) usleep(1000);
-        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "request %d: %s", i, msg);
+            while (sched_request_start_time(rs[1]) == 0) usleep(1000);
+        cr_assert_eq(sched_submit(f.s, rs[i], msg), 0, "request %d: %s", i, msg);
     }
     for (int i = 0; i < 4; i++) {
         collect(&f, rs[i], &got[i]);
-        cr_expect_eq(got[i].finish, ENG_FINISH_LENGTH, "request %d", i);
+        cr_expect_eq(got[i].finish, SCHED_FINISH_LENGTH, "request %d", i);
         cr_expect_str_eq(got[i].text, solo[i].text, "request %d", i);
-        eng_request_release(rs[i]);
+        sched_request_release(rs[i]);
     }
-    eng_sched_stats_t st;
-    eng_sched_stats(f.s, &st);
+    sched_stats_t st;
+    sched_stats(f.s, &st);
     cr_expect_gt(st.preemptions, 0);
     expect_idle_and_empty(&f);
     sfx_close(&f);
@@ -522,23 +532,23 @@ Test(scheduler, test_pressure_evict_with_chunked_prefill_never_fails_a_step) {
     sfx_t f;
     sfx_open_blocks(&f, 256, 6, 8, 16, 4, true);
     char msg[ENG_ERRMSG_LEN];
-    eng_request_t *rs[N];
+    sched_request_t *rs[N];
     for (int i = 0; i < N; i++) {
-        eng_req_params_t p = greedy_params(f.m, prompts[i], 300);
+        sched_req_params_t p = greedy_params(f.m, prompts[i], 300);
         p.ignore_eos = true;
-        rs[i] = eng_request_create(&p);
-        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+        rs[i] = sched_request_create(&p);
+        cr_assert_eq(sched_submit(f.s, rs[i], msg), 0, "%s", msg);
     }
     for (int i = 0; i < N; i++) {
         result_t got;
         collect(&f, rs[i], &got);
-        cr_expect_eq(got.finish, ENG_FINISH_LENGTH, "request %d ended %s", i,
-                     eng_finish_name(got.finish));
+        cr_expect_eq(got.finish, SCHED_FINISH_LENGTH, "request %d ended %s", i,
+                     sched_finish_name(got.finish));
         cr_expect_eq(got.completion_tokens, 300, "request %d", i);
-        eng_request_release(rs[i]);
+        sched_request_release(rs[i]);
     }
-    eng_sched_stats_t st;
-    eng_sched_stats(f.s, &st);
+    sched_stats_t st;
+    sched_stats(f.s, &st);
     cr_expect_gt(st.preemptions, 0);
     expect_idle_and_empty(&f);
     sfx_close(&f);
@@ -555,22 +565,22 @@ Test(scheduler, test_pressure_evict_spares_requests_that_did_not_ask) {
     sfx_t f;
     sfx_open_pool(&f, 6, 2, 4, 512, true);
     char msg[ENG_ERRMSG_LEN];
-    eng_request_t *rs[2];
+    sched_request_t *rs[2];
     for (int i = 0; i < 2; i++) {
-        eng_req_params_t p = greedy_params(f.m, prompts[i], 50);
+        sched_req_params_t p = greedy_params(f.m, prompts[i], 50);
         p.ignore_eos = true;
         p.evict = i == 0; /* the first may be evicted (when not batched), the second never */
         p.sinks = 4;
-        rs[i] = eng_request_create(&p);
-        cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+        rs[i] = sched_request_create(&p);
+        cr_assert_eq(sched_submit(f.s, rs[i], msg), 0, "%s", msg);
         if (i == 0)
-            while (eng_request_start_time(rs[0]) == 0) usleep(1000);
+            while (sched_request_start_time(rs[0]) == 0) usleep(1000);
     }
     for (int i = 0; i < 2; i++) {
         collect(&f, rs[i], &got[i]);
-        cr_expect_eq(got[i].finish, ENG_FINISH_LENGTH, "request %d", i);
+        cr_expect_eq(got[i].finish, SCHED_FINISH_LENGTH, "request %d", i);
         cr_expect_str_eq(got[i].text, solo[i].text, "request %d", i);
-        eng_request_release(rs[i]);
+        sched_request_release(rs[i]);
     }
     expect_idle_and_empty(&f);
     sfx_close(&f);
@@ -589,13 +599,13 @@ static void stress(bool evict_policy, uint32_t step_tokens, uint64_t seed) {
     sfx_t f;
     sfx_open_pool(&f, 6, 4, 4, step_tokens, evict_policy);
     char msg[ENG_ERRMSG_LEN];
-    eng_request_t *rs[N];
+    sched_request_t *rs[N];
     uint32_t max_tok[N];
     int n = 0, refused = 0; /* refusals depend on the machine's speed: counted, not checked */
     uint64_t rng = seed;
     for (int i = 0; i < N; i++) {
         uint32_t pick = (uint32_t)((frand(&rng) + 1) * 2.5f) % 5;
-        eng_req_params_t p =
+        sched_req_params_t p =
             greedy_params(f.m, prompts[pick], 1 + (uint32_t)((frand(&rng) + 1) * 30));
         p.ignore_eos = frand(&rng) > 0;
         p.sinks = 4;
@@ -619,10 +629,10 @@ static void stress(bool evict_policy, uint32_t step_tokens, uint64_t seed) {
             p.deadline = now.tv_sec + now.tv_nsec * 1e-9 + 0.002 * (frand(&rng) + 1);
         }
         uint32_t mt = p.max_tokens;
-        eng_request_t *r = eng_request_create(&p);
+        sched_request_t *r = sched_request_create(&p);
         int rc;
         /* a full queue refuses (the API's 429): retry, as a client would, until it takes it */
-        for (int t = 0; (rc = eng_sched_submit(f.s, r, msg)) == ENG_ERANGE && t < 20000; t++) {
+        for (int t = 0; (rc = sched_submit(f.s, r, msg)) == ENG_ERANGE && t < 20000; t++) {
             refused++;
             usleep(1000);
         }
@@ -630,17 +640,17 @@ static void stress(bool evict_policy, uint32_t step_tokens, uint64_t seed) {
         rs[n] = r;
         max_tok[n++] = mt;
         if (frand(&rng) > 0.6f)
-            eng_request_cancel(rs[(uint32_t)((frand(&rng) + 1) * 0.5f * n) % n]);
+            sched_request_cancel(rs[(uint32_t)((frand(&rng) + 1) * 0.5f * n) % n]);
         usleep((useconds_t)((frand(&rng) + 1) * 1000));
     }
     for (int i = 0; i < n; i++) {
         result_t got;
         collect(&f, rs[i], &got);
-        cr_expect(got.finish == ENG_FINISH_STOP || got.finish == ENG_FINISH_LENGTH ||
-                      got.finish == ENG_FINISH_CANCELLED || got.finish == ENG_FINISH_TIMEOUT,
-                  "request %d ended %s", i, eng_finish_name(got.finish));
+        cr_expect(got.finish == SCHED_FINISH_STOP || got.finish == SCHED_FINISH_LENGTH ||
+                      got.finish == SCHED_FINISH_CANCELLED || got.finish == SCHED_FINISH_TIMEOUT,
+                  "request %d ended %s", i, sched_finish_name(got.finish));
         cr_expect_leq(got.completion_tokens, max_tok[i], "request %d", i);
-        eng_request_release(rs[i]);
+        sched_request_release(rs[i]);
     }
     (void)refused;
     expect_idle_and_empty(&f);
@@ -693,31 +703,31 @@ Test(scheduler, test_non_finite_logits_end_the_request_with_an_error) {
     sfx_t f;
     sfx_open(&f, path, 2, 4, 512);
     for (int sampled = 0; sampled < 2; sampled++) {
-        eng_req_params_t p = greedy_params(f.m, "Once upon a time", 20);
+        sched_req_params_t p = greedy_params(f.m, "Once upon a time", 20);
         if (sampled) p.sampling.temperature = 0.8f;
-        eng_request_t *r = eng_request_create(&p);
-        cr_assert_eq(eng_sched_submit(f.s, r, msg), 0, "%s", msg);
+        sched_request_t *r = sched_request_create(&p);
+        cr_assert_eq(sched_submit(f.s, r, msg), 0, "%s", msg);
         result_t got;
         memset(&got, 0, sizeof(got));
-        eng_event_t ev[8];
+        sched_event_t ev[8];
         char err[128] = "";
-        for (int i = 0; i < 4000 && got.finish == ENG_FINISH_NONE; i++) {
-            size_t n = eng_request_drain(r, ev, 8);
+        for (int i = 0; i < 4000 && got.finish == SCHED_FINISH_NONE; i++) {
+            size_t n = sched_request_drain(r, ev, 8);
             for (size_t k = 0; k < n; k++) {
-                if (ev[k].finish != ENG_FINISH_NONE) {
+                if (ev[k].finish != SCHED_FINISH_NONE) {
                     got.finish = ev[k].finish;
                     got.completion_tokens = ev[k].completion_tokens;
                     snprintf(err, sizeof(err), "%s", ev[k].error);
                 }
-                eng_event_free(&ev[k]);
+                sched_event_free(&ev[k]);
             }
             if (!n) usleep(5000);
         }
-        cr_expect_eq(got.finish, ENG_FINISH_ERROR, "sampled %d ended %s", sampled,
-                     eng_finish_name(got.finish));
+        cr_expect_eq(got.finish, SCHED_FINISH_ERROR, "sampled %d ended %s", sampled,
+                     sched_finish_name(got.finish));
         cr_expect_eq(got.completion_tokens, 0);
         cr_expect(strstr(err, "non-finite"), "sampled %d: '%s'", sampled, err);
-        eng_request_release(r);
+        sched_request_release(r);
     }
     sfx_close(&f);
     unlink(path);
@@ -737,26 +747,27 @@ Test(scheduler, test_preempted_evicting_stream_recomputes_its_whole_cache) {
         for (int pass = 0; pass < 2; pass++) {
             sfx_t f;
             sfx_open_pool(&f, pass ? 4 : 8, 2, 4, 512, false);
-            eng_request_t *rs[2];
+            sched_request_t *rs[2];
             for (int i = 0; i < 2; i++) {
-                eng_req_params_t p = greedy_params(f.m, prompts[i], i ? 60 : 36 + round);
+                sched_req_params_t p = greedy_params(f.m, prompts[i], i ? 60 : 36 + round);
                 p.ignore_eos = true;
                 p.evict = i == 1;
                 p.window = i == 1 ? 33 : 0;
                 p.sinks = 4;
-                rs[i] = eng_request_create(&p);
-                cr_assert_eq(eng_sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+                rs[i] = sched_request_create(&p);
+                cr_assert_eq(sched_submit(f.s, rs[i], msg), 0, "%s", msg);
                 if (pass == 0) { /* the reference: each alone */
                     collect(&f, rs[i], &solo[i]);
-                    eng_request_release(rs[i]);
+                    sched_request_release(rs[i]);
                 }
             }
             if (pass == 1)
                 for (int i = 0; i < 2; i++) {
                     collect(&f, rs[i], &got[i]);
-                    cr_expect_eq(got[i].finish, ENG_FINISH_LENGTH, "round %d request %d", round, i);
+                    cr_expect_eq(got[i].finish, SCHED_FINISH_LENGTH, "round %d request %d", round,
+                                 i);
                     cr_expect_str_eq(got[i].text, solo[i].text, "round %d request %d", round, i);
-                    eng_request_release(rs[i]);
+                    sched_request_release(rs[i]);
                 }
             sfx_close(&f);
         }

@@ -1,4 +1,4 @@
-/* scheduler.c - continuous batching on the engine thread.
+/* sched.c - continuous batching on the engine thread.
  *
  * Other threads submit requests to a locked queue; the engine thread drains it into a
  * waiting deque and runs one batched forward per step. The model is vLLM v1's: every
@@ -29,7 +29,7 @@
  * its outbox. Neither is held during a forward pass.
  */
 #define _GNU_SOURCE /* memmem */
-#include "engine.h"
+#include "sched.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -41,11 +41,11 @@
 
 typedef enum { RQ_NEW = 0, RQ_WAITING, RQ_RUNNING, RQ_DONE } rq_state_t;
 
-struct eng_request {
+struct sched_request {
     atomic_int refs;
     atomic_bool cancel;
-    eng_req_params_t p;
-    eng_sched_t *sched;
+    sched_req_params_t p;
+    sched_t *sched;
     double t_submit, t_start;
     /* engine-thread state */
     rq_state_t state;
@@ -69,37 +69,37 @@ struct eng_request {
     float *tele_buf;
     /* outbox, guarded by mu */
     pthread_mutex_t mu;
-    eng_event_t *ev;
+    sched_event_t *ev;
     size_t n_ev, cap_ev;
 };
 
-struct eng_sched {
+struct sched {
     eng_ctx_t *ctx;
     const eng_model_t *m;
-    eng_sched_params_t p;
+    sched_params_t p;
     uint32_t n_vocab, n_ctx;
     pthread_t thread;
     bool thread_started;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool stop;
-    eng_request_t **inq; /* submitted, not yet seen by the engine thread (mu) */
+    sched_request_t **inq; /* submitted, not yet seen by the engine thread (mu) */
     size_t n_in;
-    atomic_uint n_queued;    /* inq + waiting, for the bound */
-    eng_sched_stats_t stats; /* mu */
+    atomic_uint n_queued; /* inq + waiting, for the bound */
+    sched_stats_t stats;  /* mu */
     /* engine thread only */
-    eng_request_t **wq; /* the waiting deque: a ring of wq_cap entries from wq_head */
+    sched_request_t **wq; /* the waiting deque: a ring of wq_cap entries from wq_head */
     size_t wq_cap, wq_head, n_waiting;
-    eng_request_t **running; /* in admission order */
+    sched_request_t **running; /* in admission order */
     size_t n_running;
     uint64_t admissions;
-    eng_request_t **order; /* this step's scheduling order of the running requests */
-    eng_event_t *draws;    /* per batch item: the token drawn this step */
+    sched_request_t **order; /* this step's scheduling order of the running requests */
+    sched_event_t *draws;    /* per batch item: the token drawn this step */
     bool *drawn;
     float *logits, *raw;
     int32_t *argmax; /* per batch item: the greedy id, for requests that need nothing more */
     eng_batch_item_t *items;
-    eng_request_t **item_req;
+    sched_request_t **item_req;
     uint32_t n_items;
     uint64_t evicted; /* tokens evicted during this step */
     bool published;
@@ -111,24 +111,24 @@ static double mono_now(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-void eng_event_free(eng_event_t *e) {
+void sched_event_free(sched_event_t *e) {
     free(e->text);
     free(e->attn);
     e->text = NULL;
     e->attn = NULL;
 }
 
-const char *eng_finish_name(eng_finish_t f) {
+const char *sched_finish_name(sched_finish_t f) {
     switch (f) {
-    case ENG_FINISH_STOP:
+    case SCHED_FINISH_STOP:
         return "stop";
-    case ENG_FINISH_LENGTH:
+    case SCHED_FINISH_LENGTH:
         return "length";
-    case ENG_FINISH_CANCELLED:
+    case SCHED_FINISH_CANCELLED:
         return "cancelled";
-    case ENG_FINISH_TIMEOUT:
+    case SCHED_FINISH_TIMEOUT:
         return "timeout";
-    case ENG_FINISH_ERROR:
+    case SCHED_FINISH_ERROR:
         return "error";
     default:
         return "none";
@@ -137,8 +137,8 @@ const char *eng_finish_name(eng_finish_t f) {
 
 /* ---- requests ---------------------------------------------------------- */
 
-eng_request_t *eng_request_create(eng_req_params_t *p) {
-    eng_request_t *r = calloc(1, sizeof(*r));
+sched_request_t *sched_request_create(sched_req_params_t *p) {
+    sched_request_t *r = calloc(1, sizeof(*r));
     if (!r) return NULL;
     atomic_init(&r->refs, 1);
     atomic_init(&r->cancel, false);
@@ -148,11 +148,11 @@ eng_request_t *eng_request_create(eng_req_params_t *p) {
     return r;
 }
 
-static void free_request(eng_request_t *r) {
+static void free_request(sched_request_t *r) {
     free(r->toks);
     free(r->p.prompt);
     for (uint32_t i = 0; i < r->p.n_stop; i++) free(r->p.stop[i]);
-    for (size_t i = 0; i < r->n_ev; i++) eng_event_free(&r->ev[i]);
+    for (size_t i = 0; i < r->n_ev; i++) sched_event_free(&r->ev[i]);
     free(r->ev);
     free(r->held);
     free(r->tele_buf);
@@ -162,13 +162,13 @@ static void free_request(eng_request_t *r) {
     free(r);
 }
 
-void eng_request_release(eng_request_t *r) {
+void sched_request_release(sched_request_t *r) {
     if (r && atomic_fetch_sub(&r->refs, 1) == 1) free_request(r);
 }
 
-void eng_request_cancel(eng_request_t *r) {
+void sched_request_cancel(sched_request_t *r) {
     atomic_store(&r->cancel, true);
-    eng_sched_t *s = r->sched;
+    sched_t *s = r->sched;
     if (s) {
         pthread_mutex_lock(&s->mu);
         pthread_cond_signal(&s->cv);
@@ -176,19 +176,19 @@ void eng_request_cancel(eng_request_t *r) {
     }
 }
 
-double eng_request_submit_time(const eng_request_t *r) {
+double sched_request_submit_time(const sched_request_t *r) {
     return r->t_submit;
 }
-double eng_request_start_time(const eng_request_t *r) {
+double sched_request_start_time(const sched_request_t *r) {
     return r->t_start;
 }
 
-size_t eng_request_drain(eng_request_t *r, eng_event_t *ev, size_t cap) {
+size_t sched_request_drain(sched_request_t *r, sched_event_t *ev, size_t cap) {
     pthread_mutex_lock(&r->mu);
     size_t n = r->n_ev < cap ? r->n_ev : cap;
     if (n) {
-        memcpy(ev, r->ev, n * sizeof(eng_event_t));
-        memmove(r->ev, r->ev + n, (r->n_ev - n) * sizeof(eng_event_t));
+        memcpy(ev, r->ev, n * sizeof(sched_event_t));
+        memmove(r->ev, r->ev + n, (r->n_ev - n) * sizeof(sched_event_t));
         r->n_ev -= n;
     }
     pthread_mutex_unlock(&r->mu);
@@ -199,12 +199,12 @@ size_t eng_request_drain(eng_request_t *r, eng_event_t *ev, size_t cap) {
  * fails, a token event is dropped, but a final event is never lost: it overwrites the last
  * undelivered event (the outbox has slots from submission on), so the client always learns
  * how the request ended. */
-static void publish(eng_sched_t *s, eng_request_t *r, eng_event_t *e) {
+static void publish(sched_t *s, sched_request_t *r, sched_event_t *e) {
     e->time = mono_now();
     pthread_mutex_lock(&r->mu);
     if (r->n_ev == r->cap_ev) {
         size_t cap = r->cap_ev ? r->cap_ev * 2 : 16;
-        eng_event_t *ne = realloc(r->ev, cap * sizeof(*ne));
+        sched_event_t *ne = realloc(r->ev, cap * sizeof(*ne));
         if (ne) {
             r->ev = ne;
             r->cap_ev = cap;
@@ -212,11 +212,11 @@ static void publish(eng_sched_t *s, eng_request_t *r, eng_event_t *e) {
     }
     if (r->n_ev < r->cap_ev) {
         r->ev[r->n_ev++] = *e;
-    } else if (e->finish != ENG_FINISH_NONE && r->n_ev) {
-        eng_event_free(&r->ev[r->n_ev - 1]);
+    } else if (e->finish != SCHED_FINISH_NONE && r->n_ev) {
+        sched_event_free(&r->ev[r->n_ev - 1]);
         r->ev[r->n_ev - 1] = *e;
     } else {
-        eng_event_free(e);
+        sched_event_free(e);
     }
     pthread_mutex_unlock(&r->mu);
     s->published = true;
@@ -235,10 +235,10 @@ static char *dup_text(const char *t, size_t n) {
 
 static void *engine_main(void *arg);
 
-int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
-                     const eng_sched_params_t *p, char *msg) {
+int sched_create(sched_t **out, eng_ctx_t *ctx, const eng_model_t *m, const sched_params_t *p,
+                 char *msg) {
     *out = NULL;
-    eng_sched_t *s = calloc(1, sizeof(*s));
+    sched_t *s = calloc(1, sizeof(*s));
     if (!s) return eng_fail(msg, ENG_ENOMEM, "out of memory");
     s->ctx = ctx;
     s->m = m;
@@ -255,24 +255,24 @@ int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
     pthread_cond_init(&s->cv, NULL);
     size_t R = s->p.max_running, V = s->n_vocab;
     s->wq_cap = (size_t)s->p.max_waiting + R;
-    s->inq = calloc(s->p.max_waiting, sizeof(eng_request_t *));
-    s->wq = calloc(s->wq_cap, sizeof(eng_request_t *));
-    s->running = calloc(R, sizeof(eng_request_t *));
-    s->order = calloc(R, sizeof(eng_request_t *));
+    s->inq = calloc(s->p.max_waiting, sizeof(sched_request_t *));
+    s->wq = calloc(s->wq_cap, sizeof(sched_request_t *));
+    s->running = calloc(R, sizeof(sched_request_t *));
+    s->order = calloc(R, sizeof(sched_request_t *));
     s->items = calloc(R, sizeof(eng_batch_item_t));
-    s->item_req = calloc(R, sizeof(eng_request_t *));
+    s->item_req = calloc(R, sizeof(sched_request_t *));
     s->logits = V <= SIZE_MAX / sizeof(float) / R ? malloc(sizeof(float) * V * R) : NULL;
     s->raw = s->logits ? malloc(sizeof(float) * V * R) : NULL;
     s->argmax = malloc(sizeof(int32_t) * R);
-    s->draws = calloc(R, sizeof(eng_event_t));
+    s->draws = calloc(R, sizeof(sched_event_t));
     s->drawn = calloc(R, sizeof(bool));
     if (!s->inq || !s->wq || !s->running || !s->order || !s->items || !s->item_req || !s->logits ||
         !s->raw || !s->argmax || !s->draws || !s->drawn) {
-        eng_sched_destroy(s);
+        sched_destroy(s);
         return eng_fail(msg, ENG_ENOMEM, "out of memory for the scheduler");
     }
     if (pthread_create(&s->thread, NULL, engine_main, s) != 0) {
-        eng_sched_destroy(s);
+        sched_destroy(s);
         return eng_fail(msg, ENG_ENOMEM, "cannot start the engine thread");
     }
     s->thread_started = true;
@@ -280,7 +280,7 @@ int eng_sched_create(eng_sched_t **out, eng_ctx_t *ctx, const eng_model_t *m,
     return 0;
 }
 
-void eng_sched_destroy(eng_sched_t *s) {
+void sched_destroy(sched_t *s) {
     if (!s) return;
     if (s->thread_started) {
         pthread_mutex_lock(&s->mu);
@@ -289,7 +289,7 @@ void eng_sched_destroy(eng_sched_t *s) {
         pthread_mutex_unlock(&s->mu);
         pthread_join(s->thread, NULL);
     }
-    for (size_t i = 0; i < s->n_in; i++) eng_request_release(s->inq[i]);
+    for (size_t i = 0; i < s->n_in; i++) sched_request_release(s->inq[i]);
     free(s->inq);
     free(s->wq);
     free(s->running);
@@ -306,23 +306,23 @@ void eng_sched_destroy(eng_sched_t *s) {
     free(s);
 }
 
-static uint32_t window_of(const eng_sched_t *s, const eng_request_t *r) {
+static uint32_t window_of(const sched_t *s, const sched_request_t *r) {
     return r->p.window && r->p.window < s->n_ctx ? r->p.window : s->n_ctx;
 }
 
-static uint32_t blocks_for(const eng_sched_t *s, uint64_t tokens) {
+static uint32_t blocks_for(const sched_t *s, uint64_t tokens) {
     uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
     return (uint32_t)((tokens + bs - 1) / bs);
 }
 
 /* The blocks a request needs at its largest: prompt + max_tokens, capped by its window. */
-static uint32_t blocks_needed(const eng_sched_t *s, const eng_request_t *r) {
+static uint32_t blocks_needed(const sched_t *s, const sched_request_t *r) {
     uint64_t toks = (uint64_t)r->p.n_prompt + r->p.max_tokens;
     if (toks > window_of(s, r)) toks = window_of(s, r);
     return blocks_for(s, toks);
 }
 
-int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg) {
+int sched_submit(sched_t *s, sched_request_t *r, char *msg) {
     if (r->p.n_prompt == 0 || !r->p.prompt)
         return eng_fail(msg, ENG_EINVAL, "the prompt has no tokens");
     if (r->p.n_prompt >= window_of(s, r))
@@ -368,7 +368,7 @@ int eng_sched_submit(eng_sched_t *s, eng_request_t *r, char *msg) {
     return 0;
 }
 
-void eng_sched_stats(eng_sched_t *s, eng_sched_stats_t *out) {
+void sched_stats(sched_t *s, sched_stats_t *out) {
     pthread_mutex_lock(&s->mu);
     *out = s->stats;
     pthread_mutex_unlock(&s->mu);
@@ -376,20 +376,20 @@ void eng_sched_stats(eng_sched_t *s, eng_sched_stats_t *out) {
 
 /* ---- engine thread: the waiting deque and the running set ---------------- */
 
-static eng_request_t *wq_at(const eng_sched_t *s, size_t i) {
+static sched_request_t *wq_at(const sched_t *s, size_t i) {
     return s->wq[(s->wq_head + i) % s->wq_cap];
 }
 
 /* Room is guaranteed by the deque's size (see the file comment); the checks keep a broken
  * invariant from writing out of bounds. */
-static bool wq_push_back(eng_sched_t *s, eng_request_t *r) {
+static bool wq_push_back(sched_t *s, sched_request_t *r) {
     if (s->n_waiting == s->wq_cap) return false;
     s->wq[(s->wq_head + s->n_waiting++) % s->wq_cap] = r;
     r->state = RQ_WAITING; /* from the incoming queue: n_queued counts it already */
     return true;
 }
 
-static bool wq_push_front(eng_sched_t *s, eng_request_t *r) {
+static bool wq_push_front(sched_t *s, sched_request_t *r) {
     if (s->n_waiting == s->wq_cap) return false;
     s->wq_head = (s->wq_head + s->wq_cap - 1) % s->wq_cap;
     s->wq[s->wq_head] = r;
@@ -400,11 +400,11 @@ static bool wq_push_front(eng_sched_t *s, eng_request_t *r) {
 }
 
 /* Take r out of the deque or the running set, wherever it is. */
-static void unlist(eng_sched_t *s, eng_request_t *r) {
+static void unlist(sched_t *s, sched_request_t *r) {
     if (r->state == RQ_WAITING) {
         size_t k = 0;
         for (size_t i = 0; i < s->n_waiting; i++) {
-            eng_request_t *q = wq_at(s, i);
+            sched_request_t *q = wq_at(s, i);
             if (q != r) s->wq[(s->wq_head + k++) % s->wq_cap] = q;
         }
         if (k < s->n_waiting) {
@@ -425,23 +425,23 @@ static void unlist(eng_sched_t *s, eng_request_t *r) {
 
 /* r leaves the scheduler: its KV returns to the pool, it leaves its list, and the
  * scheduler's reference is dropped (r may be freed when this returns). */
-static void retire(eng_sched_t *s, eng_request_t *r) {
+static void retire(sched_t *s, sched_request_t *r) {
     if (r->seq.pool) kv_seq_close(&r->seq);
     unlist(s, r);
-    eng_request_release(r);
+    sched_request_release(r);
 }
 
 /* Publish the final event, free r's KV, take it out of its list and drop the scheduler's
  * reference: r may be freed when this returns. */
-static void finish(eng_sched_t *s, eng_request_t *r, eng_finish_t why, const char *err) {
-    eng_event_t e = {.token = -1, .finish = why};
+static void finish(sched_t *s, sched_request_t *r, sched_finish_t why, const char *err) {
+    sched_event_t e = {.token = -1, .finish = why};
     size_t tail = 0;
     char flushed[8];
-    if (why == ENG_FINISH_LENGTH || (why == ENG_FINISH_STOP && !err)) {
+    if (why == SCHED_FINISH_LENGTH || (why == SCHED_FINISH_STOP && !err)) {
         tail = eng_detok_flush(&r->detok, flushed, sizeof(flushed));
     }
     /* held text is released unless a stop string matched (then it was cut already) */
-    size_t n = (why == ENG_FINISH_LENGTH || why == ENG_FINISH_STOP) ? r->held_len : 0;
+    size_t n = (why == SCHED_FINISH_LENGTH || why == SCHED_FINISH_STOP) ? r->held_len : 0;
     e.text = malloc(n + tail + 1);
     if (e.text) {
         if (n) memcpy(e.text, r->held, n);
@@ -457,22 +457,24 @@ static void finish(eng_sched_t *s, eng_request_t *r, eng_finish_t why, const cha
     retire(s, r);
 }
 
-static bool expired(const eng_request_t *r, double now) {
+static bool expired(const sched_request_t *r, double now) {
     return r->p.deadline > 0 && now > r->p.deadline;
 }
 
 /* Finish every request that was cancelled or whose deadline passed. */
-static void sweep(eng_sched_t *s) {
+static void sweep(sched_t *s) {
     double now = mono_now();
     for (size_t i = s->n_running; i-- > 0;) {
-        eng_request_t *r = s->running[i];
+        sched_request_t *r = s->running[i];
         bool c = atomic_load(&r->cancel);
-        if (c || expired(r, now)) finish(s, r, c ? ENG_FINISH_CANCELLED : ENG_FINISH_TIMEOUT, NULL);
+        if (c || expired(r, now))
+            finish(s, r, c ? SCHED_FINISH_CANCELLED : SCHED_FINISH_TIMEOUT, NULL);
     }
     for (size_t i = s->n_waiting; i-- > 0;) {
-        eng_request_t *r = wq_at(s, i);
+        sched_request_t *r = wq_at(s, i);
         bool c = atomic_load(&r->cancel);
-        if (c || expired(r, now)) finish(s, r, c ? ENG_FINISH_CANCELLED : ENG_FINISH_TIMEOUT, NULL);
+        if (c || expired(r, now))
+            finish(s, r, c ? SCHED_FINISH_CANCELLED : SCHED_FINISH_TIMEOUT, NULL);
     }
 }
 
@@ -481,7 +483,7 @@ static void sweep(eng_sched_t *s) {
 /* Drop at least n of r's oldest non-sink tokens (sink-aware, block-granular; the engine
  * K-shifts the keys after them) and the same tokens from its token list. Returns the tokens
  * dropped. */
-static uint32_t evict_tokens(eng_sched_t *s, eng_request_t *r, uint32_t n) {
+static uint32_t evict_tokens(sched_t *s, sched_request_t *r, uint32_t n) {
     uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
     uint32_t from = (r->seq.n_sinks + bs - 1) / bs * bs; /* kv_seq_evict keeps the sink blocks */
     uint32_t gone = eng_seq_evict(s->ctx, &r->seq, n);
@@ -499,7 +501,7 @@ static uint32_t evict_tokens(eng_sched_t *s, eng_request_t *r, uint32_t n) {
  * what it dropped; at most window + 1 tokens), so the recomputation, and the window eviction
  * after it, go as they would have without the preemption. Its outbox, sampler and text state
  * carry on. False (nothing changed) if the deque is full, which its size rules out. */
-static bool preempt(eng_sched_t *s, eng_request_t *r) {
+static bool preempt(sched_t *s, sched_request_t *r) {
     if (s->n_waiting == s->wq_cap) return false;
     kv_seq_close(&r->seq);
     r->n_computed = 0;
@@ -514,11 +516,11 @@ static bool preempt(eng_sched_t *s, eng_request_t *r) {
 
 /* The evict policy's victim: the longest running sequence that allows eviction, is not in
  * this step's batch, and has a block past its sinks to give. */
-static eng_request_t *evict_victim(eng_sched_t *s) {
+static sched_request_t *evict_victim(sched_t *s) {
     uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
-    eng_request_t *v = NULL;
+    sched_request_t *v = NULL;
     for (size_t i = 0; i < s->n_running; i++) {
-        eng_request_t *r = s->running[i];
+        sched_request_t *r = s->running[i];
         uint32_t sink_blocks = (r->seq.n_sinks + bs - 1) / bs;
         if (r->p.evict && !r->batched && r->seq.n_tokens / bs > sink_blocks &&
             (!v || r->seq.n_tokens > v->seq.n_tokens))
@@ -528,10 +530,10 @@ static eng_request_t *evict_victim(eng_sched_t *s) {
 }
 
 /* The preemption victim: the newest running request not in this step's batch. */
-static eng_request_t *preempt_victim(eng_sched_t *s) {
-    eng_request_t *v = NULL;
+static sched_request_t *preempt_victim(sched_t *s) {
+    sched_request_t *v = NULL;
     for (size_t i = 0; i < s->n_running; i++) {
-        eng_request_t *r = s->running[i];
+        sched_request_t *r = s->running[i];
         if (!r->batched && (!v || r->admit_order > v->admit_order)) v = r;
     }
     return v;
@@ -542,16 +544,16 @@ static eng_request_t *preempt_victim(eng_sched_t *s) {
  * retry. Returns true when the blocks are r's; false when r must sit this step out: it was
  * preempted itself (now waiting), it finished with an error (and may be freed), or, without
  * may_free, the room is not there. */
-static bool allocate(eng_sched_t *s, eng_request_t *r, uint32_t n, bool may_free) {
+static bool allocate(sched_t *s, sched_request_t *r, uint32_t n, bool may_free) {
     for (;;) {
         int rc = kv_seq_reserve(&r->seq, r->seq.n_tokens + n);
         if (rc == 0) return true;
         if (rc != ENG_ENOSPACE) {
-            finish(s, r, ENG_FINISH_ERROR, "out of memory for a KV block table");
+            finish(s, r, SCHED_FINISH_ERROR, "out of memory for a KV block table");
             return false;
         }
         if (!may_free) return false;
-        eng_request_t *v = s->p.pressure_evict ? evict_victim(s) : NULL;
+        sched_request_t *v = s->p.pressure_evict ? evict_victim(s) : NULL;
         if (v) {
             evict_tokens(s, v, eng_ctx_kv_pool(s->ctx)->block_size);
             continue;
@@ -563,11 +565,11 @@ static bool allocate(eng_sched_t *s, eng_request_t *r, uint32_t n, bool may_free
 
 /* ---- building the step's batch -------------------------------------------- */
 
-static void set_output(eng_sched_t *s, const eng_request_t *r, uint32_t n, eng_batch_item_t *it);
+static void set_output(sched_t *s, const sched_request_t *r, uint32_t n, eng_batch_item_t *it);
 
 /* Put r's next chunk (its uncomputed tokens, at most *budget) into the batch. Returns false if
  * r sits this step out (r may then no longer be running). */
-static bool schedule(eng_sched_t *s, eng_request_t *r, uint32_t *budget, bool may_free) {
+static bool schedule(sched_t *s, sched_request_t *r, uint32_t *budget, bool may_free) {
     kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
     uint32_t n = r->n_toks - r->n_computed;
     if (n > *budget) n = *budget;
@@ -578,7 +580,7 @@ static bool schedule(eng_sched_t *s, eng_request_t *r, uint32_t *budget, bool ma
         evict_tokens(s, r, over > chunk ? over : chunk);
         if ((uint64_t)r->seq.n_tokens + n > r->window) { /* only sinks left */
             if (r->seq.n_tokens >= r->window) {
-                finish(s, r, ENG_FINISH_LENGTH, NULL);
+                finish(s, r, SCHED_FINISH_LENGTH, NULL);
                 return false;
             }
             n = r->window - r->seq.n_tokens;
@@ -606,7 +608,7 @@ static bool schedule(eng_sched_t *s, eng_request_t *r, uint32_t *budget, bool ma
 
 /* Make a waiting request runnable: its sampler, detokenizer and telemetry buffers on first
  * admission, a fresh sequence. False on allocation failure (the caller ends the request). */
-static bool start(eng_sched_t *s, eng_request_t *r) {
+static bool start(sched_t *s, sched_request_t *r) {
     if (!r->smp) {
         if (eng_sampler_create(&r->smp, &r->p.sampling, s->n_vocab) != 0) return false;
         for (uint32_t i = 0; i < r->p.n_prompt; i++) eng_sampler_accept(r->smp, r->toks[i]);
@@ -633,36 +635,36 @@ static bool start(eng_sched_t *s, eng_request_t *r) {
 /* Build the step's batch: running requests (those with one token to compute first), then
  * waiting requests admitted FIFO while a slot, the blocks for their whole remaining prompt
  * and budget are there. */
-static void build_batch(eng_sched_t *s) {
+static void build_batch(sched_t *s) {
     uint32_t budget = s->p.step_tokens;
     s->n_items = 0;
     size_t n_order = 0;
     for (int pass = 0; pass < 2; pass++)
         for (size_t i = 0; i < s->n_running; i++) {
-            eng_request_t *r = s->running[i];
+            sched_request_t *r = s->running[i];
             bool one = r->n_toks - r->n_computed == 1;
             if (one == (pass == 0)) s->order[n_order++] = r;
         }
     for (size_t i = 0; i < n_order && budget; i++) {
-        eng_request_t *r = s->order[i];
+        sched_request_t *r = s->order[i];
         if (r->state == RQ_RUNNING && !r->batched) schedule(s, r, &budget, true);
     }
     /* admission: blocks are not taken from anyone for a request that is not running yet */
     kv_pool_t *pool = eng_ctx_kv_pool(s->ctx);
     uint64_t pending = 0; /* blocks that admitted prefills still need */
     for (size_t i = 0; i < s->n_running; i++) {
-        eng_request_t *r = s->running[i];
+        sched_request_t *r = s->running[i];
         uint32_t want = blocks_for(s, r->n_toks);
         if (!r->decoding && want > r->seq.n_blocks) pending += want - r->seq.n_blocks;
     }
     while (budget && s->n_waiting && s->n_running < s->p.max_running &&
            s->n_items < s->p.max_running) {
-        eng_request_t *r = wq_at(s, 0);
+        sched_request_t *r = wq_at(s, 0);
         uint32_t window = window_of(s, r);
         uint32_t need = blocks_for(s, r->n_toks + 1 < window ? r->n_toks + 1 : window);
         if (pending + need > pool->n_free) break; /* FIFO: the head waits */
         if (!start(s, r)) {
-            finish(s, r, ENG_FINISH_ERROR, "out of memory for the request's sampler");
+            finish(s, r, SCHED_FINISH_ERROR, "out of memory for the request's sampler");
             continue;
         }
         unlist(s, r);
@@ -673,7 +675,7 @@ static void build_batch(eng_sched_t *s) {
     }
 }
 /* Append released text to the hold buffer. */
-static bool hold(eng_request_t *r, const char *t, size_t n) {
+static bool hold(sched_request_t *r, const char *t, size_t n) {
     if (r->held_len + n + 1 > r->held_cap) {
         size_t cap = r->held_cap ? r->held_cap * 2 : 64;
         while (cap < r->held_len + n + 1) cap *= 2;
@@ -689,7 +691,7 @@ static bool hold(eng_request_t *r, const char *t, size_t n) {
 }
 
 /* Find the earliest stop string in held; returns its offset or -1. */
-static long find_stop(const eng_request_t *r) {
+static long find_stop(const sched_request_t *r) {
     long best = -1;
     for (uint32_t i = 0; i < r->p.n_stop; i++) {
         const char *hit = memmem(r->held, r->held_len, r->p.stop[i], strlen(r->p.stop[i]));
@@ -699,7 +701,7 @@ static long find_stop(const eng_request_t *r) {
 }
 
 /* Bytes at the end of held that could still begin a stop string. */
-static size_t stop_prefix_len(const eng_request_t *r) {
+static size_t stop_prefix_len(const sched_request_t *r) {
     size_t keep = 0;
     for (uint32_t i = 0; i < r->p.n_stop; i++) {
         size_t sl = strlen(r->p.stop[i]);
@@ -716,7 +718,7 @@ static size_t stop_prefix_len(const eng_request_t *r) {
  * in bits of the distribution at temperature T (when entropy != NULL), and the n_top best
  * tokens' logprobs. One exp per vocabulary entry for each quantity asked for. */
 static void distribution_facts(const float *l, uint32_t V, float T, bool want_lse, double *lse,
-                               float *entropy, eng_logprob_t *top, uint32_t n_top) {
+                               float *entropy, sched_logprob_t *top, uint32_t n_top) {
     float mx = l[0];
     for (uint32_t i = 1; i < V; i++) mx = l[i] > mx ? l[i] : mx;
     double z = 0, zt = 0, wt = 0;
@@ -735,7 +737,7 @@ static void distribution_facts(const float *l, uint32_t V, float T, bool want_ls
     if (want_lse && !shared)
         for (uint32_t i = 0; i < V; i++) z += expf(l[i] - mx);
     *lse = want_lse ? mx + log(z) : 0;
-    for (uint32_t k = 0; k < n_top; k++) top[k] = (eng_logprob_t){-1, -INFINITY};
+    for (uint32_t k = 0; k < n_top; k++) top[k] = (sched_logprob_t){-1, -INFINITY};
     for (uint32_t i = 0; i < V && n_top; i++) {
         if (l[i] <= top[n_top - 1].logprob && top[n_top - 1].id >= 0) continue;
         uint32_t k = n_top - 1;
@@ -743,18 +745,18 @@ static void distribution_facts(const float *l, uint32_t V, float T, bool want_ls
             top[k] = top[k - 1];
             k--;
         }
-        top[k] = (eng_logprob_t){(int32_t)i, l[i]};
+        top[k] = (sched_logprob_t){(int32_t)i, l[i]};
     }
     for (uint32_t k = 0; k < n_top; k++) top[k].logprob = (float)(top[k].logprob - *lse);
 }
 
 /* The event's attention telemetry from the request's last forward (head means per layer). */
-static eng_attn_stats_t *attn_stats(const eng_sched_t *s, const eng_request_t *r) {
+static sched_attn_stats_t *attn_stats(const sched_t *s, const sched_request_t *r) {
     const eng_hparams_t *hp = eng_model_hparams(s->m);
     uint32_t L = hp->n_layer, H = hp->n_head;
     size_t per_head = r->p.per_head ? 2 * (size_t)L * H : 0;
-    size_t bytes = sizeof(eng_attn_stats_t) + sizeof(float) * (3 * (size_t)L + per_head) + L;
-    eng_attn_stats_t *a = malloc(bytes);
+    size_t bytes = sizeof(sched_attn_stats_t) + sizeof(float) * (3 * (size_t)L + per_head) + L;
+    sched_attn_stats_t *a = malloc(bytes);
     if (!a) return NULL;
     float *f = (float *)(a + 1);
     a->n_layer = L;
@@ -789,8 +791,8 @@ static eng_attn_stats_t *attn_stats(const eng_sched_t *s, const eng_request_t *r
 /* The first half of a token, safe to run for several requests at once (each touches only its
  * own request, logits and scratch): the distribution's facts, the draw, the sampler's
  * history, the attention stats. */
-static void draw(const eng_sched_t *s, eng_request_t *r, float *logits, float *raw,
-                 const int32_t *argmax, eng_event_t *e) {
+static void draw(const sched_t *s, sched_request_t *r, float *logits, float *raw,
+                 const int32_t *argmax, sched_event_t *e) {
     const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
     memset(e, 0, sizeof(*e));
     e->token = -1;
@@ -822,7 +824,7 @@ static void draw(const eng_sched_t *s, eng_request_t *r, float *logits, float *r
 }
 
 /* Append a drawn token to r's token list. */
-static bool push_token(eng_request_t *r, int32_t id) {
+static bool push_token(sched_request_t *r, int32_t id) {
     if (r->n_toks == r->cap_toks) {
         uint32_t cap = r->cap_toks < 32 ? 64 : r->cap_toks * 2;
         int32_t *t = cap > r->cap_toks ? realloc(r->toks, sizeof(int32_t) * cap) : NULL;
@@ -837,20 +839,20 @@ static bool push_token(eng_request_t *r, int32_t id) {
 /* The second half, on the engine thread alone: record the token, detokenize, apply stop
  * strings, publish, and decide whether r goes on (it may be freed when it does not). Takes
  * ownership of what ev owns. */
-static void on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
+static void on_token(sched_t *s, sched_request_t *r, sched_event_t *ev) {
     const eng_tokenizer_t *tok = eng_model_tokenizer(s->m);
-    eng_event_t e = *ev;
+    sched_event_t e = *ev;
     int32_t id = e.token;
     if (id < 0) {
-        eng_event_free(&e);
-        finish(s, r, ENG_FINISH_ERROR,
+        sched_event_free(&e);
+        finish(s, r, SCHED_FINISH_ERROR,
                "the model produced non-finite logits (NaN or infinity): its weights or "
                "activations are broken");
         return;
     }
     if (!push_token(r, id)) {
-        eng_event_free(&e);
-        finish(s, r, ENG_FINISH_ERROR, "out of memory for the generated tokens");
+        sched_event_free(&e);
+        finish(s, r, SCHED_FINISH_ERROR, "out of memory for the generated tokens");
         return;
     }
     r->n_generated++;
@@ -862,14 +864,14 @@ static void on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
     if (!r->p.ignore_eos && eng_tok_is_eog(tok, id)) {
         e.text = dup_text("", 0);
         publish(s, r, &e);
-        finish(s, r, ENG_FINISH_STOP, NULL);
+        finish(s, r, SCHED_FINISH_STOP, NULL);
         return;
     }
     char piece[512];
     size_t n_piece = eng_detok_push(&r->detok, id, piece, sizeof(piece));
     if (!hold(r, piece, n_piece)) {
-        eng_event_free(&e);
-        finish(s, r, ENG_FINISH_ERROR, "out of memory for the generated text");
+        sched_event_free(&e);
+        finish(s, r, SCHED_FINISH_ERROR, "out of memory for the generated text");
         return;
     }
     long at = find_stop(r);
@@ -879,7 +881,7 @@ static void on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
         r->held_len = 0;
         publish(s, r, &e);
         /* the stop string and anything after it are dropped */
-        eng_event_t f = {.token = -1, .finish = ENG_FINISH_STOP, .text = dup_text("", 0)};
+        sched_event_t f = {.token = -1, .finish = SCHED_FINISH_STOP, .text = dup_text("", 0)};
         f.prompt_tokens = r->p.n_prompt;
         f.completion_tokens = r->n_generated;
         publish(s, r, &f);
@@ -894,10 +896,10 @@ static void on_token(eng_sched_t *s, eng_request_t *r, eng_event_t *ev) {
     r->held_len = keep;
     publish(s, r, &e);
     if (r->n_generated >= r->p.max_tokens || (!r->p.evict && r->n_toks > r->window))
-        finish(s, r, ENG_FINISH_LENGTH, NULL);
+        finish(s, r, SCHED_FINISH_LENGTH, NULL);
 }
 
-static void record_batch(eng_sched_t *s, uint32_t n_seqs, uint32_t n_prompt_done) {
+static void record_batch(sched_t *s, uint32_t n_seqs, uint32_t n_prompt_done) {
     pthread_mutex_lock(&s->mu);
     int b = 0;
     while (b < 7 && n_seqs > (1u << b)) b++;
@@ -910,7 +912,7 @@ static void record_batch(eng_sched_t *s, uint32_t n_seqs, uint32_t n_prompt_done
 }
 
 static void draw_item(void *arg, size_t k) {
-    eng_sched_t *s = arg;
+    sched_t *s = arg;
     if (s->drawn[k])
         draw(s, s->item_req[k], s->items[k].logits, s->raw + k * s->n_vocab, &s->argmax[k],
              &s->draws[k]);
@@ -919,14 +921,14 @@ static void draw_item(void *arg, size_t k) {
 /* A request that needs only the greedy choice of each token: no temperature, penalties,
  * logprobs, token entropy or banned EOS. Its logits stay in the engine (on a GPU, only the
  * chosen id is copied back). */
-static bool greedy_only(const eng_request_t *r) {
+static bool greedy_only(const sched_request_t *r) {
     const eng_sampler_params_t *p = &r->p.sampling;
     return p->temperature <= 0 && p->repetition_penalty == 1.0f && p->presence_penalty == 0 &&
            p->frequency_penalty == 0 && r->p.logprobs < 0 && !r->p.entropy && !r->p.ignore_eos;
 }
 
 /* Where item n's last-token result goes. */
-static void set_output(eng_sched_t *s, const eng_request_t *r, uint32_t n, eng_batch_item_t *it) {
+static void set_output(sched_t *s, const sched_request_t *r, uint32_t n, eng_batch_item_t *it) {
     if (greedy_only(r)) {
         it->logits = NULL;
         it->argmax = &s->argmax[n];
@@ -936,7 +938,7 @@ static void set_output(eng_sched_t *s, const eng_request_t *r, uint32_t n, eng_b
     }
 }
 
-static void step(eng_sched_t *s) {
+static void step(sched_t *s) {
     sweep(s);
     s->evicted = 0;
     build_batch(s);
@@ -953,7 +955,7 @@ static void step(eng_sched_t *s) {
     /* which items produced a token: those whose computed count reached the token count */
     uint32_t n_draw = 0;
     for (uint32_t k = 0; k < n; k++) {
-        eng_request_t *r = s->item_req[k];
+        sched_request_t *r = s->item_req[k];
         s->drawn[k] = false;
         if (rc) continue;
         if (!r->decoding) prompt_done += s->items[k].n_tokens;
@@ -966,9 +968,9 @@ static void step(eng_sched_t *s) {
     /* the draws (sampling, entropy) run on the worker threads, one request each */
     if (n_draw) eng_ctx_parallel_for(s->ctx, draw_item, s, n);
     for (uint32_t k = 0; k < n; k++) {
-        eng_request_t *r = s->item_req[k];
+        sched_request_t *r = s->item_req[k];
         if (rc)
-            finish(s, r, ENG_FINISH_ERROR, msg);
+            finish(s, r, SCHED_FINISH_ERROR, msg);
         else if (s->drawn[k])
             on_token(s, r, &s->draws[k]);
     }
@@ -976,7 +978,7 @@ static void step(eng_sched_t *s) {
 }
 
 static void *engine_main(void *arg) {
-    eng_sched_t *s = arg;
+    sched_t *s = arg;
     for (;;) {
         pthread_mutex_lock(&s->mu);
         while (!s->stop && !s->n_in && !s->n_running) {
@@ -998,7 +1000,7 @@ static void *engine_main(void *arg) {
         pthread_mutex_unlock(&s->mu);
         for (size_t i = n_moved; i < n_in; i++) { /* the deque's size rules this out */
             atomic_fetch_sub(&s->n_queued, 1);
-            finish(s, s->inq[i], ENG_FINISH_ERROR, "internal error: the waiting queue is full");
+            finish(s, s->inq[i], SCHED_FINISH_ERROR, "internal error: the waiting queue is full");
         }
         if (stop) break;
         s->published = false;
@@ -1011,8 +1013,8 @@ static void *engine_main(void *arg) {
         if (s->published && s->p.notify) s->p.notify(s->p.notify_arg);
     }
     /* shutdown: everything still here is cancelled */
-    while (s->n_running) finish(s, s->running[s->n_running - 1], ENG_FINISH_CANCELLED, NULL);
-    while (s->n_waiting) finish(s, wq_at(s, s->n_waiting - 1), ENG_FINISH_CANCELLED, NULL);
+    while (s->n_running) finish(s, s->running[s->n_running - 1], SCHED_FINISH_CANCELLED, NULL);
+    while (s->n_waiting) finish(s, wq_at(s, s->n_waiting - 1), SCHED_FINISH_CANCELLED, NULL);
     pthread_mutex_lock(&s->mu);
     s->stats.running = s->stats.waiting = 0;
     s->stats.kv_usage = kv_pool_usage(eng_ctx_kv_pool(s->ctx));
