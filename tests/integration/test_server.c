@@ -741,21 +741,25 @@ Test(server, test_deadlines_end_requests_with_a_clear_error) {
     FILE *f = fopen(keyfile, "w");
     fputs("# comment-free key file\nsecret-one\n  secret-two  \n", f);
     fclose(f);
-    const char *args[] = {"--model",        small_model(), "--threads", "1",
-                          "--api-key-file", keyfile,       NULL};
+    /* eviction and no bound on non-streamed generation: both requests would run for 2^24
+     * tokens, so the deadline ends them on a machine of any speed */
+    const char *args[] = {
+        "--model",        small_model(), "--threads",     "1",
+        "--api-key-file", keyfile,       "--kv-eviction", "--max-nonstream-tokens",
+        "16777216",       NULL};
     daemon_start(&d, args);
     const char *auth = "Authorization: Bearer secret-two\r\n";
     char *body, *head;
-    int st =
-        http_req(d.port, "POST", "/v1/completions", auth,
-                 "{\"prompt\":\"hello\",\"max_tokens\":1800,\"ignore_eos\":true,\"timeout_s\":0.3}",
-                 &body, &head);
+    int st = http_req(
+        d.port, "POST", "/v1/completions", auth,
+        "{\"prompt\":\"hello\",\"max_tokens\":16777216,\"ignore_eos\":true,\"timeout_s\":0.3}",
+        &body, &head);
     cr_expect_eq(st, 503, "%s", body);
     cr_expect(strstr(body, "\"code\":\"timeout\"") && strstr(body, "deadline"), "%s", body);
     free(body), free(head);
     st = http_req(d.port, "POST", "/v1/completions", auth,
-                  "{\"prompt\":\"hello\",\"max_tokens\":1800,\"ignore_eos\":true,\"timeout_s\":0.3,"
-                  "\"stream\":true}",
+                  "{\"prompt\":\"hello\",\"max_tokens\":16777216,\"ignore_eos\":true,"
+                  "\"timeout_s\":0.3,\"stream\":true}",
                   &body, &head);
     cr_expect_eq(st, 200);
     char *err = strstr(body, "\"error\""), *done = strstr(body, "data: [DONE]");
