@@ -1,6 +1,7 @@
 /* harness.c - see harness.h. */
 #define _GNU_SOURCE /* strcasestr */
 #include "harness.h"
+#include "../../tools/synth_model.h"
 
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
@@ -173,4 +174,60 @@ size_t dechunk(char *body) {
     }
     *w = 0;
     return (size_t)(w - body);
+}
+
+double harness_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+bool harness_read_until(int fd, const char *needle) {
+    static char buf[1 << 16];
+    size_t n = 0;
+    double t0 = harness_now();
+    while (harness_now() - t0 < HARNESS_HANG_GUARD_S) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 1000) <= 0) continue;
+        if (n + 1 >= sizeof(buf)) n = 0;
+        ssize_t r = recv(fd, buf + n, sizeof(buf) - 1 - n, 0);
+        if (r <= 0) return false;
+        n += (size_t)r;
+        buf[n] = 0;
+        if (strstr(buf, needle)) return true;
+    }
+    return false;
+}
+
+double harness_metric(int port, const char *name) {
+    char *body, *head;
+    http_req(port, "GET", "/metrics", NULL, NULL, &body, &head);
+    double v = -1;
+    char *p = strstr(body, name);
+    while (p && p > body && p[-1] != '\n') p = strstr(p + 1, name);
+    if (p) v = atof(p + strlen(name) + 1);
+    free(body);
+    free(head);
+    return v;
+}
+
+const char *harness_synth_model(const char *name) {
+    static struct { char name[32], path[512]; } cache[8];
+    size_t i = 0;
+    while (i < 8 && cache[i].name[0] && strcmp(cache[i].name, name) != 0) i++;
+    cr_assert_lt(i, 8, "too many synthetic models");
+    if (!cache[i].name[0]) {
+        const char *dir = getenv("TIDALD_TEST_TMP");
+        snprintf(cache[i].path, sizeof(cache[i].path), "%s/%s.gguf", dir && *dir ? dir : "/tmp",
+                 name);
+        snprintf(cache[i].name, sizeof(cache[i].name), "%s", name);
+    }
+    const char *path = cache[i].path;
+    if (access(path, R_OK) != 0) { /* written once per run; a rename makes it whole at once */
+        char tmp[600], msg[256] = {0};
+        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
+        cr_assert_eq(synth_write(name, tmp, 0, msg), 0, "%s", msg);
+        cr_assert_eq(rename(tmp, path), 0);
+    }
+    return path;
 }

@@ -32,4 +32,17 @@ int http_req(int port, const char *method, const char *path, const char *extra_h
 /* Decode a chunked body in place; returns its length. */
 size_t dechunk(char *body);
 
+/* Bound for anything that waits on the daemon: a hang guard only. Tests wait for events (an
+ * answer, a log line, a metric), never for a fixed time, so a loaded machine is only slower. */
+#define HARNESS_HANG_GUARD_S 120.0
+/* CLOCK_MONOTONIC seconds. */
+double harness_now(void);
+/* Read from fd until `needle` has arrived; false on EOF or the hang guard. */
+bool harness_read_until(int fd, const char *needle);
+/* The synthetic model `name` (e.g. "tiny-f32"), written once per run into $TIDALD_TEST_TMP. */
+const char *harness_synth_model(const char *name);
+/* The value of a metric line of /metrics (the whole series name, labels included); -1 if the
+ * daemon does not export it. */
+double harness_metric(int port, const char *name);
+
 #endif

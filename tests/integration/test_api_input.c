@@ -11,18 +11,9 @@
 #include <string.h>
 #include <unistd.h>
 
-/* The synthetic tiny model (ChatML, 256-token context), written once into $TIDALD_TEST_TMP. */
+/* The synthetic tiny model (ChatML, 256-token context). */
 static const char *tiny_model(void) {
-    static char path[512];
-    const char *dir = getenv("TIDALD_TEST_TMP");
-    snprintf(path, sizeof(path), "%s/api-input-tiny-f32.gguf", dir && *dir ? dir : "/tmp");
-    if (access(path, R_OK) != 0) {
-        char tmp[600], msg[256] = {0};
-        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
-        cr_assert_eq(synth_write("tiny-f32", tmp, 0, msg), 0, "%s", msg);
-        cr_assert_eq(rename(tmp, path), 0);
-    }
-    return path;
+    return harness_synth_model("tiny-f32");
 }
 
 static void start_tiny(daemon_t *d, const char *extra) {

@@ -25,29 +25,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Generous bound for anything that waits on the daemon: a hang guard, not a speed claim. */
-#define HANG_GUARD_S 120.0
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static const char *model(const char *name) {
-    static char path[2][512];
-    char(*p)[512] = &path[strcmp(name, "tiny-f32") != 0];
-    const char *dir = getenv("TIDALD_TEST_TMP");
-    snprintf(*p, sizeof(*p), "%s/%s.gguf", dir && *dir ? dir : "/tmp", name);
-    if (access(*p, R_OK) != 0) {
-        char tmp[600], msg[256] = {0};
-        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", *p, (int)getpid());
-        cr_assert_eq(synth_write(name, tmp, 0, msg), 0, "%s", msg);
-        cr_assert_eq(rename(tmp, *p), 0);
-    }
-    return *p;
-}
-
 static void send_all(int fd, const char *p, size_t n) {
     while (n) {
         ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
@@ -61,8 +38,8 @@ static void send_all(int fd, const char *p, size_t n) {
 static char *read_to_eof(int fd, size_t *len) {
     size_t cap = 1 << 16, n = 0;
     char *buf = malloc(cap);
-    double t0 = now_s();
-    while (now_s() - t0 < HANG_GUARD_S) {
+    double t0 = harness_now();
+    while (harness_now() - t0 < HARNESS_HANG_GUARD_S) {
         struct pollfd p = {fd, POLLIN, 0};
         if (poll(&p, 1, 1000) <= 0) continue;
         if (n + 65536 + 1 > cap) buf = realloc(buf, cap *= 2);
@@ -75,42 +52,12 @@ static char *read_to_eof(int fd, size_t *len) {
     return buf;
 }
 
-/* Read until `needle` shows up (or EOF / the hang guard). */
-static bool read_until(int fd, const char *needle) {
-    static char buf[1 << 16];
-    size_t n = 0;
-    double t0 = now_s();
-    while (now_s() - t0 < HANG_GUARD_S) {
-        struct pollfd p = {fd, POLLIN, 0};
-        if (poll(&p, 1, 1000) <= 0) continue;
-        if (n + 1 >= sizeof(buf)) n = 0;
-        ssize_t r = recv(fd, buf + n, sizeof(buf) - 1 - n, 0);
-        if (r <= 0) return false;
-        n += (size_t)r;
-        buf[n] = 0;
-        if (strstr(buf, needle)) return true;
-    }
-    return false;
-}
-
-static double metric(int port, const char *name) {
-    char *body, *head;
-    http_req(port, "GET", "/metrics", NULL, NULL, &body, &head);
-    double v = -1;
-    char *p = strstr(body, name);
-    while (p && p > body && p[-1] != '\n') p = strstr(p + 1, name);
-    if (p) v = atof(p + strlen(name) + 1);
-    free(body);
-    free(head);
-    return v;
-}
-
 /* Poll a metric until it equals want (hang guard); returns the last value. */
 static double wait_metric(int port, const char *name, double want) {
-    double v = metric(port, name), t0 = now_s();
-    while (v != want && now_s() - t0 < HANG_GUARD_S) {
+    double v = harness_metric(port, name), t0 = harness_now();
+    while (v != want && harness_now() - t0 < HARNESS_HANG_GUARD_S) {
         usleep(20000);
-        v = metric(port, name);
+        v = harness_metric(port, name);
     }
     return v;
 }
@@ -124,8 +71,8 @@ static int log_count(daemon_t *d, const char *event) {
 }
 
 static void wait_log(daemon_t *d, const char *event, int count) {
-    double t0 = now_s();
-    while (log_count(d, event) < count && now_s() - t0 < HANG_GUARD_S) usleep(20000);
+    double t0 = harness_now();
+    while (log_count(d, event) < count && harness_now() - t0 < HARNESS_HANG_GUARD_S) usleep(20000);
     cr_assert_geq(log_count(d, event), count, "expected %d x %s in the log:\n%s", count, event,
                   d->log);
 }
@@ -163,7 +110,7 @@ static int stream_request(int port, int max_tokens) {
 
 Test(hostile, test_vanishing_clients_never_kill_the_daemon) {
     daemon_t d;
-    const char *args[] = {"--model", model("small-f32"), "--threads", "1", NULL};
+    const char *args[] = {"--model", harness_synth_model("small-f32"), "--threads", "1", NULL};
     daemon_start(&d, args);
     static const char health[] = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
     static const char two[] = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -184,7 +131,7 @@ Test(hostile, test_vanishing_clients_never_kill_the_daemon) {
     /* streams that vanish mid-answer: a write to a peer that is gone */
     for (int i = 0; i < 6; i++) {
         int fd = stream_request(d.port, 2000);
-        cr_assert(read_until(fd, "data: "), "no stream started");
+        cr_assert(harness_read_until(fd, "data: "), "no stream started");
         if (i % 2)
             close_rst(fd);
         else
@@ -203,7 +150,7 @@ Test(hostile, test_vanishing_clients_never_kill_the_daemon) {
 Test(hostile, test_listener_survives_failed_connection_allocations) {
     daemon_t d;
     setenv("TIDALD_TEST_FAIL_CONN_ALLOC", "3", 1);
-    const char *args[] = {"--model", model("tiny-f32"), NULL};
+    const char *args[] = {"--model", harness_synth_model("tiny-f32"), NULL};
     daemon_start(&d, args);
     unsetenv("TIDALD_TEST_FAIL_CONN_ALLOC");
     /* three at once: the spare handle is still closing for the second and third */
@@ -234,7 +181,7 @@ static char *half_closed_request(int port, const char *raw, size_t *len) {
 
 Test(hostile, test_half_closed_clients_get_their_answer) {
     daemon_t d;
-    const char *args[] = {"--model", model("tiny-f32"), NULL};
+    const char *args[] = {"--model", harness_synth_model("tiny-f32"), NULL};
     daemon_start(&d, args);
     const char *body = "{\"prompt\":\"hello\",\"max_tokens\":8,\"ignore_eos\":true}";
     char req[512];
@@ -273,8 +220,8 @@ Test(hostile, test_half_closed_clients_get_their_answer) {
     got = half_closed_request(d.port, "", &n);
     cr_expect_eq(n, 0, "%s", got);
     free(got);
-    cr_expect_geq(metric(d.port, "tidald_requests_total{finish_reason=\"length\"}"), 32);
-    cr_expect_eq(metric(d.port, "tidald_requests_total{finish_reason=\"cancelled\"}"), 0);
+    cr_expect_geq(harness_metric(d.port, "tidald_requests_total{finish_reason=\"length\"}"), 32);
+    cr_expect_eq(harness_metric(d.port, "tidald_requests_total{finish_reason=\"cancelled\"}"), 0);
     expect_healthy(&d);
     cr_expect_eq(daemon_stop(&d), 0);
 }
@@ -295,13 +242,13 @@ static int livez_answers_during(int port, const char *req, size_t len, const cha
     cr_assert_geq(pfd, 0);
     for (int i = 0; i < 8; i++) { /* the daemon drains the big body meanwhile */
         send_all(pfd, probe, sizeof(probe) - 1);
-        cr_assert(read_until(pfd, "\"alive\""), "no /livez answer");
+        cr_assert(harness_read_until(pfd, "\"alive\""), "no /livez answer");
     }
     send_all(big, req + len - 1, 1);
     int answered = 0;
     for (;;) {
         send_all(pfd, probe, sizeof(probe) - 1);
-        cr_assert(read_until(pfd, "\"alive\""), "no /livez answer");
+        cr_assert(harness_read_until(pfd, "\"alive\""), "no /livez answer");
         struct pollfd p = {big, POLLIN, 0};
         if (poll(&p, 1, 0) > 0) break; /* the big answer is here: this probe does not count */
         answered++;
@@ -317,7 +264,8 @@ static int livez_answers_during(int port, const char *req, size_t len, const cha
 
 Test(hostile, test_huge_prompts_do_not_freeze_the_loop) {
     daemon_t d;
-    const char *args[] = {"--model", model("small-f32"), "--max-body-bytes", "8388608", NULL};
+    const char *args[] = {"--model", harness_synth_model("small-f32"), "--max-body-bytes",
+                          "8388608", NULL};
     daemon_start(&d, args);
     /* a ~4 MB prompt string: tokenized, then refused as longer than the context */
     size_t n_text = 4000000;
@@ -364,7 +312,7 @@ Test(hostile, test_huge_prompts_do_not_freeze_the_loop) {
  * connection is freed (ASan would see a use after free otherwise). */
 Test(hostile, test_client_leaving_during_a_parse_is_harmless) {
     daemon_t d;
-    const char *args[] = {"--model", model("small-f32"), NULL};
+    const char *args[] = {"--model", harness_synth_model("small-f32"), NULL};
     daemon_start(&d, args);
     size_t n_text = 2000000;
     char *req = malloc(n_text + 512);
@@ -392,7 +340,8 @@ Test(hostile, test_client_leaving_during_a_parse_is_harmless) {
 
 Test(hostile, test_big_response_is_sent_whole) {
     daemon_t d;
-    const char *args[] = {"--model", model("tiny-f32"), "--max-stream-buffer-kb", "64", NULL};
+    const char *args[] = {"--model", harness_synth_model("tiny-f32"), "--max-stream-buffer-kb",
+                          "64", NULL};
     daemon_start(&d, args);
     size_t n_chars = 500000;
     size_t blen = strlen("{\"content\":\"\"}") + 2 * n_chars;
@@ -430,8 +379,13 @@ Test(hostile, test_big_response_is_sent_whole) {
 
 Test(hostile, test_pipelining_clients_that_never_read_are_cut_off) {
     daemon_t d;
-    const char *args[] = {
-        "--model", model("tiny-f32"), "--max-connections", "10", "--write-timeout-s", "1", NULL};
+    const char *args[] = {"--model",
+                          harness_synth_model("tiny-f32"),
+                          "--max-connections",
+                          "10",
+                          "--write-timeout-s",
+                          "1",
+                          NULL};
     daemon_start(&d, args);
     static const char req[] = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
     char *many = malloc(300 * (sizeof(req) - 1));
@@ -458,9 +412,9 @@ Test(hostile, test_pipelining_clients_that_never_read_are_cut_off) {
     free(many);
     wait_log(&d, "\"event\":\"write_stall\"", 10);
     /* every slot is free again: new clients are served */
-    double t0 = now_s();
+    double t0 = harness_now();
     int st = 0;
-    while (st != 200 && now_s() - t0 < HANG_GUARD_S) {
+    while (st != 200 && harness_now() - t0 < HARNESS_HANG_GUARD_S) {
         char *body, *head;
         st = http_req(d.port, "GET", "/health", NULL, NULL, &body, &head);
         free(body), free(head);
@@ -473,7 +427,7 @@ Test(hostile, test_pipelining_clients_that_never_read_are_cut_off) {
 
 Test(hostile, test_idle_keep_alive_connections_release_their_body_buffers) {
     daemon_t d;
-    const char *args[] = {"--model", model("tiny-f32"), NULL};
+    const char *args[] = {"--model", harness_synth_model("tiny-f32"), NULL};
     daemon_start(&d, args);
     size_t blen = 1 << 20;
     char *req = malloc(blen + 256);
@@ -484,13 +438,13 @@ Test(hostile, test_idle_keep_alive_connections_release_their_body_buffers) {
     for (int i = 0; i < 20; i++) {
         fds[i] = tcp_connect(d.port);
         send_all(fds[i], req, (size_t)h + blen);
-        cr_assert(read_until(fds[i], "method_not_allowed"), "no answer");
+        cr_assert(harness_read_until(fds[i], "method_not_allowed"), "no answer");
     }
     free(req);
     /* 20 idle keep-alive connections that each sent 1 MiB hold no request bytes */
-    double held = metric(d.port, "tidald_http_request_buffer_bytes");
+    double held = harness_metric(d.port, "tidald_http_request_buffer_bytes");
     cr_expect(held >= 0 && held < 65536, "idle connections hold %g request bytes", held);
-    cr_expect_geq(metric(d.port, "tidald_http_connections"), 21);
+    cr_expect_geq(harness_metric(d.port, "tidald_http_connections"), 21);
     for (int i = 0; i < 20; i++) close(fds[i]);
     expect_healthy(&d);
     cr_expect_eq(daemon_stop(&d), 0);
@@ -500,8 +454,12 @@ Test(hostile, test_idle_keep_alive_connections_release_their_body_buffers) {
 
 Test(hostile, test_smuggling_forms_and_http_edges) {
     daemon_t d;
-    const char *args[] = {"--model", model("tiny-f32"),    "--max-body-bytes",
-                          "4096",    "--max-header-bytes", "1024",
+    const char *args[] = {"--model",
+                          harness_synth_model("tiny-f32"),
+                          "--max-body-bytes",
+                          "4096",
+                          "--max-header-bytes",
+                          "1024",
                           NULL};
     daemon_start(&d, args);
     char big_head[2048];
@@ -532,7 +490,8 @@ Test(hostile, test_smuggling_forms_and_http_edges) {
         {"GET /health HTTP/1.0\r\n\r\n", "HTTP/1.1 200"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        char *resp = http_raw(d.port, cases[i].raw, strlen(cases[i].raw), HANG_GUARD_S, NULL);
+        char *resp =
+            http_raw(d.port, cases[i].raw, strlen(cases[i].raw), HARNESS_HANG_GUARD_S, NULL);
         cr_expect(strncmp(resp, cases[i].want, strlen(cases[i].want)) == 0, "case %zu: got %.120s",
                   i, resp);
         char *id = strcasestr(resp, "x-request-id: ");
@@ -545,7 +504,7 @@ Test(hostile, test_smuggling_forms_and_http_edges) {
     const char *head = "POST /tokenize HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                        "Connection: close\r\nContent-Length: 19\r\n\r\n";
     send_all(fd, head, strlen(head));
-    cr_expect(read_until(fd, "HTTP/1.1 100 Continue\r\n\r\n"), "no 100 Continue");
+    cr_expect(harness_read_until(fd, "HTTP/1.1 100 Continue\r\n\r\n"), "no 100 Continue");
     send_all(fd, "{\"content\":\"hello\"}", 19);
     char *rest = read_to_eof(fd, NULL);
     cr_expect(strncmp(rest, "HTTP/1.1 200", 12) == 0 && strstr(rest, "\"tokens\""), "%.200s", rest);
@@ -563,7 +522,7 @@ Test(hostile, test_api_keys_are_compared_whole) {
     for (int i = 0; i < 600; i++) k600[i] = (char)('A' + i % 26);
     snprintf(keys, sizeof(keys), "%s,%s", k504, k600);
     daemon_t d;
-    const char *args[] = {"--model", model("tiny-f32"), "--api-keys", keys, NULL};
+    const char *args[] = {"--model", harness_synth_model("tiny-f32"), "--api-keys", keys, NULL};
     daemon_start(&d, args);
     struct {
         const char *key, *suffix;
@@ -617,7 +576,7 @@ static void expect_health_on(int port) {
 
 Test(hostile, test_host_names_and_ipv6_are_accepted) {
     daemon_t d;
-    const char *args[] = {"--model", model("tiny-f32"), "--host", "localhost", NULL};
+    const char *args[] = {"--model", harness_synth_model("tiny-f32"), "--host", "localhost", NULL};
     daemon_start(&d, args);
     expect_health_on(d.port);
     cr_expect_eq(daemon_stop(&d), 0);
@@ -630,7 +589,7 @@ Test(hostile, test_host_names_and_ipv6_are_accepted) {
         cr_log_warn("no IPv6 loopback here: --host ::1 not tested");
         return;
     }
-    const char *args6[] = {"--model", model("tiny-f32"), "--host", "::1", NULL};
+    const char *args6[] = {"--model", harness_synth_model("tiny-f32"), "--host", "::1", NULL};
     daemon_start(&d, args6);
     expect_health_on(d.port);
     cr_expect_eq(daemon_stop(&d), 0);
@@ -639,7 +598,7 @@ Test(hostile, test_host_names_and_ipv6_are_accepted) {
 Test(hostile, test_small_kv_budget_is_logged_and_advertised) {
     daemon_t d;
     /* small-f32: a 2,048-token context; 1 MiB of f16 KV holds far fewer tokens */
-    const char *args[] = {"--model", model("small-f32"), "--kv-mem-mb", "1", NULL};
+    const char *args[] = {"--model", harness_synth_model("small-f32"), "--kv-mem-mb", "1", NULL};
     daemon_start(&d, args);
     cr_expect_eq(log_count(&d, "\"event\":\"kv_budget\""), 1, "no start-up warning:\n%s", d.log);
     char *body, *head;

@@ -28,30 +28,15 @@ static bool have_stories(void) {
     return access(STORIES, R_OK) == 0;
 }
 
-/* A synthetic model, written once per run into $TIDALD_TEST_TMP. */
-static const char *synth_model(const char *name) {
-    static char path[2][512];
-    char(*p)[512] = &path[strcmp(name, "tiny-f32") != 0];
-    const char *dir = getenv("TIDALD_TEST_TMP");
-    snprintf(*p, sizeof(*p), "%s/%s.gguf", dir && *dir ? dir : "/tmp", name);
-    if (access(*p, R_OK) != 0) {
-        char tmp[600], msg[256] = {0};
-        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", *p, (int)getpid());
-        cr_assert_eq(synth_write(name, tmp, 0, msg), 0, "%s", msg);
-        cr_assert_eq(rename(tmp, *p), 0);
-    }
-    return *p;
-}
-
 /* The tiny model carries ChatML markers and template. */
 static const char *tiny_chat_model(void) {
-    return synth_model("tiny-f32");
+    return harness_synth_model("tiny-f32");
 }
 
 /* Slow enough (4 layers, dim 256, 2K context) that a long request is still running while a
  * test acts on it. */
 static const char *small_model(void) {
-    return synth_model("small-f32");
+    return harness_synth_model("small-f32");
 }
 
 #define LONG_STREAM "{\"prompt\":\"hello\",\"max_tokens\":1800,\"stream\":true,\"ignore_eos\":true}"
@@ -380,52 +365,12 @@ static int start_stream(int port, const char *body) {
     return fd;
 }
 
-static double metric(int port, const char *name) {
-    char *body, *head;
-    http_req(port, "GET", "/metrics", NULL, NULL, &body, &head);
-    double v = -1;
-    char *p = strstr(body, name);
-    while (p && p > body && p[-1] != '\n') p = strstr(p + 1, name);
-    if (p) v = atof(p + strlen(name) + 1);
-    free(body);
-    free(head);
-    return v;
-}
-
-/* Bound for anything that waits on the daemon: a hang guard only. Tests wait for events (an
- * answer, a log line, a metric), never for a fixed time, so a loaded machine is only slower. */
-#define HANG_GUARD_S 120.0
-
-static double mono_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* Read until `needle` arrives; false on EOF or the hang guard. */
-static bool wait_for_bytes(int fd, const char *needle) {
-    static char buf[1 << 16];
-    size_t n = 0;
-    double t0 = mono_s();
-    while (mono_s() - t0 < HANG_GUARD_S) {
-        struct pollfd p = {fd, POLLIN, 0};
-        if (poll(&p, 1, 1000) <= 0) continue;
-        if (n + 1 >= sizeof(buf)) n = 0;
-        ssize_t r = recv(fd, buf + n, sizeof(buf) - 1 - n, 0);
-        if (r <= 0) return false;
-        n += (size_t)r;
-        buf[n] = 0;
-        if (strstr(buf, needle)) return true;
-    }
-    return false;
-}
-
 /* Poll a metric until cond(value) holds or the hang guard passes; returns the last value. */
 static double wait_metric(int port, const char *name, bool (*cond)(double)) {
-    double v = metric(port, name), t0 = mono_s();
-    while (!cond(v) && mono_s() - t0 < HANG_GUARD_S) {
+    double v = harness_metric(port, name), t0 = harness_now();
+    while (!cond(v) && harness_now() - t0 < HARNESS_HANG_GUARD_S) {
         usleep(20000);
-        v = metric(port, name);
+        v = harness_metric(port, name);
     }
     return v;
 }
@@ -441,11 +386,11 @@ static bool at_most_40(double v) {
 }
 
 static bool wait_log(daemon_t *d, const char *needle) {
-    double t0 = mono_s();
+    double t0 = harness_now();
     for (;;) {
         daemon_pump_log(d);
         if (strstr(d->log, needle)) return true;
-        if (mono_s() - t0 > HANG_GUARD_S) return false;
+        if (harness_now() - t0 > HARNESS_HANG_GUARD_S) return false;
         usleep(20000);
     }
 }
@@ -458,8 +403,8 @@ Test(server, test_queue_full_gets_429_with_retry_after) {
     daemon_start(&d, args);
     const char *longreq = LONG_STREAM;
     int a = start_stream(d.port, longreq);
-    cr_assert(wait_for_bytes(a, "data: "), "a never started"); /* a is running */
-    int b = start_stream(d.port, longreq);                     /* b waits */
+    cr_assert(harness_read_until(a, "data: "), "a never started"); /* a is running */
+    int b = start_stream(d.port, longreq);                         /* b waits */
     cr_assert_eq(wait_metric(d.port, "tidald_requests_waiting", is_one), 1, "b is not waiting");
     char *body, *head;
     int st = http_req(d.port, "POST", "/v1/completions", NULL,
@@ -478,12 +423,12 @@ Test(server, test_client_disconnect_mid_stream_frees_kv) {
     const char *args[] = {"--model", small_model(), "--threads", "1", NULL};
     daemon_start(&d, args);
     int fd = start_stream(d.port, LONG_STREAM);
-    cr_expect(wait_for_bytes(fd, "data: "), "no stream started");
-    cr_expect_gt(metric(d.port, "tidald_kv_cache_usage_ratio"), 0);
+    cr_expect(harness_read_until(fd, "data: "), "no stream started");
+    cr_expect_gt(harness_metric(d.port, "tidald_kv_cache_usage_ratio"), 0);
     close(fd);
     double usage = wait_metric(d.port, "tidald_kv_cache_usage_ratio", is_zero);
     cr_expect_eq(usage, 0, "KV usage stayed at %g after the client left", usage);
-    cr_expect_geq(metric(d.port, "tidald_requests_total{finish_reason=\"cancelled\"}"), 1);
+    cr_expect_geq(harness_metric(d.port, "tidald_requests_total{finish_reason=\"cancelled\"}"), 1);
     /* the server answers the next request correctly */
     char *body, *head;
     cr_expect_eq(http_req(d.port, "POST", "/v1/completions", NULL,
@@ -499,12 +444,12 @@ Test(server, test_sigterm_drains_in_flight_requests_then_exits_zero) {
     daemon_start(&d, args);
     int fd = start_stream(
         d.port, "{\"prompt\":\"hello\",\"max_tokens\":120,\"stream\":true,\"temperature\":0}");
-    cr_assert(wait_for_bytes(fd, "data: "), "no stream started");
+    cr_assert(harness_read_until(fd, "data: "), "no stream started");
     kill(d.pid, SIGTERM);
     cr_assert(wait_log(&d, "draining for up to"), "SIGTERM was not seen");
     /* the listener closes in the same callback that logs: wait for it, never forever */
     int late = tcp_connect(d.port);
-    for (double t0 = mono_s(); late >= 0 && mono_s() - t0 < HANG_GUARD_S;
+    for (double t0 = harness_now(); late >= 0 && harness_now() - t0 < HARNESS_HANG_GUARD_S;
          late = tcp_connect(d.port)) {
         close(late);
         usleep(10000);
@@ -515,7 +460,7 @@ Test(server, test_sigterm_drains_in_flight_requests_then_exits_zero) {
     size_t n = 0;
     for (;;) {
         struct pollfd p = {fd, POLLIN, 0};
-        if (poll(&p, 1, (int)(HANG_GUARD_S * 1000)) <= 0) break;
+        if (poll(&p, 1, (int)(HARNESS_HANG_GUARD_S * 1000)) <= 0) break;
         ssize_t r = recv(fd, all + n, sizeof(all) - 1 - n, 0);
         if (r <= 0) break;
         n += (size_t)r;
@@ -525,7 +470,7 @@ Test(server, test_sigterm_drains_in_flight_requests_then_exits_zero) {
               "the in-flight stream did not finish: ...%s", n > 300 ? all + n - 300 : all);
     close(fd);
     int status = -1;
-    for (double t0 = mono_s(); mono_s() - t0 < HANG_GUARD_S;) {
+    for (double t0 = harness_now(); harness_now() - t0 < HARNESS_HANG_GUARD_S;) {
         daemon_pump_log(&d);
         if (waitpid(d.pid, &status, WNOHANG) == d.pid) break;
         usleep(5000);
@@ -630,7 +575,7 @@ Test(server, test_bad_http_never_hurts_the_server) {
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         size_t len = cases[i].raw[0] ? strlen(cases[i].raw) : 8;
-        char *resp = http_raw(d.port, cases[i].raw, len, HANG_GUARD_S, NULL);
+        char *resp = http_raw(d.port, cases[i].raw, len, HARNESS_HANG_GUARD_S, NULL);
         cr_expect(strncmp(resp, cases[i].want, strlen(cases[i].want)) == 0, "case %zu: got %.80s",
                   i, resp);
         free(resp);
@@ -640,7 +585,7 @@ Test(server, test_bad_http_never_hurts_the_server) {
     int n = snprintf(big, sizeof(big), "GET /health HTTP/1.1\r\nX-Pad: ");
     memset(big + n, 'a', 3000);
     memcpy(big + n + 3000, "\r\n\r\n", 5);
-    char *resp = http_raw(d.port, big, strlen(big), HANG_GUARD_S, NULL);
+    char *resp = http_raw(d.port, big, strlen(big), HARNESS_HANG_GUARD_S, NULL);
     cr_expect(strncmp(resp, "HTTP/1.1 431", 12) == 0, "got %.80s", resp);
     free(resp);
     /* a chunked body is accepted */
@@ -648,7 +593,7 @@ Test(server, test_bad_http_never_hurts_the_server) {
         "POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: "
         "close\r\n\r\n"
         "5\r\n{\"con\r\ne\r\ntent\":\"hello\"}\r\n0\r\n\r\n";
-    resp = http_raw(d.port, chunked, strlen(chunked), HANG_GUARD_S, NULL);
+    resp = http_raw(d.port, chunked, strlen(chunked), HARNESS_HANG_GUARD_S, NULL);
     cr_expect(strstr(resp, "\"tokens\""), "chunked body: %.200s", resp);
     free(resp);
     /* 1,000 connections opened and dropped, some mid-request */
@@ -682,7 +627,7 @@ Test(server, test_keep_alive_pipelining_and_request_ids) {
                       "46\r\n\r\n{\"prompt\":\"hi\",\"max_tokens\":2,\"temperature\":0}"
                       "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     size_t len;
-    char *resp = http_raw(d.port, req, strlen(req), HANG_GUARD_S, &len);
+    char *resp = http_raw(d.port, req, strlen(req), HARNESS_HANG_GUARD_S, &len);
     char *a = strstr(resp, "\"alive\""), *b = strstr(resp, "\"tokens\""),
          *c = strstr(resp, "text_completion"), *e = strstr(resp, "{\"status\":\"ok\"}");
     cr_expect(a && b && c && e && a < b && b < c && c < e, "responses out of order or missing:\n%s",
@@ -700,7 +645,7 @@ Test(server, test_keep_alive_pipelining_and_request_ids) {
         send(fd, one, cut, MSG_NOSIGNAL);
         usleep(2000);
         send(fd, one + cut, strlen(one) - cut, MSG_NOSIGNAL);
-        cr_expect(wait_for_bytes(fd, "\"tokens\""), "split at %zu: no answer", cut);
+        cr_expect(harness_read_until(fd, "\"tokens\""), "split at %zu: no answer", cut);
         close(fd);
     }
     cr_expect_eq(daemon_stop(&d), 0);
@@ -775,7 +720,7 @@ Test(server, test_deadlines_end_requests_with_a_clear_error) {
                   "{\"prompt\":\"x\"}", &body, &head);
     cr_expect_eq(st, 401);
     free(body), free(head);
-    cr_expect_geq(metric(d.port, "tidald_requests_total{finish_reason=\"timeout\"}"), 2);
+    cr_expect_geq(harness_metric(d.port, "tidald_requests_total{finish_reason=\"timeout\"}"), 2);
     remove(keyfile);
     cr_expect_eq(daemon_stop(&d), 0);
 }
@@ -834,10 +779,10 @@ Test(server, test_attention_telemetry_in_every_chunk_and_per_layer_metrics) {
     cr_expect_eq(jnum(j, "usage.completion_tokens"), 2000);
     cr_expect_gt(strlen(jstr(j, "choices.0.text")), 3000);
     cJSON_Delete(j);
-    cr_expect_gt(metric(d.port, "tidald_kv_evicted_tokens_total"), 1800);
-    cr_expect_geq(metric(d.port, "tidald_attention_entropy_bits_count{layer=\"4\"}"), 2200);
-    cr_expect_geq(metric(d.port, "tidald_sink_mass_count{layer=\"0\"}"), 2200);
-    cr_expect_geq(metric(d.port, "tidald_entropy_collapse_total{layer=\"0\"}"), 0);
+    cr_expect_gt(harness_metric(d.port, "tidald_kv_evicted_tokens_total"), 1800);
+    cr_expect_geq(harness_metric(d.port, "tidald_attention_entropy_bits_count{layer=\"4\"}"), 2200);
+    cr_expect_geq(harness_metric(d.port, "tidald_sink_mass_count{layer=\"0\"}"), 2200);
+    cr_expect_geq(harness_metric(d.port, "tidald_entropy_collapse_total{layer=\"0\"}"), 0);
     /* a bad attention object is a 400 naming the field */
     j = post_json(d.port, "/v1/completions",
                   "{\"prompt\":\"x\",\"attention\":{\"mode\":\"sparse\"}}", &st);
@@ -868,8 +813,8 @@ Test(server, test_entropy_collapse_counter_fires_after_a_run) {
                           &body, &head),
                  200);
     free(body), free(head);
-    cr_expect_eq(metric(d.port, "tidald_entropy_collapse_total{layer=\"0\"}"), 1);
-    cr_expect_eq(metric(d.port, "tidald_entropy_collapse_total{layer=\"1\"}"), 1);
+    cr_expect_eq(harness_metric(d.port, "tidald_entropy_collapse_total{layer=\"0\"}"), 1);
+    cr_expect_eq(harness_metric(d.port, "tidald_entropy_collapse_total{layer=\"1\"}"), 1);
     daemon_pump_log(&d);
     cr_expect(strstr(d.log, "\"event\":\"entropy_collapse\""), "no collapse log line");
     cr_expect_eq(daemon_stop(&d), 0);
@@ -901,7 +846,7 @@ Test(server, test_slow_reader_is_cut_off_without_blocking_others) {
     /* never read; meanwhile another client is served. The cut comes when the backlog passes
      * the bound, however long the daemon takes to produce it: wait for that event. */
     bool cut = false;
-    for (double t0 = mono_s(); !cut && mono_s() - t0 < 4 * HANG_GUARD_S;) {
+    for (double t0 = harness_now(); !cut && harness_now() - t0 < 4 * HARNESS_HANG_GUARD_S;) {
         char *rb, *rh;
         cr_expect_eq(http_req(d.port, "GET", "/health", NULL, NULL, &rb, &rh), 200);
         free(rb), free(rh);
@@ -910,7 +855,7 @@ Test(server, test_slow_reader_is_cut_off_without_blocking_others) {
         if (!cut) usleep(50000);
     }
     cr_expect(cut, "the slow reader was never cut off");
-    cr_expect_geq(metric(d.port, "tidald_requests_total{finish_reason=\"cancelled\"}"), 1);
+    cr_expect_geq(harness_metric(d.port, "tidald_requests_total{finish_reason=\"cancelled\"}"), 1);
     close(fd);
     cr_expect_eq(daemon_stop(&d), 0);
 }
