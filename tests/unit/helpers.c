@@ -20,6 +20,15 @@ bool have_stories(void) {
     return access(STORIES_PATH, R_OK) == 0;
 }
 
+const char *real_model_path(const char *name) {
+    static char path[2][512];
+    static int next;
+    const char *dir = getenv("TIDALD_MODELS_DIR");
+    char *p = path[next++ % 2];
+    snprintf(p, sizeof(path[0]), "%s/%s", dir && *dir ? dir : "build/models", name);
+    return access(p, R_OK) == 0 ? p : NULL;
+}
+
 /* Models are written once per test run into $TIDALD_TEST_TMP (make test empties it first);
  * tests run in parallel processes, so each writes a private file and renames it into place. */
 const char *synth_path(const char *name) {

@@ -14,6 +14,13 @@ const char *stories_path(void);
 
 /* True if the shared stories260K model is present; otherwise the caller skips. */
 bool have_stories(void);
+/* A real checkpoint fetched by `make models` ($TIDALD_MODELS_DIR/name, by default
+ * build/models/name), or NULL when it is not there (offline): the caller skips, naming
+ * `make models`. */
+const char *real_model_path(const char *name);
+#define SMOLLM2_GGUF "SmolLM2-135M-Instruct.Q4_1.gguf"
+#define GEMMA3_GGUF "gemma-3-270m-q4_k_m.gguf"
+
 /* Path of a synthetic model (e.g. "tiny-f32") generated once per test process into /tmp. */
 const char *synth_path(const char *name);
 float frand(uint64_t *s); /* uniform in [-1, 1) */
