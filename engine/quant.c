@@ -2,17 +2,14 @@
  *
  * Written from the block layouts (one comment per type gives the byte layout; all fields are
  * little-endian, f16 is IEEE half). Each dequantizer does the arithmetic in float32 in the
- * same order as the `gguf` package's numpy reference, one rounding per operation, which is
- * what makes the results bit-exact: a scale is formed first (d * sub-block scale), then
- * applied to the integer quant, then any minimum is subtracted or added. Fusing a multiply
- * and an add into one FMA would round once instead of twice, so contraction is off here.
+ * order of the `gguf` package's numpy reference: a scale is formed first (d * sub-block
+ * scale), applied to the integer quant, then any minimum is added or subtracted. The results
+ * are bit-exact with it under any compiler flags: an f16 scale has 11 significant bits and a
+ * sub-block scale at most 8, so d * scale is exact in float32, and so is its product with the
+ * quant wherever a minimum follows (at most 22 bits). FMA contraction therefore rounds as a
+ * multiply then an add would, and a product that does round (Q6_K's, up to 25 bits) rounds
+ * once whichever way it is associated.
  */
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
 #include "quant.h"
 #include "gguf.h"
 #include "../base/err.h"
