@@ -15,7 +15,7 @@ CFLAGS_ALL := $(CSTD) $(WARN) $(OPT) -fno-omit-frame-pointer -pthread -MMD -MP \
 LDLIBS  := -luv -lcjson -lm -pthread -ldl
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-ENGINE_SRC := sched/sched.c base/err.c engine/gguf.c engine/model.c engine/tokenizer.c engine/sampler.c \
+ENGINE_SRC := sched/sched.c base/err.c engine/gguf.c engine/quant.c engine/model.c engine/tokenizer.c engine/sampler.c \
               engine/forward.c engine/backend.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/threadpool.c \
               kvcache/kvcache.c config/config.c
 LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c

@@ -8,6 +8,7 @@
  */
 #include "gguf.h"
 #include "../base/err.h"
+#include "quant.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -211,17 +212,11 @@ const char *gguf_type_name(uint32_t t) {
 }
 
 size_t gguf_row_bytes(uint32_t t, uint64_t n) {
-    switch (t) {
-    case GGML_F32:
-        return n > SIZE_MAX / 4 ? 0 : (size_t)n * 4;
-    case GGML_F16:
-    case GGML_BF16:
-        return n > SIZE_MAX / 2 ? 0 : (size_t)n * 2;
-    case GGML_Q8_0:
-        return (n % QK8_0) ? 0 : (size_t)(n / QK8_0) * (2 + QK8_0);
-    default:
-        return 0;
-    }
+    size_t elems = eng_q_block_elems(t), bytes = eng_q_block_bytes(t);
+    if (!elems || n % elems) return 0;
+    uint64_t blocks = n / elems;
+    if (blocks > SIZE_MAX / bytes) return 0;
+    return (size_t)blocks * bytes;
 }
 
 static int parse_tensor(cursor_t *c, gguf_tensor_t *t) {

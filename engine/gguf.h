@@ -30,8 +30,26 @@ enum gguf_vtype {
     GGUF_NTYPES
 };
 
-/* ggml tensor types that tidald computes with; others are named in errors only. */
-enum gguf_ttype { GGML_F32 = 0, GGML_F16 = 1, GGML_Q8_0 = 8, GGML_BF16 = 30 };
+/* ggml tensor type ids (ggml's numbering, as in the gguf package's GGMLQuantizationType).
+ * The model loader computes with F32, F16, BF16 and Q8_0 only; engine/quant.h knows the
+ * block geometry of all of these and dequantizes the rest. Other ids are named in errors. */
+enum gguf_ttype {
+    GGML_F32 = 0,
+    GGML_F16 = 1,
+    GGML_Q4_0 = 2,
+    GGML_Q4_1 = 3,
+    GGML_Q5_0 = 6,
+    GGML_Q5_1 = 7,
+    GGML_Q8_0 = 8,
+    GGML_Q2_K = 10,
+    GGML_Q3_K = 11,
+    GGML_Q4_K = 12,
+    GGML_Q5_K = 13,
+    GGML_Q6_K = 14,
+    GGML_IQ4_NL = 20,
+    GGML_IQ4_XS = 23,
+    GGML_BF16 = 30,
+};
 
 #define GGUF_MAX_DIMS 4
 #define QK8_0 32
@@ -93,8 +111,8 @@ int gguf_get_bool(const gguf_t *g, const char *key, bool *out, char *msg);
 const char *gguf_get_str(const gguf_t *g, const char *key);
 
 const char *gguf_type_name(uint32_t ggml_type);
-/* Bytes of one row of n elements of a supported type; 0 if unsupported or n not a block multiple.
- */
+/* Bytes of one row of n elements of any type engine/quant.h knows (the loader accepts fewer);
+ * 0 if the type is unknown, n is not a multiple of its block size, or the size overflows. */
 size_t gguf_row_bytes(uint32_t ggml_type, uint64_t n);
 
 #endif
