@@ -239,10 +239,12 @@ static int parse_tensor(cursor_t *c, gguf_tensor_t *t) {
     }
     if ((rc = rd_u32(c, &t->type, "tensor type"))) return rc;
     if ((rc = rd_u64(c, &t->offset, "tensor offset"))) return rc;
-    if (t->type != GGML_F32 && t->type != GGML_F16 && t->type != GGML_BF16 && t->type != GGML_Q8_0)
+    /* the reader knows the geometry of every type engine/quant.c decodes; which of them the
+     * engine computes with is the model loader's business */
+    if (!eng_q_block_elems(t->type))
         return eng_fail(c->msg, ENG_EUNSUPPORTED,
-                        "tensor '%s' has type %s (%u); tidald supports F32, F16, BF16 and Q8_0",
-                        t->name, gguf_type_name(t->type), t->type);
+                        "tensor '%s' has type %s (%u), which tidald cannot read", t->name,
+                        gguf_type_name(t->type), t->type);
     size_t row = gguf_row_bytes(t->type, t->ne[0]);
     if (!row)
         return eng_fail(c->msg, ENG_EFORMAT, "tensor '%s': row of %llu %s elements is invalid",

@@ -50,6 +50,11 @@ static int weight(const gguf_t *g, const char *name, uint32_t cols, uint32_t row
                         "tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%u, %u]", name,
                         (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
                         (unsigned long long)t->ne[2], (unsigned long long)t->ne[3], cols, rows);
+    if (t->type != GGML_F32 && t->type != GGML_F16 && t->type != GGML_BF16 && t->type != GGML_Q8_0)
+        return eng_fail(msg, ENG_EUNSUPPORTED,
+                        "tensor '%s' has type %s (%u); tidald computes with F32, F16, BF16 and "
+                        "Q8_0 weights",
+                        name, gguf_type_name(t->type), t->type);
     size_t align = t->type == GGML_F32 ? 4 : 2;
     if ((uintptr_t)t->data % align)
         return eng_fail(msg, ENG_EFORMAT, "tensor '%s' data is not %zu-byte aligned", name, align);

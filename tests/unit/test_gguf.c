@@ -143,8 +143,8 @@ Test(gguf, test_gguf_rejects_unsupported_tensor_type_naming_it) {
     uint8_t *buf = small_file(&len);
     size_t at = find_tensor_info(buf, len, "b") + 4 + 8; /* n_dims, 1 dim, then type */
     free(buf);
-    uint32_t q4k = 12;
-    expect_refusal(at, &q4k, 4, ENG_EUNSUPPORTED, "tensor 'b' has type Q4_K");
+    uint32_t iq2 = 16; /* IQ2_XXS: a type whose blocks tidald cannot decode */
+    expect_refusal(at, &iq2, 4, ENG_EUNSUPPORTED, "tensor 'b' has type IQ2_XXS");
 }
 
 Test(gguf, test_gguf_rejects_bad_dims_offsets_and_sizes) {
