@@ -119,6 +119,9 @@ static char byte_before(const srv_http_t *h, const char *at, const char *feed_st
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
     srv_http_t *h = of(p);
     if (count_head(h, n)) return -1;
+    /* an empty value ("X-Empty:\r\n", legal) arrives as a span of 0 bytes pointing at the next
+     * line: nothing to fold, nothing to keep */
+    if (n == 0) return 0;
     /* a value span that starts a line is an obs-fold continuation: llhttp 8.1 joins it to the
      * previous line ("Transfer-Encoding:\r\n chunked" would read as chunked) */
     char before = byte_before(h, at, h->feed_start);

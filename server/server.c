@@ -256,9 +256,10 @@ static void respond_error(conn_t *c, const api_error_t *e, const char *reject_re
 /* Chunked transfer framing for a stream body. */
 static void write_chunk(conn_t *c, const char *s, size_t n) {
     if (c->closing) return;
-    /* a stream reader that lets more than the bound pile up unsent is cut off */
+    /* a stream reader that lets more than the bound pile up unsent is cut off (one chunk larger
+     * than the bound, with nothing unsent before it, is not a slow reader) */
     size_t backlog = unsent(c);
-    if (backlog + n > (size_t)c->srv->cfg->max_stream_buffer_kb * 1024) {
+    if (backlog && backlog + n > (size_t)c->srv->cfg->max_stream_buffer_kb * 1024) {
         srv_log(SRV_WARN, c->reqid, "slow_reader",
                 "client reads too slowly (%zu bytes unsent); cancelling", backlog);
         conn_close(c);
@@ -434,6 +435,14 @@ static void submit_parsed(conn_t *c) {
     srv_t *s = c->srv;
     job_t *j = &c->job;
     api_error_t e;
+    if (s->state == SRV_DRAINING && s->drain_cancelled &&
+        (j->kind == JOB_COMPLETION || j->kind == JOB_CHAT)) {
+        /* parsed after the drain deadline cancelled everything: do not start it */
+        job_free(j);
+        answer_engine_unavailable(c);
+        message_done(c);
+        return;
+    }
     if (j->rc) {
         respond_error(c, &j->err, j->err.code ? "context_length" : "invalid_request", NULL);
         job_free(j);
@@ -1027,7 +1036,7 @@ static void on_tick(uv_timer_t *t) {
             conn_close(c);
             continue;
         }
-        if (c->busy) continue;
+        if (c->busy || c->close_after_write) continue; /* its last answer is on its way out */
         if (c->http.in_message && now - c->http.t_start > s->cfg->header_timeout_s) {
             api_error_t e;
             api_fail(&e, 408, "invalid_request_error", NULL, "request_timeout",
@@ -1041,9 +1050,14 @@ static void on_tick(uv_timer_t *t) {
         }
     }
     if (s->state == SRV_DRAINING) {
-        bool busy = false;
-        for (conn_t *c = s->conns; c; c = c->next) busy |= c->busy;
-        if (!busy) {
+        /* answers still being written count until the drain deadline (closing a connection
+         * drops what libuv has not written yet) */
+        bool busy = false, writing = false;
+        for (conn_t *c = s->conns; c; c = c->next) {
+            busy |= c->busy;
+            writing |= c->write_pending > 0;
+        }
+        if (!busy && (!writing || now > s->drain_deadline)) {
             begin_shutdown(s);
         } else if (now > s->drain_deadline && !s->drain_cancelled) {
             srv_log(SRV_WARN, NULL, "drain_timeout", "cancelling requests still running");

@@ -375,6 +375,28 @@ Test(hostile, test_big_response_is_sent_whole) {
     cr_expect_eq(daemon_stop(&d), 0);
 }
 
+/* A streamed chunk bigger than --max-stream-buffer-kb, with nothing unsent before it, is not a
+ * slow reader (the stream was cut after its head). */
+Test(hostile, test_one_big_stream_chunk_is_not_a_slow_reader) {
+    daemon_t d;
+    const char *args[] = {"--model", harness_synth_model("small-f32"), "--max-stream-buffer-kb",
+                          "1", NULL};
+    daemon_start(&d, args);
+    char body[4096], prompt[1400];
+    for (int i = 0; i < 1300; i++) prompt[i] = "hello world "[i % 12];
+    prompt[1300] = 0;
+    snprintf(body, sizeof(body),
+             "{\"prompt\":\"%s\",\"max_tokens\":4,\"echo\":true,\"stream\":true}", prompt);
+    char *resp, *head;
+    int st = http_req(d.port, "POST", "/v1/completions", NULL, body, &resp, &head);
+    cr_expect_eq(st, 200);
+    cr_expect(strstr(resp, "[DONE]"), "the stream was cut: %.300s", resp);
+    free(resp);
+    free(head);
+    cr_expect_eq(log_count(&d, "slow_reader"), 0);
+    cr_expect_eq(daemon_stop(&d), 0);
+}
+
 /* ---- pipelining without reading; idle buffers (11) -------------------- */
 
 Test(hostile, test_pipelining_clients_that_never_read_are_cut_off) {

@@ -149,6 +149,18 @@ Test(http, test_obs_fold_and_bad_chunk_terminator_are_refused) {
         1);
 }
 
+/* An empty header value is legal (curl -H 'X;' sends one): it once read as a fold, since
+ * llhttp hands it over as a 0-byte span that points at the next line. */
+Test(http, test_empty_header_values_are_not_folds) {
+    cr_expect_eq(status_every_split("GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\n\r\n"), 1);
+    cr_expect_eq(status_every_split("GET / HTTP/1.1\r\nHost: a\r\nX-Empty: \r\n\r\n"), 1);
+    cr_expect_eq(status_every_split("GET / HTTP/1.1\r\nX-Empty:\r\nHost: a\r\n\r\n"), 1);
+    /* a fold after an empty value is still one */
+    cr_expect_eq(status_every_split("POST / HTTP/1.1\r\nHost: a\r\nX:\r\n\tContent-Length: 2"
+                                    "\r\n\r\nab"),
+                 -400);
+}
+
 Test(http, test_host_version_and_expect_rules) {
     cr_expect_eq(status_every_split("GET / HTTP/1.1\r\n\r\n"), -400);
     cr_expect_eq(status_every_split("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), -400);
