@@ -216,6 +216,11 @@ deploy-test: $(BUILD)/tidald $(BUILD)/mkmodel $(BUILD)/loadgen
 	TIDALD_BIN=$(BUILD)/tidald MKMODEL=$(BUILD)/mkmodel LOADGEN=$(BUILD)/loadgen \
 	  bash tests/deploy/deploy_test.sh
 
+# ---- the reference: llama.cpp's own tools, built outside the repo from PyPI's sdist ----
+.PHONY: reference
+reference:
+	bash scripts/reference.sh
+
 # ---- benchmarks ----
 bench: deps all $(BUILD)/bench_engine $(BUILD)/bench_attention $(MODEL_DIR)/m100-f32.gguf \
        $(MODEL_DIR)/m100-f16.gguf $(MODEL_DIR)/long-f16.gguf
