@@ -401,7 +401,7 @@ static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_
 
 uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
     const eng_hparams_t *hp = &c->m->hp;
-    uint32_t bs = seq->pool->block_size, keep = (seq->n_sinks + bs - 1) / bs * bs;
+    uint32_t keep = kv_seq_sink_span(seq);
     uint32_t gone = kv_seq_evict(seq, n);
     /* K-shift: every key after the sink blocks moves down by `gone` positions */
     if (gone)

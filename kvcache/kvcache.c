@@ -130,7 +130,7 @@ int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens) {
 uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n) {
     kv_pool_t *p = s->pool;
     uint32_t bs = p->block_size;
-    uint32_t sink_blocks = (s->n_sinks + bs - 1) / bs;
+    uint32_t sink_blocks = kv_seq_sink_span(s) / bs;
     uint32_t full = s->n_tokens / bs;
     if (full <= sink_blocks || n == 0) return 0;
     uint32_t k = (n + bs - 1) / bs;

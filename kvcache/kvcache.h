@@ -89,6 +89,13 @@ int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens);
  * evicted (a multiple of the block size); positions after the sinks move down by that much,
  * and the caller re-rotates their keys (K-shift). */
 uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n);
+/* The tokens eviction always keeps at the front: the whole blocks that hold the first n_sinks
+ * tokens (eviction is block-granular). */
+static inline uint32_t kv_seq_sink_span(const kv_seq_t *s) {
+    uint32_t bs = s->pool->block_size;
+    return (s->n_sinks + bs - 1) / bs * bs;
+}
+
 /* Drop all tokens and the table's reference to every block. */
 void kv_seq_reset(kv_seq_t *s);
 void kv_seq_close(kv_seq_t *s);

@@ -480,20 +480,15 @@ static void sweep(sched_t *s) {
 
 /* ---- eviction, preemption and the allocation primitive -------------------- */
 
-/* Drop at least n of r's oldest non-sink tokens (sink-aware, block-granular; the engine
- * K-shifts the keys after them) and the same tokens from its token list. Returns the tokens
- * dropped. */
-static uint32_t evict_tokens(sched_t *s, sched_request_t *r, uint32_t n) {
-    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
-    uint32_t from = (r->seq.n_sinks + bs - 1) / bs * bs; /* kv_seq_evict keeps the sink blocks */
-    uint32_t gone = eng_seq_evict(s->ctx, &r->seq, n);
-    if (gone) {
-        memmove(r->toks + from, r->toks + from + gone, sizeof(int32_t) * (r->n_toks - from - gone));
-        r->n_toks -= gone;
-        r->n_computed -= gone;
-        s->evicted += gone;
-    }
-    return gone;
+/* After the engine evicted `gone` of r's oldest non-sink tokens (sink-aware, block-granular,
+ * keys after them K-shifted), drop the same tokens from r's token list. */
+static void forget_evicted(sched_t *s, sched_request_t *r, uint32_t gone) {
+    if (!gone) return;
+    uint32_t from = kv_seq_sink_span(&r->seq); /* eviction dropped the tokens right after it */
+    memmove(r->toks + from, r->toks + from + gone, sizeof(int32_t) * (r->n_toks - from - gone));
+    r->n_toks -= gone;
+    r->n_computed -= gone;
+    s->evicted += gone;
 }
 
 /* Free r's blocks and requeue it at the front of the deque, to recompute its tokens when
@@ -521,8 +516,7 @@ static sched_request_t *evict_victim(sched_t *s) {
     sched_request_t *v = NULL;
     for (size_t i = 0; i < s->n_running; i++) {
         sched_request_t *r = s->running[i];
-        uint32_t sink_blocks = (r->seq.n_sinks + bs - 1) / bs;
-        if (r->p.evict && !r->batched && r->seq.n_tokens / bs > sink_blocks &&
+        if (r->p.evict && !r->batched && r->seq.n_tokens >= kv_seq_sink_span(&r->seq) + bs &&
             (!v || r->seq.n_tokens > v->seq.n_tokens))
             v = r;
     }
@@ -555,7 +549,8 @@ static bool allocate(sched_t *s, sched_request_t *r, uint32_t n, bool may_free) 
         if (!may_free) return false;
         sched_request_t *v = s->p.pressure_evict ? evict_victim(s) : NULL;
         if (v) {
-            evict_tokens(s, v, eng_ctx_kv_pool(s->ctx)->block_size);
+            forget_evicted(s, v,
+                           eng_seq_evict(s->ctx, &v->seq, eng_ctx_kv_pool(s->ctx)->block_size));
             continue;
         }
         if (!(v = preempt_victim(s)) || !preempt(s, v)) return false;
@@ -575,9 +570,8 @@ static bool schedule(sched_t *s, sched_request_t *r, uint32_t *budget, bool may_
     if (n > *budget) n = *budget;
     if (!n || s->n_items == s->p.max_running) return false;
     /* a stream that may run past its window drops its oldest non-sink tokens first */
-    if (r->p.evict && (uint64_t)r->seq.n_tokens + n > r->window) {
-        uint32_t over = r->seq.n_tokens + n - r->window, chunk = r->window / 8;
-        evict_tokens(s, r, over > chunk ? over : chunk);
+    if (r->p.evict) {
+        forget_evicted(s, r, eng_seq_make_room(s->ctx, &r->seq, r->window, n, 0));
         if ((uint64_t)r->seq.n_tokens + n > r->window) { /* only sinks left */
             if (r->seq.n_tokens >= r->window) {
                 finish(s, r, SCHED_FINISH_LENGTH, NULL);
