@@ -21,12 +21,10 @@ bool have_stories(void) {
 }
 
 const char *real_model_path(const char *name) {
-    static char path[2][512];
-    static int next;
+    static char path[512];
     const char *dir = getenv("TIDALD_MODELS_DIR");
-    char *p = path[next++ % 2];
-    snprintf(p, sizeof(path[0]), "%s/%s", dir && *dir ? dir : "build/models", name);
-    return access(p, R_OK) == 0 ? p : NULL;
+    snprintf(path, sizeof(path), "%s/%s", dir && *dir ? dir : "build/models", name);
+    return access(path, R_OK) == 0 ? path : NULL;
 }
 
 /* Models are written once per test run into $TIDALD_TEST_TMP (make test empties it first);

@@ -16,7 +16,7 @@ const char *stories_path(void);
 bool have_stories(void);
 /* A real checkpoint fetched by `make models` ($TIDALD_MODELS_DIR/name, by default
  * build/models/name), or NULL when it is not there (offline): the caller skips, naming
- * `make models`. */
+ * `make models`. The path lives until the next call. */
 const char *real_model_path(const char *name);
 #define SMOLLM2_GGUF "SmolLM2-135M-Instruct.Q4_1.gguf"
 #define GEMMA3_GGUF "gemma-3-270m-q4_k_m.gguf"
