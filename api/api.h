@@ -146,7 +146,12 @@ void api_metrics_collapse(uint32_t layer);
 void api_metrics_observe(api_hist_id_t h, double v);
 void api_metrics_finished(const char *finish_reason);
 void api_metrics_rejected(const char *reason);
+/* What the server itself holds, for its own gauges. */
+typedef struct {
+    size_t connections;          /* open client connections */
+    size_t request_buffer_bytes; /* request bodies and pipelined input held over all of them */
+} api_server_facts_t;
 /* Render the exposition text (malloc'd). */
-char *api_metrics_render(const sched_stats_t *st);
+char *api_metrics_render(const sched_stats_t *st, const api_server_facts_t *srv);
 
 #endif

@@ -210,7 +210,7 @@ static void process_facts(double *rss, int *fds) {
     }
 }
 
-char *api_metrics_render(const sched_stats_t *st) {
+char *api_metrics_render(const sched_stats_t *st, const api_server_facts_t *srv) {
     out_t o = {0};
     emit(&o,
          "# HELP tidald_requests_running Requests decoding now.\n"
@@ -276,6 +276,15 @@ char *api_metrics_render(const sched_stats_t *st) {
     for (uint32_t l = 0; l < n_layers; l++)
         emit(&o, "tidald_entropy_collapse_total{layer=\"%u\"} %llu\n", l,
              (unsigned long long)layers[l].collapses);
+    emit(&o,
+         "# HELP tidald_http_connections Open client connections.\n"
+         "# TYPE tidald_http_connections gauge\ntidald_http_connections %zu\n",
+         srv->connections);
+    emit(&o,
+         "# HELP tidald_http_request_buffer_bytes Bytes held for requests (bodies and pipelined "
+         "input) over all connections.\n"
+         "# TYPE tidald_http_request_buffer_bytes gauge\ntidald_http_request_buffer_bytes %zu\n",
+         srv->request_buffer_bytes);
     double rss;
     int fds;
     process_facts(&rss, &fds);

@@ -623,37 +623,16 @@ static void route(conn_t *c) {
     case 9: {
         sched_stats_t st = {0};
         if (s->sched) sched_stats(s->sched, &st);
-        char *text = api_metrics_render(&st);
+        api_server_facts_t facts = {.connections = s->n_conns};
+        for (conn_t *o = s->conns; o; o = o->next)
+            facts.request_buffer_bytes += srv_http_buffered(&o->http) + o->stash_cap;
+        char *text = api_metrics_render(&st, &facts);
         if (!text) {
             respond_json(c, 500, NULL, NULL);
             return;
         }
-        /* the server's own families: connections and the request bytes they hold */
-        size_t held = 0;
-        for (conn_t *o = s->conns; o; o = o->next)
-            held += srv_http_buffered(&o->http) + o->stash_cap;
-        char own[512];
-        int k = snprintf(own, sizeof(own),
-                         "# HELP tidald_http_connections Open client connections.\n"
-                         "# TYPE tidald_http_connections gauge\n"
-                         "tidald_http_connections %zu\n"
-                         "# HELP tidald_http_request_buffer_bytes Bytes held for requests "
-                         "(bodies and pipelined input) over all connections.\n"
-                         "# TYPE tidald_http_request_buffer_bytes gauge\n"
-                         "tidald_http_request_buffer_bytes %zu\n",
-                         s->n_conns, held);
-        size_t tl = strlen(text);
-        char *all = malloc(tl + (size_t)k + 1);
-        if (!all) {
-            free(text);
-            respond_json(c, 500, NULL, NULL);
-            return;
-        }
-        memcpy(all, text, tl);
-        memcpy(all + tl, own, (size_t)k + 1);
+        respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", text, strlen(text), NULL);
         free(text);
-        respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", all, tl + (size_t)k, NULL);
-        free(all);
         return;
     }
     }
