@@ -16,7 +16,7 @@ LDLIBS  := -luv -lcjson -lm -pthread -ldl
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 ENGINE_SRC := sched/sched.c base/err.c engine/gguf.c engine/quant.c engine/model.c engine/tokenizer.c engine/sampler.c \
-              engine/forward.c engine/backend.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/threadpool.c \
+              engine/forward.c engine/backend.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/cpu/qdot.c engine/threadpool.c \
               kvcache/kvcache.c config/config.c
 LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c
 API_SRC    := api/request.c api/response.c api/chat.c api/metrics.c
@@ -101,7 +101,11 @@ $(BUILD)/cuda/%.o: engine/cuda/%.c
 $(BUILD)/cuda/base/err.o: base/err.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CUDA_CFLAGS) -c $< -o $@
-$(CUDA_LIB): $(BUILD)/cuda/cuda_backend.o $(BUILD)/cuda/kernels.o $(BUILD)/cuda/base/err.o
+$(BUILD)/cuda/engine/quant.o: engine/quant.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CUDA_CFLAGS) -c $< -o $@
+$(CUDA_LIB): $(BUILD)/cuda/cuda_backend.o $(BUILD)/cuda/kernels.o $(BUILD)/cuda/base/err.o \
+             $(BUILD)/cuda/engine/quant.o
 	$(CC) -shared -o $@ $^ -L$(CUDA_HOME)/lib64 -lcublas -lcudart_static -lrt -ldl -lm -pthread \
 	  -Wl,-rpath,'$$ORIGIN:$(CUDA_HOME)/lib64' -Wl,--no-undefined
 
@@ -217,14 +221,24 @@ deploy-test: $(BUILD)/tidald $(BUILD)/mkmodel $(BUILD)/loadgen
 	  bash tests/deploy/deploy_test.sh
 
 # ---- the reference: llama.cpp's own tools, built outside the repo from PyPI's sdist ----
-.PHONY: reference
+.PHONY: reference reference-fixtures
 reference:
 	bash scripts/reference.sh
+
+# Re-record tests/fixtures/reference/*.json (llama.cpp's greedy ids, teacher-forced logits and
+# perplexity on the real checkpoints) through the sdist's Python bindings over the libllama
+# that `make reference` built; nothing is compiled twice. Needs numpy, jinja2 and diskcache.
+reference-fixtures: models
+	bin=$$(bash scripts/reference.sh | tail -1) && sdist=$$(dirname $$(dirname $$bin))/llama_cpp_python-0.3.36 && \
+	  python3 -m pip install -q --disable-pip-version-check numpy jinja2 diskcache && \
+	  PYTHONPATH=$$sdist LLAMA_CPP_LIB_PATH=$$bin python3 scripts/reference_fixtures.py $$bin $(REAL_MODEL_DIR)
 
 # ---- benchmarks ----
 bench: deps all $(BUILD)/bench_engine $(BUILD)/bench_attention $(MODEL_DIR)/m100-f32.gguf \
        $(MODEL_DIR)/m100-f16.gguf $(MODEL_DIR)/long-f16.gguf
 	$(BUILD)/bench_engine --model $(MODEL_DIR)/m100-f32.gguf --model $(MODEL_DIR)/m100-f16.gguf
+	-$(MAKE) models
+	BUILD=$(BUILD) bash bench/vs_llama.sh $(REAL_MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 	BUILD=$(BUILD) bash bench/serve_bench.sh $(MODEL_DIR)/m100-f32.gguf
 	$(BUILD)/bench_attention $(MODEL_DIR)/long-f16.gguf 256
 	BUILD=$(BUILD) bash bench/budget_sweep.sh
@@ -253,7 +267,11 @@ $(EMU_DIR)/%.o: engine/cuda/%.c
 $(EMU_DIR)/base/err.o: base/err.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -c $< -o $@
-$(EMU_DIR)/libtidald-cuda.so: $(EMU_DIR)/cuda_backend.o $(EMU_DIR)/kernels_emu.o $(EMU_DIR)/emu_runtime.o $(EMU_DIR)/base/err.o
+$(EMU_DIR)/engine/quant.o: engine/quant.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -c $< -o $@
+$(EMU_DIR)/libtidald-cuda.so: $(EMU_DIR)/cuda_backend.o $(EMU_DIR)/kernels_emu.o $(EMU_DIR)/emu_runtime.o $(EMU_DIR)/base/err.o \
+                              $(EMU_DIR)/engine/quant.o
 	$(CXX) -shared -o $@ $^ -lm
 $(EMU_DIR)/libcuda.so.1: tests/cuda_emu/fake_driver.c
 	@mkdir -p $(dir $@)

@@ -1,6 +1,6 @@
 /* bench_engine.c - engine benchmarks, side by side in one run:
  *   - the machine's own memory read bandwidth (the decode roofline);
- *   - prefill tokens/s;
+ *   - prefill tokens/s (one 512-token pass, as llama-bench's pp512);
  *   - decode tokens/s at batch 1, 4 and 16 (batched vs single);
  *   - batch-1 decode weight bandwidth as a fraction of the measured bandwidth;
  *   - the SIMD kernels vs the portable scalar path on the same model.
@@ -97,25 +97,25 @@ static int run_model(const char *path, eng_model_t *m, int threads, result_t *r)
     eng_ctx_params_default(&p);
     p.n_threads = threads;
     p.max_seqs = 16;
-    p.n_ctx = 512;
+    p.n_ctx = 1024;
     eng_ctx_t *c;
     if (eng_ctx_create(&c, m, &p, msg)) {
         fprintf(stderr, "bench: %s: %s\n", path, msg);
         return -1;
     }
     float *logits = malloc(sizeof(float) * hp->n_vocab * 16);
-    int32_t prompt[256];
-    for (int i = 0; i < 256; i++) prompt[i] = 3 + (i * 31) % (int32_t)(hp->n_vocab - 3);
+    int32_t prompt[512];
+    for (int i = 0; i < 512; i++) prompt[i] = 3 + (i * 31) % (int32_t)(hp->n_vocab - 3);
     kv_seq_t seqs[16];
     for (int i = 0; i < 16; i++) kv_seq_init(&seqs[i], eng_ctx_kv_pool(c));
 
-    /* prefill: 256 tokens in one pass (after one warm-up) */
-    eng_batch_item_t it = {&seqs[0], prompt, 256, logits, false};
+    /* prefill: 512 tokens in one pass (after one warm-up) */
+    eng_batch_item_t it = {&seqs[0], prompt, 512, logits, false};
     eng_forward(c, &it, 1, msg);
     kv_seq_reset(&seqs[0]);
     double t0 = now_s();
     eng_forward(c, &it, 1, msg);
-    r->prefill_tps = 256 / (now_s() - t0);
+    r->prefill_tps = 512 / (now_s() - t0);
     kv_seq_reset(&seqs[0]);
 
     for (int b = 0; b < 3; b++) {
@@ -150,14 +150,17 @@ static int run_model(const char *path, eng_model_t *m, int threads, result_t *r)
 
 int main(int argc, char **argv) {
     const char *models[8];
-    int n_models = 0, threads = 0;
+    int n_models = 0, threads = 0, simd_only = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--model") == 0 && i + 1 < argc && n_models < 8)
             models[n_models++] = argv[++i];
         else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc)
             threads = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--simd-only") == 0)
+            simd_only = 1;
         else {
-            fprintf(stderr, "usage: bench_engine --model PATH [--model PATH ...] [--threads N]\n");
+            fprintf(stderr, "usage: bench_engine --model PATH [--model PATH ...] [--threads N] "
+                            "[--simd-only]\n");
             return 2;
         }
     }
@@ -182,7 +185,7 @@ int main(int argc, char **argv) {
         double weight_bytes = (double)st.st_size; /* every weight is read once per decode step */
         const char *paths[2] = {simd, "scalar"};
         for (int k = 0; k < 2; k++) {
-            if (k == 1 && strcmp(simd, "scalar") == 0) break;
+            if (k == 1 && (simd_only || strcmp(simd, "scalar") == 0)) break;
             eng_cpu_force_simd(paths[k]);
             result_t r = {0};
             if (run_model(models[i], m, threads, &r)) return 1;

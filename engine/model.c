@@ -5,6 +5,7 @@
  * shape is checked against the hyper-parameters before use.
  */
 #include "model.h"
+#include "quant.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -50,12 +51,14 @@ static int weight(const gguf_t *g, const char *name, uint32_t cols, uint32_t row
                         "tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%u, %u]", name,
                         (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
                         (unsigned long long)t->ne[2], (unsigned long long)t->ne[3], cols, rows);
-    if (t->type != GGML_F32 && t->type != GGML_F16 && t->type != GGML_BF16 && t->type != GGML_Q8_0)
+    if (!eng_q_block_elems(t->type))
         return eng_fail(msg, ENG_EUNSUPPORTED,
-                        "tensor '%s' has type %s (%u); tidald computes with F32, F16, BF16 and "
-                        "Q8_0 weights",
+                        "tensor '%s' has type %s (%u); tidald computes with F32, F16, BF16, "
+                        "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and "
+                        "IQ4_XS weights",
                         name, gguf_type_name(t->type), t->type);
-    size_t align = t->type == GGML_F32 ? 4 : 2;
+    /* quantized blocks are read bytewise; float types are read in place */
+    size_t align = t->type == GGML_F32 ? 4 : (t->type == GGML_F16 || t->type == GGML_BF16) ? 2 : 1;
     if ((uintptr_t)t->data % align)
         return eng_fail(msg, ENG_EFORMAT, "tensor '%s' data is not %zu-byte aligned", name, align);
     out->type = t->type;

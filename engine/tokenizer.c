@@ -19,7 +19,6 @@
 #include <wctype.h>
 
 enum { TT_NORMAL = 1, TT_UNKNOWN = 2, TT_CONTROL = 3, TT_USER = 4, TT_UNUSED = 5, TT_BYTE = 6 };
-enum { PRE_LLAMA3 = 0, PRE_GPT2 = 1 };
 
 typedef struct {
     const char *s;
@@ -235,14 +234,14 @@ static size_t pre_match(const cps_t *t, size_t i, int pre) {
     /* contractions */
     if (c[i] == '\'' && i + 1 < n) {
         uint32_t a = c[i + 1], b = CP(i + 2);
-        if (pre == PRE_LLAMA3) {
+        if (pre == ENG_PRE_LLAMA3 || pre == ENG_PRE_QWEN2) {
             a = a < 0x80 ? (a | 0x20) : a;
             b = b < 0x80 ? (b | 0x20) : b;
         }
         if (a == 's' || a == 't' || a == 'm' || a == 'd') return 2;
         if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return 3;
     }
-    if (pre == PRE_LLAMA3) {
+    if (pre == ENG_PRE_LLAMA3 || pre == ENG_PRE_QWEN2) {
         /* [^\r\n\p{L}\p{N}]?\p{L}+ */
         j = i;
         if (!IS_L(j) && !IS_NL(j) && !IS_N(j) && IS_L(j + 1)) j++;
@@ -250,10 +249,11 @@ static size_t pre_match(const cps_t *t, size_t i, int pre) {
             while (IS_L(j)) j++;
             return j - i;
         }
-        /* \p{N}{1,3} */
+        /* \p{N}{1,3} (Qwen2: \p{N}) */
         if (IS_N(i)) {
+            size_t most = pre == ENG_PRE_QWEN2 ? 1 : 3;
             j = i;
-            while (j < n && j - i < 3 && IS_N(j)) j++;
+            while (j < n && j - i < most && IS_N(j)) j++;
             return j - i;
         }
         /* ' ?[^\s\p{L}\p{N}]+[\r\n]*' */
@@ -298,7 +298,22 @@ static size_t pre_match(const cps_t *t, size_t i, int pre) {
     return 1; /* a lone character no alternative takes */
 }
 
-int eng__pretokenize(const char *text, size_t len, bool gpt2, size_t **ends, size_t *n_out) {
+int eng__pre_from_name(const char *name) {
+    static const struct {
+        const char *name;
+        int pre;
+    } names[] = {
+        {"llama-bpe", ENG_PRE_LLAMA3}, {"llama3", ENG_PRE_LLAMA3},    {"llama-v3", ENG_PRE_LLAMA3},
+        {"gpt2", ENG_PRE_GPT2},        {"gpt-2", ENG_PRE_GPT2},       {"qwen2", ENG_PRE_QWEN2},
+        {"smollm", ENG_PRE_SMOLLM},    {"starcoder", ENG_PRE_SMOLLM}, {"refact", ENG_PRE_SMOLLM},
+        {"codeshell", ENG_PRE_SMOLLM},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcmp(name, names[i].name) == 0) return names[i].pre;
+    return -1;
+}
+
+int eng__pretokenize(const char *text, size_t len, int pre, size_t **ends, size_t *n_out) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, init_locale);
     *ends = NULL;
@@ -319,9 +334,26 @@ int eng__pretokenize(const char *text, size_t len, bool gpt2, size_t **ends, siz
         i += l;
     }
     cps.off[cps.n] = len;
-    size_t n = 0;
-    for (size_t i = 0; i < cps.n;) {
-        i += pre_match(&cps, i, gpt2 ? PRE_GPT2 : PRE_LLAMA3);
+    size_t n = 0, all = cps.n;
+    for (size_t i = 0; i < all;) {
+        if (pre == ENG_PRE_SMOLLM) {
+            /* each digit alone; GPT-2's pattern within each stretch between digits, which
+             * must not look past the stretch */
+            if (cp_is_number(cps.cp[i])) {
+                e[n++] = cps.off[++i];
+                continue;
+            }
+            size_t end = i;
+            while (end < all && !cp_is_number(cps.cp[end])) end++;
+            cps.n = end;
+            while (i < end) {
+                i += pre_match(&cps, i, ENG_PRE_GPT2);
+                e[n++] = cps.off[i];
+            }
+            cps.n = all;
+            continue;
+        }
+        i += pre_match(&cps, i, pre);
         e[n++] = cps.off[i];
     }
     free(cps.cp);
@@ -513,7 +545,7 @@ static int tokenize_spm(const eng_tokenizer_t *t, const char *text, size_t len, 
 static int tokenize_bpe(const eng_tokenizer_t *t, const char *text, size_t len, ids_t *out) {
     size_t *ends = NULL, n_words = 0;
     char *word = malloc(len * 2 + 4); /* each byte maps to at most 2 UTF-8 bytes */
-    int rc = word ? eng__pretokenize(text, len, t->pre == PRE_GPT2, &ends, &n_words) : ENG_ENOMEM;
+    int rc = word ? eng__pretokenize(text, len, t->pre, &ends, &n_words) : ENG_ENOMEM;
     for (size_t w = 0, start = 0; w < n_words && !rc; start = ends[w++]) {
         size_t wn = 0;
         for (size_t b = start; b < ends[w]; b++)
@@ -854,7 +886,15 @@ int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab
             hmap_put(&t->merges, t->merge_str[i], (uint32_t)ml, (int32_t)i);
         }
         const char *pre = gguf_get_str(g, "tokenizer.ggml.pre");
-        t->pre = (pre && strcmp(pre, "gpt2") == 0) ? PRE_GPT2 : PRE_LLAMA3;
+        t->pre = eng__pre_from_name(pre ? pre : "(none)");
+        if (t->pre < 0) {
+            fprintf(stderr,
+                    "tidald: warning: pre-tokenizer '%s' (tokenizer.ggml.pre) is unknown to "
+                    "tidald; splitting with the Llama 3 pattern, so some texts may tokenize "
+                    "differently from the model's own tokenizer\n",
+                    pre);
+            t->pre = ENG_PRE_LLAMA3;
+        }
     }
     t->bos = t->eos = t->unk = -1;
     if (kind == ENG_TOK_SPM)

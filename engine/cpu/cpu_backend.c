@@ -1,15 +1,19 @@
 /* cpu_backend.c - the CPU implementation of the backend interface.
  *
- * Matmuls are split over output rows across the worker pool; each worker
- * converts four weight rows to f32 at a time (F16/BF16/Q8_0) and multiplies
- * them against every token of the step, so the weights are read once per step
- * whatever the batch size. Attention is split over (sequence, query, head).
+ * Matmuls are split over output rows across the worker pool, four rows at a time, each
+ * multiplied against every token of the step, so the weights are read once per step
+ * whatever the batch size. F16 and BF16 rows are converted to f32 (F16 directly in the dot
+ * for one or two tokens); quantized rows are never expanded: the step's activations are
+ * quantized once per matmul and multiplied with integer dot products (qdot.h). Attention is
+ * split over (sequence, query, head).
  */
 #include "../backend.h"
 #include "../engine.h"
 #include "../../base/err.h"
 #include "../../base/f16.h"
 #include "../gguf.h"
+#include "../quant.h"
+#include "qdot.h"
 #include "simd.h"
 #include "../threadpool.h"
 
@@ -27,6 +31,8 @@ typedef struct {
     size_t task0_len;
     float **big; /* per worker: 2 * n_ctx floats + n_ctx positions (TidalDecode selection) */
     uint32_t n_ctx;
+    uint8_t *xq; /* the step's activations quantized for the current matmul */
+    size_t xq_len;
 } cpu_ctx_t;
 
 static cpu_ctx_t *ctx_of(eng_backend_t *be) {
@@ -62,15 +68,8 @@ static void row_to_f32(const eng_tensor_t *w, uint32_t r, float *dst) {
             dst[i] = eng_bf16_to_f32(b);
         }
         break;
-    case GGML_Q8_0:
-        for (uint32_t blk = 0; blk < w->cols / QK8_0; blk++) {
-            const uint8_t *bp = src + (size_t)blk * (2 + QK8_0);
-            uint16_t dh;
-            memcpy(&dh, bp, 2);
-            float d = eng_f16_to_f32(dh);
-            const int8_t *q = (const int8_t *)(bp + 2);
-            for (int i = 0; i < QK8_0; i++) dst[blk * QK8_0 + i] = d * (float)q[i];
-        }
+    default: /* quantized: the loader admits only types eng_q_dequantize_row knows */
+        eng_q_dequantize_row(w->type, src, dst, w->cols);
         break;
     }
 }
@@ -131,9 +130,82 @@ static void matmul_range(void *arg, size_t b, size_t e, int worker) {
     }
 }
 
+typedef struct {
+    const eng_tensor_t *w;
+    qdot_fn dot;
+    qdot_n_fn dot_n; /* NULL: one token at a time */
+    qdot_act_t act;
+    const float *x;
+    uint8_t *xq;
+    size_t xq_row; /* bytes of one token's quantized activations */
+    float *y;
+    uint32_t T;
+} qmatmul_job_t;
+
+static void quantize_range(void *arg, size_t b, size_t e, int worker) {
+    (void)worker;
+    qmatmul_job_t *j = arg;
+    for (size_t t = b; t < e; t++)
+        qdot_quantize(j->act, j->x + t * j->w->cols, j->xq + t * j->xq_row, j->w->cols);
+}
+
+/* Four weight rows at a time against every token: the rows stay in L1 while the tokens'
+ * quantized activations stream past them. */
+static void qmatmul_range(void *arg, size_t b, size_t e, int worker) {
+    (void)worker;
+    qmatmul_job_t *j = arg;
+    const eng_tensor_t *w = j->w;
+    for (size_t blk = b; blk < e; blk++) {
+        uint32_t r0 = (uint32_t)blk * 4, nr = w->rows - r0 < 4 ? w->rows - r0 : 4;
+        const uint8_t *rows = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+        uint32_t t = 0;
+        if (j->dot_n) /* QDOT_NT tokens per unpacked weight block */
+            for (; t + 1 < j->T; t += QDOT_NT) {
+                int nt = j->T - t < QDOT_NT ? (int)(j->T - t) : QDOT_NT;
+                const void *xs[QDOT_NT];
+                for (int k = 0; k < nt; k++) xs[k] = j->xq + (size_t)(t + k) * j->xq_row;
+                for (uint32_t r = 0; r < nr; r++) {
+                    float out[QDOT_NT];
+                    j->dot_n(rows + r * w->row_bytes, xs, nt, w->cols, out);
+                    for (int k = 0; k < nt; k++) j->y[(size_t)(t + k) * w->rows + r0 + r] = out[k];
+                }
+            }
+        for (; t < j->T; t++) {
+            const uint8_t *xq = j->xq + (size_t)t * j->xq_row;
+            float *yt = j->y + (size_t)t * w->rows + r0;
+            for (uint32_t r = 0; r < nr; r++) yt[r] = j->dot(rows + r * w->row_bytes, xq, w->cols);
+        }
+    }
+}
+
+/* The quantized path; false when the type has no integer kernel (or memory ran out, in which
+ * case the float path still computes the product). */
+static bool cpu_qmatmul(cpu_ctx_t *c, const eng_tensor_t *w, const float *x, float *y, uint32_t T) {
+    qdot_act_t act = qdot_act(w->type);
+    qdot_fn dot = qdot_kernel(w->type);
+    if (act == QDOT_ACT_NONE || !dot) return false;
+    size_t row = qdot_act_bytes(act, w->cols), need = row * T;
+    if (need > c->xq_len) {
+        uint8_t *p = realloc(c->xq, need);
+        if (!p) return false;
+        c->xq = p;
+        c->xq_len = need;
+    }
+    qmatmul_job_t j = {w, dot, qdot_kernel_n(w->type), act, x, c->xq, row, y, T};
+    if (T >= 8)
+        pool_run(c->pool, quantize_range, &j, T, 1);
+    else
+        quantize_range(&j, 0, T, 0);
+    size_t blocks = (w->rows + 3) / 4;
+    size_t chunk = blocks / ((size_t)c->n_threads * 8);
+    pool_run(c->pool, qmatmul_range, &j, blocks, chunk ? chunk : 1);
+    return true;
+}
+
 static void cpu_matmul(eng_backend_t *be, const eng_tensor_t *w, const float *x, float *y,
                        uint32_t T) {
     cpu_ctx_t *c = ctx_of(be);
+    if (cpu_qmatmul(c, w, x, y, T)) return;
     /* scratch was sized by cpu_reserve() for the model's widest row */
     matmul_job_t j = {c, w, x, y, T};
     size_t blocks = (w->rows + 3) / 4;
@@ -520,6 +592,7 @@ static void cpu_destroy(eng_backend_t *be) {
         for (int i = 0; c->big && i < c->n_threads; i++) free(c->big[i]);
         free(c->big);
         free(c->task0);
+        free(c->xq);
         free(c);
     }
     free(be);

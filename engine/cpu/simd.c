@@ -1,5 +1,6 @@
 /* simd.c - scalar, AVX2+FMA and AVX-512F kernels and their run-time dispatch. */
 #include "simd.h"
+#include "qdot.h"
 #include "../../base/f16.h"
 
 #include <immintrin.h>
@@ -332,15 +333,20 @@ static int have(const char *name) {
 
 int simd_select(const char *name) {
     if (!have(name)) return -1;
-    if (strcmp(name, "avx512") == 0)
+    if (strcmp(name, "avx512") == 0) {
         simd = ops_avx512;
-    else if (strcmp(name, "avx2") == 0)
+        qdot_init(QDOT_AVX512VNNI);
+    } else if (strcmp(name, "avx2") == 0) {
         simd = ops_avx2;
-    else
+        qdot_init(QDOT_AVX2);
+    } else {
         simd = ops_scalar;
+        qdot_init(QDOT_SCALAR);
+    }
     return 0;
 }
 
 void simd_init(void) {
     if (simd_select("avx512") != 0 && simd_select("avx2") != 0) simd_select("scalar");
+    qdot_init(QDOT_AVX512VNNI); /* AVX-VNNI on CPUs with AVX2 but no AVX-512 */
 }

@@ -3,7 +3,8 @@
  * Built into libtidald-cuda.so with the CUDA runtime and cuBLAS, and loaded by
  * engine/backend.c with dlopen, so the daemon itself never links CUDA. Everything runs on one
  * stream owned by the backend:
- * - weights: F16 and BF16 tensors are copied as they are, Q8_0 is dequantized to F16 at load
+ * - weights: F16 and BF16 tensors are copied as they are, quantized ones are dequantized to
+ *   F16 at load
  *   and F32 stays F32 (small reference models then match the CPU bit for bit in the
  *   projections); projections are one cuBLAS GEMM per weight over all tokens of the step with
  *   FP32 accumulation (activations converted to the weight's 16-bit type first);
@@ -22,6 +23,7 @@
 #include "../../base/err.h"
 #include "../../base/f16.h"
 #include "../gguf.h"
+#include "../quant.h"
 #include "kernels.h"
 
 #include <cublas_v2.h>
@@ -257,27 +259,27 @@ static int cu_load_weight(eng_backend_t *be, const eng_tensor_t *w, eng_tensor_t
     out->data = NULL;
     const void *src = w->data;
     uint16_t *conv = NULL;
-    if (w->type == GGML_Q8_0) { /* dequantize to F16 once */
+    if (w->type != GGML_F32 && w->type != GGML_F16 && w->type != GGML_BF16) {
+        /* quantized: dequantized to F16 once (fused quantized kernels are still to come) */
+        if (!eng_q_block_elems(w->type))
+            return eng_fail(msg, ENG_EUNSUPPORTED, "the CUDA backend cannot use tensor type %u",
+                            w->type);
         conv = malloc(sizeof(uint16_t) * w->rows * (size_t)w->cols);
-        if (!conv) return eng_fail(msg, ENG_ENOMEM, "out of host memory converting Q8_0");
-        for (uint32_t r = 0; r < w->rows; r++) {
-            const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
-            for (uint32_t b = 0; b < w->cols / QK8_0; b++) {
-                const uint8_t *bp = row + (size_t)b * (2 + QK8_0);
-                uint16_t dh;
-                memcpy(&dh, bp, 2);
-                float d = eng_f16_to_f32(dh);
-                for (int i = 0; i < QK8_0; i++)
-                    conv[(size_t)r * w->cols + b * QK8_0 + i] =
-                        eng_f32_to_f16(d * (float)((const int8_t *)bp + 2)[i]);
-            }
+        float *row = malloc(sizeof(float) * w->cols);
+        if (!conv || !row) {
+            free(conv), free(row);
+            return eng_fail(msg, ENG_ENOMEM, "out of host memory converting a quantized weight");
         }
+        for (uint32_t r = 0; r < w->rows; r++) {
+            eng_q_dequantize_row(w->type, (const uint8_t *)w->data + (size_t)r * w->row_bytes, row,
+                                 w->cols);
+            for (uint32_t i = 0; i < w->cols; i++)
+                conv[(size_t)r * w->cols + i] = eng_f32_to_f16(row[i]);
+        }
+        free(row);
         out->type = GGML_F16;
         out->row_bytes = (size_t)w->cols * 2;
         src = conv;
-    } else if (w->type != GGML_F32 && w->type != GGML_F16 && w->type != GGML_BF16) {
-        return eng_fail(msg, ENG_EUNSUPPORTED, "the CUDA backend cannot use tensor type %u",
-                        w->type);
     }
     size_t bytes = out->row_bytes * w->rows;
     void *d = NULL;

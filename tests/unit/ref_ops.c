@@ -4,6 +4,7 @@
 #include "../../engine/gguf.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,17 +34,43 @@ void ref_row(const eng_tensor_t *w, uint32_t r, float *dst) {
     }
 }
 
-void ref_matmul(const eng_tensor_t *w, const float *x, float *y, uint32_t T) {
-    float *row = malloc(sizeof(float) * w->cols);
+/* What a quantized matmul multiplies its Q8_0 weights with: the input rounded to 8-bit codes
+ * per 32 values, d = max|x| / 127 in f16, codes round-to-even of x * 127 / max|x|. */
+static void ref_q8_activations(const float *x, float *out, uint32_t n) {
+    for (uint32_t b = 0; b < n / 32; b++) {
+        float amax = 0;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b * 32 + i]));
+        float d = eng_f16_to_f32(eng_f32_to_f16(amax / 127.0f));
+        for (int i = 0; i < 32; i++)
+            out[b * 32 + i] = amax == 0 ? 0 : d * nearbyintf(x[b * 32 + i] * (127.0f / amax));
+    }
+}
+
+static void matmul(const eng_tensor_t *w, const float *x, float *y, uint32_t T, bool q8_inputs) {
+    float *row = malloc(sizeof(float) * w->cols), *xq = malloc(sizeof(float) * w->cols);
     for (uint32_t r = 0; r < w->rows; r++) {
         ref_row(w, r, row);
         for (uint32_t t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * w->cols;
+            if (q8_inputs && w->type == GGML_Q8_0) {
+                ref_q8_activations(xt, xq, w->cols);
+                xt = xq;
+            }
             double s = 0;
-            for (uint32_t i = 0; i < w->cols; i++) s += (double)row[i] * x[(size_t)t * w->cols + i];
+            for (uint32_t i = 0; i < w->cols; i++) s += (double)row[i] * xt[i];
             y[(size_t)t * w->rows + r] = (float)s;
         }
     }
     free(row);
+    free(xq);
+}
+
+void ref_matmul(const eng_tensor_t *w, const float *x, float *y, uint32_t T) {
+    matmul(w, x, y, T, true);
+}
+
+void ref_matmul_float(const eng_tensor_t *w, const float *x, float *y, uint32_t T) {
+    matmul(w, x, y, T, false);
 }
 
 void ref_rmsnorm(const float *x, const float *w, float *out, uint32_t T, uint32_t n, float eps) {

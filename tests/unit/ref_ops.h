@@ -5,7 +5,10 @@
 #include "../../engine/backend.h"
 
 void ref_row(const eng_tensor_t *w, uint32_t r, float *dst);
+/* y = x . w^T as the CPU computes it: a Q8_0 weight meets its input rounded to 8-bit blocks */
 void ref_matmul(const eng_tensor_t *w, const float *x, float *y, uint32_t T);
+/* the same product with the input unrounded (a backend that computes in floating point) */
+void ref_matmul_float(const eng_tensor_t *w, const float *x, float *y, uint32_t T);
 void ref_rmsnorm(const float *x, const float *w, float *out, uint32_t T, uint32_t n, float eps);
 void ref_rope(float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads, uint32_t hd,
               uint32_t n_rot, float base, const float *ff);

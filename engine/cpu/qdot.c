@@ -1,0 +1,471 @@
+/* qdot.c - activation quantizers, the scalar integer dot kernels, and the run-time choice of
+ * the vector ones (qdot_x86.inc, compiled once per instruction set).
+ *
+ * Weight block layouts are documented in engine/quant.c. The scalar kernels are written to
+ * read like those layouts: unpack each element's unsigned code, multiply by the activation,
+ * sum in integers per (sub-)block, then scale in float.
+ */
+#include "qdot.h"
+#include "../../base/f16.h"
+#include "../gguf.h"
+
+#include <cpuid.h>
+#include <math.h>
+#include <string.h>
+
+static float rd_f16(const uint8_t *p) {
+    return eng_f16_to_f32((uint16_t)(p[0] | (p[1] << 8)));
+}
+static uint32_t rd_u32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static float f16_round(float x) {
+    return eng_f16_to_f32(eng_f32_to_f16(x));
+}
+
+static const int8_t iq4_levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                      1,    13,   25,  38,  53,  69,  89,  113};
+
+/* ---- activations ---- */
+
+/* As llama.cpp quantizes a matmul's input (its Q8_0 and Q8_1 blocks), rounding for rounding:
+ * codes round(x * 127 / amax) with ties to even, d = amax / 127 stored as f16, and for Q8_1
+ * s = d * sum stored as f16. The model's logits move by tenths under a different rounding of
+ * the activations, so matching it matters for token-for-token parity. */
+static void quantize_a32(const float *x, qdot_a32_t *out, size_t n) {
+    for (size_t b = 0; b < n / QDOT_A32; b++) {
+        const float *v = x + b * QDOT_A32;
+        float amax = 0;
+        for (int i = 0; i < QDOT_A32; i++) amax = fmaxf(amax, fabsf(v[i]));
+        float d = amax / 127.0f, id = amax != 0 ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int i = 0; i < QDOT_A32; i++) {
+            int q = (int)nearbyintf(v[i] * id);
+            out[b].q[i] = (int8_t)q;
+            sum += q;
+        }
+        out[b].d = f16_round(d);
+        out[b].s = f16_round(d * (float)sum);
+        out[b].sum = sum;
+        out[b].pad = 0;
+    }
+}
+
+/* Scaled so that the element of largest magnitude maps to -127 exactly (its sign folded
+ * into d), as llama.cpp's Q8_K does. */
+static void quantize_ak(const float *x, qdot_ak_t *out, size_t n) {
+    for (size_t b = 0; b < n / QDOT_AK; b++) {
+        const float *v = x + b * QDOT_AK;
+        float amax = 0, max = 0;
+        for (int i = 0; i < QDOT_AK; i++)
+            if (fabsf(v[i]) > amax) amax = fabsf(v[i]), max = v[i];
+        if (amax == 0) {
+            memset(&out[b], 0, sizeof(out[b]));
+            continue;
+        }
+        float iscale = -127.0f / max;
+        for (int i = 0; i < QDOT_AK; i++) {
+            int q = (int)nearbyintf(iscale * v[i]);
+            out[b].q[i] = (int8_t)(q > 127 ? 127 : q);
+        }
+        for (int g = 0; g < QDOT_AK / 16; g++) {
+            int s = 0;
+            for (int i = 0; i < 16; i++) s += out[b].q[g * 16 + i];
+            out[b].bsums[g] = (int16_t)s;
+        }
+        out[b].d = 1.0f / iscale;
+    }
+}
+
+size_t qdot_act_bytes(qdot_act_t act, size_t n) {
+    if (act == QDOT_ACT_32) return n / QDOT_A32 * sizeof(qdot_a32_t);
+    if (act == QDOT_ACT_K) return n / QDOT_AK * sizeof(qdot_ak_t);
+    return 0;
+}
+
+void qdot_quantize(qdot_act_t act, const float *x, void *out, size_t n) {
+    if (act == QDOT_ACT_32) quantize_a32(x, out, n);
+    if (act == QDOT_ACT_K) quantize_ak(x, out, n);
+}
+
+/* ---- scalar kernels: legacy types against qdot_a32_t ---- */
+
+/* sum over a 32-block of code[i] * y[i], codes as the element order of the block */
+static int32_t dot_codes(const uint8_t *code, const int8_t *y, int n) {
+    int32_t s = 0;
+    for (int i = 0; i < n; i++) s += (int32_t)code[i] * y[i];
+    return s;
+}
+
+/* the 32 4-bit codes of a legacy block: element j in qs[j]'s low nibble, j + 16 its high */
+static void nibbles32(const uint8_t *qs, uint8_t *code) {
+    for (int j = 0; j < 16; j++) code[j] = qs[j] & 0x0f, code[j + 16] = qs[j] >> 4;
+}
+
+static void fifth_bits(uint32_t qh, uint8_t *code) {
+    for (int j = 0; j < 32; j++) code[j] |= (uint8_t)(((qh >> j) & 1) << 4);
+}
+
+static float dot_q4_0_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_a32_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 32; i++, b += 18) {
+        uint8_t code[32];
+        nibbles32(b + 2, code);
+        int32_t s = dot_codes(code, y[i].q, 32) - 8 * y[i].sum;
+        acc += (float)s * (rd_f16(b) * y[i].d);
+    }
+    return acc;
+}
+
+static float dot_q4_1_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_a32_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 32; i++, b += 20) {
+        uint8_t code[32];
+        nibbles32(b + 4, code);
+        acc += (float)dot_codes(code, y[i].q, 32) * (rd_f16(b) * y[i].d) + rd_f16(b + 2) * y[i].s;
+    }
+    return acc;
+}
+
+static float dot_q5_0_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_a32_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 32; i++, b += 22) {
+        uint8_t code[32];
+        nibbles32(b + 6, code);
+        fifth_bits(rd_u32(b + 2), code);
+        int32_t s = dot_codes(code, y[i].q, 32) - 16 * y[i].sum;
+        acc += (float)s * (rd_f16(b) * y[i].d);
+    }
+    return acc;
+}
+
+static float dot_q5_1_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_a32_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 32; i++, b += 24) {
+        uint8_t code[32];
+        nibbles32(b + 8, code);
+        fifth_bits(rd_u32(b + 4), code);
+        acc += (float)dot_codes(code, y[i].q, 32) * (rd_f16(b) * y[i].d) + rd_f16(b + 2) * y[i].s;
+    }
+    return acc;
+}
+
+static float dot_q8_0_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_a32_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 32; i++, b += 34) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) s += (int32_t)(int8_t)b[2 + j] * y[i].q[j];
+        acc += (float)s * (rd_f16(b) * y[i].d);
+    }
+    return acc;
+}
+
+static float dot_iq4_nl_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_a32_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 32; i++, b += 18) {
+        uint8_t code[32];
+        nibbles32(b + 2, code);
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) s += (int32_t)iq4_levels[code[j]] * y[i].q[j];
+        acc += (float)s * (rd_f16(b) * y[i].d);
+    }
+    return acc;
+}
+
+/* ---- scalar kernels: K-quants against qdot_ak_t ---- */
+
+/* Q4_K / Q5_K scales: eight 6-bit scales and mins in 12 bytes (engine/quant.c). */
+static void k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+    for (int j = 0; j < 8; j++) {
+        if (j < 4) {
+            sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (uint8_t)((s[j + 4] & 0x0f) | (s[j - 4] >> 6) << 4);
+            mn[j] = (uint8_t)((s[j + 4] >> 4) | (s[j] >> 6) << 4);
+        }
+    }
+}
+
+/* The 256 codes of a Q4_K/Q5_K super-block: sub-block j's element l is nibble j % 2 of
+ * qs[(j / 2) * 32 + l], plus bit j of qh[l] as the fifth bit when qh is given. */
+static void k_codes(const uint8_t *qs, const uint8_t *qh, uint8_t *code) {
+    for (int j = 0; j < 8; j++)
+        for (int l = 0; l < 32; l++) {
+            uint8_t c = (qs[(j / 2) * 32 + l] >> (4 * (j % 2))) & 0x0f;
+            if (qh) c |= (uint8_t)(((qh[l] >> j) & 1) << 4);
+            code[j * 32 + l] = c;
+        }
+}
+
+static float dot_q45_k_scalar(const uint8_t *b, const qdot_ak_t *y, const uint8_t *qh,
+                              const uint8_t *qs) {
+    uint8_t sc[8], mn[8], code[256];
+    k_scales(b + 4, sc, mn);
+    k_codes(qs, qh, code);
+    int32_t s = 0, m = 0;
+    for (int j = 0; j < 8; j++) {
+        s += sc[j] * dot_codes(code + j * 32, y->q + j * 32, 32);
+        m += mn[j] * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
+    }
+    return y->d * (rd_f16(b) * (float)s - rd_f16(b + 2) * (float)m);
+}
+
+static float dot_q4_k_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_ak_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 256; i++, b += 144) acc += dot_q45_k_scalar(b, &y[i], NULL, b + 16);
+    return acc;
+}
+
+static float dot_q5_k_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_ak_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 256; i++, b += 176)
+        acc += dot_q45_k_scalar(b, &y[i], b + 16, b + 48);
+    return acc;
+}
+
+/* Q6_K codes 0..63 (the value is code - 32), element i of the super-block. */
+static void q6_codes(const uint8_t *ql, const uint8_t *qh, uint8_t *code) {
+    for (int i = 0; i < 256; i++) {
+        int half = i / 128, r = i % 128;
+        int lo = (ql[half * 64 + r % 64] >> (4 * (r / 64))) & 0x0f;
+        int hi = (qh[half * 32 + r % 32] >> (2 * (r / 32))) & 3;
+        code[i] = (uint8_t)(lo | hi << 4);
+    }
+}
+
+static float dot_q6_k_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_ak_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 256; i++, b += 210) {
+        uint8_t code[256];
+        q6_codes(b, b + 128, code);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        int32_t s = 0;
+        for (int g = 0; g < 16; g++)
+            s += sc[g] * (dot_codes(code + g * 16, y[i].q + g * 16, 16) - 32 * y[i].bsums[g]);
+        acc += (rd_f16(b + 208) * y[i].d) * (float)s;
+    }
+    return acc;
+}
+
+/* Q3_K: codes 0..7 (value code - 4), sixteen signed 6-bit scales. */
+static void q3_codes(const uint8_t *hmask, const uint8_t *qs, uint8_t *code) {
+    for (int i = 0; i < 256; i++) {
+        int half = i / 128, shift = 2 * ((i % 128) / 32), l = i % 32;
+        int low2 = (qs[half * 32 + l] >> shift) & 3;
+        code[i] = (uint8_t)(low2 | ((hmask[l] >> (i / 32)) & 1) << 2);
+    }
+}
+
+static void q3_scales(const uint8_t *sc, int8_t *out) {
+    for (int j = 0; j < 16; j++) {
+        int lo = (j < 8 ? sc[j] : sc[j - 8] >> 4) & 0x0f;
+        int hi = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+        out[j] = (int8_t)((lo | hi << 4) - 32);
+    }
+}
+
+static float dot_q3_k_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_ak_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 256; i++, b += 110) {
+        uint8_t code[256];
+        int8_t sc[16];
+        q3_codes(b, b + 32, code);
+        q3_scales(b + 96, sc);
+        int32_t s = 0;
+        for (int g = 0; g < 16; g++)
+            s += sc[g] * (dot_codes(code + g * 16, y[i].q + g * 16, 16) - 4 * y[i].bsums[g]);
+        acc += (rd_f16(b + 108) * y[i].d) * (float)s;
+    }
+    return acc;
+}
+
+/* Q2_K: codes 0..3, per-16 4-bit scale (low nibble) and min (high nibble). */
+static float dot_q2_k_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_ak_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 256; i++, b += 84) {
+        uint8_t code[256];
+        for (int e = 0; e < 256; e++) {
+            int half = e / 128, shift = 2 * ((e % 128) / 32), l = e % 32;
+            code[e] = (b[16 + half * 32 + l] >> shift) & 3;
+        }
+        int32_t s = 0, m = 0;
+        for (int g = 0; g < 16; g++) {
+            s += (b[g] & 0x0f) * dot_codes(code + g * 16, y[i].q + g * 16, 16);
+            m += (b[g] >> 4) * y[i].bsums[g];
+        }
+        acc += y[i].d * (rd_f16(b + 80) * (float)s - rd_f16(b + 82) * (float)m);
+    }
+    return acc;
+}
+
+static float dot_iq4_xs_scalar(const void *w, const void *xq, size_t n) {
+    const uint8_t *b = w;
+    const qdot_ak_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 256; i++, b += 136) {
+        unsigned sh = (unsigned)(b[2] | (b[3] << 8));
+        int32_t s = 0;
+        for (int j = 0; j < 8; j++) {
+            int ls = (((b[4 + j / 2] >> (4 * (j % 2))) & 0x0f) | ((sh >> (2 * j)) & 3) << 4) - 32;
+            uint8_t code[32];
+            nibbles32(b + 8 + j * 16, code);
+            int32_t sj = 0;
+            for (int l = 0; l < 32; l++) sj += iq4_levels[code[l]] * y[i].q[j * 32 + l];
+            s += ls * sj;
+        }
+        acc += (rd_f16(b) * y[i].d) * (float)s;
+    }
+    return acc;
+}
+
+/* ---- vector kernels ---- */
+
+#define QDOT_X86_AVX2
+#include "qdot_x86.inc"
+#undef QDOT_X86_AVX2
+#define QDOT_X86_VNNI512
+#include "qdot_x86.inc"
+#undef QDOT_X86_VNNI512
+#define QDOT_X86_AVXVNNI
+#include "qdot_x86.inc"
+#undef QDOT_X86_AVXVNNI
+
+/* ---- the table ---- */
+
+typedef struct {
+    qdot_act_t act;
+    qdot_fn scalar, avx2, vnni512, avxvnni;
+    qdot_n_fn n_avx2, n_vnni512, n_avxvnni; /* NULL: no multi-token kernel */
+} qdot_type_t;
+
+#define VEC(name) name##_avx2, name##_vnni512, name##_avxvnni
+#define VECN(name) VEC(name), name##_n_avx2, name##_n_vnni512, name##_n_avxvnni
+static const qdot_type_t qdot_types[] = {
+    [GGML_Q4_0] = {QDOT_ACT_32, dot_q4_0_scalar, VECN(dot_q4_0)},
+    [GGML_Q4_1] = {QDOT_ACT_32, dot_q4_1_scalar, VECN(dot_q4_1)},
+    [GGML_Q5_0] = {QDOT_ACT_32, dot_q5_0_scalar, VECN(dot_q5_0)},
+    [GGML_Q5_1] = {QDOT_ACT_32, dot_q5_1_scalar, VECN(dot_q5_1)},
+    [GGML_Q8_0] = {QDOT_ACT_32, dot_q8_0_scalar, VECN(dot_q8_0)},
+    [GGML_IQ4_NL] = {QDOT_ACT_32, dot_iq4_nl_scalar, VECN(dot_iq4_nl)},
+    [GGML_Q2_K] = {QDOT_ACT_K, dot_q2_k_scalar, VEC(dot_q2_k)},
+    [GGML_Q3_K] = {QDOT_ACT_K, dot_q3_k_scalar, VEC(dot_q3_k)},
+    [GGML_Q4_K] = {QDOT_ACT_K, dot_q4_k_scalar, VECN(dot_q4_k)},
+    [GGML_Q5_K] = {QDOT_ACT_K, dot_q5_k_scalar, VECN(dot_q5_k)},
+    [GGML_Q6_K] = {QDOT_ACT_K, dot_q6_k_scalar, VECN(dot_q6_k)},
+    [GGML_IQ4_XS] = {QDOT_ACT_K, dot_iq4_xs_scalar, VEC(dot_iq4_xs)},
+};
+#undef VEC
+#undef VECN
+
+static int level; /* set by qdot_select() before any kernel runs */
+
+static const qdot_type_t *type_of(uint32_t t) {
+    if (t >= sizeof(qdot_types) / sizeof(qdot_types[0]) || !qdot_types[t].scalar) return NULL;
+    return &qdot_types[t];
+}
+
+qdot_act_t qdot_act(uint32_t t) {
+    const qdot_type_t *q = type_of(t);
+    return q ? q->act : QDOT_ACT_NONE;
+}
+
+qdot_fn qdot_kernel_scalar(uint32_t t) {
+    const qdot_type_t *q = type_of(t);
+    return q ? q->scalar : NULL;
+}
+
+qdot_n_fn qdot_kernel_n(uint32_t t) {
+    const qdot_type_t *q = type_of(t);
+    if (!q) return NULL;
+    switch (level) {
+    case QDOT_AVX512VNNI:
+        return q->n_vnni512;
+    case QDOT_AVXVNNI:
+        return q->n_avxvnni;
+    case QDOT_AVX2:
+        return q->n_avx2;
+    default:
+        return NULL;
+    }
+}
+
+qdot_fn qdot_kernel(uint32_t t) {
+    const qdot_type_t *q = type_of(t);
+    if (!q) return NULL;
+    switch (level) {
+    case QDOT_AVX512VNNI:
+        return q->vnni512;
+    case QDOT_AVXVNNI:
+        return q->avxvnni;
+    case QDOT_AVX2:
+        return q->avx2;
+    default:
+        return q->scalar;
+    }
+}
+
+/* F16C and AVX-VNNI from CPUID itself: not every compiler's __builtin_cpu_supports knows
+ * them (the OS's saving of the ymm state is covered by the AVX2 check). */
+static int cpuid_bit(unsigned leaf, unsigned sub, int reg, int bit) {
+    unsigned r[4];
+    if (!__get_cpuid_count(leaf, sub, &r[0], &r[1], &r[2], &r[3])) return 0;
+    return (r[reg] >> bit) & 1;
+}
+
+static int has_level(int l) {
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               cpuid_bit(1, 0, 2, 29); /* F16C: CPUID.1:ECX[29] */
+    switch (l) {
+    case QDOT_SCALAR:
+        return 1;
+    case QDOT_AVX2:
+        return avx2;
+    case QDOT_AVXVNNI:
+        return avx2 && cpuid_bit(7, 1, 0, 4); /* AVX-VNNI: CPUID.(7,1):EAX[4] */
+    case QDOT_AVX512VNNI:
+        return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+    default:
+        return 0;
+    }
+}
+
+int qdot_select(int l) {
+    if (!has_level(l)) return -1;
+    level = l;
+    return 0;
+}
+
+int qdot_init(int max_level) {
+    int l = max_level;
+    while (l > 0 && !has_level(l)) l--;
+    level = l;
+    return l;
+}
+
+const char *qdot_level_name(void) {
+    static const char *names[] = {"scalar", "avx2", "avx-vnni", "avx512-vnni"};
+    return names[level];
+}
