@@ -150,8 +150,12 @@ REAL_MODEL_DIR ?= $(or $(TIDALD_MODELS_DIR),$(MODEL_DIR))
 models: $(MODEL_DIR)/tiny-f32.gguf $(MODEL_DIR)/small-f32.gguf
 	python3 scripts/fetch_models.py --dir $(REAL_MODEL_DIR)
 
+# Serves SmolLM2-135M-Instruct when `make models` can fetch it (real text, chat works), else
+# the synthetic model.
 run: deps all $(DEFAULT_MODEL)
-	$(BUILD)/tidald serve --model $(DEFAULT_MODEL) --host 127.0.0.1 --port 8080
+	-python3 scripts/fetch_models.py --dir $(REAL_MODEL_DIR)
+	m=$(REAL_MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf; [ -f "$$m" ] || m=$(DEFAULT_MODEL); \
+	  echo "serving $$m"; exec $(BUILD)/tidald serve --model "$$m" --host 127.0.0.1 --port 8080
 
 # ---- tests ----
 TEST_BIN      := $(BUILD)/unit_tests
@@ -197,7 +201,7 @@ $(BUILD)/integration_tests: $(call obj,$(BUILD),$(INTEG_SRC) $(TOOL_SRC))
 integration-test: $(BUILD)/integration_tests $(ASAN_DIR)/tidald
 	rm -rf $(TEST_TMP)-integ && mkdir -p $(TEST_TMP)-integ
 	TIDALD_TEST_TMP=$(abspath $(TEST_TMP))-integ TIDALD_BIN=$(ASAN_DIR)/tidald $(SAN_ENV) \
-	  $(BUILD)/integration_tests --jobs 2
+	  TIDALD_MODELS_DIR=$(abspath $(REAL_MODEL_DIR)) $(BUILD)/integration_tests --jobs 2
 
 cli-test: $(BUILD)/tidald $(ASAN_DIR)/tidald $(BUILD)/mkmodel
 	$(SAN_ENV) TIDALD_BIN=$(ASAN_DIR)/tidald MKMODEL=$(BUILD)/mkmodel bash tests/integration/cli.sh

@@ -84,6 +84,12 @@ typedef struct {
 } api_msg_t;
 /* malloc'd prompt text (special tokens spelled out), or NULL if the template is NONE */
 char *api_render_chat(api_tmpl_t t, const api_msg_t *msgs, size_t n);
+/* The same, with the system message the template supplies when the conversation has none
+ * (default_system NULL: none). */
+char *api_render_chat_ex(api_tmpl_t t, const char *default_system, const api_msg_t *msgs, size_t n);
+/* The literal default system message of a ChatML template (SmolLM2's "You are a helpful AI
+ * assistant named SmolLM, ..."), malloc'd; NULL if the template has none. */
+char *api_template_default_system(const char *chat_template);
 
 /* /tokenize and /detokenize bodies -> JSON reply (malloc'd), or NULL with err filled. */
 char *api_tokenize(const api_ctx_t *ctx, const char *body, size_t len, api_error_t *err);

@@ -5,7 +5,9 @@
  *   ChatML   <|im_start|>role\ncontent<|im_end|>\n
  *   Zephyr   <|role|>\ncontent</s>\n
  *   Llama 2  <s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] assistant </s>
- * Each ends with the assistant's opening so the model writes the reply.
+ * Each ends with the assistant's opening so the model writes the reply. A ChatML template that
+ * opens a conversation without a system message with a literal one of its own (SmolLM2's) gets
+ * it too.
  */
 #include "api.h"
 
@@ -44,7 +46,29 @@ static void sb_add(sb_t *b, const char *t) {
     b->len += n;
 }
 
+char *api_template_default_system(const char *tmpl) {
+    static const char open[] = "<|im_start|>system\n";
+    if (!tmpl) return NULL;
+    for (const char *p = strstr(tmpl, open); p; p = strstr(p + 1, open)) {
+        const char *body = p + strlen(open), *end = strstr(body, "<|im_end|>");
+        if (!end || end == body) continue;
+        /* a literal only: an expression ({{ ... }}) or a quote is the caller's message */
+        size_t len = (size_t)(end - body);
+        if (memchr(body, '{', len) || memchr(body, '\'', len) || memchr(body, '"', len)) continue;
+        char *out = malloc(len + 1);
+        if (!out) return NULL;
+        memcpy(out, body, len);
+        out[len] = 0;
+        return out;
+    }
+    return NULL;
+}
+
 char *api_render_chat(api_tmpl_t t, const api_msg_t *m, size_t n) {
+    return api_render_chat_ex(t, NULL, m, n);
+}
+
+char *api_render_chat_ex(api_tmpl_t t, const char *default_system, const api_msg_t *m, size_t n) {
     sb_t b = {0};
     sb_add(&b, "");
     switch (t) {
@@ -60,6 +84,11 @@ char *api_render_chat(api_tmpl_t t, const api_msg_t *m, size_t n) {
         sb_add(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
         break;
     case API_TMPL_CHATML:
+        if (default_system && (n == 0 || strcmp(m[0].role, "system") != 0)) {
+            sb_add(&b, "<|im_start|>system\n");
+            sb_add(&b, default_system);
+            sb_add(&b, "<|im_end|>\n");
+        }
         for (size_t i = 0; i < n; i++) {
             sb_add(&b, "<|im_start|>");
             sb_add(&b, m[i].role);

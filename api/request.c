@@ -279,7 +279,10 @@ static int chat_prompt(const api_ctx_t *ctx, const cJSON *root, const window_t *
         i++;
     }
     if (!rc) {
-        *out = api_render_chat(t, m, n);
+        char *sys =
+            api_template_default_system(eng_tok_chat_template(eng_model_tokenizer(ctx->model)));
+        *out = api_render_chat_ex(t, sys, m, n);
+        free(sys);
         if (!*out) rc = api_fail(e, 500, "server_error", NULL, NULL, "out of memory");
     }
 done:

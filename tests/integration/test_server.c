@@ -859,3 +859,43 @@ Test(server, test_slow_reader_is_cut_off_without_blocking_others) {
     close(fd);
     cr_expect_eq(daemon_stop(&d), 0);
 }
+
+/* A real checkpoint end to end through the API: SmolLM2-135M-Instruct answers a chat request
+ * through its own template (ChatML with its default system message: 37 prompt tokens, as
+ * llama.cpp renders and tokenizes it in tests/fixtures/reference/), plain and streamed, with the
+ * same greedy text. */
+Test(server, test_smollm2_chat_end_to_end, .timeout = 600) {
+    const char *dir = getenv("TIDALD_MODELS_DIR");
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : "build/models");
+    if (access(path, R_OK) != 0)
+        cr_skip_test("%s not fetched (offline?): run `make models`; skipping", path);
+    daemon_t d;
+    const char *args[] = {"--model", path, "--threads", "2", NULL};
+    daemon_start(&d, args);
+    const char *body = "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of "
+                       "France?\"}],\"max_tokens\":40,\"temperature\":0}";
+    int status;
+    cJSON *j = post_json(d.port, "/v1/chat/completions", body, &status);
+    cr_assert_eq(status, 200);
+    cJSON *ch = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0);
+    const char *text =
+        cJSON_GetObjectItem(cJSON_GetObjectItem(ch, "message"), "content")->valuestring;
+    cr_expect_gt(strlen(text), 0, "an answer");
+    cr_expect_eq(jnum(j, "usage.prompt_tokens"), 37);
+    const char *fr = cJSON_GetObjectItem(ch, "finish_reason")->valuestring;
+    cr_expect(strcmp(fr, "stop") == 0 || strcmp(fr, "length") == 0, "finish_reason %s", fr);
+    /* streamed: the deltas concatenate to the same text */
+    const char *sbody = "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of "
+                        "France?\"}],\"max_tokens\":40,\"temperature\":0,\"stream\":true}";
+    char *resp, *head;
+    cr_assert_eq(http_req(d.port, "POST", "/v1/chat/completions", NULL, sbody, &resp, &head), 200);
+    char joined[4096];
+    bool done;
+    sse_text(resp, joined, sizeof(joined), &done, NULL, NULL);
+    cr_expect(done, "the stream ends with [DONE]");
+    cr_expect_str_eq(joined, text);
+    free(resp), free(head);
+    cJSON_Delete(j);
+    cr_expect_eq(daemon_stop(&d), 0);
+}

@@ -12,6 +12,7 @@
  *     the count of the other positions and the largest logit difference are reported.
  * Under ASan the cases are cut short (one prompt, 16 tokens, 256 positions): the sanitizers
  * check memory, the optimized run checks the numbers. Models missing (offline) skip. */
+#include "../../api/api.h"
 #include "../../engine/engine.h"
 #include "helpers.h"
 
@@ -96,6 +97,16 @@ static void check_tokenizer(parity_t *p) {
     cJSON_ArrayForEach(g, cJSON_GetObjectItem(p->fx, "greedy")) {
         const char *text = cJSON_GetObjectItem(g, "prompt")->valuestring;
         bool chat = cJSON_IsTrue(cJSON_GetObjectItem(g, "chat"));
+        if (chat) { /* the API renders the GGUF's template as the fixture's Jinja did */
+            const char *tmpl = eng_tok_chat_template(t);
+            char *sys = api_template_default_system(tmpl);
+            api_msg_t msg = {"user", cJSON_GetObjectItem(g, "user")->valuestring};
+            char *ours = api_render_chat_ex(api_detect_template(tmpl), sys, &msg, 1);
+            cr_expect(ours && strcmp(ours, text) == 0, "chat prompt renders as\n%s\nnot\n%s",
+                      ours ? ours : "(null)", text);
+            free(ours);
+            free(sys);
+        }
         size_t n_want, n_got;
         int32_t *want = int_array(cJSON_GetObjectItem(g, "ids"), &n_want), *got = NULL;
         char msg[ENG_ERRMSG_LEN];
