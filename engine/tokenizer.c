@@ -49,6 +49,9 @@ struct eng_tokenizer {
     bool *eog;
     int32_t *special; /* control and user-defined tokens, for parse_special */
     size_t n_special;
+    int32_t *user; /* user-defined tokens alone: matched in any text, as llama.cpp does */
+    size_t n_user;
+    bool special_first[256], user_first[256]; /* first bytes of those pieces */
     char *chat_template;
 };
 
@@ -566,11 +569,12 @@ static int tokenize_fragment(const eng_tokenizer_t *t, const char *text, size_t 
     return tokenize_spm(&tmp, text, len, o);
 }
 
-/* The longest special (control or user-defined) token spelled at text[0..len), or -1. */
-static int32_t special_at(const eng_tokenizer_t *t, const char *text, size_t len) {
+/* The longest of the listed tokens spelled at text[0..len), or -1. */
+static int32_t special_at(const eng_tokenizer_t *t, const int32_t *list, size_t n, const char *text,
+                          size_t len) {
     int32_t best = -1;
-    for (size_t k = 0; k < t->n_special; k++) {
-        int32_t id = t->special[k];
+    for (size_t k = 0; k < n; k++) {
+        int32_t id = list[k];
         uint32_t pl = t->piece_len[id];
         if (pl <= len && memcmp(text, t->piece[id], pl) == 0 &&
             (best < 0 || pl > t->piece_len[best]))
@@ -588,11 +592,15 @@ int eng_tokenize_ex(const eng_tokenizer_t *t, const char *text, size_t len, bool
     ids_t o = {0};
     int rc = 0;
     if (add_bos && t->bos >= 0) rc = ids_push(&o, t->bos);
-    /* split at special tokens; SentencePiece adds its space prefix after each of them */
+    /* split at special tokens (user-defined ones always, control ones with parse_special, as
+     * llama.cpp does); SentencePiece adds its space prefix after each of them */
     size_t start = 0;
     bool after_special = true;
-    for (size_t i = 0; i < len && !rc && parse_special;) {
-        int32_t sp = (text[i] == '<' || text[i] == '[') ? special_at(t, text + i, len - i) : -1;
+    const int32_t *list = parse_special ? t->special : t->user;
+    size_t n_list = parse_special ? t->n_special : t->n_user;
+    const bool *first = parse_special ? t->special_first : t->user_first;
+    for (size_t i = 0; i < len && !rc && n_list;) {
+        int32_t sp = first[(uint8_t)text[i]] ? special_at(t, list, n_list, text + i, len - i) : -1;
         if (sp < 0) {
             i++;
             continue;
@@ -928,9 +936,20 @@ int eng__tokenizer_load(eng_tokenizer_t **out, const gguf_t *g, uint32_t n_vocab
         rc = eng_fail(msg, ENG_ENOMEM, "out of memory");
         goto fail;
     }
-    for (uint32_t i = 0; i < n_vocab; i++)
-        if ((t->type[i] == TT_CONTROL || t->type[i] == TT_USER) && t->piece_len[i] > 0)
-            t->special[t->n_special++] = (int32_t)i;
+    t->user = malloc(sizeof(int32_t) * n_vocab);
+    if (!t->user) {
+        rc = eng_fail(msg, ENG_ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (uint32_t i = 0; i < n_vocab; i++) {
+        if ((t->type[i] != TT_CONTROL && t->type[i] != TT_USER) || t->piece_len[i] == 0) continue;
+        t->special[t->n_special++] = (int32_t)i;
+        t->special_first[(uint8_t)t->piece[i][0]] = true;
+        if (t->type[i] == TT_USER) {
+            t->user[t->n_user++] = (int32_t)i;
+            t->user_first[(uint8_t)t->piece[i][0]] = true;
+        }
+    }
     const char *tmpl = gguf_get_str(g, "tokenizer.chat_template");
     if (tmpl && !(t->chat_template = strdup(tmpl))) {
         rc = eng_fail(msg, ENG_ENOMEM, "out of memory");
@@ -953,6 +972,7 @@ void eng__tokenizer_free(eng_tokenizer_t *t) {
     free(t->type);
     free(t->eog);
     free(t->special);
+    free(t->user);
     free(t->chat_template);
     free(t->merge_str);
     free(t->vocab.e);

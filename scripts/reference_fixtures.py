@@ -39,6 +39,20 @@ PLAIN = [
     "def fibonacci(n):\n",
     "In 1969, the first humans",
 ]
+# tokenizer texts: digits, punctuation before letters, upper-case contractions, code, spaces,
+# newlines, accents, CJK, emoji
+TOKENIZE = [
+    "In 1969, 12345 people paid $3.50 each (about 4,000,000 in total).",
+    "I'M sure you'RE right; we'LL see. Don't, won't, can't!",
+    "def f(x):\n    return x**2  # square\n\n\n",
+    "   leading spaces and trailing   ",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u00fcber stra\u00dfe",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8 and \u4e2d\u6587",
+    "emoji \U0001f600\U0001f680 mixed\twith\ttabs\r\nand CRLF",
+    "<html><body class=\"x\">a&amp;b</body></html>",
+    "x2's (a) [b] {c} --flag=value ... !!! ???",
+    "3.14159 2.71828 1e-10 0x1F 1_000_000",
+]
 CHAT = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -140,6 +154,8 @@ def model_fixture(llama_cpp, np, bin_dir, path):
         greedy.append({"chat": True, "user": p, "prompt": text, "ids": ids, "gen": gen,
                        "gaps": gaps})
     out["greedy"] = greedy
+    out["tokenize"] = [{"text": t, "ids": m.tokenize(t.encode(), add_bos=False, special=False)}
+                       for t in TOKENIZE]
 
     with open(TEXT, "rb") as f:
         text = f.read()

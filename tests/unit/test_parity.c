@@ -14,6 +14,8 @@
  * check memory, the optimized run checks the numbers. Models missing (offline) skip. */
 #include "../../api/api.h"
 #include "../../engine/engine.h"
+#include "../../engine/gguf.h"
+#include "../../engine/model.h"
 #include "helpers.h"
 
 #include <cjson/cJSON.h>
@@ -123,6 +125,28 @@ static void check_tokenizer(parity_t *p) {
         free(got);
         free(want);
     }
+}
+
+/* Texts chosen to exercise the pre-tokenizer (digits, punctuation, upper-case contractions,
+ * code, runs of spaces, CRLF, accents, CJK, emoji) tokenize to llama.cpp's ids. */
+static void check_texts(const eng_tokenizer_t *t, const cJSON *fx, const char *label) {
+    const cJSON *e;
+    int n = 0, same = 0;
+    cJSON_ArrayForEach(e, cJSON_GetObjectItem(fx, "tokenize")) {
+        const char *text = cJSON_GetObjectItem(e, "text")->valuestring;
+        size_t n_want, n_got;
+        int32_t *want = int_array(cJSON_GetObjectItem(e, "ids"), &n_want), *got = NULL;
+        char msg[ENG_ERRMSG_LEN];
+        cr_assert_eq(eng_tokenize_ex(t, text, strlen(text), false, false, &got, &n_got, msg), 0,
+                     "%s", msg);
+        bool ok = n_got == n_want && memcmp(got, want, n_got * sizeof(int32_t)) == 0;
+        cr_expect(ok, "%s: '%s': %zu tokens, llama.cpp %zu", label, text, n_got, n_want);
+        n++, same += ok;
+        free(got);
+        free(want);
+    }
+    cr_expect_gt(n, 0, "the fixture has tokenizer texts");
+    fprintf(stderr, "parity %s: %d of %d tokenizer texts give llama.cpp's ids\n", label, same, n);
 }
 
 /* Greedy from llama.cpp's prompt ids; the same tokens as llama.cpp's. */
@@ -250,7 +274,39 @@ Test(parity, test_smollm2_tokenizes_like_llama_cpp) {
     parity_t p;
     open_parity(&p, SMOLLM2_GGUF, SMOLLM2_FX);
     check_tokenizer(&p);
+    check_texts(eng_model_tokenizer(p.m), p.fx, "SmolLM2");
     close_parity(&p);
+}
+
+/* Gemma 3's SentencePiece vocabulary (262,144 pieces) through the tokenizer alone: its
+ * architecture does not run yet, its tokenizer does. */
+Test(parity, test_gemma3_tokenizes_like_llama_cpp) {
+    const char *path = real_model_path(GEMMA3_GGUF);
+    if (!path) cr_skip_test("%s not fetched (offline?): run `make models`; skipping", GEMMA3_GGUF);
+    char msg[ENG_ERRMSG_LEN];
+    gguf_t *g = NULL;
+    cr_assert_eq(gguf_open(&g, path, msg), 0, "%s", msg);
+    const gguf_tensor_t *emb = gguf_tensor(g, "token_embd.weight");
+    cr_assert(emb);
+    eng_tokenizer_t *t = NULL;
+    cr_assert_eq(eng__tokenizer_load(&t, g, (uint32_t)emb->ne[1], msg), 0, "%s", msg);
+    cJSON *fx = load_json("tests/fixtures/reference/gemma-3-270m-q4_k_m.json");
+    check_texts(t, fx, "Gemma 3");
+    /* and the plain prompts (with BOS) */
+    const cJSON *e;
+    cJSON_ArrayForEach(e, cJSON_GetObjectItem(fx, "greedy")) {
+        if (cJSON_IsTrue(cJSON_GetObjectItem(e, "chat"))) continue;
+        const char *text = cJSON_GetObjectItem(e, "prompt")->valuestring;
+        size_t n_want, n_got;
+        int32_t *want = int_array(cJSON_GetObjectItem(e, "ids"), &n_want), *got = NULL;
+        cr_assert_eq(eng_tokenize_ex(t, text, strlen(text), true, false, &got, &n_got, msg), 0);
+        cr_expect(n_got == n_want && memcmp(got, want, n_got * sizeof(int32_t)) == 0,
+                  "Gemma 3 prompt '%s': %zu tokens, llama.cpp %zu", text, n_got, n_want);
+        free(got), free(want);
+    }
+    cJSON_Delete(fx);
+    eng__tokenizer_free(t);
+    gguf_close(g);
 }
 
 Test(parity, test_smollm2_greedy_equals_llama_cpp, .timeout = 600) {
