@@ -342,7 +342,7 @@ static void check_perplexity(parity_t *p, const char *label) {
 
 #define SMOLLM2_FX "tests/fixtures/reference/SmolLM2-135M-Instruct.Q4_1.json"
 
-Test(parity, test_smollm2_perplexity_equals_llama_cpp, .timeout = 900) {
+Test(parity, test_smollm2_perplexity_equals_llama_cpp) {
     parity_t p;
     open_parity(&p, SMOLLM2_GGUF, SMOLLM2_FX);
     check_perplexity(&p, "SmolLM2");
@@ -388,14 +388,14 @@ Test(parity, test_gemma3_tokenizes_like_llama_cpp) {
     gguf_close(g);
 }
 
-Test(parity, test_smollm2_greedy_equals_llama_cpp, .timeout = 600) {
+Test(parity, test_smollm2_greedy_equals_llama_cpp) {
     parity_t p;
     open_parity(&p, SMOLLM2_GGUF, SMOLLM2_FX);
     check_greedy(&p);
     close_parity(&p);
 }
 
-Test(parity, test_smollm2_teacher_forced_top1_equals_llama_cpp, .timeout = 600) {
+Test(parity, test_smollm2_teacher_forced_top1_equals_llama_cpp) {
     parity_t p;
     open_parity(&p, SMOLLM2_GGUF, SMOLLM2_FX);
     check_forced(&p, "SmolLM2");
