@@ -83,6 +83,9 @@ static const flag_t gen_flags[] = {
      "tokens evicted when the window fills, block-rounded (default window/8)"},
     {"--no-eviction", F_BOOL, 0, 0, OFF(no_eviction), "",
      "stop at a full window instead of evicting"},
+    {"--chunked", F_BOOL, 0, 0, OFF(chunked), "",
+     "perplexity as llama-perplexity computes it: the text in --ctx-size chunks (512 if 0), "
+     "each evaluated alone, the second half of each scored"},
     {"--attention", F_STR, 0, 0, OFF(attention), "MODE",
      "full or tidal (TidalDecode) (default full)"},
     {"--token-budget", F_INT, 0, 1 << 24, OFF(token_budget), "K",

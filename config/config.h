@@ -32,13 +32,14 @@ typedef struct {
     int32_t ctx_size;
     int32_t batch_size;
     /* streaming past the window and attention (shared with `perplexity`) */
-    const char *file;             /* perplexity: the text to evaluate */
-    int32_t eval_tokens;          /* perplexity: evaluate only the first N tokens, 0 = all */
-    int32_t sinks;                /* attention-sink tokens kept by eviction */
-    int32_t block_size;           /* KV cache tokens per block (eviction granularity) */
-    const char *kv_type;          /* f16 or f32 */
-    int32_t evict_chunk;          /* tokens evicted at a time, 0 = window/8 (block-rounded) */
-    bool no_eviction;             /* stop at a full window instead of evicting */
+    const char *file;    /* perplexity: the text to evaluate */
+    int32_t eval_tokens; /* perplexity: evaluate only the first N tokens, 0 = all */
+    int32_t sinks;       /* attention-sink tokens kept by eviction */
+    int32_t block_size;  /* KV cache tokens per block (eviction granularity) */
+    const char *kv_type; /* f16 or f32 */
+    int32_t evict_chunk; /* tokens evicted at a time, 0 = window/8 (block-rounded) */
+    bool no_eviction;    /* stop at a full window instead of evicting */
+    bool chunked;        /* perplexity as llama-perplexity computes it: --ctx-size chunks, halves */
     const char *attention;        /* full or tidal */
     int32_t token_budget;         /* TidalDecode K, 0 = the default */
     const char *selection_layers; /* comma-separated, empty = the default */

@@ -50,6 +50,63 @@ static double log_z(const float *l, uint32_t V, int32_t *arg) {
     return mx + log(z);
 }
 
+/* llama-perplexity's method: chunks of `ctx` tokens, each evaluated from an empty cache (its
+ * first token BOS for models that add one), the next-token NLL of every position of its second
+ * half. The same number llama-perplexity prints for the same file and -c. */
+static int chunked(const cfg_generate_t *cfg, eng_ctx_t *ctx, const eng_model_t *model,
+                   int32_t *toks, size_t n) {
+    const eng_hparams_t *hp = eng_model_hparams(model);
+    const eng_tokenizer_t *tok = eng_model_tokenizer(model);
+    uint32_t len = cfg->ctx_size > 0 ? (uint32_t)cfg->ctx_size : 512, sub = 64, V = hp->n_vocab;
+    size_t chunks = n / len;
+    if (len < 2 || chunks == 0) {
+        fprintf(stderr, "tidald perplexity: the text has fewer than %u tokens, one chunk\n", len);
+        return 1;
+    }
+    float *logits = malloc(sizeof(float) * V * sub);
+    if (!logits) return 1;
+    char msg[ENG_ERRMSG_LEN];
+    double nll = 0;
+    uint64_t count = 0;
+    int rc = 0;
+    for (size_t c = 0; c < chunks && !rc; c++) {
+        int32_t *t = toks + c * len, first = t[0];
+        if (eng_tok_add_bos(tok) && eng_tok_bos(tok) >= 0) t[0] = eng_tok_bos(tok);
+        kv_seq_t seq;
+        kv_seq_init(&seq, eng_ctx_kv_pool(ctx));
+        for (uint32_t at = 0; at < len && !rc; at += sub) {
+            uint32_t m = len - at < sub ? len - at : sub;
+            bool scored = at + m > len / 2;
+            eng_batch_item_t it = {&seq, t + at, m, scored ? logits : NULL, scored};
+            if ((rc = eng_forward(ctx, &it, 1, msg))) {
+                fprintf(stderr, "tidald perplexity: %s\n", msg);
+                break;
+            }
+            for (uint32_t j = 0; scored && j < m; j++) {
+                uint32_t pos = at + j;
+                if (pos < len / 2 || pos + 1 >= len) continue;
+                int32_t a;
+                nll += log_z(logits + (size_t)j * V, V, &a) - logits[(size_t)j * V + t[pos + 1]];
+                count++;
+            }
+        }
+        kv_seq_close(&seq);
+        t[0] = first;
+        if (cfg->verbose)
+            fprintf(stderr, "tidald perplexity: chunk %zu/%zu, ppl %.4f\n", c + 1, chunks,
+                    exp(nll / (double)count));
+    }
+    free(logits);
+    if (rc) return 1;
+    double ppl = exp(nll / (double)count);
+    fprintf(stderr, "tidald perplexity: %zu chunks of %u, %llu tokens scored: perplexity %.4f\n",
+            chunks, len, (unsigned long long)count, ppl);
+    printf("{\"method\":\"chunked\",\"chunks\":%zu,\"ctx_size\":%u,\"tokens\":%llu,"
+           "\"perplexity\":%.6f}\n",
+           chunks, len, (unsigned long long)count, ppl);
+    return 0;
+}
+
 int cmd_perplexity(int argc, char **argv) {
     cfg_generate_t cfg;
     char msg[ENG_ERRMSG_LEN] = {0};
@@ -87,6 +144,10 @@ int cmd_perplexity(int argc, char **argv) {
     if (cfg.eval_tokens > 0 && n > (size_t)cfg.eval_tokens) n = (size_t)cfg.eval_tokens;
     if (n < 2) {
         fprintf(stderr, "tidald perplexity: the text has fewer than 2 tokens\n");
+        goto done;
+    }
+    if (cfg.chunked) {
+        status = chunked(&cfg, ctx, model, toks, n);
         goto done;
     }
     uint32_t V = hp->n_vocab, window = eng_ctx_n_ctx(ctx);

@@ -87,6 +87,10 @@ if [ -f "$STORIES" ]; then
 
     "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --ctx-size 128 --attention tidal --token-budget 32 >"$TMP/out" 2>"$TMP/err"
     tail -1 "$TMP/out" | grep -q '"top1_agreement_vs_full"' && clean && ok "perplexity reports tidal vs full" || bad "perplexity"
+
+    "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --ctx-size 128 --chunked >"$TMP/out" 2>"$TMP/err"
+    tail -1 "$TMP/out" | python3 -c 'import json,math,sys; j=json.loads(sys.stdin.read()); sys.exit(not (j["method"] == "chunked" and j["chunks"] > 0 and j["tokens"] == j["chunks"] * 63 and 1 < j["perplexity"] < 100))' &&
+        clean && ok "perplexity --chunked scores the second half of each 128-token chunk" || bad "perplexity --chunked"
 else
     skip=$((skip + 1))
     echo "[SKIP] $STORIES not present: skipping the stories260K CLI cases"
