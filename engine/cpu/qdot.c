@@ -369,12 +369,12 @@ static const qdot_type_t qdot_types[] = {
     [GGML_Q5_1] = {QDOT_ACT_32, dot_q5_1_scalar, VECN(dot_q5_1)},
     [GGML_Q8_0] = {QDOT_ACT_32, dot_q8_0_scalar, VECN(dot_q8_0)},
     [GGML_IQ4_NL] = {QDOT_ACT_32, dot_iq4_nl_scalar, VECN(dot_iq4_nl)},
-    [GGML_Q2_K] = {QDOT_ACT_K, dot_q2_k_scalar, VEC(dot_q2_k)},
-    [GGML_Q3_K] = {QDOT_ACT_K, dot_q3_k_scalar, VEC(dot_q3_k)},
+    [GGML_Q2_K] = {QDOT_ACT_K, dot_q2_k_scalar, VECN(dot_q2_k)},
+    [GGML_Q3_K] = {QDOT_ACT_K, dot_q3_k_scalar, VECN(dot_q3_k)},
     [GGML_Q4_K] = {QDOT_ACT_K, dot_q4_k_scalar, VECN(dot_q4_k)},
     [GGML_Q5_K] = {QDOT_ACT_K, dot_q5_k_scalar, VECN(dot_q5_k)},
     [GGML_Q6_K] = {QDOT_ACT_K, dot_q6_k_scalar, VECN(dot_q6_k)},
-    [GGML_IQ4_XS] = {QDOT_ACT_K, dot_iq4_xs_scalar, VEC(dot_iq4_xs)},
+    [GGML_IQ4_XS] = {QDOT_ACT_K, dot_iq4_xs_scalar, VECN(dot_iq4_xs)},
 };
 #undef VEC
 #undef VECN

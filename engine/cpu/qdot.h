@@ -53,8 +53,8 @@ size_t qdot_act_bytes(qdot_act_t act, size_t n);
 void qdot_quantize(qdot_act_t act, const float *x, void *out, size_t n);
 /* The kernel for the type at the level chosen by qdot_select(); NULL if none. */
 qdot_fn qdot_kernel(uint32_t ggml_type);
-/* The multi-token kernel at the chosen level; NULL where the type has none (scalar level, or
- * Q2_K, Q3_K and IQ4_XS): the caller loops over tokens with qdot_kernel(). */
+/* The multi-token kernel at the chosen level; NULL at the scalar level, where the caller loops
+ * over tokens with qdot_kernel(). */
 qdot_n_fn qdot_kernel_n(uint32_t ggml_type);
 /* The scalar kernel, for tests. */
 qdot_fn qdot_kernel_scalar(uint32_t ggml_type);
