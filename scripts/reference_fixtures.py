@@ -21,12 +21,13 @@ llama-perplexity. For each model in build/models it writes tests/fixtures/refere
 
 Usage: scripts/reference_fixtures.py BIN_DIR [MODEL_DIR]   (make reference-fixtures)
 """
-import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+
+from fetch_models import sha256_of  # the script's own directory is on sys.path
 
 TEXT = "/usr/share/common-licenses/GPL-3"
 FORCED_TOKENS = 2048
@@ -59,14 +60,6 @@ CHAT = [
     "Explain photosynthesis in two sentences.",
     "List three prime numbers greater than 100.",
 ]
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def render_chat(template, bos, eos, user):
@@ -113,7 +106,7 @@ def model_fixture(llama_cpp, np, bin_dir, path):
     vocab = m._model.vocab
     meta = m.metadata
     add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
-    out = {"model": os.path.basename(path), "sha256": sha256(path), "add_bos": add_bos}
+    out = {"model": os.path.basename(path), "sha256": sha256_of(path), "add_bos": add_bos}
 
     def run(ids, n, m=m):
         m.reset()
@@ -167,7 +160,7 @@ def model_fixture(llama_cpp, np, bin_dir, path):
     for p in range(len(ids)):
         i5, l5 = top(np, plain[p], 5)
         forced.append({"top": i5, "logits": [round(x, 5) for x in l5]})
-    out["forced"] = {"text": TEXT, "text_sha256": sha256(TEXT), "ids": ids, "rows": forced}
+    out["forced"] = {"text": TEXT, "text_sha256": sha256_of(TEXT), "ids": ids, "rows": forced}
     del m
     fa = open_model(llama_cpp, path, True)
     fa.eval(ids)

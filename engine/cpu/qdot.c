@@ -11,6 +11,7 @@
 
 #include <cpuid.h>
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 static float rd_f16(const uint8_t *p) {
@@ -90,7 +91,7 @@ void qdot_quantize(qdot_act_t act, const float *x, void *out, size_t n) {
 
 /* ---- scalar kernels: legacy types against qdot_a32_t ---- */
 
-/* sum over a 32-block of code[i] * y[i], codes as the element order of the block */
+/* sum over n elements of code[i] * y[i] */
 static int32_t dot_codes(const uint8_t *code, const int8_t *y, int n) {
     int32_t s = 0;
     for (int i = 0; i < n; i++) s += (int32_t)code[i] * y[i];
@@ -102,87 +103,72 @@ static void nibbles32(const uint8_t *qs, uint8_t *code) {
     for (int j = 0; j < 16; j++) code[j] = qs[j] & 0x0f, code[j + 16] = qs[j] >> 4;
 }
 
-static void fifth_bits(uint32_t qh, uint8_t *code) {
-    for (int j = 0; j < 32; j++) code[j] |= (uint8_t)(((qh >> j) & 1) << 4);
-}
-
-static float dot_q4_0_scalar(const void *w, const void *xq, size_t n) {
-    const uint8_t *b = w;
-    const qdot_a32_t *y = xq;
-    float acc = 0;
-    for (size_t i = 0; i < n / 32; i++, b += 18) {
-        uint8_t code[32];
+/* One legacy block (engine/quant.c's layouts) as the integer values its elements scale:
+ * x = d * v (+ m for the types with a minimum, 0 for the others). */
+static void legacy_values(uint32_t type, const uint8_t *b, int16_t *v, float *d, float *m) {
+    uint8_t code[32];
+    *d = rd_f16(b);
+    *m = 0;
+    switch (type) {
+    case GGML_Q4_0:
         nibbles32(b + 2, code);
-        int32_t s = dot_codes(code, y[i].q, 32) - 8 * y[i].sum;
-        acc += (float)s * (rd_f16(b) * y[i].d);
-    }
-    return acc;
-}
-
-static float dot_q4_1_scalar(const void *w, const void *xq, size_t n) {
-    const uint8_t *b = w;
-    const qdot_a32_t *y = xq;
-    float acc = 0;
-    for (size_t i = 0; i < n / 32; i++, b += 20) {
-        uint8_t code[32];
+        for (int j = 0; j < 32; j++) v[j] = (int16_t)(code[j] - 8);
+        break;
+    case GGML_Q4_1:
+        *m = rd_f16(b + 2);
         nibbles32(b + 4, code);
-        acc += (float)dot_codes(code, y[i].q, 32) * (rd_f16(b) * y[i].d) + rd_f16(b + 2) * y[i].s;
+        for (int j = 0; j < 32; j++) v[j] = code[j];
+        break;
+    case GGML_Q5_0:
+    case GGML_Q5_1: {
+        bool q51 = type == GGML_Q5_1;
+        if (q51) *m = rd_f16(b + 2);
+        uint32_t qh = rd_u32(b + (q51 ? 4 : 2));
+        nibbles32(b + (q51 ? 8 : 6), code);
+        for (int j = 0; j < 32; j++)
+            v[j] = (int16_t)((code[j] | ((qh >> j) & 1) << 4) - (q51 ? 0 : 16));
+        break;
     }
-    return acc;
-}
-
-static float dot_q5_0_scalar(const void *w, const void *xq, size_t n) {
-    const uint8_t *b = w;
-    const qdot_a32_t *y = xq;
-    float acc = 0;
-    for (size_t i = 0; i < n / 32; i++, b += 22) {
-        uint8_t code[32];
-        nibbles32(b + 6, code);
-        fifth_bits(rd_u32(b + 2), code);
-        int32_t s = dot_codes(code, y[i].q, 32) - 16 * y[i].sum;
-        acc += (float)s * (rd_f16(b) * y[i].d);
-    }
-    return acc;
-}
-
-static float dot_q5_1_scalar(const void *w, const void *xq, size_t n) {
-    const uint8_t *b = w;
-    const qdot_a32_t *y = xq;
-    float acc = 0;
-    for (size_t i = 0; i < n / 32; i++, b += 24) {
-        uint8_t code[32];
-        nibbles32(b + 8, code);
-        fifth_bits(rd_u32(b + 4), code);
-        acc += (float)dot_codes(code, y[i].q, 32) * (rd_f16(b) * y[i].d) + rd_f16(b + 2) * y[i].s;
-    }
-    return acc;
-}
-
-static float dot_q8_0_scalar(const void *w, const void *xq, size_t n) {
-    const uint8_t *b = w;
-    const qdot_a32_t *y = xq;
-    float acc = 0;
-    for (size_t i = 0; i < n / 32; i++, b += 34) {
-        int32_t s = 0;
-        for (int j = 0; j < 32; j++) s += (int32_t)(int8_t)b[2 + j] * y[i].q[j];
-        acc += (float)s * (rd_f16(b) * y[i].d);
-    }
-    return acc;
-}
-
-static float dot_iq4_nl_scalar(const void *w, const void *xq, size_t n) {
-    const uint8_t *b = w;
-    const qdot_a32_t *y = xq;
-    float acc = 0;
-    for (size_t i = 0; i < n / 32; i++, b += 18) {
-        uint8_t code[32];
+    case GGML_Q8_0:
+        for (int j = 0; j < 32; j++) v[j] = (int8_t)b[2 + j];
+        break;
+    default: /* IQ4_NL */
         nibbles32(b + 2, code);
+        for (int j = 0; j < 32; j++) v[j] = iq4_levels[code[j]];
+        break;
+    }
+}
+
+static float dot_legacy_scalar(uint32_t type, size_t bbytes, const void *w, const void *xq,
+                               size_t n) {
+    const uint8_t *b = w;
+    const qdot_a32_t *y = xq;
+    float acc = 0;
+    for (size_t i = 0; i < n / 32; i++, b += bbytes) {
+        int16_t v[32];
+        float d, m;
+        legacy_values(type, b, v, &d, &m);
         int32_t s = 0;
-        for (int j = 0; j < 32; j++) s += (int32_t)iq4_levels[code[j]] * y[i].q[j];
-        acc += (float)s * (rd_f16(b) * y[i].d);
+        for (int j = 0; j < 32; j++) s += (int32_t)v[j] * y[i].q[j];
+        if (m != 0)
+            acc += (float)s * (d * y[i].d) + m * y[i].s;
+        else
+            acc += (float)s * (d * y[i].d);
     }
     return acc;
 }
+
+#define LEGACY_SCALAR(name, TYPE, BYTES)                                                           \
+    static float name(const void *w, const void *xq, size_t n) {                                   \
+        return dot_legacy_scalar(TYPE, BYTES, w, xq, n);                                           \
+    }
+LEGACY_SCALAR(dot_q4_0_scalar, GGML_Q4_0, 18)
+LEGACY_SCALAR(dot_q4_1_scalar, GGML_Q4_1, 20)
+LEGACY_SCALAR(dot_q5_0_scalar, GGML_Q5_0, 22)
+LEGACY_SCALAR(dot_q5_1_scalar, GGML_Q5_1, 24)
+LEGACY_SCALAR(dot_q8_0_scalar, GGML_Q8_0, 34)
+LEGACY_SCALAR(dot_iq4_nl_scalar, GGML_IQ4_NL, 18)
+#undef LEGACY_SCALAR
 
 /* ---- scalar kernels: K-quants against qdot_ak_t ---- */
 
@@ -249,6 +235,15 @@ static void q6_codes(const uint8_t *ql, const uint8_t *qh, uint8_t *code) {
     }
 }
 
+/* sum over the sixteen 16-element groups of scale * (code . y - off * sum y): Q6_K's and
+ * Q3_K's values are their codes less a fixed offset (32, 4) */
+static int32_t dot16_scaled(const uint8_t *code, const int8_t *sc, const qdot_ak_t *y, int off) {
+    int32_t s = 0;
+    for (int g = 0; g < 16; g++)
+        s += sc[g] * (dot_codes(code + g * 16, y->q + g * 16, 16) - off * y->bsums[g]);
+    return s;
+}
+
 static float dot_q6_k_scalar(const void *w, const void *xq, size_t n) {
     const uint8_t *b = w;
     const qdot_ak_t *y = xq;
@@ -256,10 +251,7 @@ static float dot_q6_k_scalar(const void *w, const void *xq, size_t n) {
     for (size_t i = 0; i < n / 256; i++, b += 210) {
         uint8_t code[256];
         q6_codes(b, b + 128, code);
-        const int8_t *sc = (const int8_t *)(b + 192);
-        int32_t s = 0;
-        for (int g = 0; g < 16; g++)
-            s += sc[g] * (dot_codes(code + g * 16, y[i].q + g * 16, 16) - 32 * y[i].bsums[g]);
+        int32_t s = dot16_scaled(code, (const int8_t *)(b + 192), &y[i], 32);
         acc += (rd_f16(b + 208) * y[i].d) * (float)s;
     }
     return acc;
@@ -291,9 +283,7 @@ static float dot_q3_k_scalar(const void *w, const void *xq, size_t n) {
         int8_t sc[16];
         q3_codes(b, b + 32, code);
         q3_scales(b + 96, sc);
-        int32_t s = 0;
-        for (int g = 0; g < 16; g++)
-            s += sc[g] * (dot_codes(code + g * 16, y[i].q + g * 16, 16) - 4 * y[i].bsums[g]);
+        int32_t s = dot16_scaled(code, sc, &y[i], 4);
         acc += (rd_f16(b + 108) * y[i].d) * (float)s;
     }
     return acc;
@@ -354,35 +344,31 @@ static float dot_iq4_xs_scalar(const void *w, const void *xq, size_t n) {
 
 /* ---- the table ---- */
 
+/* kernels by level (QDOT_SCALAR .. QDOT_AVX512VNNI); the scalar level has no multi-token one */
 typedef struct {
     qdot_act_t act;
-    qdot_fn scalar, avx2, vnni512, avxvnni;
-    qdot_n_fn n_avx2, n_vnni512, n_avxvnni; /* NULL: no multi-token kernel */
+    qdot_fn one[4];
+    qdot_n_fn n[4];
 } qdot_type_t;
 
-#define VEC(name) name##_avx2, name##_vnni512, name##_avxvnni
-#define VECN(name) VEC(name), name##_n_avx2, name##_n_vnni512, name##_n_avxvnni
+#define VECN(name)                                                                                 \
+    {name##_scalar, name##_avx2, name##_avxvnni, name##_vnni512}, {                                \
+        NULL, name##_n_avx2, name##_n_avxvnni, name##_n_vnni512                                    \
+    }
 static const qdot_type_t qdot_types[] = {
-    [GGML_Q4_0] = {QDOT_ACT_32, dot_q4_0_scalar, VECN(dot_q4_0)},
-    [GGML_Q4_1] = {QDOT_ACT_32, dot_q4_1_scalar, VECN(dot_q4_1)},
-    [GGML_Q5_0] = {QDOT_ACT_32, dot_q5_0_scalar, VECN(dot_q5_0)},
-    [GGML_Q5_1] = {QDOT_ACT_32, dot_q5_1_scalar, VECN(dot_q5_1)},
-    [GGML_Q8_0] = {QDOT_ACT_32, dot_q8_0_scalar, VECN(dot_q8_0)},
-    [GGML_IQ4_NL] = {QDOT_ACT_32, dot_iq4_nl_scalar, VECN(dot_iq4_nl)},
-    [GGML_Q2_K] = {QDOT_ACT_K, dot_q2_k_scalar, VECN(dot_q2_k)},
-    [GGML_Q3_K] = {QDOT_ACT_K, dot_q3_k_scalar, VECN(dot_q3_k)},
-    [GGML_Q4_K] = {QDOT_ACT_K, dot_q4_k_scalar, VECN(dot_q4_k)},
-    [GGML_Q5_K] = {QDOT_ACT_K, dot_q5_k_scalar, VECN(dot_q5_k)},
-    [GGML_Q6_K] = {QDOT_ACT_K, dot_q6_k_scalar, VECN(dot_q6_k)},
-    [GGML_IQ4_XS] = {QDOT_ACT_K, dot_iq4_xs_scalar, VECN(dot_iq4_xs)},
+    [GGML_Q4_0] = {QDOT_ACT_32, VECN(dot_q4_0)}, [GGML_Q4_1] = {QDOT_ACT_32, VECN(dot_q4_1)},
+    [GGML_Q5_0] = {QDOT_ACT_32, VECN(dot_q5_0)}, [GGML_Q5_1] = {QDOT_ACT_32, VECN(dot_q5_1)},
+    [GGML_Q8_0] = {QDOT_ACT_32, VECN(dot_q8_0)}, [GGML_IQ4_NL] = {QDOT_ACT_32, VECN(dot_iq4_nl)},
+    [GGML_Q2_K] = {QDOT_ACT_K, VECN(dot_q2_k)},  [GGML_Q3_K] = {QDOT_ACT_K, VECN(dot_q3_k)},
+    [GGML_Q4_K] = {QDOT_ACT_K, VECN(dot_q4_k)},  [GGML_Q5_K] = {QDOT_ACT_K, VECN(dot_q5_k)},
+    [GGML_Q6_K] = {QDOT_ACT_K, VECN(dot_q6_k)},  [GGML_IQ4_XS] = {QDOT_ACT_K, VECN(dot_iq4_xs)},
 };
-#undef VEC
 #undef VECN
 
 static int level; /* set by qdot_select() before any kernel runs */
 
 static const qdot_type_t *type_of(uint32_t t) {
-    if (t >= sizeof(qdot_types) / sizeof(qdot_types[0]) || !qdot_types[t].scalar) return NULL;
+    if (t >= sizeof(qdot_types) / sizeof(qdot_types[0]) || !qdot_types[t].one[0]) return NULL;
     return &qdot_types[t];
 }
 
@@ -393,37 +379,17 @@ qdot_act_t qdot_act(uint32_t t) {
 
 qdot_fn qdot_kernel_scalar(uint32_t t) {
     const qdot_type_t *q = type_of(t);
-    return q ? q->scalar : NULL;
+    return q ? q->one[QDOT_SCALAR] : NULL;
 }
 
 qdot_n_fn qdot_kernel_n(uint32_t t) {
     const qdot_type_t *q = type_of(t);
-    if (!q) return NULL;
-    switch (level) {
-    case QDOT_AVX512VNNI:
-        return q->n_vnni512;
-    case QDOT_AVXVNNI:
-        return q->n_avxvnni;
-    case QDOT_AVX2:
-        return q->n_avx2;
-    default:
-        return NULL;
-    }
+    return q ? q->n[level] : NULL;
 }
 
 qdot_fn qdot_kernel(uint32_t t) {
     const qdot_type_t *q = type_of(t);
-    if (!q) return NULL;
-    switch (level) {
-    case QDOT_AVX512VNNI:
-        return q->vnni512;
-    case QDOT_AVXVNNI:
-        return q->avxvnni;
-    case QDOT_AVX2:
-        return q->avx2;
-    default:
-        return q->scalar;
-    }
+    return q ? q->one[level] : NULL;
 }
 
 /* F16C and AVX-VNNI from CPUID itself: not every compiler's __builtin_cpu_supports knows

@@ -20,6 +20,22 @@ bool have_stories(void) {
     return access(STORIES_PATH, R_OK) == 0;
 }
 
+uint8_t *test_slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    cr_assert(f, "cannot open %s (run the unit tests from the repository root)", path);
+    cr_assert_eq(fseek(f, 0, SEEK_END), 0);
+    long size = ftell(f);
+    cr_assert_gt(size, 0, "%s is empty", path);
+    cr_assert_eq(fseek(f, 0, SEEK_SET), 0);
+    uint8_t *buf = malloc((size_t)size + 1);
+    cr_assert(buf);
+    cr_assert_eq(fread(buf, 1, (size_t)size, f), (size_t)size, "short read of %s", path);
+    fclose(f);
+    buf[size] = 0;
+    *len = (size_t)size;
+    return buf;
+}
+
 const char *real_model_path(const char *name) {
     static char path[512];
     const char *dir = getenv("TIDALD_MODELS_DIR");

@@ -24,6 +24,10 @@ const char *real_model_path(const char *name);
 /* Path of a synthetic model (e.g. "tiny-f32") generated once per test process into /tmp. */
 const char *synth_path(const char *name);
 float frand(uint64_t *s); /* uniform in [-1, 1) */
+/* The whole file, malloc'd with a NUL after its *len bytes (so a text file is a C string);
+ * fails the test if it cannot be read or is empty. Paths are relative to the repository root,
+ * where the unit tests run. */
+uint8_t *test_slurp(const char *path, size_t *len);
 /* The test's own greedy oracle: index of the largest of x[0..n), the lowest on ties. */
 int32_t test_argmax(const float *x, uint32_t n);
 /* Skip the calling test, with the reason, unless a CUDA GPU can be opened. */

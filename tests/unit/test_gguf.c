@@ -227,15 +227,9 @@ Test(gguf, test_gguf_reads_stories260K) {
 
 /* Truncating a real model file anywhere gives a clear load error, never a crash. */
 Test(gguf, test_model_load_rejects_truncated_model_files) {
-    const char *src = synth_path("tiny-f32");
-    FILE *f = fopen(src, "rb");
-    cr_assert(f);
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *all = malloc((size_t)size);
-    cr_assert_eq(fread(all, 1, (size_t)size, f), (size_t)size);
-    fclose(f);
+    size_t len;
+    uint8_t *all = test_slurp(synth_path("tiny-f32"), &len);
+    long size = (long)len;
     char path[64];
     snprintf(path, sizeof(path), "/tmp/tidald-trunc-%d.gguf", (int)getpid());
     for (long n = 0; n < size; n += size / 97 + 1) {

@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__)
 #define PARITY_SHORT 1
@@ -45,15 +46,8 @@ typedef struct {
 } parity_t;
 
 static cJSON *load_json(const char *path) {
-    FILE *f = fopen(path, "rb");
-    cr_assert(f, "cannot open %s (run the unit tests from the repository root)", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    cr_assert_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
-    buf[n] = 0;
-    fclose(f);
+    size_t len;
+    char *buf = (char *)test_slurp(path, &len);
     cJSON *j = cJSON_Parse(buf);
     free(buf);
     cr_assert(j, "%s is not JSON", path);
@@ -278,12 +272,10 @@ static void check_perplexity(parity_t *p, const char *label) {
     const char *path = cJSON_GetObjectItem(pf, "text")->valuestring;
     uint32_t ctx = (uint32_t)cJSON_GetObjectItem(pf, "ctx")->valuedouble;
     double want = cJSON_GetObjectItem(pf, "ppl")->valuedouble;
-    FILE *f = fopen(path, "rb");
-    if (!f) cr_skip_test("%s is missing (Debian's base-files ships it); skipping", path);
-    static char text[1 << 20];
-    size_t len = fread(text, 1, sizeof(text) - 1, f);
-    fclose(f);
-    text[len] = 0;
+    if (access(path, R_OK) != 0)
+        cr_skip_test("%s is missing (Debian's base-files ships it); skipping", path);
+    size_t len;
+    char *text = (char *)test_slurp(path, &len);
     bool add_bos = cJSON_IsTrue(cJSON_GetObjectItem(p->fx, "add_bos"));
     const eng_tokenizer_t *t = eng_model_tokenizer(p->m);
     int32_t *ids;
@@ -338,6 +330,7 @@ static void check_perplexity(parity_t *p, const char *label) {
                       ppl, want);
     free(logits);
     free(ids);
+    free(text);
 }
 
 #define SMOLLM2_FX "tests/fixtures/reference/SmolLM2-135M-Instruct.Q4_1.json"

@@ -19,16 +19,7 @@
 static uint8_t *load_fixture(const char *name, size_t *len) {
     char path[128];
     snprintf(path, sizeof(path), "tests/fixtures/quant/%s.bin", name);
-    FILE *f = fopen(path, "rb");
-    cr_assert(f, "cannot open %s (run the unit tests from the repository root)", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *buf = malloc((size_t)n);
-    cr_assert_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
+    return test_slurp(path, len);
 }
 
 /* The activations as the kernels see them: d * q per element. */

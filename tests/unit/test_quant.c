@@ -7,6 +7,7 @@
 #include "../../base/err.h"
 #include "../../engine/gguf.h"
 #include "../../engine/quant.h"
+#include "helpers.h"
 
 #include <criterion/criterion.h>
 #include <stdio.h>
@@ -15,31 +16,15 @@
 
 #define FIXTURE_DIR "tests/fixtures/quant/"
 
-/* The whole file into a malloc'd buffer; fails the test if it cannot be read. */
-static uint8_t *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    cr_assert(f, "cannot open %s (run the unit tests from the repository root)", path);
-    cr_assert_eq(fseek(f, 0, SEEK_END), 0);
-    long size = ftell(f);
-    cr_assert_gt(size, 0, "%s is empty", path);
-    cr_assert_eq(fseek(f, 0, SEEK_SET), 0);
-    uint8_t *buf = malloc((size_t)size);
-    cr_assert(buf);
-    cr_assert_eq(fread(buf, 1, (size_t)size, f), (size_t)size, "short read of %s", path);
-    fclose(f);
-    *len = (size_t)size;
-    return buf;
-}
-
 /* Dequantize <name>.bin and compare every float's bits with <name>.f32 (so NaNs, should a
  * fixture hold any, must match exactly too, and -0 is not +0). */
 static void expect_matches_fixture(const char *name, uint32_t type) {
     char path[128];
     size_t n_raw, n_ref;
     snprintf(path, sizeof(path), FIXTURE_DIR "%s.bin", name);
-    uint8_t *raw = slurp(path, &n_raw);
+    uint8_t *raw = test_slurp(path, &n_raw);
     snprintf(path, sizeof(path), FIXTURE_DIR "%s.f32", name);
-    uint8_t *ref = slurp(path, &n_ref);
+    uint8_t *ref = test_slurp(path, &n_ref);
 
     size_t elems = eng_q_block_elems(type), bytes = eng_q_block_bytes(type);
     cr_assert(elems && bytes, "%s: no block geometry", name);
