@@ -185,6 +185,13 @@ uint32_t eng_seq_make_room(eng_ctx_t *c, kv_seq_t *seq, uint32_t window, uint32_
  * pool has no free block (no state is changed in either case). */
 int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *msg);
 
+/* Perplexity's terms as llama-perplexity computes them: toks[0..n) in whole chunks of `chunk`
+ * tokens, each evaluated in a sequence of its own (its first token the BOS for tokenizers that
+ * add one; toks is left as it was), adding the next-token loss (nats) of every position of each
+ * chunk's second half to *nll and the positions to *count. */
+int eng_perplexity_chunks(eng_ctx_t *c, const eng_model_t *m, int32_t *toks, size_t n,
+                          uint32_t chunk, double *nll, uint64_t *count, char *msg);
+
 /* ===== sampler ======================================================== */
 
 typedef struct {

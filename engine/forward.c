@@ -604,3 +604,40 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
     if (op->end_step) return op->end_step(be, msg);
     return 0;
 }
+
+int eng_perplexity_chunks(eng_ctx_t *c, const eng_model_t *m, int32_t *toks, size_t n,
+                          uint32_t chunk, double *nll, uint64_t *count, char *msg) {
+    const eng_tokenizer_t *tok = eng_model_tokenizer(m);
+    uint32_t V = eng_model_hparams(m)->n_vocab, sub = 64;
+    if (chunk < 2) return eng_fail(msg, ENG_EINVAL, "chunks of %u tokens: at least 2", chunk);
+    float *logits = malloc(sizeof(float) * V * sub);
+    if (!logits) return eng_fail(msg, ENG_ENOMEM, "out of memory");
+    int rc = 0;
+    for (size_t at0 = 0; at0 + chunk <= n && !rc; at0 += chunk) {
+        int32_t *t = toks + at0, first = t[0];
+        if (eng_tok_add_bos(tok) && eng_tok_bos(tok) >= 0) t[0] = eng_tok_bos(tok);
+        kv_seq_t seq;
+        kv_seq_init(&seq, eng_ctx_kv_pool(c));
+        for (uint32_t at = 0; at < chunk && !rc; at += sub) {
+            uint32_t k = chunk - at < sub ? chunk - at : sub;
+            bool scored = at + k > chunk / 2; /* the first half only conditions */
+            eng_batch_item_t it = {&seq, t + at, k, scored ? logits : NULL, scored};
+            if ((rc = eng_forward(c, &it, 1, msg)) || !scored) continue;
+            for (uint32_t j = 0; j < k; j++) {
+                uint32_t pos = at + j;
+                if (pos < chunk / 2 || pos + 1 >= chunk) continue;
+                const float *row = logits + (size_t)j * V;
+                float mx = row[0];
+                for (uint32_t v = 1; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+                double z = 0;
+                for (uint32_t v = 0; v < V; v++) z += exp((double)row[v] - mx);
+                *nll += log(z) + mx - row[t[pos + 1]];
+                (*count)++;
+            }
+        }
+        kv_seq_close(&seq);
+        t[0] = first;
+    }
+    free(logits);
+    return rc;
+}

@@ -50,54 +50,28 @@ static double log_z(const float *l, uint32_t V, int32_t *arg) {
     return mx + log(z);
 }
 
-/* llama-perplexity's method: chunks of `ctx` tokens, each evaluated from an empty cache (its
- * first token BOS for models that add one), the next-token NLL of every position of its second
- * half. The same number llama-perplexity prints for the same file and -c. */
+/* llama-perplexity's method (eng_perplexity_chunks): the same number llama-perplexity prints
+ * for the same file and -c. One chunk per call, so --verbose can report each. */
 static int chunked(const cfg_generate_t *cfg, eng_ctx_t *ctx, const eng_model_t *model,
                    int32_t *toks, size_t n) {
-    const eng_hparams_t *hp = eng_model_hparams(model);
-    const eng_tokenizer_t *tok = eng_model_tokenizer(model);
-    uint32_t len = cfg->ctx_size > 0 ? (uint32_t)cfg->ctx_size : 512, sub = 64, V = hp->n_vocab;
+    uint32_t len = cfg->ctx_size > 0 ? (uint32_t)cfg->ctx_size : 512;
     size_t chunks = n / len;
     if (len < 2 || chunks == 0) {
         fprintf(stderr, "tidald perplexity: the text has fewer than %u tokens, one chunk\n", len);
         return 1;
     }
-    float *logits = malloc(sizeof(float) * V * sub);
-    if (!logits) return 1;
     char msg[ENG_ERRMSG_LEN];
     double nll = 0;
     uint64_t count = 0;
-    int rc = 0;
-    for (size_t c = 0; c < chunks && !rc; c++) {
-        int32_t *t = toks + c * len, first = t[0];
-        if (eng_tok_add_bos(tok) && eng_tok_bos(tok) >= 0) t[0] = eng_tok_bos(tok);
-        kv_seq_t seq;
-        kv_seq_init(&seq, eng_ctx_kv_pool(ctx));
-        for (uint32_t at = 0; at < len && !rc; at += sub) {
-            uint32_t m = len - at < sub ? len - at : sub;
-            bool scored = at + m > len / 2;
-            eng_batch_item_t it = {&seq, t + at, m, scored ? logits : NULL, scored};
-            if ((rc = eng_forward(ctx, &it, 1, msg))) {
-                fprintf(stderr, "tidald perplexity: %s\n", msg);
-                break;
-            }
-            for (uint32_t j = 0; scored && j < m; j++) {
-                uint32_t pos = at + j;
-                if (pos < len / 2 || pos + 1 >= len) continue;
-                int32_t a;
-                nll += log_z(logits + (size_t)j * V, V, &a) - logits[(size_t)j * V + t[pos + 1]];
-                count++;
-            }
+    for (size_t c = 0; c < chunks; c++) {
+        if (eng_perplexity_chunks(ctx, model, toks + c * len, len, len, &nll, &count, msg)) {
+            fprintf(stderr, "tidald perplexity: %s\n", msg);
+            return 1;
         }
-        kv_seq_close(&seq);
-        t[0] = first;
         if (cfg->verbose)
             fprintf(stderr, "tidald perplexity: chunk %zu/%zu, ppl %.4f\n", c + 1, chunks,
                     exp(nll / (double)count));
     }
-    free(logits);
-    if (rc) return 1;
     double ppl = exp(nll / (double)count);
     fprintf(stderr, "tidald perplexity: %zu chunks of %u, %llu tokens scored: perplexity %.4f\n",
             chunks, len, (unsigned long long)count, ppl);

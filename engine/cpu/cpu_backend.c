@@ -130,6 +130,13 @@ static void matmul_range(void *arg, size_t b, size_t e, int worker) {
     }
 }
 
+/* Split a matmul's output rows, four at a time, over the pool: about eight chunks a worker. */
+static void run_row_blocks(cpu_ctx_t *c, const eng_tensor_t *w, pool_fn_t fn, void *job) {
+    size_t blocks = (w->rows + 3) / 4;
+    size_t chunk = blocks / ((size_t)c->n_threads * 8);
+    pool_run(c->pool, fn, job, blocks, chunk ? chunk : 1);
+}
+
 typedef struct {
     const eng_tensor_t *w;
     qdot_fn dot;
@@ -196,9 +203,7 @@ static bool cpu_qmatmul(cpu_ctx_t *c, const eng_tensor_t *w, const float *x, flo
         pool_run(c->pool, quantize_range, &j, T, 1);
     else
         quantize_range(&j, 0, T, 0);
-    size_t blocks = (w->rows + 3) / 4;
-    size_t chunk = blocks / ((size_t)c->n_threads * 8);
-    pool_run(c->pool, qmatmul_range, &j, blocks, chunk ? chunk : 1);
+    run_row_blocks(c, w, qmatmul_range, &j);
     return true;
 }
 
@@ -208,9 +213,7 @@ static void cpu_matmul(eng_backend_t *be, const eng_tensor_t *w, const float *x,
     if (cpu_qmatmul(c, w, x, y, T)) return;
     /* scratch was sized by cpu_reserve() for the model's widest row */
     matmul_job_t j = {c, w, x, y, T};
-    size_t blocks = (w->rows + 3) / 4;
-    size_t chunk = blocks / ((size_t)c->n_threads * 8);
-    pool_run(c->pool, matmul_range, &j, blocks, chunk ? chunk : 1);
+    run_row_blocks(c, w, matmul_range, &j);
 }
 
 static void cpu_rmsnorm(eng_backend_t *be, const float *x, const float *weight, float *out,

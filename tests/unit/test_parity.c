@@ -85,6 +85,24 @@ static int32_t *int_array(const cJSON *a, size_t *n) {
     return v;
 }
 
+/* The text tokenizes to llama.cpp's ids (`want`, a JSON array); reports the first difference. */
+static bool expect_ids(const eng_tokenizer_t *t, const char *label, const char *text, bool add_bos,
+                       bool special, const cJSON *want_ids) {
+    size_t n_want, n_got;
+    int32_t *want = int_array(want_ids, &n_want), *got = NULL;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_tokenize_ex(t, text, strlen(text), add_bos, special, &got, &n_got, msg), 0,
+                 "%s", msg);
+    size_t k = 0;
+    while (k < n_got && k < n_want && got[k] == want[k]) k++;
+    bool same = n_got == n_want && k == n_got;
+    cr_expect(same, "%s '%.40s': %zu tokens, llama.cpp %zu (first difference at %zu)", label, text,
+              n_got, n_want, k);
+    free(got);
+    free(want);
+    return same;
+}
+
 /* The prompts tokenize to llama.cpp's ids (chat prompts with their special tokens parsed). */
 static void check_tokenizer(parity_t *p) {
     const eng_tokenizer_t *t = eng_model_tokenizer(p->m);
@@ -103,21 +121,7 @@ static void check_tokenizer(parity_t *p) {
             free(ours);
             free(sys);
         }
-        size_t n_want, n_got;
-        int32_t *want = int_array(cJSON_GetObjectItem(g, "ids"), &n_want), *got = NULL;
-        char msg[ENG_ERRMSG_LEN];
-        cr_assert_eq(
-            eng_tokenize_ex(t, text, strlen(text), chat ? false : add_bos, chat, &got, &n_got, msg),
-            0, "%s", msg);
-        bool same = n_got == n_want && memcmp(got, want, n_got * sizeof(int32_t)) == 0;
-        cr_expect(same, "prompt %.40s: %zu tokens, llama.cpp %zu (first difference at %zu)", text,
-                  n_got, n_want, ({
-                      size_t k = 0;
-                      while (k < n_got && k < n_want && got[k] == want[k]) k++;
-                      k;
-                  }));
-        free(got);
-        free(want);
+        expect_ids(t, "prompt", text, chat ? false : add_bos, chat, cJSON_GetObjectItem(g, "ids"));
     }
 }
 
@@ -128,16 +132,8 @@ static void check_texts(const eng_tokenizer_t *t, const cJSON *fx, const char *l
     int n = 0, same = 0;
     cJSON_ArrayForEach(e, cJSON_GetObjectItem(fx, "tokenize")) {
         const char *text = cJSON_GetObjectItem(e, "text")->valuestring;
-        size_t n_want, n_got;
-        int32_t *want = int_array(cJSON_GetObjectItem(e, "ids"), &n_want), *got = NULL;
-        char msg[ENG_ERRMSG_LEN];
-        cr_assert_eq(eng_tokenize_ex(t, text, strlen(text), false, false, &got, &n_got, msg), 0,
-                     "%s", msg);
-        bool ok = n_got == n_want && memcmp(got, want, n_got * sizeof(int32_t)) == 0;
-        cr_expect(ok, "%s: '%s': %zu tokens, llama.cpp %zu", label, text, n_got, n_want);
-        n++, same += ok;
-        free(got);
-        free(want);
+        n++;
+        same += expect_ids(t, label, text, false, false, cJSON_GetObjectItem(e, "ids"));
     }
     cr_expect_gt(n, 0, "the fixture has tokenizer texts");
     fprintf(stderr, "parity %s: %d of %d tokenizer texts give llama.cpp's ids\n", label, same, n);
@@ -291,36 +287,11 @@ static void check_perplexity(parity_t *p, const char *label) {
     free(forced);
     size_t chunks = n / ctx;
     if (PARITY_SHORT) chunks = 1;
-    const uint32_t sub = 128;
-    float *logits = malloc(sizeof(float) * p->V * sub);
     double nll = 0;
-    size_t count = 0;
-    for (size_t c = 0; c < chunks; c++) {
-        int32_t *tok = ids + c * ctx;
-        int32_t first = tok[0];
-        if (add_bos) tok[0] = eng_tok_bos(t);
-        kv_seq_t s;
-        kv_seq_init(&s, eng_ctx_kv_pool(p->c));
-        for (uint32_t at = 0; at < ctx; at += sub) {
-            bool scored = at + sub > ctx / 2; /* the first half only conditions */
-            eng_batch_item_t it = {&s, tok + at, sub, scored ? logits : NULL, scored};
-            cr_assert_eq(eng_forward(p->c, &it, 1, msg), 0, "%s", msg);
-            if (!scored) continue;
-            for (uint32_t j = 0; j < sub; j++) {
-                uint32_t pos = at + j;
-                if (pos < ctx / 2 || pos + 1 >= ctx) continue;
-                const float *row = logits + (size_t)j * p->V;
-                float mx = row[0];
-                for (uint32_t v = 1; v < p->V; v++) mx = row[v] > mx ? row[v] : mx;
-                double z = 0;
-                for (uint32_t v = 0; v < p->V; v++) z += exp((double)row[v] - mx);
-                nll += log(z) + mx - row[tok[pos + 1]];
-                count++;
-            }
-        }
-        kv_seq_close(&s);
-        tok[0] = first;
-    }
+    uint64_t count = 0;
+    cr_assert_eq(eng_perplexity_chunks(p->c, p->m, ids, chunks * ctx, ctx, &nll, &count, msg), 0,
+                 "%s", msg);
+    cr_expect_eq(count, chunks * (ctx / 2 - 1), "every second-half position but the last scored");
     double ppl = exp(nll / (double)count);
     fprintf(stderr,
             "parity %s: perplexity %.4f over %zu chunks of %u (llama-perplexity %.4f, %+.3f%%)\n",
@@ -328,7 +299,6 @@ static void check_perplexity(parity_t *p, const char *label) {
     if (!PARITY_SHORT)
         cr_expect_leq(fabs(ppl / want - 1), 0.005, "%s: perplexity %.4f, llama.cpp %.4f", label,
                       ppl, want);
-    free(logits);
     free(ids);
     free(text);
 }
@@ -368,13 +338,9 @@ Test(parity, test_gemma3_tokenizes_like_llama_cpp) {
     const cJSON *e;
     cJSON_ArrayForEach(e, cJSON_GetObjectItem(fx, "greedy")) {
         if (cJSON_IsTrue(cJSON_GetObjectItem(e, "chat"))) continue;
-        const char *text = cJSON_GetObjectItem(e, "prompt")->valuestring;
-        size_t n_want, n_got;
-        int32_t *want = int_array(cJSON_GetObjectItem(e, "ids"), &n_want), *got = NULL;
-        cr_assert_eq(eng_tokenize_ex(t, text, strlen(text), true, false, &got, &n_got, msg), 0);
-        cr_expect(n_got == n_want && memcmp(got, want, n_got * sizeof(int32_t)) == 0,
-                  "Gemma 3 prompt '%s': %zu tokens, llama.cpp %zu", text, n_got, n_want);
-        free(got), free(want);
+        expect_ids(t, "Gemma 3 prompt", cJSON_GetObjectItem(e, "prompt")->valuestring,
+                   cJSON_IsTrue(cJSON_GetObjectItem(fx, "add_bos")), false,
+                   cJSON_GetObjectItem(e, "ids"));
     }
     cJSON_Delete(fx);
     eng__tokenizer_free(t);
