@@ -76,9 +76,14 @@ typedef enum {
     API_TMPL_LLAMA2,
     API_TMPL_LLAMA3,
     API_TMPL_CHATML,
-    API_TMPL_ZEPHYR
+    API_TMPL_ZEPHYR,
+    API_TMPL_GEMMA
 } api_tmpl_t;
 api_tmpl_t api_detect_template(const char *chat_template);
+/* The model's template: its GGUF template's family, or, when the file carries none, the turn
+ * format its vocabulary is made for (Gemma's <start_of_turn>; some Gemma 3 GGUF files, the
+ * 270M among them, ship without a template). */
+api_tmpl_t api_model_template(const eng_tokenizer_t *t);
 typedef struct {
     const char *role, *content;
 } api_msg_t;

@@ -5,6 +5,8 @@
  *   ChatML   <|im_start|>role\ncontent<|im_end|>\n
  *   Zephyr   <|role|>\ncontent</s>\n
  *   Llama 2  <s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] assistant </s>
+ *   Gemma    <bos><start_of_turn>user\nsystem\n\ncontent<end_of_turn>\n (the assistant's role
+ *            is "model"; contents trimmed; the system message opens the first user turn)
  * Each ends with the assistant's opening so the model writes the reply. A ChatML template that
  * opens a conversation without a system message with a literal one of its own (SmolLM2's) gets
  * it too.
@@ -20,6 +22,15 @@ api_tmpl_t api_detect_template(const char *t) {
     if (strstr(t, "<|im_start|>")) return API_TMPL_CHATML;
     if (strstr(t, "<|user|>") && strstr(t, "<|assistant|>")) return API_TMPL_ZEPHYR;
     if (strstr(t, "[INST]")) return API_TMPL_LLAMA2;
+    if (strstr(t, "<start_of_turn>")) return API_TMPL_GEMMA;
+    return API_TMPL_NONE;
+}
+
+api_tmpl_t api_model_template(const eng_tokenizer_t *t) {
+    const char *tmpl = eng_tok_chat_template(t);
+    if (tmpl) return api_detect_template(tmpl);
+    if (eng_tok_find(t, "<start_of_turn>") >= 0 && eng_tok_find(t, "<end_of_turn>") >= 0)
+        return API_TMPL_GEMMA;
     return API_TMPL_NONE;
 }
 
@@ -29,8 +40,7 @@ typedef struct {
     bool oom;
 } sb_t;
 
-static void sb_add(sb_t *b, const char *t) {
-    size_t n = strlen(t);
+static void sb_addn(sb_t *b, const char *t, size_t n) {
     if (b->oom) return;
     if (b->len + n + 1 > b->cap) {
         size_t cap = (b->len + n + 1) * 2;
@@ -42,8 +52,21 @@ static void sb_add(sb_t *b, const char *t) {
         b->s = ns;
         b->cap = cap;
     }
-    memcpy(b->s + b->len, t, n + 1);
+    memcpy(b->s + b->len, t, n);
     b->len += n;
+    b->s[b->len] = 0;
+}
+
+static void sb_add(sb_t *b, const char *t) {
+    sb_addn(b, t, strlen(t));
+}
+
+/* t without leading and trailing white space (Jinja's trim) */
+static void sb_add_trimmed(sb_t *b, const char *t) {
+    size_t n = strlen(t);
+    while (n && strchr(" \t\n\r", t[0])) t++, n--;
+    while (n && strchr(" \t\n\r", t[n - 1])) n--;
+    sb_addn(b, t, n);
 }
 
 char *api_template_default_system(const char *tmpl) {
@@ -131,6 +154,25 @@ char *api_render_chat_ex(api_tmpl_t t, const char *default_system, const api_msg
                 sb_add(&b, " </s>");
             }
         }
+        break;
+    }
+    case API_TMPL_GEMMA: {
+        sb_add(&b, "<bos>");
+        size_t i = 0;
+        const char *sys = NULL;
+        if (n && strcmp(m[0].role, "system") == 0) sys = m[i++].content;
+        for (bool first = true; i < n; i++, first = false) {
+            sb_add(&b, "<start_of_turn>");
+            sb_add(&b, strcmp(m[i].role, "assistant") == 0 ? "model" : m[i].role);
+            sb_add(&b, "\n");
+            if (first && sys) {
+                sb_add(&b, sys); /* as Gemma's template: untrimmed */
+                sb_add(&b, "\n\n");
+            }
+            sb_add_trimmed(&b, m[i].content);
+            sb_add(&b, "<end_of_turn>\n");
+        }
+        sb_add(&b, "<start_of_turn>model\n");
         break;
     }
     case API_TMPL_NONE:

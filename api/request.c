@@ -209,7 +209,7 @@ static int chat_prompt(const api_ctx_t *ctx, const cJSON *root, const window_t *
                         "'messages' holds more than %u messages; %s is %u tokens and every "
                         "message takes at least one",
                         win->n, window_name(win), win->n);
-    api_tmpl_t t = api_detect_template(eng_tok_chat_template(eng_model_tokenizer(ctx->model)));
+    api_tmpl_t t = api_model_template(eng_model_tokenizer(ctx->model));
     if (t == API_TMPL_NONE)
         return BAD(e, "messages",
                    "this model has no chat template tidald recognises; use /v1/completions");

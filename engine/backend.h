@@ -56,8 +56,20 @@ typedef struct {
 
 typedef struct {
     uint32_t n_head, n_head_kv, head_dim;
-    float scale; /* 1/sqrt(head_dim) */
+    float scale;     /* the query-key scale, 1/sqrt(head_dim) for most models */
+    uint32_t window; /* sliding-window layer: query at p sees keys (p - window, p]; 0: all keys */
 } eng_attn_shape_t;
+
+/* The rotary embedding of one layer, as llama.cpp computes it: pair i of a head turns by
+ * pos * freq_scale * base^(-2i/n_rot) / freq_factors[i]. NORM pairs dims (2i, 2i+1) (Llama),
+ * NEOX pairs (i, i + n_rot/2) (Gemma, Qwen); dims past n_rot stay. */
+typedef struct {
+    uint32_t n_rot;            /* even, <= head_dim */
+    float base;                /* frequency base */
+    float freq_scale;          /* linear position scaling; 1: none */
+    bool neox;                 /* NEOX pairing */
+    const float *freq_factors; /* [n_rot/2] divisors or NULL (backend memory) */
+} eng_rope_t;
 
 typedef struct eng_backend eng_backend_t;
 
@@ -113,9 +125,9 @@ typedef struct {
     /* out[t] = x[t] / rms(x[t]) * weight, rows of n */
     void (*rmsnorm)(eng_backend_t *be, const float *x, const float *weight, float *out, uint32_t T,
                     uint32_t n, float eps);
-    /* rotate adjacent pairs of the first n_rot dims of each head at pos[t] (llama.cpp NORM) */
+    /* rotate each head of row t to position pos[t] */
     void (*rope)(eng_backend_t *be, float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads,
-                 uint32_t head_dim, uint32_t n_rot, float base, const float *freq_factors);
+                 uint32_t head_dim, const eng_rope_t *r);
     /* out[t][h*hd..] = softmax(q.K^T * scale) . V over each sequence's block table, one layer;
      * per sequence dense, dense + top-k selection, or sparse over the selection, with entropy
      * and sink mass from the online-softmax accumulators (no second pass) */
@@ -125,16 +137,20 @@ typedef struct {
      * positions pos0.. of `layer` through its block table, in the pool's value type */
     void (*kv_store)(eng_backend_t *be, uint32_t layer, const eng_attn_seq_t *seqs, uint32_t n_seqs,
                      const float *k, const float *v);
-    /* K-shift: rotate the keys of positions [from, to) of every layer back by delta positions
+    /* K-shift: rotate the keys of positions [from, to) of one layer back by delta positions
      * (a pure rotation: RoPE(p) then this equals RoPE(p - delta)) */
-    void (*k_shift)(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to, uint32_t delta,
-                    uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot, float base,
-                    const float *freq_factors);
+    void (*k_shift)(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint32_t from, uint32_t to,
+                    uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, const eng_rope_t *r);
     /* out[r] = the index of the largest of rows[r][0..n) (the lowest index on ties), for R
      * rows; out in backend memory. NULL: the engine does it on the host. */
     void (*argmax)(eng_backend_t *be, const float *rows, uint32_t R, uint32_t n, int32_t *out);
     /* g[i] = silu(g[i]) * u[i] */
     void (*swiglu)(eng_backend_t *be, float *g, const float *u, size_t n);
+    /* g[i] = gelu(g[i]) * u[i], GELU's tanh form as llama.cpp's CPU computes it: looked up at
+     * g rounded to F16, the result rounded to F16 (0 at or below -10, g itself from 10) */
+    void (*geglu)(eng_backend_t *be, float *g, const float *u, size_t n);
+    /* x[i] *= s */
+    void (*scale)(eng_backend_t *be, float *x, float s, size_t n);
     /* x[i] += y[i] */
     void (*add)(eng_backend_t *be, float *x, const float *y, size_t n);
     /* out[t] = dequantized row ids[t] of w */
@@ -156,7 +172,7 @@ int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg);
 /* The entry point the CUDA backend's shared library exports (engine/cuda/). */
 typedef int (*eng_cuda_create_fn)(eng_backend_t **out, int device, char *msg, size_t msg_len);
 #define ENG_CUDA_CREATE_SYMBOL "tidald_cuda_backend_create"
-#define ENG_CUDA_ABI 4 /* bumped whenever this table changes */
+#define ENG_CUDA_ABI 5 /* bumped whenever this table changes */
 typedef int (*eng_cuda_abi_fn)(void);
 #define ENG_CUDA_ABI_SYMBOL "tidald_cuda_backend_abi"
 

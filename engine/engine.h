@@ -23,12 +23,26 @@ typedef struct {
     uint32_t n_vocab, n_ctx_train, n_embd, n_layer, n_ff;
     uint32_t n_head, n_head_kv, head_dim, n_rot;
     float rms_eps, rope_base;
-    bool tied_output;     /* output projection shares token_embd */
+    uint32_t n_embd_q;     /* n_head * head_dim: the attention's width (Gemma 3: not n_embd) */
+    bool rope_neox;        /* RoPE pairs dims (i, i + n_rot/2) (Gemma, Qwen), else (2i, 2i+1) */
+    float rope_freq_scale; /* linear RoPE scaling of the global layers; 1: none */
+    /* sliding-window attention (Gemma 3): layer l is local when swa_pattern and
+     * l % swa_pattern < swa_pattern - 1; local layers see the last swa_window positions and
+     * turn with rope_base_swa. swa_window 0: every layer global. */
+    uint32_t swa_window, swa_pattern;
+    float rope_base_swa;
+    float embd_scale; /* token embeddings are multiplied by this (Gemma: sqrt(n_embd)); 1: none */
+    float attn_scale; /* query-key scale (1/sqrt(head_dim) unless the model says otherwise) */
+    bool gelu_ffn;    /* FFN is GeGLU (gelu(gate) * up), else SwiGLU */
+    bool tied_output; /* output projection shares token_embd */
     uint32_t weight_type; /* ggml type of the attention weights (for display) */
 } eng_hparams_t;
 
 typedef struct eng_model eng_model_t;
 typedef struct eng_tokenizer eng_tokenizer_t;
+
+/* True if layer l of the model attends through a sliding window. */
+bool eng_layer_is_swa(const eng_hparams_t *hp, uint32_t l);
 
 /* Load and validate a GGUF Llama-family model (memory-mapped). */
 int eng_model_load(eng_model_t **out, const char *path, char *msg);
@@ -60,6 +74,8 @@ int eng_tokenize_ex(const eng_tokenizer_t *t, const char *text, size_t len, bool
                     bool parse_special, int32_t **out, size_t *n_out, char *msg);
 /* The GGUF tokenizer.chat_template text, or NULL. */
 const char *eng_tok_chat_template(const eng_tokenizer_t *t);
+/* The id of the token whose text is exactly `piece`, or -1. */
+int32_t eng_tok_find(const eng_tokenizer_t *t, const char *piece);
 /* The bytes a token stands for (control tokens: none). Returns the byte count written, at most
  * cap; *needed (if not NULL) gets the full length. */
 size_t eng_token_bytes(const eng_tokenizer_t *t, int32_t id, char *buf, size_t cap, size_t *needed);

@@ -104,6 +104,10 @@ static int load_weights(eng_ctx_t *c, char *msg) {
         eng_layer_t *L = &c->layers[l];
         L->attn_norm = load_vec(c, S->attn_norm, d, &fail);
         L->ffn_norm = load_vec(c, S->ffn_norm, d, &fail);
+        L->q_norm = load_vec(c, S->q_norm, m->hp.head_dim, &fail);
+        L->k_norm = load_vec(c, S->k_norm, m->hp.head_dim, &fail);
+        L->post_attn_norm = load_vec(c, S->post_attn_norm, d, &fail);
+        L->post_ffn_norm = load_vec(c, S->post_ffn_norm, d, &fail);
         const eng_tensor_t *src[7] = {&S->wq,     &S->wk,   &S->wv,    &S->wo,
                                       &S->w_gate, &S->w_up, &S->w_down};
         eng_tensor_t *dst[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
@@ -123,8 +127,9 @@ static void free_weights(eng_ctx_t *c) {
             eng_tensor_t *w[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
             for (int i = 0; i < 7; i++)
                 if (w[i]->data) be->ops->free_weight(be, w[i]);
-            be->ops->release(be, (void *)L->attn_norm);
-            be->ops->release(be, (void *)L->ffn_norm);
+            const float *norms[6] = {L->attn_norm, L->ffn_norm,       L->q_norm,
+                                     L->k_norm,    L->post_attn_norm, L->post_ffn_norm};
+            for (int i = 0; i < 6; i++) be->ops->release(be, (void *)norms[i]);
         }
         if (c->tok_embd.data) be->ops->free_weight(be, &c->tok_embd);
         if (!c->m->hp.tied_output && c->output.data) be->ops->free_weight(be, &c->output);
@@ -181,6 +186,7 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     if ((rc = eng_backend_open(&c->be, c->p.device, c->p.n_threads, msg))) goto fail;
     const eng_backend_ops_t *op = c->be->ops;
     size_t widest = hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd;
+    if (hp->n_embd_q > widest) widest = hp->n_embd_q;
     if (op->reserve(c->be, widest, c->p.block_size, c->p.max_seqs, c->p.n_ctx) != 0) {
         rc = eng_fail(msg, ENG_ENOMEM, "out of memory for backend scratch");
         goto fail;
@@ -198,10 +204,10 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     size_t T = c->p.max_batch_tokens;
     c->x = alloc_f(c, T, hp->n_embd);
     c->xn = alloc_f(c, T, hp->n_embd);
-    c->q = alloc_f(c, T, hp->n_embd);
+    c->q = alloc_f(c, T, hp->n_embd_q);
     c->k = alloc_f(c, T, kvd);
     c->v = alloc_f(c, T, kvd);
-    c->att = alloc_f(c, T, hp->n_embd);
+    c->att = alloc_f(c, T, hp->n_embd_q);
     c->ffg = alloc_f(c, T, hp->n_ff);
     c->ffu = alloc_f(c, T, hp->n_ff);
     c->logit_in = alloc_f(c, T > c->p.max_seqs ? T : c->p.max_seqs, hp->n_embd);
@@ -336,6 +342,13 @@ const char *eng_ctx_backend_name(const eng_ctx_t *c) {
 
 void eng_attn_defaults(const eng_hparams_t *hp, eng_attn_params_t *a) {
     a->n_sel_layers = 0;
+    if (hp->swa_window) {
+        /* sliding-window layers always attend densely within their window; TidalDecode runs
+         * on the global layers: the first global one selects, the later ones are sparse */
+        for (uint32_t l = 0; l < hp->n_layer && !a->n_sel_layers; l++)
+            if (!eng_layer_is_swa(hp, l)) a->sel_layers[a->n_sel_layers++] = l;
+        return;
+    }
     if (hp->n_layer > 2) a->sel_layers[a->n_sel_layers++] = 2;
     uint32_t re = (uint32_t)(0.4 * hp->n_layer + 0.5);
     if (re >= 4 && re < hp->n_layer)
@@ -360,14 +373,20 @@ int eng_attn_check(const eng_hparams_t *hp, const eng_attn_params_t *a, char *ms
                             a->sel_layers[i], hp->n_layer);
         if (i && a->sel_layers[i] <= a->sel_layers[i - 1])
             return eng_fail(msg, ENG_EINVAL, "attention.selection_layers must ascend");
+        if (eng_layer_is_swa(hp, a->sel_layers[i]))
+            return eng_fail(msg, ENG_EINVAL,
+                            "attention.selection_layers: layer %u attends through a %u-token "
+                            "sliding window; selection layers must be global layers",
+                            a->sel_layers[i], hp->swa_window);
     }
     return 0;
 }
 
 /* TidalDecode roles of layer l: dense before the first selection layer, dense + top-k at each
  * selection layer, sparse over the latest selection after it. Decode items only. */
-static eng_att_kind_t kind_of(const eng_attn_seq_t *as, const eng_attn_params_t *a, uint32_t l) {
-    if (!as->sel || !a) return ENG_ATT_DENSE;
+static eng_att_kind_t kind_of(const eng_hparams_t *hp, const eng_attn_seq_t *as,
+                              const eng_attn_params_t *a, uint32_t l) {
+    if (!as->sel || !a || eng_layer_is_swa(hp, l)) return ENG_ATT_DENSE;
     for (uint32_t k = 0; k < a->n_sel_layers; k++)
         if (a->sel_layers[k] == l) return ENG_ATT_SELECT;
     return l > a->sel_layers[0] ? ENG_ATT_SPARSE : ENG_ATT_DENSE;
@@ -377,7 +396,8 @@ static eng_att_kind_t kind_of(const eng_attn_seq_t *as, const eng_attn_params_t 
 static void plan_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_t n_items) {
     for (uint32_t l = 0; l < c->m->hp.n_layer; l++)
         for (uint32_t i = 0; i < n_items; i++)
-            c->kinds[(size_t)l * n_items + i] = (uint8_t)kind_of(&c->aseq[i], items[i].attn, l);
+            c->kinds[(size_t)l * n_items + i] =
+                (uint8_t)kind_of(&c->m->hp, &c->aseq[i], items[i].attn, l);
 }
 
 static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_t n_items,
@@ -399,14 +419,25 @@ static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_
     }
 }
 
+/* Layer l's RoPE: sliding-window layers turn with their own base and no scaling. */
+static eng_rope_t layer_rope(const eng_ctx_t *c, uint32_t l) {
+    const eng_hparams_t *hp = &c->m->hp;
+    bool swa = eng_layer_is_swa(hp, l);
+    return (eng_rope_t){hp->n_rot, swa ? hp->rope_base_swa : hp->rope_base,
+                        swa ? 1.0f : hp->rope_freq_scale, hp->rope_neox, c->rope_freqs};
+}
+
 uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
     const eng_hparams_t *hp = &c->m->hp;
     uint32_t keep = kv_seq_sink_span(seq);
     uint32_t gone = kv_seq_evict(seq, n);
-    /* K-shift: every key after the sink blocks moves down by `gone` positions */
-    if (gone)
-        c->be->ops->k_shift(c->be, seq, keep, seq->n_tokens, gone, hp->n_head_kv, hp->head_dim,
-                            hp->n_rot, hp->rope_base, c->rope_freqs);
+    /* K-shift: every key after the sink blocks moves down by `gone` positions, turned back
+     * with its own layer's RoPE */
+    for (uint32_t l = 0; gone && l < hp->n_layer; l++) {
+        eng_rope_t r = layer_rope(c, l);
+        c->be->ops->k_shift(c->be, seq, l, keep, seq->n_tokens, gone, hp->n_head_kv, hp->head_dim,
+                            &r);
+    }
     return gone;
 }
 
@@ -528,29 +559,40 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
     if (step.n_argmax_rows && step.n_argmax_rows != n_items) step.decode_only = false;
     if (op->begin_step && (rc = op->begin_step(be, &step, msg))) return rc;
     op->get_rows(be, &c->tok_embd, c->ids, T, c->x);
-    eng_attn_shape_t shape = {hp->n_head, hp->n_head_kv, hp->head_dim,
-                              1.0f / sqrtf((float)hp->head_dim)};
+    if (hp->embd_scale != 1.0f) op->scale(be, c->x, hp->embd_scale, (size_t)T * d);
     for (uint32_t l = 0; l < hp->n_layer; l++) {
         const eng_layer_t *L = &c->layers[l];
+        bool swa = eng_layer_is_swa(hp, l);
+        eng_attn_shape_t shape = {hp->n_head, hp->n_head_kv, hp->head_dim, hp->attn_scale,
+                                  swa ? hp->swa_window : 0};
+        eng_rope_t rope = layer_rope(c, l);
         set_layer_kinds(c, items, n_items, l);
         op->rmsnorm(be, c->x, L->attn_norm, c->xn, T, d, hp->rms_eps);
         op->matmul(be, &L->wq, c->xn, c->q, T);
         op->matmul(be, &L->wk, c->xn, c->k, T);
         op->matmul(be, &L->wv, c->xn, c->v, T);
-        op->rope(be, c->q, c->pos, T, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base,
-                 c->rope_freqs);
-        op->rope(be, c->k, c->pos, T, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base,
-                 c->rope_freqs);
+        /* QK-norm: every head's query and key RMS-normed before RoPE */
+        if (L->q_norm)
+            op->rmsnorm(be, c->q, L->q_norm, c->q, T * hp->n_head, hp->head_dim, hp->rms_eps);
+        if (L->k_norm)
+            op->rmsnorm(be, c->k, L->k_norm, c->k, T * hp->n_head_kv, hp->head_dim, hp->rms_eps);
+        op->rope(be, c->q, c->pos, T, hp->n_head, hp->head_dim, &rope);
+        op->rope(be, c->k, c->pos, T, hp->n_head_kv, hp->head_dim, &rope);
         /* append this step's keys and values through the block tables */
         op->kv_store(be, l, c->aseq, n_items, c->k, c->v);
         op->attention(be, &shape, l, c->q, c->aseq, n_items, c->att);
         op->matmul(be, &L->wo, c->att, c->xn, T);
+        if (L->post_attn_norm) op->rmsnorm(be, c->xn, L->post_attn_norm, c->xn, T, d, hp->rms_eps);
         op->add(be, c->x, c->xn, (size_t)T * d);
         op->rmsnorm(be, c->x, L->ffn_norm, c->xn, T, d, hp->rms_eps);
         op->matmul(be, &L->w_gate, c->xn, c->ffg, T);
         op->matmul(be, &L->w_up, c->xn, c->ffu, T);
-        op->swiglu(be, c->ffg, c->ffu, (size_t)T * hp->n_ff);
+        if (hp->gelu_ffn)
+            op->geglu(be, c->ffg, c->ffu, (size_t)T * hp->n_ff);
+        else
+            op->swiglu(be, c->ffg, c->ffu, (size_t)T * hp->n_ff);
         op->matmul(be, &L->w_down, c->ffg, c->xn, T);
+        if (L->post_ffn_norm) op->rmsnorm(be, c->xn, L->post_ffn_norm, c->xn, T, d, hp->rms_eps);
         op->add(be, c->x, c->xn, (size_t)T * d);
     }
     for (uint32_t i = 0; i < n_items; i++) items[i].seq->n_tokens += items[i].n_tokens;

@@ -1,7 +1,7 @@
 /* model.c - Llama-family hyper-parameters and weights from GGUF metadata.
  *
  * Accepts the `llama` architecture (Llama 2/3, TinyLlama, SmolLM, Mistral
- * without sliding window all convert to it) and `mistral`. Every tensor's
+ * without sliding window all convert to it), `mistral` and `gemma3`. Every tensor's
  * shape is checked against the hyper-parameters before use.
  */
 #include "model.h"
@@ -82,14 +82,64 @@ static int vector(const gguf_t *g, const char *name, uint32_t n, const float **o
     return 0;
 }
 
+bool eng_layer_is_swa(const eng_hparams_t *hp, uint32_t l) {
+    return hp->swa_window && hp->swa_pattern && l % hp->swa_pattern < hp->swa_pattern - 1;
+}
+
+/* Rope scaling the file declares: linear scaling becomes freq_scale; any other kind would
+ * change the angles in ways tidald does not compute, so it is refused. */
+static int load_rope_scaling(const gguf_t *g, const char *arch, eng_hparams_t *hp, char *msg) {
+    char key[128];
+    snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
+    const char *type = gguf_get_str(g, key);
+    hp->rope_freq_scale = 1.0f;
+    if (!type || !strcmp(type, "none")) return 0;
+    if (strcmp(type, "linear") != 0)
+        return eng_fail(msg, ENG_EUNSUPPORTED,
+                        "rope scaling '%s' is not supported (tidald computes none and linear)",
+                        type);
+    float factor = 1.0f;
+    int rc = get_f32(g, arch, "rope.scaling.factor", &factor, msg);
+    if (rc) return rc;
+    hp->rope_freq_scale = 1.0f / factor;
+    return 0;
+}
+
+/* Gemma 3: GeGLU, QK-norm and sandwich norms (tensors), embeddings scaled by sqrt(n_embd),
+ * NEOX RoPE, and five sliding-window layers for every global one, which turn with their own
+ * base (10000 unless the file says). */
+static int load_gemma3(const gguf_t *g, const char *arch, eng_hparams_t *hp, char *msg) {
+    int rc;
+    hp->rope_neox = true;
+    hp->gelu_ffn = true;
+    hp->embd_scale = sqrtf((float)hp->n_embd);
+    /* the 27B model scales queries by its embedding per head, the others by the head size */
+    if (hp->n_layer == 62) hp->attn_scale = 1.0f / sqrtf((float)(hp->n_embd / hp->n_head));
+    if ((rc = get_u32(g, arch, "attention.sliding_window", &hp->swa_window, false, msg))) return rc;
+    hp->swa_pattern = 6;
+    hp->rope_base_swa = 10000.0f;
+    if ((rc = get_u32(g, arch, "attention.sliding_window_pattern", &hp->swa_pattern, false, msg)) ||
+        (rc = get_f32(g, arch, "rope.freq_base_swa", &hp->rope_base_swa, msg)))
+        return rc;
+    char key[128];
+    snprintf(key, sizeof(key), "%s.final_logit_softcapping", arch);
+    double cap = 0;
+    if (gguf_get_f64(g, key, &cap, NULL) == 0 && cap != 0)
+        return eng_fail(msg, ENG_EUNSUPPORTED, "final logit soft-capping is not supported");
+    return 0;
+}
+
 static int load_hparams(eng_model_t *m, char *msg) {
     const gguf_t *g = m->gguf;
     eng_hparams_t *hp = &m->hp;
     const char *arch = gguf_get_str(g, "general.architecture");
     if (!arch) return eng_fail(msg, ENG_EFORMAT, "missing metadata 'general.architecture'");
-    if (strcmp(arch, "llama") != 0 && strcmp(arch, "mistral") != 0)
+    bool gemma3 = !strcmp(arch, "gemma3");
+    if (strcmp(arch, "llama") != 0 && strcmp(arch, "mistral") != 0 && !gemma3)
         return eng_fail(msg, ENG_EUNSUPPORTED,
-                        "architecture '%s' is not supported (tidald runs llama and mistral)", arch);
+                        "architecture '%s' is not supported (tidald runs llama, mistral and "
+                        "gemma3)",
+                        arch);
     snprintf(hp->arch, sizeof(hp->arch), "%s", arch);
     const char *name = gguf_get_str(g, "general.name");
     snprintf(hp->name, sizeof(hp->name), "%s", name ? name : "model");
@@ -102,17 +152,20 @@ static int load_hparams(eng_model_t *m, char *msg) {
         return rc;
     hp->n_head_kv = hp->n_head;
     if ((rc = get_u32(g, arch, "attention.head_count_kv", &hp->n_head_kv, false, msg))) return rc;
-    if (hp->n_embd % hp->n_head)
-        return eng_fail(msg, ENG_EFORMAT, "embedding length %u is not a multiple of %u heads",
-                        hp->n_embd, hp->n_head);
     if (hp->n_head % hp->n_head_kv)
         return eng_fail(msg, ENG_EFORMAT, "%u heads are not a multiple of %u KV heads", hp->n_head,
                         hp->n_head_kv);
+    /* the head size is n_embd / n_head unless the file gives it (Gemma 3: 256 x 4 heads over
+     * a 640-wide embedding); keys and values must be the same size */
     hp->head_dim = hp->n_embd / hp->n_head;
     if ((rc = get_u32(g, arch, "attention.key_length", &hp->head_dim, false, msg))) return rc;
-    if (hp->head_dim * hp->n_head != hp->n_embd)
-        return eng_fail(msg, ENG_EUNSUPPORTED, "head size %u x %u heads != embedding %u",
-                        hp->head_dim, hp->n_head, hp->n_embd);
+    uint32_t v_dim = hp->head_dim;
+    if ((rc = get_u32(g, arch, "attention.value_length", &v_dim, false, msg))) return rc;
+    if (!hp->head_dim || v_dim != hp->head_dim)
+        return eng_fail(msg, ENG_EUNSUPPORTED, "key size %u != value size %u", hp->head_dim, v_dim);
+    if ((uint64_t)hp->head_dim * hp->n_head > (1u << 20))
+        return eng_fail(msg, ENG_EFORMAT, "%u heads of %u are too wide", hp->n_head, hp->head_dim);
+    hp->n_embd_q = hp->head_dim * hp->n_head;
     hp->n_rot = hp->head_dim;
     if ((rc = get_u32(g, arch, "rope.dimension_count", &hp->n_rot, false, msg))) return rc;
     if (hp->n_rot > hp->head_dim || hp->n_rot % 2)
@@ -120,17 +173,25 @@ static int load_hparams(eng_model_t *m, char *msg) {
                         hp->n_rot, hp->head_dim);
     hp->rms_eps = 1e-5f;
     hp->rope_base = 10000.0f;
+    hp->embd_scale = 1.0f;
+    hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
     if ((rc = get_f32(g, arch, "attention.layer_norm_rms_epsilon", &hp->rms_eps, msg)) ||
-        (rc = get_f32(g, arch, "rope.freq_base", &hp->rope_base, msg)))
+        (rc = get_f32(g, arch, "rope.freq_base", &hp->rope_base, msg)) ||
+        (rc = load_rope_scaling(g, arch, hp, msg)))
         return rc;
-    char key[128];
-    snprintf(key, sizeof(key), "%s.attention.sliding_window", arch);
-    uint64_t sw = 0;
-    if (gguf_get_u64(g, key, &sw, NULL) == 0 && sw && sw < hp->n_ctx_train)
-        fprintf(stderr,
-                "tidald: warning: model declares a %llu-token sliding window; tidald attends "
-                "densely, so outputs past %llu tokens differ from windowed attention\n",
-                (unsigned long long)sw, (unsigned long long)sw);
+    if (gemma3) {
+        if ((rc = load_gemma3(g, arch, hp, msg))) return rc;
+    } else {
+        char key[128];
+        snprintf(key, sizeof(key), "%s.attention.sliding_window", arch);
+        uint64_t sw = 0;
+        if (gguf_get_u64(g, key, &sw, NULL) == 0 && sw && sw < hp->n_ctx_train)
+            fprintf(stderr,
+                    "tidald: warning: model declares a %llu-token sliding window; tidald "
+                    "attends densely, as llama.cpp does for this architecture, so outputs past "
+                    "%llu tokens differ from windowed attention\n",
+                    (unsigned long long)sw, (unsigned long long)sw);
+    }
     const gguf_tensor_t *emb = gguf_tensor(g, "token_embd.weight");
     if (!emb) return eng_fail(msg, ENG_EFORMAT, "missing tensor 'token_embd.weight'");
     if (emb->ne[1] > (1u << 24))
@@ -143,7 +204,8 @@ static int load_hparams(eng_model_t *m, char *msg) {
 static int load_weights(eng_model_t *m, char *msg) {
     const gguf_t *g = m->gguf;
     const eng_hparams_t *hp = &m->hp;
-    uint32_t d = hp->n_embd, kvd = hp->n_head_kv * hp->head_dim, qd = hp->n_head * hp->head_dim;
+    uint32_t d = hp->n_embd, kvd = hp->n_head_kv * hp->head_dim, qd = hp->n_embd_q;
+    bool gemma3 = !strcmp(hp->arch, "gemma3");
     int rc;
     if ((rc = weight(g, "token_embd.weight", d, hp->n_vocab, &m->tok_embd, msg))) return rc;
     if ((rc = vector(g, "output_norm.weight", d, &m->output_norm, true, msg))) return rc;
@@ -162,11 +224,15 @@ static int load_weights(eng_model_t *m, char *msg) {
 #define W(field, suffix, cols, rows)                                                               \
     snprintf(n, sizeof(n), "blk.%u.%s.weight", l, suffix);                                         \
     if ((rc = weight(g, n, cols, rows, &L->field, msg))) return rc;
-#define V(field, suffix)                                                                           \
+#define V(field, suffix, len, required)                                                            \
     snprintf(n, sizeof(n), "blk.%u.%s.weight", l, suffix);                                         \
-    if ((rc = vector(g, n, d, &L->field, true, msg))) return rc;
-        V(attn_norm, "attn_norm")
-        V(ffn_norm, "ffn_norm")
+    if ((rc = vector(g, n, len, &L->field, required, msg))) return rc;
+        V(attn_norm, "attn_norm", d, true)
+        V(ffn_norm, "ffn_norm", d, true)
+        V(q_norm, "attn_q_norm", hp->head_dim, gemma3)
+        V(k_norm, "attn_k_norm", hp->head_dim, gemma3)
+        V(post_attn_norm, "post_attention_norm", d, gemma3)
+        V(post_ffn_norm, "post_ffw_norm", d, gemma3)
         W(wq, "attn_q", d, qd)
         W(wk, "attn_k", d, kvd)
         W(wv, "attn_v", d, kvd)

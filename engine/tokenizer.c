@@ -631,6 +631,10 @@ const char *eng_tok_chat_template(const eng_tokenizer_t *t) {
     return t->chat_template;
 }
 
+int32_t eng_tok_find(const eng_tokenizer_t *t, const char *piece) {
+    return hmap_get(&t->vocab, piece, strlen(piece));
+}
+
 /* ---- detokenize -------------------------------------------------------- */
 
 size_t eng_token_bytes(const eng_tokenizer_t *t, int32_t id, char *buf, size_t cap,

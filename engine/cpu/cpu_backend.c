@@ -18,6 +18,7 @@
 #include "../threadpool.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -229,20 +230,28 @@ static void cpu_rmsnorm(eng_backend_t *be, const float *x, const float *weight, 
     }
 }
 
+/* The dims pair i of a head turns: (2i, 2i+1) in NORM mode, (i, i + n_rot/2) in NEOX. */
+static inline void rope_pair(const eng_rope_t *r, uint32_t i, size_t *a, size_t *b) {
+    *a = r->neox ? i : 2 * (size_t)i;
+    *b = r->neox ? i + r->n_rot / 2 : 2 * (size_t)i + 1;
+}
+
 static void cpu_rope(eng_backend_t *be, float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads,
-                     uint32_t head_dim, uint32_t n_rot, float base, const float *freq_factors) {
+                     uint32_t head_dim, const eng_rope_t *r) {
     (void)be;
-    float theta_scale = powf(base, -2.0f / (float)n_rot);
+    float theta_scale = powf(r->base, -2.0f / (float)r->n_rot);
     for (uint32_t t = 0; t < T; t++) {
         for (uint32_t h = 0; h < n_heads; h++) {
             float *v = x + ((size_t)t * n_heads + h) * head_dim;
             float theta = (float)pos[t];
-            for (uint32_t i = 0; i < n_rot; i += 2) {
-                float th = freq_factors ? theta / freq_factors[i / 2] : theta;
+            for (uint32_t i = 0; i < r->n_rot / 2; i++) {
+                float th = (r->freq_factors ? theta / r->freq_factors[i] : theta) * r->freq_scale;
                 float cs = cosf(th), sn = sinf(th);
-                float a = v[i], b = v[i + 1];
-                v[i] = a * cs - b * sn;
-                v[i + 1] = a * sn + b * cs;
+                size_t ia, ib;
+                rope_pair(r, i, &ia, &ib);
+                float a = v[ia], b = v[ib];
+                v[ia] = a * cs - b * sn;
+                v[ib] = a * sn + b * cs;
                 theta *= theta_scale;
             }
         }
@@ -332,14 +341,18 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
     bool stats = s->entropy || s->sink_mass;
     memset(o, 0, hd * sizeof(float));
     if (!sel) {
-        for (uint32_t p0 = 0; p0 < n_keys; p0 += bs) {
-            uint32_t nk = n_keys - p0 < bs ? n_keys - p0 : bs;
+        /* a sliding-window layer sees the last `window` keys; chunks stay within blocks */
+        uint32_t lo = sh->window && n_keys > sh->window ? n_keys - sh->window : 0;
+        for (uint32_t p0 = lo; p0 < n_keys;) {
+            uint32_t end = (p0 / bs + 1) * bs, nk = (end < n_keys ? end : n_keys) - p0;
             size_t off = kvoff * s->seq->pool->elem;
             fold(q, s->seq, j->layer, kvoff, hd, sh->scale,
                  (const char *)kv_seq_kp(s->seq, j->layer, p0) + off,
                  (const char *)kv_seq_vp(s->seq, j->layer, p0) + off, p0, NULL, nk, s->n_sinks,
                  w->chunk, o, &a, all, stats);
+            p0 += nk;
         }
+        n_keys -= lo;
     } else {
         /* chunk the sorted positions by block, as the dense path does, so a selection of every
          * position computes exactly what dense attention computes */
@@ -484,55 +497,84 @@ static void cpu_attention(eng_backend_t *be, const eng_attn_shape_t *sh, uint32_
     pool_run(c->pool, attn_range, &j, n, 1);
 }
 
-static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to,
-                        uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot,
-                        float base, const float *freq_factors) {
+static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint32_t from,
+                        uint32_t to, uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
+                        const eng_rope_t *r) {
     (void)be;
     /* the rotation by -delta: the same angles as RoPE at position delta, negated. The angles
      * of up to KS_PAIRS dimension pairs at a time live on the stack, so any n_rot works. */
     enum { KS_PAIRS = 256 };
-    float theta_scale = powf(base, -2.0f / (float)n_rot);
+    float theta_scale = powf(r->base, -2.0f / (float)r->n_rot);
     float cs[KS_PAIRS], sn[KS_PAIRS];
     float theta = (float)delta;
     bool f16 = seq->pool->elem == 2;
-    for (uint32_t p0 = 0; p0 < n_rot / 2; p0 += KS_PAIRS) {
-        uint32_t np = n_rot / 2 - p0 < KS_PAIRS ? n_rot / 2 - p0 : KS_PAIRS;
+    for (uint32_t p0 = 0; p0 < r->n_rot / 2; p0 += KS_PAIRS) {
+        uint32_t np = r->n_rot / 2 - p0 < KS_PAIRS ? r->n_rot / 2 - p0 : KS_PAIRS;
         for (uint32_t j = 0; j < np; j++) {
-            float th = freq_factors ? theta / freq_factors[p0 + j] : theta;
+            float th = (r->freq_factors ? theta / r->freq_factors[p0 + j] : theta) * r->freq_scale;
             cs[j] = cosf(th);
             sn[j] = -sinf(th);
             theta *= theta_scale;
         }
-        for (uint32_t l = 0; l < seq->pool->n_layer; l++)
-            for (uint32_t p = from; p < to; p++) {
-                void *kp = kv_seq_kp(seq, l, p);
-                for (uint32_t h = 0; h < n_head_kv; h++)
-                    for (uint32_t j = 0; j < np; j++) {
-                        size_t x = (size_t)h * head_dim + 2 * (p0 + j);
-                        float a, b;
-                        if (f16) {
-                            a = eng_f16_to_f32(((uint16_t *)kp)[x]);
-                            b = eng_f16_to_f32(((uint16_t *)kp)[x + 1]);
-                        } else {
-                            a = ((float *)kp)[x];
-                            b = ((float *)kp)[x + 1];
-                        }
-                        float ra = a * cs[j] - b * sn[j], rb = a * sn[j] + b * cs[j];
-                        if (f16) {
-                            ((uint16_t *)kp)[x] = eng_f32_to_f16(ra);
-                            ((uint16_t *)kp)[x + 1] = eng_f32_to_f16(rb);
-                        } else {
-                            ((float *)kp)[x] = ra;
-                            ((float *)kp)[x + 1] = rb;
-                        }
+        for (uint32_t p = from; p < to; p++) {
+            void *kp = kv_seq_kp(seq, layer, p);
+            for (uint32_t h = 0; h < n_head_kv; h++)
+                for (uint32_t j = 0; j < np; j++) {
+                    size_t ia, ib;
+                    rope_pair(r, p0 + j, &ia, &ib);
+                    ia += (size_t)h * head_dim;
+                    ib += (size_t)h * head_dim;
+                    float a, b;
+                    if (f16) {
+                        a = eng_f16_to_f32(((uint16_t *)kp)[ia]);
+                        b = eng_f16_to_f32(((uint16_t *)kp)[ib]);
+                    } else {
+                        a = ((float *)kp)[ia];
+                        b = ((float *)kp)[ib];
                     }
-            }
+                    float ra = a * cs[j] - b * sn[j], rb = a * sn[j] + b * cs[j];
+                    if (f16) {
+                        ((uint16_t *)kp)[ia] = eng_f32_to_f16(ra);
+                        ((uint16_t *)kp)[ib] = eng_f32_to_f16(rb);
+                    } else {
+                        ((float *)kp)[ia] = ra;
+                        ((float *)kp)[ib] = rb;
+                    }
+                }
+        }
     }
 }
 
 static void cpu_swiglu(eng_backend_t *be, float *g, const float *u, size_t n) {
     (void)be;
     for (size_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* GELU (tanh form) at every F16 value, rounded to F16: llama.cpp's CPU table, built once. */
+static float gelu_table[65536];
+static pthread_once_t gelu_once = PTHREAD_ONCE_INIT;
+
+static void gelu_table_init(void) {
+    for (uint32_t i = 0; i < 65536; i++) {
+        float x = eng_f16_to_f32((uint16_t)i);
+        float y =
+            0.5f * x * (1.0f + tanhf(0.79788456080286535588f * x * (1.0f + 0.044715f * x * x)));
+        gelu_table[i] = eng_f16_to_f32(eng_f32_to_f16(y));
+    }
+}
+
+static void cpu_geglu(eng_backend_t *be, float *g, const float *u, size_t n) {
+    (void)be;
+    pthread_once(&gelu_once, gelu_table_init);
+    for (size_t i = 0; i < n; i++) {
+        float x = g[i];
+        g[i] = x <= -10.0f ? 0.0f : x >= 10.0f ? x * u[i] : gelu_table[eng_f32_to_f16(x)] * u[i];
+    }
+}
+
+static void cpu_scale(eng_backend_t *be, float *x, float s, size_t n) {
+    (void)be;
+    for (size_t i = 0; i < n; i++) x[i] *= s;
 }
 
 static void cpu_add(eng_backend_t *be, float *x, const float *y, size_t n) {
@@ -654,6 +696,8 @@ static const eng_backend_ops_t cpu_ops = {
     .k_shift = cpu_k_shift,
     .attention = cpu_attention,
     .swiglu = cpu_swiglu,
+    .geglu = cpu_geglu,
+    .scale = cpu_scale,
     .add = cpu_add,
     .get_rows = cpu_get_rows,
     .parallel_for = cpu_parallel_for,

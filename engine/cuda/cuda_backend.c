@@ -533,11 +533,11 @@ static bool announced(cu_ctx_t *c, const void *host, const void *step_host, uint
 }
 
 static void cu_rope_op(eng_backend_t *be, float *x, const uint32_t *pos, uint32_t T,
-                       uint32_t n_heads, uint32_t head_dim, uint32_t n_rot, float base,
-                       const float *freq_factors) {
+                       uint32_t n_heads, uint32_t head_dim, const eng_rope_t *r) {
     cu_ctx_t *c = ctx_of(be);
     if (announced(c, pos, c->h_pos, T, "positions") && !failed(c) && !replaying(c))
-        cu_rope(c->st, x, c->d_pos, T, n_heads, head_dim, n_rot, base, freq_factors);
+        cu_rope(c->st, x, c->d_pos, T, n_heads, head_dim, r->n_rot, r->base, r->freq_scale, r->neox,
+                r->freq_factors);
 }
 
 static void cu_get_rows_op(eng_backend_t *be, const eng_tensor_t *w, const int32_t *ids, uint32_t T,
@@ -550,6 +550,16 @@ static void cu_get_rows_op(eng_backend_t *be, const eng_tensor_t *w, const int32
 static void cu_swiglu_op(eng_backend_t *be, float *g, const float *u, size_t n) {
     cu_ctx_t *c = ctx_of(be);
     if (!failed(c) && !replaying(c)) cu_swiglu(c->st, g, u, n);
+}
+
+static void cu_geglu_op(eng_backend_t *be, float *g, const float *u, size_t n) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!failed(c) && !replaying(c)) cu_geglu(c->st, g, u, n);
+}
+
+static void cu_scale_op(eng_backend_t *be, float *x, float s, size_t n) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!failed(c) && !replaying(c)) cu_scale(c->st, x, s, n);
 }
 
 static void cu_argmax_op(eng_backend_t *be, const float *rows, uint32_t R, uint32_t n,
@@ -611,7 +621,7 @@ static void cu_attention_op(eng_backend_t *be, const eng_attn_shape_t *sh, uint3
         if (t->entropy || t->sink_mass || t->n_att) c->tele_wanted = true;
     }
     if (replaying(c)) return; /* the host bookkeeping above is all a replay needs */
-    cu_shape_t shape = {sh->n_head, sh->n_head_kv, sh->head_dim, sh->scale};
+    cu_shape_t shape = {sh->n_head, sh->n_head_kv, sh->head_dim, sh->scale, sh->window};
     cu_pool_t pool = pool_of(seqs[0].seq->pool);
     const uint8_t *kinds = c->d_kinds + (size_t)layer * n_seqs;
     size_t plane = (size_t)c->n_layer * n_seqs * c->n_head, at = (size_t)layer * n_seqs * c->n_head;
@@ -631,9 +641,9 @@ static void cu_attention_op(eng_backend_t *be, const eng_attn_shape_t *sh, uint3
     ok(c, cudaGetLastError(), "attention launch");
 }
 
-static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to,
-                          uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot,
-                          float base, const float *freq_factors) {
+static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint32_t from,
+                          uint32_t to, uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
+                          const eng_rope_t *r) {
     cu_ctx_t *c = ctx_of(be);
     if (to <= from) return;
     cudaSetDevice(c->device);
@@ -644,8 +654,8 @@ static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint3
        cudaMemcpyAsync(c->d_shift_table, seq->blocks, 4 * (size_t)seq->n_blocks,
                        cudaMemcpyHostToDevice, c->st),
        "K-shift table");
-    cu_k_shift(c->st, pool_of(seq->pool), c->d_shift_table, from, to, delta, n_head_kv, head_dim,
-               n_rot, base, freq_factors);
+    cu_k_shift(c->st, pool_of(seq->pool), c->d_shift_table, layer, from, to, delta, n_head_kv,
+               head_dim, r->n_rot, r->base, r->freq_scale, r->neox, r->freq_factors);
     ok(c, cudaStreamSynchronize(c->st), "K-shift"); /* the table buffer is reused next time */
 report:
     if (failed(c)) { /* outside a step nobody else will report it */
@@ -749,6 +759,8 @@ static const eng_backend_ops_t cuda_ops = {
     .attention = cu_attention_op,
     .k_shift = cu_k_shift_op,
     .swiglu = cu_swiglu_op,
+    .geglu = cu_geglu_op,
+    .scale = cu_scale_op,
     .add = cu_add_op,
     .argmax = cu_argmax_op,
     .get_rows = cu_get_rows_op,

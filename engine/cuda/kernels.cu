@@ -86,38 +86,48 @@ extern "C" void cu_rmsnorm(cudaStream_t st, const float *x, const float *w, floa
 }
 
 /* The angle of pair i at position pos, computed as the CPU computes it: theta multiplied by
- * theta_scale once per pair, then divided by the pair's frequency factor. */
+ * theta_scale once per pair, divided by the pair's frequency factor, then scaled. */
 __device__ __forceinline__ float rope_angle(float pos, uint32_t i, float theta_scale,
-                                            const float *ff) {
+                                            const float *ff, float freq_scale) {
     float theta = pos;
     for (uint32_t j = 0; j < i; j++) theta = __fmul_rn(theta, theta_scale);
-    return ff ? theta / ff[i] : theta;
+    return __fmul_rn(ff ? theta / ff[i] : theta, freq_scale);
+}
+
+/* The offsets of pair i's two dims in a head: (2i, 2i+1), or (i, i + n_rot/2) for NEOX. */
+__device__ __forceinline__ void rope_dims(uint32_t i, uint32_t n_rot, bool neox, uint32_t *a,
+                                          uint32_t *b) {
+    *a = neox ? i : 2 * i;
+    *b = neox ? i + n_rot / 2 : 2 * i + 1;
 }
 
 __global__ void k_rope(float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads, uint32_t hd,
-                       uint32_t n_rot, float theta_scale, const float *ff) {
+                       uint32_t n_rot, float theta_scale, float freq_scale, bool neox,
+                       const float *ff) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     uint32_t pairs = n_rot / 2;
     if (idx >= (size_t)T * n_heads * pairs) return;
     uint32_t i = (uint32_t)(idx % pairs);
     size_t th = idx / pairs; /* t * n_heads + h */
     uint32_t t = (uint32_t)(th / n_heads);
-    float a = rope_angle((float)pos[t], i, theta_scale, ff), cs, sn;
+    float a = rope_angle((float)pos[t], i, theta_scale, ff, freq_scale), cs, sn;
     sincosf(a, &sn, &cs);
-    float *v = x + th * hd + 2 * i;
-    float p = v[0], q = v[1];
-    v[0] = p * cs - q * sn;
-    v[1] = p * sn + q * cs;
+    uint32_t da, db;
+    rope_dims(i, n_rot, neox, &da, &db);
+    float *v = x + th * hd;
+    float p = v[da], q = v[db];
+    v[da] = p * cs - q * sn;
+    v[db] = p * sn + q * cs;
 }
 
 extern "C" void cu_rope(cudaStream_t st, float *x, const uint32_t *pos, uint32_t T,
                         uint32_t n_heads, uint32_t head_dim, uint32_t n_rot, float base,
-                        const float *freq_factors) {
+                        float freq_scale, bool neox, const float *freq_factors) {
     size_t n = (size_t)T * n_heads * (n_rot / 2);
     if (!n) return;
     float theta_scale = powf(base, -2.0f / (float)n_rot);
     k_rope<<<blocks_for(n, 256), 256, 0, st>>>(x, pos, T, n_heads, head_dim, n_rot, theta_scale,
-                                               freq_factors);
+                                               freq_scale, neox, freq_factors);
 }
 
 __global__ void k_swiglu(float *g, const float *u, size_t n) {
@@ -128,6 +138,39 @@ __global__ void k_swiglu(float *g, const float *u, size_t n) {
 
 extern "C" void cu_swiglu(cudaStream_t st, float *g, const float *u, size_t n) {
     if (n) k_swiglu<<<blocks_for(n, 256), 256, 0, st>>>(g, u, n);
+}
+
+/* GELU's tanh form at x rounded to F16, the result rounded to F16 (the CPU's table). */
+__global__ void k_geglu(float *g, const float *u, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float x = g[i], y;
+        if (x <= -10.0f) {
+            y = 0.0f;
+        } else if (x >= 10.0f) {
+            y = x * u[i];
+        } else {
+            float h = __half2float(__float2half_rn(x));
+            float e =
+                0.5f * h * (1.0f + tanhf(0.79788456080286535588f * h * (1.0f + 0.044715f * h * h)));
+            y = __half2float(__float2half_rn(e)) * u[i];
+        }
+        g[i] = y;
+    }
+}
+
+extern "C" void cu_geglu(cudaStream_t st, float *g, const float *u, size_t n) {
+    if (n) k_geglu<<<blocks_for(n, 256), 256, 0, st>>>(g, u, n);
+}
+
+__global__ void k_scale(float *x, float s, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
+extern "C" void cu_scale(cudaStream_t st, float *x, float s, size_t n) {
+    if (n) k_scale<<<blocks_for(n, 256), 256, 0, st>>>(x, s, n);
 }
 
 __global__ void k_add(float *x, const float *y, size_t n) {
@@ -200,33 +243,36 @@ extern "C" void cu_kv_store(cudaStream_t st, cu_pool_t pool, uint32_t layer, con
                                                        tables, T);
 }
 
-__global__ void k_shift(cu_pool_t pool, const uint32_t *table, uint32_t from, uint32_t n_pos,
-                        float delta, uint32_t n_head_kv, uint32_t hd, uint32_t n_rot,
-                        float theta_scale, const float *ff) {
+__global__ void k_shift(cu_pool_t pool, const uint32_t *table, uint32_t layer, uint32_t from,
+                        uint32_t n_pos, float delta, uint32_t n_head_kv, uint32_t hd,
+                        uint32_t n_rot, float theta_scale, float freq_scale, bool neox,
+                        const float *ff) {
     uint32_t pairs = n_rot / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t per_pos = (size_t)n_head_kv * pairs;
-    if (idx >= (size_t)pool.n_layer * n_pos * per_pos) return;
+    if (idx >= (size_t)n_pos * per_pos) return;
     uint32_t i = (uint32_t)(idx % pairs);
     uint32_t h = (uint32_t)(idx / pairs % n_head_kv);
-    size_t lp = idx / per_pos;
-    uint32_t layer = (uint32_t)(lp / n_pos), p = from + (uint32_t)(lp % n_pos);
-    float a = rope_angle(delta, i, theta_scale, ff), cs = cosf(a), sn = -sinf(a);
-    size_t at = kv_index(pool, table[p / pool.block_size], layer, p) + (size_t)h * hd + 2 * i;
-    float x = kv_ld(pool, at), y = kv_ld(pool, at + 1);
-    kv_st(pool, at, x * cs - y * sn);
-    kv_st(pool, at + 1, x * sn + y * cs);
+    uint32_t p = from + (uint32_t)(idx / per_pos);
+    float a = rope_angle(delta, i, theta_scale, ff, freq_scale), cs = cosf(a), sn = -sinf(a);
+    uint32_t da, db;
+    rope_dims(i, n_rot, neox, &da, &db);
+    size_t at = kv_index(pool, table[p / pool.block_size], layer, p) + (size_t)h * hd;
+    float x = kv_ld(pool, at + da), y = kv_ld(pool, at + db);
+    kv_st(pool, at + da, x * cs - y * sn);
+    kv_st(pool, at + db, x * sn + y * cs);
 }
 
-extern "C" void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t from,
-                           uint32_t to, uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
-                           uint32_t n_rot, float base, const float *freq_factors) {
+extern "C" void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t layer,
+                           uint32_t from, uint32_t to, uint32_t delta, uint32_t n_head_kv,
+                           uint32_t head_dim, uint32_t n_rot, float base, float freq_scale,
+                           bool neox, const float *freq_factors) {
     if (to <= from || n_rot < 2) return;
-    size_t n = (size_t)pool.n_layer * (to - from) * n_head_kv * (n_rot / 2);
+    size_t n = (size_t)(to - from) * n_head_kv * (n_rot / 2);
     float theta_scale = powf(base, -2.0f / (float)n_rot);
-    k_shift<<<blocks_for(n, 256), 256, 0, st>>>(pool, table, from, to - from, (float)delta,
-                                                n_head_kv, head_dim, n_rot, theta_scale,
-                                                freq_factors);
+    k_shift<<<blocks_for(n, 256), 256, 0, st>>>(pool, table, layer, from, to - from, (float)delta,
+                                                n_head_kv, head_dim, n_rot, theta_scale, freq_scale,
+                                                neox, freq_factors);
 }
 
 /* ---- attention ----------------------------------------------------------------------- */
@@ -321,8 +367,15 @@ __device__ __forceinline__ float dot_q(const float *qs, const cu_pool_t &pool, s
     return s;
 }
 
-__device__ __forceinline__ uint32_t n_keys_of(const cu_seq_t &s, uint32_t kind, uint32_t h) {
-    return kind == K_SPARSE ? s.n_sel[h] : s.pos0 + 1;
+/* The first key a dense decode query sees: the window's start on a sliding-window layer. */
+__device__ __forceinline__ uint32_t key_lo(const cu_seq_t &s, uint32_t kind, const cu_shape_t &sh) {
+    return kind != K_SPARSE && sh.window && s.pos0 + 1 > sh.window ? s.pos0 + 1 - sh.window : 0;
+}
+
+/* Keys a decode query attends: its selection, or every key from key_lo to itself. */
+__device__ __forceinline__ uint32_t n_keys_of(const cu_seq_t &s, uint32_t kind, uint32_t h,
+                                              const cu_shape_t &sh) {
+    return kind == K_SPARSE ? s.n_sel[h] : s.pos0 + 1 - key_lo(s, kind, sh);
 }
 
 /* grid (split, head, slice), DEC_WARPS warps: one split of one head's keys. */
@@ -336,7 +389,8 @@ __global__ void __launch_bounds__(DEC_WARPS *WARP)
     uint32_t split = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const cu_seq_t &s = seqs[i];
     if (s.n_q != 1) return;
-    uint32_t kind = kinds[i], hd = sh.head_dim, n = n_keys_of(s, kind, h);
+    uint32_t kind = kinds[i], hd = sh.head_dim, n = n_keys_of(s, kind, h, sh),
+             lo = key_lo(s, kind, sh);
     uint32_t k0 = split * SPLIT, k1 = min(n, k0 + SPLIT);
     if (k0 >= n) return;
     const float *qrow = q + ((size_t)s.q_start * sh.n_head + h) * hd;
@@ -355,7 +409,7 @@ __global__ void __launch_bounds__(DEC_WARPS *WARP)
         size_t vidx = 0;
         uint32_t p = 0;
         if (j < k1) {
-            p = kind == K_SPARSE ? sel[j] : j;
+            p = kind == K_SPARSE ? sel[j] : lo + j;
             size_t at = kv_index(pool, tables[s.table_off + p / pool.block_size], layer, p) + koff;
             sv = dot_q(qs, pool, at, hd);
             vidx = at + slab;
@@ -392,7 +446,7 @@ __global__ void k_attn_combine(cu_shape_t sh, const cu_seq_t *seqs, const uint8_
     uint32_t h = blockIdx.x, i = blockIdx.y, hd = sh.head_dim;
     const cu_seq_t &s = seqs[i];
     if (s.n_q != 1) return;
-    uint32_t n = n_keys_of(s, kinds[i], h), ns = (n + SPLIT - 1) / SPLIT;
+    uint32_t n = n_keys_of(s, kinds[i], h, sh), ns = (n + SPLIT - 1) / SPLIT;
     const float *pp = part + ((size_t)i * sh.n_head + h) * max_split * (hd + 4);
     float m = -INFINITY, l = 0, t = 0, sk = 0;
     for (uint32_t k = 0; k < ns; k++) {
@@ -613,8 +667,9 @@ __global__ void __launch_bounds__(PF_WARPS *WARP)
 #pragma unroll
         for (int k = 0; k < LANE_D; k++) o[a][k] = 0;
     }
-    uint32_t last = s.pos0 + q0 + nq; /* keys [0, last) are needed by this tile */
-    for (uint32_t t0 = 0; t0 < last; t0 += PF_KT) {
+    uint32_t last = s.pos0 + q0 + nq; /* keys [first, last) are needed by this tile */
+    uint32_t first = sh.window && s.pos0 + q0 + 1 > sh.window ? s.pos0 + q0 + 1 - sh.window : 0;
+    for (uint32_t t0 = first / PF_KT * PF_KT; t0 < last; t0 += PF_KT) {
         __syncthreads();
         for (uint32_t x = threadIdx.x; x < PF_KT * hd; x += blockDim.x) {
             uint32_t j = x / hd, d = x % hd, p = t0 + j;
@@ -635,7 +690,7 @@ __global__ void __launch_bounds__(PF_WARPS *WARP)
             if (qi >= nq) break;
             uint32_t qpos = s.pos0 + q0 + qi, p = t0 + lane;
             float sv = -INFINITY;
-            if (p <= qpos) {
+            if (p <= qpos && (!sh.window || qpos - p < sh.window)) {
                 const float *qq = qs + qi * hd, *kk = ks + lane * (hd + 1);
                 float acc = 0;
                 for (uint32_t d = 0; d < hd; d++) acc += qq[d] * kk[d];

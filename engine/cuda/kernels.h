@@ -8,6 +8,7 @@
 #define TIDALD_CUDA_KERNELS_H
 
 #include <cuda_runtime_api.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -39,9 +40,14 @@ void cu_get_rows(cudaStream_t st, uint32_t type, const void *w, size_t row_bytes
                  const int32_t *ids, uint32_t T, float *out);
 void cu_rmsnorm(cudaStream_t st, const float *x, const float *w, float *out, uint32_t T, uint32_t n,
                 float eps);
+/* eng_rope_t's rotation: NORM or NEOX pairs, linear freq_scale, optional frequency factors */
 void cu_rope(cudaStream_t st, float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads,
-             uint32_t head_dim, uint32_t n_rot, float base, const float *freq_factors);
+             uint32_t head_dim, uint32_t n_rot, float base, float freq_scale, bool neox,
+             const float *freq_factors);
 void cu_swiglu(cudaStream_t st, float *g, const float *u, size_t n);
+/* g = gelu(g) * u as the CPU backend computes it (F16-rounded GELU) */
+void cu_geglu(cudaStream_t st, float *g, const float *u, size_t n);
+void cu_scale(cudaStream_t st, float *x, float s, size_t n);
 void cu_add(cudaStream_t st, float *x, const float *y, size_t n);
 /* f32 -> f16 (type CU_W_F16) or bf16 (CU_W_BF16), n values */
 void cu_convert(cudaStream_t st, uint32_t type, const float *x, void *out, size_t n);
@@ -50,14 +56,15 @@ void cu_convert(cudaStream_t st, uint32_t type, const float *x, void *out, size_
 void cu_kv_store(cudaStream_t st, cu_pool_t pool, uint32_t layer, const float *k, const float *v,
                  const uint32_t *pos, const uint32_t *row_seq, const cu_seq_t *seqs,
                  const uint32_t *tables, uint32_t T);
-/* Rotate the keys of positions [from, to) of every layer back by delta (K-shift). */
-void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t from, uint32_t to,
-                uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot, float base,
-                const float *freq_factors);
+/* Rotate the keys of positions [from, to) of one layer back by delta (K-shift). */
+void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t layer,
+                uint32_t from, uint32_t to, uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
+                uint32_t n_rot, float base, float freq_scale, bool neox, const float *freq_factors);
 
 typedef struct {
     uint32_t n_head, n_head_kv, head_dim;
     float scale;
+    uint32_t window; /* sliding window (keys (p - window, p]); 0: none */
 } cu_shape_t;
 
 /* Decode attention (slices with n_q == 1) of one layer: dense over the block table, dense with

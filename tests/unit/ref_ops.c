@@ -83,16 +83,19 @@ void ref_rmsnorm(const float *x, const float *w, float *out, uint32_t T, uint32_
 }
 
 void ref_rope(float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads, uint32_t hd,
-              uint32_t n_rot, float base, const float *ff) {
+              const eng_rope_t *r) {
+    uint32_t half = r->n_rot / 2;
     for (uint32_t t = 0; t < T; t++)
         for (uint32_t h = 0; h < n_heads; h++) {
             float *v = x + ((size_t)t * n_heads + h) * hd;
-            for (uint32_t i = 0; i < n_rot; i += 2) {
-                double theta = pos[t] * pow(base, -(double)i / n_rot);
-                if (ff) theta /= ff[i / 2];
-                double a = v[i], b = v[i + 1];
-                v[i] = (float)(a * cos(theta) - b * sin(theta));
-                v[i + 1] = (float)(a * sin(theta) + b * cos(theta));
+            for (uint32_t i = 0; i < half; i++) {
+                double theta = pos[t] * pow(r->base, -2.0 * i / r->n_rot);
+                if (r->freq_factors) theta /= r->freq_factors[i];
+                theta *= r->freq_scale;
+                uint32_t ia = r->neox ? i : 2 * i, ib = r->neox ? i + half : 2 * i + 1;
+                double a = v[ia], b = v[ib];
+                v[ia] = (float)(a * cos(theta) - b * sin(theta));
+                v[ib] = (float)(a * sin(theta) + b * cos(theta));
             }
         }
 }
@@ -101,10 +104,12 @@ void ref_attention(const eng_attn_shape_t *sh, const float *q, const float *k, c
                    uint32_t pos, float *out) {
     uint32_t hd = sh->head_dim, kvd = sh->n_head_kv * hd, group = sh->n_head / sh->n_head_kv;
     double *s = malloc(sizeof(double) * (pos + 1));
+    uint32_t lo = sh->window && pos + 1 > sh->window ? pos + 1 - sh->window : 0;
     for (uint32_t h = 0; h < sh->n_head; h++) {
         uint32_t kvh = h / group;
         double mx = -INFINITY, sum = 0;
-        for (uint32_t p = 0; p <= pos; p++) {
+        for (uint32_t p = 0; p < lo; p++) s[p] = -INFINITY; /* outside the window */
+        for (uint32_t p = lo; p <= pos; p++) {
             double d = 0;
             for (uint32_t i = 0; i < hd; i++)
                 d += (double)q[h * hd + i] * k[p * kvd + kvh * hd + i];
@@ -123,6 +128,24 @@ void ref_attention(const eng_attn_shape_t *sh, const float *q, const float *k, c
 
 void ref_swiglu(float *g, const float *u, size_t n) {
     for (size_t i = 0; i < n; i++) g[i] = (float)(g[i] / (1.0 + exp(-(double)g[i])) * u[i]);
+}
+
+void ref_geglu(float *g, const float *u, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        double x = g[i], y;
+        if (x <= -10)
+            y = 0;
+        else if (x >= 10)
+            y = x;
+        else {
+            /* the F16 table's argument, and GELU in float as ggml evaluates it: near x = -3
+             * 1 + tanh cancels, so a double evaluation rounds to another F16 value */
+            float h = eng_f16_to_f32(eng_f32_to_f16((float)x));
+            float e = 0.5f * h * (1.0f + tanhf(0.7978845608f * h * (1.0f + 0.044715f * h * h)));
+            y = eng_f16_to_f32(eng_f32_to_f16(e));
+        }
+        g[i] = (float)(y * u[i]);
+    }
 }
 
 void ref_attention_subset(const eng_attn_shape_t *sh, uint32_t h, const float *q, const float *k,

@@ -11,12 +11,14 @@ void ref_matmul(const eng_tensor_t *w, const float *x, float *y, uint32_t T);
 void ref_matmul_float(const eng_tensor_t *w, const float *x, float *y, uint32_t T);
 void ref_rmsnorm(const float *x, const float *w, float *out, uint32_t T, uint32_t n, float eps);
 void ref_rope(float *x, const uint32_t *pos, uint32_t T, uint32_t n_heads, uint32_t hd,
-              uint32_t n_rot, float base, const float *ff);
+              const eng_rope_t *r);
 /* attention over contiguous keys/values k[p][kv_dim], v[p][kv_dim] for one query at position
- * pos (attends to 0..pos), all heads */
+ * pos (attends to 0..pos, or to its last sh->window positions), all heads */
 void ref_attention(const eng_attn_shape_t *sh, const float *q, const float *k, const float *v,
                    uint32_t pos, float *out);
 void ref_swiglu(float *g, const float *u, size_t n);
+/* g = gelu_tanh(g) * u with llama.cpp's F16 rounding of GELU's argument and result */
+void ref_geglu(float *g, const float *u, size_t n);
 
 /* one head h attending to the listed positions of contiguous k/v; also the entropy (bits,
  * explicit -sum p log2 p), the mass on positions < n_sinks, and the probabilities */

@@ -21,6 +21,7 @@ Test(api, test_templates_are_recognised_from_their_markers) {
         API_TMPL_ZEPHYR);
     cr_expect_eq(api_detect_template("{{ bos_token + '[INST] ' + content + ' [/INST]' }}"),
                  API_TMPL_LLAMA2);
+    cr_expect_eq(api_detect_template("{{ '<start_of_turn>' + role + '\\n' }}"), API_TMPL_GEMMA);
 }
 
 static void expect_render(api_tmpl_t t, const char *want) {
@@ -48,6 +49,15 @@ Test(api, test_each_family_renders_like_its_reference_template) {
     expect_render(API_TMPL_LLAMA2,
                   "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s>"
                   "<s>[INST] Bye [/INST]");
+    /* Gemma 3's template: the system message opens the first user turn, the assistant is
+     * "model", contents are trimmed */
+    expect_render(API_TMPL_GEMMA, "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                                  "<start_of_turn>model\nHello!<end_of_turn>\n"
+                                  "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n");
+    const api_msg_t padded[] = {{"user", "  What?\n"}};
+    char *got = api_render_chat(API_TMPL_GEMMA, padded, 1);
+    cr_expect_str_eq(got, "<bos><start_of_turn>user\nWhat?<end_of_turn>\n<start_of_turn>model\n");
+    free(got);
     cr_expect_null(api_render_chat(API_TMPL_NONE, convo, 4));
 }
 

@@ -291,11 +291,12 @@ static void check_eviction(bool f16) {
     uint64_t r = 3;
     for (uint32_t i = 0; i < n * kvd * hp->n_layer; i++) pre[i] = frand(&r), vv[i] = frand(&r);
     /* keys stored rotated at their positions, as the forward pass stores them */
+    eng_rope_t rope = {hp->n_rot, hp->rope_base, hp->rope_freq_scale, hp->rope_neox, NULL};
     for (uint32_t l = 0; l < hp->n_layer; l++)
         for (uint32_t q = 0; q < n; q++) {
             float k[256];
             memcpy(k, pre + ((size_t)l * n + q) * kvd, sizeof(float) * kvd);
-            ref_rope(k, &q, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, NULL);
+            ref_rope(k, &q, 1, hp->n_head_kv, hp->head_dim, &rope);
             for (uint32_t i = 0; i < kvd; i++) {
                 put(kv_seq_kp(&s, l, q), i, k[i]);
                 vv[((size_t)l * n + q) * kvd + i] =
@@ -312,7 +313,7 @@ static void check_eviction(bool f16) {
             uint32_t orig = q < 8 ? q : q + 12; /* sink blocks keep their positions */
             float want[256];
             memcpy(want, pre + ((size_t)l * n + orig) * kvd, sizeof(float) * kvd);
-            ref_rope(want, &q, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, NULL);
+            ref_rope(want, &q, 1, hp->n_head_kv, hp->head_dim, &rope);
             for (uint32_t i = 0; i < kvd; i++) {
                 float k = f16 ? eng_f16_to_f32(((uint16_t *)kv_seq_kp(&s, l, q))[i])
                               : kv_seq_k(&s, l, q)[i];

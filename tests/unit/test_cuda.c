@@ -187,15 +187,20 @@ Test(cuda, test_row_ops_match_cpu) {
     gpu_end(p.gpu);
     host_f(p.gpu, yg, dy, T * N);
     cr_expect_lt(rel_err(yg, yc, T * N), 1e-5, "rmsnorm");
-    /* rope, with and without frequency factors, full and partial rotation */
-    for (int variant = 0; variant < 3; variant++) {
-        uint32_t n_rot = variant == 2 ? HD / 2 : HD;
-        const float *ffh = variant == 1 ? ff : NULL, *ffd = variant == 1 ? dff : NULL;
+    /* rope, with and without frequency factors, full and partial rotation, NORM and NEOX,
+     * with linear scaling */
+    for (int variant = 0; variant < 6; variant++) {
+        uint32_t n_rot = variant == 2 || variant == 4 ? HD / 2 : HD;
+        bool neox = variant >= 3;
+        float fs = variant == 5 ? 0.25f : 1.0f;
+        eng_rope_t rh = {n_rot, neox ? 1e6f : 10000.0f, fs, neox, variant == 1 ? ff : NULL};
+        eng_rope_t rd = rh;
+        rd.freq_factors = variant == 1 ? dff : NULL;
         memcpy(yc, x, sizeof(x));
-        p.cpu->ops->rope(p.cpu, yc, pos, T, H, HD, n_rot, 10000.0f, ffh);
+        p.cpu->ops->rope(p.cpu, yc, pos, T, H, HD, &rh);
         p.gpu->ops->upload(p.gpu, dy, x, sizeof(x));
         gpu_begin(p.gpu, &pl);
-        p.gpu->ops->rope(p.gpu, dy, pos, T, H, HD, n_rot, 10000.0f, ffd);
+        p.gpu->ops->rope(p.gpu, dy, pos, T, H, HD, &rd);
         gpu_end(p.gpu);
         host_f(p.gpu, yg, dy, T * N);
         cr_expect_lt(rel_err(yg, yc, T * N), 2e-5, "rope variant %d: %g", variant,
@@ -212,6 +217,17 @@ Test(cuda, test_row_ops_match_cpu) {
     gpu_end(p.gpu);
     host_f(p.gpu, yg, dy, T * N);
     cr_expect_lt(rel_err(yg, yc, T * N), 1e-5, "swiglu + add");
+    /* geglu (F16-rounded GELU) and scale */
+    for (int i = 0; i < T * N; i++) yc[i] = x[i] * 4;
+    p.gpu->ops->upload(p.gpu, dy, yc, sizeof(x));
+    p.cpu->ops->geglu(p.cpu, yc, u, T * N);
+    p.cpu->ops->scale(p.cpu, yc, 25.3f, T * N);
+    gpu_begin(p.gpu, &pl);
+    p.gpu->ops->geglu(p.gpu, dy, du, T * N);
+    p.gpu->ops->scale(p.gpu, dy, 25.3f, T * N);
+    gpu_end(p.gpu);
+    host_f(p.gpu, yg, dy, T * N);
+    cr_expect_lt(rel_err(yg, yc, T * N), 1e-6, "geglu + scale");
     /* embedding rows from each weight type */
     const uint32_t types[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q8_0};
     for (int a = 0; a < 4; a++) {
@@ -252,12 +268,12 @@ typedef struct {
     eng_attn_shape_t sh;
 } twin_t;
 
-static void twin_open(twin_t *t, uint32_t nh, uint32_t nkv, uint32_t hd, bool f16,
-                      const uint32_t *len) {
+static void twin_open_window(twin_t *t, uint32_t nh, uint32_t nkv, uint32_t hd, bool f16,
+                             const uint32_t *len, uint32_t window) {
     pair_open(&t->be);
     t->f16 = f16;
     t->nh = nh, t->nkv = nkv, t->hd = hd, t->kvd = nkv * hd;
-    t->sh = (eng_attn_shape_t){nh, nkv, hd, 1.0f / sqrtf((float)hd)};
+    t->sh = (eng_attn_shape_t){nh, nkv, hd, 1.0f / sqrtf((float)hd), window};
     char msg[ENG_ERRMSG_LEN];
     uint32_t nb = 0;
     for (int i = 0; i < NS; i++) nb += (len[i] + BS - 1) / BS + 1;
@@ -283,6 +299,11 @@ static void twin_open(twin_t *t, uint32_t nh, uint32_t nkv, uint32_t hd, bool f1
         cr_assert_eq(memcmp(t->hs[i].blocks, t->ds[i].blocks, 4 * t->hs[i].n_blocks), 0);
         t->hs[i].n_tokens = t->ds[i].n_tokens = len[i];
     }
+}
+
+static void twin_open(twin_t *t, uint32_t nh, uint32_t nkv, uint32_t hd, bool f16,
+                      const uint32_t *len) {
+    twin_open_window(t, nh, nkv, hd, f16, len, 0);
 }
 
 static void twin_close(twin_t *t) {
@@ -406,6 +427,21 @@ Test(cuda, test_dense_decode_and_prefill_attention_match_cpu) {
         }
 }
 
+/* Sliding-window layers (Gemma 3's local layers): windows inside one split, across splits and
+ * prefill tiles, and wider than the sequences; head size 256 as Gemma's. */
+Test(cuda, test_sliding_window_attention_matches_cpu) {
+    const uint32_t len[NS] = {1, 300, 1500}, dec[NS] = {1, 1, 1}, pre[NS] = {1, 37, 90};
+    const uint8_t dense[LAYERS * NS] = {0};
+    const uint32_t windows[] = {5, 33, 512, 4096};
+    for (int k = 0; k < 4; k++) {
+        twin_t t;
+        twin_open_window(&t, 4, 1, k == 2 ? 256 : 64, k & 1, len, windows[k]);
+        check_attention(&t, dec, dense, 0, false, false);
+        check_attention(&t, pre, dense, 0, false, false);
+        twin_close(&t);
+    }
+}
+
 Test(cuda, test_tidal_selection_and_sparse_attention_match_cpu) {
     const uint32_t len[NS] = {20, 300, 2100}, dec[NS] = {1, 1, 1};
     /* layer 0 selects, layer 1 attends sparsely over that selection */
@@ -445,9 +481,14 @@ Test(cuda, test_kv_store_and_k_shift_match_cpu) {
         gpu_begin(t.be.gpu, &pl);
         t.be.gpu->ops->kv_store(t.be.gpu, 1, g.a, NS, dk, dv);
         gpu_end(t.be.gpu);
-        /* K-shift the middle of slice 1 back by 32 positions */
-        t.be.cpu->ops->k_shift(t.be.cpu, &t.hs[1], 16, 100, 32, 2, 64, 64, 10000.0f, NULL);
-        t.be.gpu->ops->k_shift(t.be.gpu, &t.ds[1], 16, 100, 32, 2, 64, 64, 10000.0f, NULL);
+        /* K-shift the middle of slice 1 back by 32 positions: layer 0 in NORM mode, layer 1
+         * in NEOX mode with another base (Gemma 3's local and global layers) */
+        eng_rope_t norm = {64, 10000.0f, 1.0f, false, NULL}, neox = {64, 1e6f, 1.0f, true, NULL};
+        for (uint32_t l = 0; l < LAYERS; l++) {
+            const eng_rope_t *rl = l ? &neox : &norm;
+            t.be.cpu->ops->k_shift(t.be.cpu, &t.hs[1], l, 16, 100, 32, 2, 64, rl);
+            t.be.gpu->ops->k_shift(t.be.gpu, &t.ds[1], l, 16, 100, 32, 2, 64, rl);
+        }
         size_t bytes = kv_pool_bytes(LAYERS, t.kvd, BS, t.hp.n_blocks, f16);
         uint8_t *back = malloc(bytes);
         t.be.gpu->ops->download(t.be.gpu, back, t.ddata, bytes);

@@ -85,21 +85,26 @@ Test(kernels, test_rmsnorm_matches_reference) {
     be->ops->destroy(be);
 }
 
-Test(kernels, test_rope_matches_reference_with_and_without_freq_factors) {
+/* NORM and NEOX pairing, partial rotation, frequency factors and linear scaling. */
+Test(kernels, test_rope_matches_reference_in_every_mode) {
     uint64_t rng = 9;
     uint32_t T = 4, H = 3, hd = 16, pos[4] = {0, 1, 77, 4095};
     float x[4 * 3 * 16], y[4 * 3 * 16], ff[8] = {1, 2, 4, 8, 1.5f, 3, 16, 40};
-    for (int partial = 0; partial < 2; partial++)
-        for (int with_ff = 0; with_ff < 2; with_ff++) {
-            uint32_t n_rot = partial ? 8 : 16;
-            for (int i = 0; i < 192; i++) x[i] = y[i] = frand(&rng);
-            eng_backend_t *be = make_backend(1);
-            be->ops->rope(be, x, pos, T, H, hd, n_rot, 10000.0f, with_ff ? ff : NULL);
-            ref_rope(y, pos, T, H, hd, n_rot, 10000.0f, with_ff ? ff : NULL);
-            double e = rel_err(x, y, 192);
-            cr_expect_lt(e, 2e-4, "n_rot %u ff %d: err %g", n_rot, with_ff, e);
-            be->ops->destroy(be);
-        }
+    for (int mode = 0; mode < 16; mode++) {
+        bool partial = mode & 1, with_ff = mode & 2, neox = mode & 4, scaled = mode & 8;
+        eng_rope_t r = {partial ? 8 : 16, neox ? 1e6f : 10000.0f, scaled ? 0.125f : 1.0f, neox,
+                        with_ff ? ff : NULL};
+        for (int i = 0; i < 192; i++) x[i] = y[i] = frand(&rng);
+        eng_backend_t *be = make_backend(1);
+        be->ops->rope(be, x, pos, T, H, hd, &r);
+        ref_rope(y, pos, T, H, hd, &r);
+        double e = rel_err(x, y, 192);
+        cr_expect_lt(e, 2e-4, "mode %d: err %g", mode, e);
+        if (partial) /* dims past n_rot stay: 8..15 in NORM, 8..15 in NEOX too */
+            for (uint32_t h = 0; h < T * H; h++)
+                cr_expect_eq(memcmp(x + h * hd + 8, y + h * hd + 8, 8 * sizeof(float)), 0);
+        be->ops->destroy(be);
+    }
 }
 
 Test(kernels, test_swiglu_and_add_match_reference) {
@@ -114,15 +119,38 @@ Test(kernels, test_swiglu_and_add_match_reference) {
     be->ops->add(be, a, u, 100);
     for (int i = 0; i < 100; i++) b[i] += u[i];
     cr_expect_lt(rel_err(a, b, 100), 1e-7);
+    be->ops->scale(be, a, 0.25f, 100);
+    for (int i = 0; i < 100; i++) cr_expect_eq(a[i], b[i] * 0.25f);
+    be->ops->destroy(be);
+}
+
+/* GeGLU as llama.cpp's CPU computes it, over its whole range: both clamps, the F16 rounding of
+ * GELU's argument and result, and the values around zero. */
+Test(kernels, test_geglu_matches_reference_with_f16_rounding) {
+    enum { N = 4000 };
+    static float g[N], g2[N], u[N];
+    uint64_t rng = 12;
+    for (int i = 0; i < N; i++) {
+        g[i] = g2[i] = (float)(i - N / 2) * 0.0061f + frand(&rng) * 1e-3f; /* -12.2 .. 12.2 */
+        u[i] = frand(&rng) * 3;
+    }
+    g[0] = g2[0] = -10.0f, g[1] = g2[1] = 10.0f, g[2] = g2[2] = 0.0f;
+    eng_backend_t *be = make_backend(1);
+    be->ops->geglu(be, g, u, N);
+    ref_geglu(g2, u, N);
+    for (int i = 0; i < N; i++)
+        cr_expect(g[i] == g2[i], "x %g: %.9g vs %.9g", (i - N / 2) * 0.0061, g[i], g2[i]);
+    cr_expect_eq(g[0], 0.0f);
+    cr_expect_eq(g[1], 10.0f * u[1]);
     be->ops->destroy(be);
 }
 
 /* Paged attention for several sequences of different lengths and a block size that does not
  * divide them, against contiguous reference attention. */
-Test(kernels, test_paged_attention_matches_contiguous_reference) {
+static void paged_attention_case(uint32_t window) {
     const uint32_t n_head = 8, n_kv = 2, hd = 16, kvd = n_kv * hd, L = 2, layer = 1;
     const uint32_t lens[3] = {1, 23, 70}, nq[3] = {1, 5, 1}; /* last nq tokens are queries */
-    eng_attn_shape_t sh = {n_head, n_kv, hd, 1.0f / sqrtf((float)hd)};
+    eng_attn_shape_t sh = {n_head, n_kv, hd, 1.0f / sqrtf((float)hd), window};
     kv_pool_t pool;
     char msg[ENG_ERRMSG_LEN];
     cr_assert_eq(kv_pool_init(&pool, L, kvd, 4, 64, msg), 0, "%s", msg);
@@ -164,7 +192,8 @@ Test(kernels, test_paged_attention_matches_contiguous_reference) {
                 size_t r = as[s].q_start + j;
                 ref_attention(&sh, q + r * n_head * hd, k[s], v[s], as[s].pos0 + j, ref);
                 double e = rel_err(out + r * n_head * hd, ref, n_head * hd);
-                cr_expect_lt(e, 1e-5, "%s seq %d query %u: err %g", paths[p], s, j, e);
+                cr_expect_lt(e, 1e-5, "%s window %u seq %d query %u: err %g", paths[p], window, s,
+                             j, e);
             }
         be->ops->destroy(be);
     }
@@ -174,6 +203,18 @@ Test(kernels, test_paged_attention_matches_contiguous_reference) {
     }
     kv_pool_close(&pool);
     free(q), free(out), free(ref);
+}
+
+Test(kernels, test_paged_attention_matches_contiguous_reference) {
+    paged_attention_case(0);
+}
+
+/* Sliding-window layers: windows shorter than a block, not a multiple of the block size, and
+ * wider than every sequence (the dense result). */
+Test(kernels, test_sliding_window_attention_matches_reference) {
+    const uint32_t windows[] = {1, 3, 7, 20, 64, 1000};
+    for (size_t i = 0; i < sizeof(windows) / sizeof(windows[0]); i++)
+        paged_attention_case(windows[i]);
 }
 
 Test(kernels, test_f16_and_bf16_conversions_round_trip) {
@@ -209,17 +250,20 @@ Test(kernels, test_k_shift_of_a_wide_head_equals_rope_at_the_new_positions) {
     static float base[NPOS * HD], want[NPOS * HD];
     uint32_t shifted[NPOS], at[NPOS];
     uint64_t rng = 5;
-    for (int i = 0; i < NPOS * HD; i++) base[i] = want[i] = frand(&rng);
     for (uint32_t p = 0; p < NPOS; p++) shifted[p] = p + DELTA, at[p] = p;
-    ref_rope(base, shifted, NPOS, 1, HD, HD, 10000.0f, NULL);
-    ref_rope(want, at, NPOS, 1, HD, HD, 10000.0f, NULL);
-    for (uint32_t p = 0; p < NPOS; p++)
-        memcpy(kv_seq_k(&seq, 0, p), base + p * HD, sizeof(float) * HD);
     eng_backend_t *be = make_backend(1);
-    be->ops->k_shift(be, &seq, 0, NPOS, DELTA, 1, HD, HD, 10000.0f, NULL);
-    for (uint32_t p = 0; p < NPOS; p++) {
-        double e = rel_err(kv_seq_k(&seq, 0, p), want + p * HD, HD);
-        cr_expect_lt(e, 1e-4, "position %u: err %g", p, e);
+    for (int neox = 0; neox < 2; neox++) {
+        eng_rope_t r = {HD, 10000.0f, neox ? 0.5f : 1.0f, neox, NULL};
+        for (int i = 0; i < NPOS * HD; i++) base[i] = want[i] = frand(&rng);
+        ref_rope(base, shifted, NPOS, 1, HD, &r);
+        ref_rope(want, at, NPOS, 1, HD, &r);
+        for (uint32_t p = 0; p < NPOS; p++)
+            memcpy(kv_seq_k(&seq, 0, p), base + p * HD, sizeof(float) * HD);
+        be->ops->k_shift(be, &seq, 0, 0, NPOS, DELTA, 1, HD, &r);
+        for (uint32_t p = 0; p < NPOS; p++) {
+            double e = rel_err(kv_seq_k(&seq, 0, p), want + p * HD, HD);
+            cr_expect_lt(e, 1e-4, "neox %d position %u: err %g", neox, p, e);
+        }
     }
     be->ops->destroy(be);
     kv_seq_close(&seq);

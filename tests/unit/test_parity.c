@@ -115,7 +115,7 @@ static void check_tokenizer(parity_t *p) {
             const char *tmpl = eng_tok_chat_template(t);
             char *sys = api_template_default_system(tmpl);
             api_msg_t msg = {"user", cJSON_GetObjectItem(g, "user")->valuestring};
-            char *ours = api_render_chat_ex(api_detect_template(tmpl), sys, &msg, 1);
+            char *ours = api_render_chat_ex(api_model_template(t), sys, &msg, 1);
             cr_expect(ours && strcmp(ours, text) == 0, "chat prompt renders as\n%s\nnot\n%s",
                       ours ? ours : "(null)", text);
             free(ours);
@@ -320,31 +320,40 @@ Test(parity, test_smollm2_tokenizes_like_llama_cpp) {
     close_parity(&p);
 }
 
-/* Gemma 3's SentencePiece vocabulary (262,144 pieces) through the tokenizer alone: its
- * architecture does not run yet, its tokenizer does. */
+#define GEMMA3_FX "tests/fixtures/reference/gemma-3-270m-q4_k_m.json"
+
+/* Gemma 3's SentencePiece vocabulary (262,144 pieces), its prompts with BOS, and its chat
+ * prompts in Gemma's turn format (the GGUF file carries no template). */
 Test(parity, test_gemma3_tokenizes_like_llama_cpp) {
-    const char *path = real_model_path(GEMMA3_GGUF);
-    if (!path) cr_skip_test("%s not fetched (offline?): run `make models`; skipping", GEMMA3_GGUF);
-    char msg[ENG_ERRMSG_LEN];
-    gguf_t *g = NULL;
-    cr_assert_eq(gguf_open(&g, path, msg), 0, "%s", msg);
-    const gguf_tensor_t *emb = gguf_tensor(g, "token_embd.weight");
-    cr_assert(emb);
-    eng_tokenizer_t *t = NULL;
-    cr_assert_eq(eng__tokenizer_load(&t, g, (uint32_t)emb->ne[1], msg), 0, "%s", msg);
-    cJSON *fx = load_json("tests/fixtures/reference/gemma-3-270m-q4_k_m.json");
-    check_texts(t, fx, "Gemma 3");
-    /* and the plain prompts (with BOS) */
-    const cJSON *e;
-    cJSON_ArrayForEach(e, cJSON_GetObjectItem(fx, "greedy")) {
-        if (cJSON_IsTrue(cJSON_GetObjectItem(e, "chat"))) continue;
-        expect_ids(t, "Gemma 3 prompt", cJSON_GetObjectItem(e, "prompt")->valuestring,
-                   cJSON_IsTrue(cJSON_GetObjectItem(fx, "add_bos")), false,
-                   cJSON_GetObjectItem(e, "ids"));
-    }
-    cJSON_Delete(fx);
-    eng__tokenizer_free(t);
-    gguf_close(g);
+    parity_t p;
+    open_parity(&p, GEMMA3_GGUF, GEMMA3_FX);
+    check_tokenizer(&p);
+    check_texts(eng_model_tokenizer(p.m), p.fx, "Gemma 3");
+    close_parity(&p);
+}
+
+/* The gemma3 architecture: GeGLU, QK-norm, sandwich norms, scaled embeddings, NEOX RoPE with
+ * two bases, and 512-token sliding windows on five layers of six (the forced text's 2,048
+ * positions run far past the window). */
+Test(parity, test_gemma3_greedy_equals_llama_cpp) {
+    parity_t p;
+    open_parity(&p, GEMMA3_GGUF, GEMMA3_FX);
+    check_greedy(&p);
+    close_parity(&p);
+}
+
+Test(parity, test_gemma3_teacher_forced_top1_equals_llama_cpp) {
+    parity_t p;
+    open_parity(&p, GEMMA3_GGUF, GEMMA3_FX);
+    check_forced(&p, "Gemma 3");
+    close_parity(&p);
+}
+
+Test(parity, test_gemma3_perplexity_equals_llama_cpp) {
+    parity_t p;
+    open_parity(&p, GEMMA3_GGUF, GEMMA3_FX);
+    check_perplexity(&p, "Gemma 3");
+    close_parity(&p);
 }
 
 Test(parity, test_smollm2_greedy_equals_llama_cpp) {

