@@ -16,7 +16,11 @@ const synth_shape_t synth_shapes[] = {
      "long-context benchmarks: 16 layers, dim 512, 32K context"},
     {"b1", 32000, 2048, 22, 32, 4, 5632, 4096, 0,
      "~1.1B parameters (TinyLlama's shape) for GPU benchmarks: 22 layers, dim 2048, GQA 32/4"},
-    {NULL, 0, 0, 0, 0, 0, 0, 0, 0, NULL},
+    {"gemma", 512, 64, 12, 4, 1, 128, 256, 1,
+     "gemma3 architecture for tests: 12 layers (10 with a 16-token window, 2 global), 4 heads "
+     "of 32 over dim 64, one KV head, QK-norm, sandwich norms, GeGLU",
+     "gemma3", 32, 16},
+    {NULL, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0},
 };
 
 static uint64_t rng_next(uint64_t *s) {
@@ -166,9 +170,10 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     else
         sh = NULL;
     if (!sh) {
-        snprintf(msg, 256,
-                 "unknown model '%s' (shapes: tiny small m100 long b1; types: f32 f16 bf16 q8_0)",
-                 name);
+        snprintf(
+            msg, 256,
+            "unknown model '%s' (shapes: tiny small m100 long b1 gemma; types: f32 f16 bf16 q8_0)",
+            name);
         return -1;
     }
     uint64_t rng = seed ? seed : 0x7a11d;
@@ -178,22 +183,36 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     int32_t *types = NULL;
     char **vocab = make_vocab(sh->n_vocab, &scores, &types);
     int rc = -1;
-    uint32_t hd = sh->n_embd / sh->n_head, kvd = hd * sh->n_head_kv;
+    const char *arch = sh->arch ? sh->arch : "llama";
+    bool gemma3 = strcmp(arch, "gemma3") == 0;
+    uint32_t hd = sh->head_dim ? sh->head_dim : sh->n_embd / sh->n_head, kvd = hd * sh->n_head_kv;
+    uint32_t qd = hd * sh->n_head;
     if (!w || !vocab || !scores || !types) goto done;
-    gw_kv_str(w, "general.architecture", "llama");
+    char key[96];
+#define KEY(suffix) (snprintf(key, sizeof(key), "%s.%s", arch, suffix), key)
+    gw_kv_str(w, "general.architecture", arch);
     gw_kv_str(w, "general.name", name);
     gw_kv_u32(w, "general.alignment", 32);
     gw_kv_u32(w, "general.file_type", type == 0 ? 0 : type == 1 ? 1 : type == 8 ? 7 : 32);
-    gw_kv_u32(w, "llama.context_length", sh->n_ctx);
-    gw_kv_u32(w, "llama.embedding_length", sh->n_embd);
-    gw_kv_u32(w, "llama.block_count", sh->n_layer);
-    gw_kv_u32(w, "llama.feed_forward_length", sh->n_ff);
-    gw_kv_u32(w, "llama.attention.head_count", sh->n_head);
-    gw_kv_u32(w, "llama.attention.head_count_kv", sh->n_head_kv);
-    gw_kv_u32(w, "llama.rope.dimension_count", hd);
-    gw_kv_f32(w, "llama.rope.freq_base", sh->n_ctx > 4096 ? 500000.0f : 10000.0f);
-    gw_kv_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f);
-    gw_kv_u32(w, "llama.vocab_size", sh->n_vocab);
+    gw_kv_u32(w, KEY("context_length"), sh->n_ctx);
+    gw_kv_u32(w, KEY("embedding_length"), sh->n_embd);
+    gw_kv_u32(w, KEY("block_count"), sh->n_layer);
+    gw_kv_u32(w, KEY("feed_forward_length"), sh->n_ff);
+    gw_kv_u32(w, KEY("attention.head_count"), sh->n_head);
+    gw_kv_u32(w, KEY("attention.head_count_kv"), sh->n_head_kv);
+    if (gemma3) {
+        gw_kv_u32(w, KEY("attention.key_length"), hd);
+        gw_kv_u32(w, KEY("attention.value_length"), hd);
+        gw_kv_u32(w, KEY("attention.sliding_window"), sh->swa_window);
+        gw_kv_f32(w, KEY("rope.freq_base"), 1000000.0f);
+        gw_kv_f32(w, KEY("attention.layer_norm_rms_epsilon"), 1e-6f);
+    } else {
+        gw_kv_u32(w, KEY("rope.dimension_count"), hd);
+        gw_kv_f32(w, KEY("rope.freq_base"), sh->n_ctx > 4096 ? 500000.0f : 10000.0f);
+        gw_kv_f32(w, KEY("attention.layer_norm_rms_epsilon"), 1e-5f);
+        gw_kv_u32(w, KEY("vocab_size"), sh->n_vocab);
+    }
+#undef KEY
     gw_kv_str(w, "tokenizer.ggml.model", "llama");
     gw_kv_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)vocab, sh->n_vocab);
     gw_kv_arr_f32(w, "tokenizer.ggml.scores", scores, sh->n_vocab);
@@ -219,18 +238,28 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
 #define WT(suffix, cols, rows, sc)                                                                 \
     snprintf(n, sizeof(n), "blk.%u.%s.weight", l, suffix);                                         \
     if (add_weight(w, &o, n, cols, rows, type, sc, &rng)) goto done;
-        snprintf(n, sizeof(n), "blk.%u.attn_norm.weight", l);
-        if (add_norm(w, &o, n, sh->n_embd, &rng)) goto done;
-        WT("attn_q", sh->n_embd, sh->n_embd, s_in * 4)
+#define NORM(suffix, len)                                                                          \
+    snprintf(n, sizeof(n), "blk.%u.%s.weight", l, suffix);                                         \
+    if (add_norm(w, &o, n, len, &rng)) goto done;
+        NORM("attn_norm", sh->n_embd)
+        WT("attn_q", sh->n_embd, qd, s_in * 4)
         WT("attn_k", sh->n_embd, kvd, s_in * 4)
         WT("attn_v", sh->n_embd, kvd, s_in)
-        WT("attn_output", sh->n_embd, sh->n_embd, s_in)
-        snprintf(n, sizeof(n), "blk.%u.ffn_norm.weight", l);
-        if (add_norm(w, &o, n, sh->n_embd, &rng)) goto done;
+        WT("attn_output", qd, sh->n_embd, s_in)
+        if (gemma3) {
+            NORM("attn_q_norm", hd)
+            NORM("attn_k_norm", hd)
+            NORM("post_attention_norm", sh->n_embd)
+        }
+        NORM("ffn_norm", sh->n_embd)
         WT("ffn_gate", sh->n_embd, sh->n_ff, s_in * 2)
         WT("ffn_down", sh->n_ff, sh->n_embd, s_ff)
         WT("ffn_up", sh->n_embd, sh->n_ff, s_in * 2)
+        if (gemma3) {
+            NORM("post_ffw_norm", sh->n_embd)
+        }
 #undef WT
+#undef NORM
     }
     rc = gw_write(w, path, msg);
 done:

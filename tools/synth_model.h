@@ -1,6 +1,6 @@
-/* synth_model.h - synthetic Llama GGUF models: random weights from a fixed seed,
- * full llama metadata and a SentencePiece-style vocabulary, so that llama.cpp
- * could load them too.
+/* synth_model.h - synthetic GGUF models: random weights from a fixed seed, full llama (or
+ * gemma3) metadata and a SentencePiece-style vocabulary, so that llama.cpp could load them
+ * too.
  *
  * A model is named SHAPE-TYPE, e.g. "tiny-f32", "m100-f16", "long-f16", where
  * TYPE is f32, f16, bf16 or q8_0 (the type of the 2-D weights; norms stay F32).
@@ -15,6 +15,9 @@ typedef struct {
     uint32_t n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx;
     int tied; /* output shares token_embd */
     const char *about;
+    const char *arch;    /* NULL: llama; "gemma3": QK-norm, sandwich norms, GeGLU, windows */
+    uint32_t head_dim;   /* 0: n_embd / n_head */
+    uint32_t swa_window; /* gemma3: the local layers' window */
 } synth_shape_t;
 
 /* The named shapes, NULL-terminated. */

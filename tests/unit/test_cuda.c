@@ -578,8 +578,7 @@ static eng_model_t *stories_for_gpu(void) {
     return m;
 }
 
-static void check_model_parity(const run_cfg_t *base, uint32_t n) {
-    eng_model_t *m = stories_for_gpu();
+static void check_parity_on(eng_model_t *m, const run_cfg_t *base, uint32_t n) {
     const eng_hparams_t *hp = eng_model_hparams(m);
     size_t LH = (size_t)hp->n_layer * hp->n_head;
     int32_t *a = malloc(4 * n), *b = malloc(4 * n);
@@ -598,6 +597,11 @@ static void check_model_parity(const run_cfg_t *base, uint32_t n) {
         cr_expect_lt(fabs(ea[i] - eb[i]), tol, "entropy of layer %zu head %zu: %g vs %g",
                      i / hp->n_head, i % hp->n_head, ea[i], eb[i]);
     free(a), free(b), free(ea), free(eb);
+}
+
+static void check_model_parity(const run_cfg_t *base, uint32_t n) {
+    eng_model_t *m = stories_for_gpu();
+    check_parity_on(m, base, n);
     eng_model_free(m);
 }
 
@@ -623,6 +627,26 @@ Test(cuda, test_tidal_decode_and_eviction_equal_cpu_on_stories260k) {
     check_model_parity(&evict, 96);
     run_cfg_t evict_full = {ENG_DEVICE_CPU, true, 48, NULL};
     check_model_parity(&evict_full, 96);
+}
+
+/* The gemma3 architecture end to end (synthetic weights): GeGLU, QK-norm, sandwich norms,
+ * scaled embeddings, NEOX RoPE with two bases and 16-token windows on ten layers of twelve, over
+ * 64 greedy tokens (past the window), densely, with TidalDecode on the global layers, and with
+ * eviction (K-shift of local and global layers with their own bases). */
+Test(cuda, test_gemma3_architecture_equals_cpu) {
+    need_cuda_gpu();
+    eng_model_t *m;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_model_load(&m, synth_path("gemma-f32"), msg), 0, "%s", msg);
+    eng_attn_params_t tidal = {ENG_ATTN_TIDAL, 8};
+    eng_attn_defaults(eng_model_hparams(m), &tidal);
+    cr_assert_eq(tidal.sel_layers[0], 5, "the first global layer selects");
+    run_cfg_t dense = {ENG_DEVICE_CPU, false, 0, NULL}, sparse = {ENG_DEVICE_CPU, true, 0, &tidal};
+    run_cfg_t evict = {ENG_DEVICE_CPU, false, 40, &tidal};
+    check_parity_on(m, &dense, 64);
+    check_parity_on(m, &sparse, 64);
+    check_parity_on(m, &evict, 80);
+    eng_model_free(m);
 }
 
 /* Three sequences of different lengths decoding in one batch (the replayed graph's shape),
