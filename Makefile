@@ -230,12 +230,13 @@ reference:
 	bash scripts/reference.sh
 
 # Re-record tests/fixtures/reference/*.json (llama.cpp's greedy ids, teacher-forced logits and
-# perplexity on the real checkpoints) through the sdist's Python bindings over the libllama
+# perplexity on the real checkpoints; greedy ids and forced logits on the synthetic models) through the sdist's Python bindings over the libllama
 # that `make reference` built; nothing is compiled twice. Needs numpy, jinja2 and diskcache.
-reference-fixtures: models
+reference-fixtures: models $(BUILD)/mkmodel
 	bin=$$(bash scripts/reference.sh | tail -1) && sdist=$$(dirname $$(dirname $$bin))/llama_cpp_python-0.3.36 && \
 	  python3 -m pip install -q --disable-pip-version-check numpy jinja2 diskcache && \
-	  PYTHONPATH=$$sdist LLAMA_CPP_LIB_PATH=$$bin python3 scripts/reference_fixtures.py $$bin $(REAL_MODEL_DIR)
+	  PYTHONPATH=$$sdist LLAMA_CPP_LIB_PATH=$$bin python3 scripts/reference_fixtures.py $$bin $(REAL_MODEL_DIR) && \
+	  PYTHONPATH=$$sdist LLAMA_CPP_LIB_PATH=$$bin python3 scripts/synthetic_fixtures.py $$bin $(BUILD)/mkmodel
 
 # ---- benchmarks ----
 bench: deps all $(BUILD)/bench_engine $(BUILD)/bench_attention $(MODEL_DIR)/m100-f32.gguf \

@@ -7,7 +7,8 @@
 
 static void usage(FILE *f) {
     fprintf(f, "usage: mkmodel --shape SHAPE-TYPE --out PATH [--seed N]\n\n"
-               "Writes a synthetic Llama GGUF model with random weights (fixed seed).\n"
+               "Writes a synthetic GGUF model (llama, or gemma3 for the gemma shape) with random "
+               "weights (fixed seed).\n"
                "TYPE is f32, f16, bf16 or q8_0. Shapes:\n");
     for (const synth_shape_t *s = synth_shapes; s->name; s++)
         fprintf(f, "  %-6s %s\n", s->name, s->about);

@@ -16,7 +16,7 @@ const synth_shape_t synth_shapes[] = {
      "long-context benchmarks: 16 layers, dim 512, 32K context"},
     {"b1", 32000, 2048, 22, 32, 4, 5632, 4096, 0,
      "~1.1B parameters (TinyLlama's shape) for GPU benchmarks: 22 layers, dim 2048, GQA 32/4"},
-    {"gemma", 512, 64, 12, 4, 1, 128, 256, 1,
+    {"gemma", 512, 64, 12, 4, 1, 128, 256, 0,
      "gemma3 architecture for tests: 12 layers (10 with a 16-token window, 2 global), 4 heads "
      "of 32 over dim 64, one KV head, QK-norm, sandwich norms, GeGLU",
      "gemma3", 32, 16},
@@ -227,7 +227,10 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
               "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt "
               "%}{{ '<|im_start|>assistant\\n' }}{% endif %}");
     float s_in = 1.0f / sqrtf((float)sh->n_embd), s_ff = 1.0f / sqrtf((float)sh->n_ff);
-    if (add_weight(w, &o, "token_embd.weight", sh->n_embd, sh->n_vocab, type, 1.0f, &rng) ||
+    /* gemma3 multiplies embeddings by sqrt(n_embd): drawn that much smaller, they enter the
+     * layers at the same size as the llama shapes' */
+    float s_emb = gemma3 ? s_in : 1.0f;
+    if (add_weight(w, &o, "token_embd.weight", sh->n_embd, sh->n_vocab, type, s_emb, &rng) ||
         add_norm(w, &o, "output_norm.weight", sh->n_embd, &rng))
         goto done;
     if (!sh->tied &&

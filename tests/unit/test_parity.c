@@ -369,3 +369,116 @@ Test(parity, test_smollm2_teacher_forced_top1_equals_llama_cpp) {
     check_forced(&p, "SmolLM2");
     close_parity(&p);
 }
+
+/* ---- synthetic models: every architecture and weight type ------------------------------ */
+
+static uint64_t file_fnv1a64(const char *path) {
+    size_t len;
+    const uint8_t *b = test_slurp(path, &len);
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < len; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    free((void *)b);
+    return h;
+}
+
+/* One synthetic model against llama.cpp's answers: its greedy ids (a departure only where
+ * llama.cpp's own top-2 gap is under GAP_MIN), and the top-1 at every teacher-forced position
+ * where llama.cpp's gap exceeds GAP_MIN. */
+static void check_synthetic(const cJSON *e) {
+    const char *name = cJSON_GetObjectItem(e, "model")->valuestring;
+    const char *path = synth_path(name);
+    char want_hash[17], msg[ENG_ERRMSG_LEN];
+    snprintf(want_hash, sizeof(want_hash), "%016llx", (unsigned long long)file_fnv1a64(path));
+    cr_assert_str_eq(want_hash, cJSON_GetObjectItem(e, "fnv1a64")->valuestring,
+                     "%s is not the file the fixture was recorded on: run make "
+                     "reference-fixtures",
+                     name);
+    eng_model_t *m;
+    cr_assert_eq(eng_model_load(&m, path, msg), 0, "%s", msg);
+    eng_ctx_params_t cp;
+    eng_ctx_params_default(&cp);
+    cp.device = ENG_DEVICE_CPU;
+    cp.n_ctx = 256;
+    cp.max_seqs = 1;
+    cp.kv_f16 = true;
+    eng_ctx_t *c;
+    cr_assert_eq(eng_ctx_create(&c, m, &cp, msg), 0, "%s", msg);
+    uint32_t V = eng_model_hparams(m)->n_vocab;
+    size_t n_prompt, n_gen, n_forced;
+    int32_t *prompt = int_array(cJSON_GetObjectItem(e, "prompt"), &n_prompt);
+    int32_t *gen = int_array(cJSON_GetObjectItem(e, "gen"), &n_gen);
+    const cJSON *gaps = cJSON_GetObjectItem(e, "gaps"), *forced = cJSON_GetObjectItem(e, "forced");
+    int32_t *ids = int_array(cJSON_GetObjectItem(forced, "ids"), &n_forced);
+    float *logits = malloc(sizeof(float) * V * n_forced);
+    kv_seq_t s;
+    kv_seq_init(&s, eng_ctx_kv_pool(c));
+    eng_batch_item_t it = {&s, prompt, (uint32_t)n_prompt, logits, false};
+    cr_assert_eq(eng_forward(c, &it, 1, msg), 0, "%s", msg);
+    size_t same = 0;
+    for (; same < n_gen; same++) {
+        int32_t ours = test_argmax(logits, V);
+        if (ours != gen[same]) {
+            double gap = cJSON_GetArrayItem(gaps, (int)same)->valuedouble;
+            cr_expect_lt(gap, GAP_MIN, "%s: greedy token %zu is %d, llama.cpp's %d (gap %.4f)",
+                         name, same, ours, gen[same], gap);
+            break;
+        }
+        eng_batch_item_t d = {&s, &gen[same], 1, logits, false};
+        cr_assert_eq(eng_forward(c, &d, 1, msg), 0, "%s", msg);
+    }
+    kv_seq_close(&s);
+    kv_seq_init(&s, eng_ctx_kv_pool(c));
+    eng_batch_item_t f = {&s, ids, (uint32_t)n_forced, logits, true};
+    cr_assert_eq(eng_forward(c, &f, 1, msg), 0, "%s", msg);
+    size_t checked = 0, disagree = 0;
+    double max_diff = 0;
+    const cJSON *self = cJSON_GetObjectItem(e, "self");
+    double self_dis = cJSON_GetObjectItem(self, "disagree")->valuedouble;
+    double self_max = cJSON_GetObjectItem(self, "max_diff")->valuedouble;
+    for (size_t p = 0; p < n_forced; p++) {
+        const cJSON *row = cJSON_GetArrayItem(cJSON_GetObjectItem(forced, "rows"), (int)p);
+        const cJSON *top = cJSON_GetObjectItem(row, "top"),
+                    *lg = cJSON_GetObjectItem(row, "logits");
+        const float *ours = logits + p * V;
+        for (int k = 0; k < 5; k++)
+            max_diff = fmax(max_diff, fabs(ours[(int)cJSON_GetArrayItem(top, k)->valuedouble] -
+                                           cJSON_GetArrayItem(lg, k)->valuedouble));
+        double gap =
+            cJSON_GetArrayItem(lg, 0)->valuedouble - cJSON_GetArrayItem(lg, 1)->valuedouble;
+        if (gap <= GAP_MIN) continue;
+        checked++;
+        int32_t want = (int32_t)cJSON_GetArrayItem(top, 0)->valuedouble, got = test_argmax(ours, V);
+        disagree += got != want;
+        /* where llama.cpp agrees with itself everywhere (the float types) so must tidald */
+        if (self_dis == 0)
+            cr_expect_eq(got, want, "%s: forced position %zu: top-1 %d, llama.cpp's %d (gap %.4f)",
+                         name, p, got, want, gap);
+    }
+    fprintf(stderr,
+            "parity %s: greedy equal for %zu of %zu tokens; forced top-1 equal at %zu of %zu "
+            "positions with a gap > %.2f (llama.cpp flash vs plain attention: %.0f differ); "
+            "largest top-5 logit difference %.5f (llama.cpp's own %.5f)\n",
+            name, same, n_gen, checked - disagree, checked, GAP_MIN, self_dis, max_diff, self_max);
+    /* the 8-bit activations of the Q8_0 models flip a close call now and then, in llama.cpp
+     * against itself too: no more of those than llama.cpp's own, and no larger differences */
+    cr_expect_leq((double)disagree, self_dis, "%s: %zu top-1 disagreements, llama.cpp's own %.0f",
+                  name, disagree, self_dis);
+    cr_expect_leq(max_diff, 1.5 * self_max + 0.01,
+                  "%s: logit difference %.5f, llama.cpp's own %.5f", name, max_diff, self_max);
+    kv_seq_close(&s);
+    free(logits), free(ids), free(gen), free(prompt);
+    eng_ctx_free(c);
+    eng_model_free(m);
+}
+
+Test(parity, test_synthetic_models_equal_llama_cpp) {
+    cJSON *fx = load_json("tests/fixtures/reference/synthetic.json");
+    const cJSON *e;
+    int n = 0;
+    cJSON_ArrayForEach(e, cJSON_GetObjectItem(fx, "models")) {
+        check_synthetic(e);
+        n++;
+    }
+    cr_expect_geq(n, 7, "the fixture covers every architecture and weight type");
+    cJSON_Delete(fx);
+}
