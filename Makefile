@@ -15,14 +15,16 @@ CFLAGS_ALL := $(CSTD) $(WARN) $(OPT) -fno-omit-frame-pointer -pthread -MMD -MP \
 LDLIBS  := -luv -lcjson -lm -pthread -ldl
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-ENGINE_SRC := sched/sched.c base/err.c engine/gguf.c engine/quant.c engine/model.c engine/tokenizer.c engine/sampler.c \
+ENGINE_SRC := sched/sched.c base/err.c engine/gguf.c engine/quant.c engine/quantize.c engine/model.c engine/tokenizer.c engine/sampler.c \
               engine/forward.c engine/backend.c engine/cpu/cpu_backend.c engine/cpu/simd.c engine/cpu/qdot.c engine/threadpool.c \
               kvcache/kvcache.c config/config.c
 LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c
 API_SRC    := api/request.c api/response.c api/chat.c api/metrics.c
 SERVER_SRC := server/server.c server/http.c server/log.c $(API_SRC)
-MAIN_SRC   := server/main.c server/perplexity.c
-TOOL_SRC   := tools/gguf_writer.c tools/synth_model.c
+MAIN_SRC   := server/main.c server/perplexity.c tools/quantize_model.c tools/gguf_writer.c
+TOOL_SRC   := tools/gguf_writer.c tools/synth_model.c tools/quantize_model.c
+# what the tools use of the engine (the quantizers, the GGUF reader, the thread pool)
+TOOL_ENGINE_SRC := engine/quant.c engine/quantize.c engine/gguf.c engine/threadpool.c base/err.c
 TEST_SRC   := $(wildcard tests/unit/*.c)
 
 obj = $(patsubst %.c,$(1)/obj/%.o,$(2))
@@ -123,7 +125,7 @@ $(BUILD)/llhttp/%.o: /usr/share/llhttp/%.c
 $(BUILD)/tidald: $(MAIN_OBJ) $(ENGINE_OBJ) $(LLHTTP_OBJ)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/mkmodel: $(call obj,$(BUILD),tools/mkmodel.c) $(TOOL_OBJ)
+$(BUILD)/mkmodel: $(call obj,$(BUILD),tools/mkmodel.c $(TOOL_ENGINE_SRC)) $(TOOL_OBJ)
 	$(CC) $(CFLAGS_ALL) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/loadgen: $(call obj,$(BUILD),tools/loadgen.c)
@@ -194,7 +196,7 @@ asan-test: $(ASAN_TEST_BIN) $(ASAN_DIR)/tidald
 	  echo "asan-test: sanitizer reports above"; exit 1; fi; exit $$st
 
 INTEG_SRC := $(wildcard tests/integration/*.c)
-$(BUILD)/integration_tests: $(call obj,$(BUILD),$(INTEG_SRC) $(TOOL_SRC))
+$(BUILD)/integration_tests: $(call obj,$(BUILD),$(INTEG_SRC) $(TOOL_SRC) $(TOOL_ENGINE_SRC))
 	$(CC) $(CFLAGS_ALL) $^ -o $@ -lcriterion $(LDLIBS)
 
 # The daemon under test is the sanitizer build; its stderr is checked for reports per test.
@@ -232,11 +234,11 @@ reference:
 # Re-record tests/fixtures/reference/*.json (llama.cpp's greedy ids, teacher-forced logits and
 # perplexity on the real checkpoints; greedy ids and forced logits on the synthetic models) through the sdist's Python bindings over the libllama
 # that `make reference` built; nothing is compiled twice. Needs numpy, jinja2 and diskcache.
-reference-fixtures: models $(BUILD)/mkmodel
+reference-fixtures: models $(BUILD)/mkmodel $(BUILD)/tidald
 	bin=$$(bash scripts/reference.sh | tail -1) && sdist=$$(dirname $$(dirname $$bin))/llama_cpp_python-0.3.36 && \
 	  python3 -m pip install -q --disable-pip-version-check numpy jinja2 diskcache && \
 	  PYTHONPATH=$$sdist LLAMA_CPP_LIB_PATH=$$bin python3 scripts/reference_fixtures.py $$bin $(REAL_MODEL_DIR) && \
-	  PYTHONPATH=$$sdist LLAMA_CPP_LIB_PATH=$$bin python3 scripts/synthetic_fixtures.py $$bin $(BUILD)/mkmodel
+	  PYTHONPATH=$$sdist LLAMA_CPP_LIB_PATH=$$bin python3 scripts/synthetic_fixtures.py $$bin $(BUILD)/mkmodel $(BUILD)/tidald
 
 # ---- benchmarks ----
 bench: deps all $(BUILD)/bench_engine $(BUILD)/bench_attention $(MODEL_DIR)/m100-f32.gguf \

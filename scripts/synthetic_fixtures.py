@@ -16,7 +16,10 @@ and
 - self: llama.cpp's flash attention against its plain attention on those positions (top-1
   disagreements where the gap exceeds 0.05, largest logit difference): rounding's own share.
 
-Usage: scripts/synthetic_fixtures.py BIN_DIR MKMODEL   (part of make reference-fixtures)
+Models named SOURCE@MIXTURE are `tidald quantize` of the float model SOURCE: llama.cpp loads
+tidald's quantized files and must give the same answers as tidald does on them.
+
+Usage: scripts/synthetic_fixtures.py BIN_DIR MKMODEL TIDALD   (part of make reference-fixtures)
 """
 import json
 import os
@@ -33,8 +36,16 @@ def fnv1a64(path):
             h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
     return "%016x" % h
 
+# mkmodel's models: every weight type on its own (the kq shape's rows tile 256-wide blocks)
 MODELS = ["tiny-f32", "tiny-f16", "tiny-bf16", "tiny-q8_0",
-          "gemma-f32", "gemma-f16", "gemma-q8_0"]
+          "gemma-f32", "gemma-f16", "gemma-q8_0",
+          "kq-q4_0", "kq-q4_1", "kq-q5_0", "kq-q5_1", "kq-q8_0", "kq-q2_k", "kq-q3_k",
+          "kq-q4_k", "kq-q5_k", "kq-q6_k", "kq-iq4_nl"]
+# `tidald quantize`'s mixtures of float models: SOURCE@MIXTURE
+QUANTIZED = ["kq-f32@" + t for t in ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S",
+                                      "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
+                                      "Q5_K_M", "Q6_K", "IQ4_NL"]] + \
+            ["gemma-f32@Q4_K_M", "gemma-f32@Q4_0", "tiny-f32@Q5_K_M"]
 PROMPT = [1, 403, 407, 261, 378]
 GREEDY_TOKENS = 64
 FORCED_TOKENS = 200
@@ -98,18 +109,25 @@ def fixture(llama_cpp, np, path, name):
 
 
 def main():
-    if len(sys.argv) < 3:
+    if len(sys.argv) < 4:
         sys.exit(__doc__)
-    mkmodel = os.path.abspath(sys.argv[2])
+    mkmodel, tidald = os.path.abspath(sys.argv[2]), os.path.abspath(sys.argv[3])
     import llama_cpp  # from PYTHONPATH: the sdist's bindings over BIN_DIR's libllama
     import numpy as np
 
     out = {"llama_cpp": llama_cpp.__version__, "models": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
-            path = os.path.join(tmp, name + ".gguf")
-            subprocess.run([mkmodel, "--shape", name, "--out", path], check=True,
-                           stdout=subprocess.DEVNULL)
+        for name in MODELS + QUANTIZED:
+            src = name.split("@")[0]
+            path = os.path.join(tmp, src + ".gguf")
+            if not os.path.exists(path):
+                subprocess.run([mkmodel, "--shape", src, "--out", path], check=True,
+                               stdout=subprocess.DEVNULL)
+            if "@" in name:
+                qpath = os.path.join(tmp, name.replace("@", "-") + ".gguf")
+                subprocess.run([tidald, "quantize", path, qpath, name.split("@")[1]], check=True,
+                               stderr=subprocess.DEVNULL)
+                path = qpath
             out["models"].append(fixture(llama_cpp, np, path, name))
             print(f"synthetic_fixtures: {name}")
     dst = "tests/fixtures/reference/synthetic.json"

@@ -7,6 +7,8 @@
 #include "../config/config.h"
 #include "../engine/engine.h"
 #include "cli.h"
+#include "../engine/quant.h"
+#include "../tools/quantize_model.h"
 #include "server.h"
 
 #include <stdio.h>
@@ -27,7 +29,55 @@ static void usage(FILE *f) {
             "  serve      serve the OpenAI-compatible HTTP API (the default; tidald serve --help)\n"
             "  generate   generate text from a prompt (tidald generate --help)\n"
             "  perplexity evaluate a text, full vs TidalDecode (tidald perplexity --help)\n"
+            "  quantize   convert an F32/F16/BF16 model: tidald quantize IN.gguf OUT.gguf TYPE\n"
             "  help       show this help\n");
+}
+
+static void quantize_usage(FILE *f) {
+    fprintf(f,
+            "usage: tidald quantize IN.gguf OUT.gguf TYPE [--threads N]\n\n"
+            "Convert an F32, F16 or BF16 GGUF model to TYPE, choosing each tensor's type as\n"
+            "llama.cpp's llama-quantize does for the same mixture (the output projection Q6_K,\n"
+            "more bits for attn_v and ffn_down in some layers of the _M and _L mixtures, a\n"
+            "32-wide type where rows do not tile 256-wide blocks).\n\n"
+            "TYPE: %s\n",
+            eng_q_mix_names());
+}
+
+static int cmd_quantize(int argc, char **argv) {
+    const char *pos[3];
+    int n_pos = 0, threads = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            quantize_usage(stdout);
+            return 0;
+        }
+        if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
+            char *end;
+            long t = strtol(argv[++i], &end, 10);
+            if (*end || t < 0 || t > 256) {
+                fprintf(stderr, "tidald quantize: --threads must be 0..256\n");
+                return 2;
+            }
+            threads = (int)t;
+        } else if (argv[i][0] == '-' || n_pos == 3) {
+            fprintf(stderr, "tidald quantize: unexpected argument '%s'\n", argv[i]);
+            quantize_usage(stderr);
+            return 2;
+        } else {
+            pos[n_pos++] = argv[i];
+        }
+    }
+    if (n_pos != 3) {
+        quantize_usage(stderr);
+        return 2;
+    }
+    char msg[ENG_ERRMSG_LEN];
+    if (quantize_model(pos[0], pos[1], pos[2], threads, stderr, msg)) {
+        fprintf(stderr, "tidald quantize: %s\n", msg);
+        return 1;
+    }
+    return 0;
 }
 
 extern char **environ;
@@ -243,6 +293,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "serve") == 0) return cmd_serve(argc - 1, argv + 1);
     if (strcmp(argv[1], "generate") == 0) return cmd_generate(argc - 1, argv + 1);
     if (strcmp(argv[1], "perplexity") == 0) return cmd_perplexity(argc - 1, argv + 1);
+    if (strcmp(argv[1], "quantize") == 0) return cmd_quantize(argc - 1, argv + 1);
     fprintf(stderr, "tidald: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;

@@ -1,6 +1,7 @@
 /* gguf_writer.c - GGUF v3 serialization (spec: ggml docs/gguf.md). */
 #include "gguf_writer.h"
 #include "../base/f16.h"
+#include "../engine/quant.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -215,49 +216,72 @@ int gw_write_mem(gw_t *w, uint8_t **out, size_t *len) {
     return 0;
 }
 
-size_t gw_type_bytes(uint32_t type, size_t n) {
-    switch (type) {
-    case 0:
-        return 4 * n;
-    case 1:
-    case 30:
-        return 2 * n;
-    case 8:
-        return n / 32 * 34;
+static size_t scalar_bytes(uint32_t t) {
+    switch (t) {
+    case GGUF_U8:
+    case GGUF_I8:
+    case GGUF_BOOL:
+        return 1;
+    case GGUF_U16:
+    case GGUF_I16:
+        return 2;
+    case GGUF_U32:
+    case GGUF_I32:
+    case GGUF_F32:
+        return 4;
+    case GGUF_U64:
+    case GGUF_I64:
+    case GGUF_F64:
+        return 8;
     default:
         return 0;
     }
 }
 
-size_t gw_convert(uint32_t type, const float *src, size_t n, void *dst) {
-    uint8_t *d = dst;
-    switch (type) {
-    case 0:
-        memcpy(dst, src, 4 * n);
-        break;
-    case 1:
-        for (size_t i = 0; i < n; i++) {
-            uint16_t h = eng_f32_to_f16(src[i]);
-            memcpy(d + 2 * i, &h, 2);
+int gw_kv_copy(gw_t *w, const gguf_kv_t *kv) {
+    if (kv->type == GGUF_STRING) {
+        key(w, kv->key, GGUF_STRING);
+        put_u64(w, kv->str_len);
+        put(w, kv->str, kv->str_len);
+    } else if (kv->type == GGUF_ARRAY) {
+        size_t es = scalar_bytes(kv->arr_type);
+        if (kv->arr_type != GGUF_STRING && !es) return -1; /* arrays of arrays */
+        key(w, kv->key, GGUF_ARRAY);
+        put_u32(w, kv->arr_type);
+        put_u64(w, kv->arr_n);
+        if (kv->arr_type == GGUF_STRING)
+            for (uint64_t i = 0; i < kv->arr_n; i++) {
+                put_u64(w, kv->arr_slen[i]);
+                put(w, kv->arr_s[i], kv->arr_slen[i]);
+            }
+        else
+            put(w, kv->arr, (size_t)kv->arr_n * es);
+    } else {
+        size_t es = scalar_bytes(kv->type);
+        if (!es) return -1;
+        uint8_t b[8];
+        if (kv->type == GGUF_F32) {
+            float f = (float)kv->v.f;
+            memcpy(b, &f, 4);
+        } else if (kv->type == GGUF_F64) {
+            memcpy(b, &kv->v.f, 8);
+        } else if (kv->type == GGUF_BOOL) {
+            b[0] = kv->v.b;
+        } else { /* integers, little-endian, two's complement for the signed ones */
+            uint64_t u = kv->v.u;
+            for (size_t i = 0; i < 8; i++) b[i] = (uint8_t)(u >> (8 * i));
         }
-        break;
-    case 30:
-        for (size_t i = 0; i < n; i++) {
-            uint16_t h = eng_f32_to_bf16(src[i]);
-            memcpy(d + 2 * i, &h, 2);
-        }
-        break;
-    case 8:
-        for (size_t b = 0; b < n / 32; b++) {
-            const float *x = src + 32 * b;
-            float amax = 0;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[i]));
-            float scale = amax / 127.0f, inv = scale ? 1.0f / scale : 0.0f;
-            uint16_t h = eng_f32_to_f16(scale);
-            memcpy(d + 34 * b, &h, 2);
-            for (int i = 0; i < 32; i++) d[34 * b + 2 + i] = (uint8_t)(int8_t)roundf(x[i] * inv);
-        }
-        break;
+        key(w, kv->key, kv->type);
+        put(w, b, es);
     }
-    return gw_type_bytes(type, n);
+    return w->oom ? -1 : 0;
+}
+
+size_t gw_type_bytes(uint32_t type, size_t n) {
+    size_t be = eng_q_block_elems(type);
+    return be ? n / be * eng_q_block_bytes(type) : 0;
+}
+
+size_t gw_convert(uint32_t type, const float *src, size_t n, void *dst) {
+    return eng_q_quantize_row(type, src, dst, n) == 0 ? gw_type_bytes(type, n) : 0;
 }

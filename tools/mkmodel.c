@@ -6,10 +6,12 @@
 #include <string.h>
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: mkmodel --shape SHAPE-TYPE --out PATH [--seed N]\n\n"
-               "Writes a synthetic GGUF model (llama, or gemma3 for the gemma shape) with random "
-               "weights (fixed seed).\n"
-               "TYPE is f32, f16, bf16 or q8_0. Shapes:\n");
+    fprintf(
+        f, "usage: mkmodel --shape SHAPE-TYPE --out PATH [--seed N]\n\n"
+           "Writes a synthetic GGUF model (llama, or gemma3 for the gemma shape) with random "
+           "weights (fixed seed).\n"
+           "TYPE is f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k or\n"
+           "iq4_nl (every 2-D weight; `tidald quantize` makes llama.cpp's mixtures). Shapes:\n");
     for (const synth_shape_t *s = synth_shapes; s->name; s++)
         fprintf(f, "  %-6s %s\n", s->name, s->about);
 }

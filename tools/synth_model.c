@@ -1,6 +1,7 @@
 /* synth_model.c - build synthetic Llama models of named shapes. */
 #include "synth_model.h"
 #include "gguf_writer.h"
+#include "../engine/quant.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -20,6 +21,9 @@ const synth_shape_t synth_shapes[] = {
      "gemma3 architecture for tests: 12 layers (10 with a 16-token window, 2 global), 4 heads "
      "of 32 over dim 64, one KV head, QK-norm, sandwich norms, GeGLU",
      "gemma3", 32, 16},
+    {"kq", 512, 256, 2, 4, 2, 512, 256, 0,
+     "every quantized type for tests: rows of 256 and 512 (whole K-quant blocks), 2 layers, "
+     "GQA 4/2"},
     {NULL, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0},
 };
 
@@ -158,22 +162,33 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     const synth_shape_t *sh = NULL;
     for (const synth_shape_t *s = synth_shapes; s->name; s++)
         if (strcmp(s->name, shape_name) == 0) sh = s;
-    uint32_t type;
-    if (strcmp(dash + 1, "f32") == 0)
-        type = 0;
-    else if (strcmp(dash + 1, "f16") == 0)
-        type = 1;
-    else if (strcmp(dash + 1, "bf16") == 0)
-        type = 30;
-    else if (strcmp(dash + 1, "q8_0") == 0)
-        type = 8;
-    else
-        sh = NULL;
+    /* the weight type, and the llama.cpp file type a file of it records */
+    static const struct {
+        const char *name;
+        uint32_t type, ftype;
+    } wtypes[] = {{"f32", 0, 0},    {"f16", 1, 1},     {"bf16", 30, 32}, {"q8_0", 8, 7},
+                  {"q4_0", 2, 2},   {"q4_1", 3, 3},    {"q5_0", 6, 8},   {"q5_1", 7, 9},
+                  {"q2_k", 10, 10}, {"q3_k", 11, 12},  {"q4_k", 12, 15}, {"q5_k", 13, 17},
+                  {"q6_k", 14, 18}, {"iq4_nl", 20, 25}};
+    uint32_t type = 0, ftype = 0;
+    bool known = false;
+    for (size_t i = 0; i < sizeof(wtypes) / sizeof(wtypes[0]); i++)
+        if (strcmp(dash + 1, wtypes[i].name) == 0)
+            type = wtypes[i].type, ftype = wtypes[i].ftype, known = true;
+    if (!known) sh = NULL;
     if (!sh) {
-        snprintf(
-            msg, 256,
-            "unknown model '%s' (shapes: tiny small m100 long b1 gemma; types: f32 f16 bf16 q8_0)",
-            name);
+        snprintf(msg, 256,
+                 "unknown model '%s' (shapes: tiny small m100 long b1 gemma kq; types: f32 f16 "
+                 "bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k iq4_nl)",
+                 name);
+        return -1;
+    }
+    /* every 2-D weight in that type: its rows must tile the type's blocks */
+    size_t blk = eng_q_block_elems(type);
+    uint32_t hd0 = sh->head_dim ? sh->head_dim : sh->n_embd / sh->n_head;
+    if (sh->n_embd % blk || sh->n_ff % blk || (hd0 * sh->n_head) % blk) {
+        snprintf(msg, 256, "model '%s': rows of %u, %u and %u do not tile %zu-wide %s blocks", name,
+                 sh->n_embd, sh->n_ff, hd0 * sh->n_head, blk, dash + 1);
         return -1;
     }
     uint64_t rng = seed ? seed : 0x7a11d;
@@ -193,7 +208,7 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     gw_kv_str(w, "general.architecture", arch);
     gw_kv_str(w, "general.name", name);
     gw_kv_u32(w, "general.alignment", 32);
-    gw_kv_u32(w, "general.file_type", type == 0 ? 0 : type == 1 ? 1 : type == 8 ? 7 : 32);
+    gw_kv_u32(w, "general.file_type", ftype);
     gw_kv_u32(w, KEY("context_length"), sh->n_ctx);
     gw_kv_u32(w, KEY("embedding_length"), sh->n_embd);
     gw_kv_u32(w, KEY("block_count"), sh->n_layer);

@@ -3,7 +3,8 @@
  * too.
  *
  * A model is named SHAPE-TYPE, e.g. "tiny-f32", "m100-f16", "long-f16", where
- * TYPE is f32, f16, bf16 or q8_0 (the type of the 2-D weights; norms stay F32).
+ * TYPE is f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k or iq4_nl
+ * (the type of every 2-D weight, written by the engine's quantizers; norms stay F32).
  */
 #ifndef TIDALD_TOOLS_SYNTH_MODEL_H
 #define TIDALD_TOOLS_SYNTH_MODEL_H

@@ -52,6 +52,21 @@ fi
 "$BIN" generate --model "$TMP/tiny.gguf" --prompt hi --device tpu >"$TMP/out" 2>"$TMP/err"
 [ $? -eq 2 ] && grep -q -- "--device" "$TMP/err" && ok "unknown device is refused" || bad "unknown device"
 
+# tidald quantize: a float model to a mixture that loads and generates; bad input refused
+"$MK" --shape kq-f32 --out "$TMP/kq.gguf" >/dev/null 2>&1
+"$BIN" quantize "$TMP/kq.gguf" "$TMP/kq-q4km.gguf" Q4_K_M >"$TMP/out" 2>"$TMP/err" &&
+    grep -q "output.weight *F32 *-> Q6_K" "$TMP/err" && grep -q "blk.1.attn_v.weight *F32 *-> Q6_K" "$TMP/err" &&
+    "$BIN" generate --model "$TMP/kq-q4km.gguf" --prompt hi --max-tokens 8 --temperature 0 >"$TMP/out" 2>"$TMP/err" &&
+    clean && ok "quantize Q4_K_M: llama-quantize's tensor types, and the file generates" || bad "quantize Q4_K_M"
+"$BIN" quantize "$TMP/kq.gguf" "$TMP/x.gguf" Q7_K >"$TMP/out" 2>"$TMP/err"
+[ $? -eq 1 ] && grep -q "unknown type 'Q7_K'" "$TMP/err" && grep -q "Q4_K_M" "$TMP/err" && [ ! -e "$TMP/x.gguf" ] &&
+    clean && ok "quantize: an unknown type is named, with the types there are" || bad "quantize unknown type"
+"$BIN" quantize "$TMP/kq-q4km.gguf" "$TMP/x.gguf" Q8_0 >"$TMP/out" 2>"$TMP/err"
+[ $? -eq 1 ] && grep -q "is Q[0-9]_[0-9K]* already" "$TMP/err" && [ ! -e "$TMP/x.gguf" ] &&
+    clean && ok "quantize: a quantized model is refused (no double rounding)" || bad "quantize of a quantized model"
+"$BIN" quantize "$TMP/kq.gguf" >"$TMP/out" 2>"$TMP/err"
+[ $? -eq 2 ] && grep -q "usage: tidald quantize" "$TMP/err" && ok "quantize without its arguments: usage" || bad "quantize usage"
+
 "$BIN" generate --model /nonexistent.gguf --prompt hi >"$TMP/out" 2>"$TMP/err"
 [ $? -eq 1 ] && grep -q "cannot open" "$TMP/err" && [ ! -s "$TMP/out" ] && clean && ok "missing model file" || bad "missing model file"
 

@@ -16,6 +16,7 @@
 #include "../../engine/engine.h"
 #include "../../engine/gguf.h"
 #include "../../engine/model.h"
+#include "../../tools/quantize_model.h"
 #include "helpers.h"
 
 #include <cjson/cJSON.h>
@@ -383,10 +384,31 @@ static uint64_t file_fnv1a64(const char *path) {
 
 /* One synthetic model against llama.cpp's answers: its greedy ids (a departure only where
  * llama.cpp's own top-2 gap is under GAP_MIN), and the top-1 at every teacher-forced position
- * where llama.cpp's gap exceeds GAP_MIN. */
+ * where llama.cpp's gap exceeds both GAP_MIN and twice the largest logit difference between
+ * llama.cpp's own two attention kernels on the model (the float models: GAP_MIN; the quantized
+ * random-weight models, whose 8-bit activations move llama.cpp's own logits by 0.1-0.2: what
+ * two logits moved that far in opposite directions can flip);
+ * the positions with a gap over GAP_MIN that differ are counted, beside llama.cpp's own. */
+/* SOURCE@MIXTURE: `tidald quantize` of synthetic model SOURCE, written once per test run */
+static const char *quantized_path(const char *name) {
+    static char path[512];
+    char src[64];
+    const char *at = strchr(name, '@');
+    snprintf(src, sizeof(src), "%.*s", (int)(at - name), name);
+    const char *in = synth_path(src), *dir = getenv("TIDALD_TEST_TMP");
+    snprintf(path, sizeof(path), "%s/%s-%s.gguf", dir && *dir ? dir : "/tmp", src, at + 1);
+    if (access(path, R_OK) != 0) {
+        char tmp[600], msg[ENG_ERRMSG_LEN];
+        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
+        cr_assert_eq(quantize_model(in, tmp, at + 1, 2, NULL, msg), 0, "quantize: %s", msg);
+        cr_assert_eq(rename(tmp, path), 0, "rename %s", tmp);
+    }
+    return path;
+}
+
 static void check_synthetic(const cJSON *e) {
     const char *name = cJSON_GetObjectItem(e, "model")->valuestring;
-    const char *path = synth_path(name);
+    const char *path = strchr(name, '@') ? quantized_path(name) : synth_path(name);
     char want_hash[17], msg[ENG_ERRMSG_LEN];
     snprintf(want_hash, sizeof(want_hash), "%016llx", (unsigned long long)file_fnv1a64(path));
     cr_assert_str_eq(want_hash, cJSON_GetObjectItem(e, "fnv1a64")->valuestring,
@@ -419,8 +441,11 @@ static void check_synthetic(const cJSON *e) {
         int32_t ours = test_argmax(logits, V);
         if (ours != gen[same]) {
             double gap = cJSON_GetArrayItem(gaps, (int)same)->valuedouble;
-            cr_expect_lt(gap, GAP_MIN, "%s: greedy token %zu is %d, llama.cpp's %d (gap %.4f)",
-                         name, same, ours, gen[same], gap);
+            double noise = fmax(
+                GAP_MIN,
+                2 * cJSON_GetObjectItem(cJSON_GetObjectItem(e, "self"), "max_diff")->valuedouble);
+            cr_expect_lt(gap, noise, "%s: greedy token %zu is %d, llama.cpp's %d (gap %.4f)", name,
+                         same, ours, gen[same], gap);
             break;
         }
         eng_batch_item_t d = {&s, &gen[same], 1, logits, false};
@@ -449,8 +474,11 @@ static void check_synthetic(const cJSON *e) {
         checked++;
         int32_t want = (int32_t)cJSON_GetArrayItem(top, 0)->valuedouble, got = test_argmax(ours, V);
         disagree += got != want;
-        /* where llama.cpp agrees with itself everywhere (the float types) so must tidald */
-        if (self_dis == 0)
+        /* every decision that rounding cannot flip: a gap wider than two logits each moved by
+         * llama.cpp's own largest difference between its two attention kernels (for the float
+         * types that is the 0.05 rule; 8-bit activations make llama.cpp differ from itself by
+         * up to ~0.2) */
+        if (gap > 2 * self_max)
             cr_expect_eq(got, want, "%s: forced position %zu: top-1 %d, llama.cpp's %d (gap %.4f)",
                          name, p, got, want, gap);
     }
@@ -459,10 +487,7 @@ static void check_synthetic(const cJSON *e) {
             "positions with a gap > %.2f (llama.cpp flash vs plain attention: %.0f differ); "
             "largest top-5 logit difference %.5f (llama.cpp's own %.5f)\n",
             name, same, n_gen, checked - disagree, checked, GAP_MIN, self_dis, max_diff, self_max);
-    /* the 8-bit activations of the Q8_0 models flip a close call now and then, in llama.cpp
-     * against itself too: no more of those than llama.cpp's own, and no larger differences */
-    cr_expect_leq((double)disagree, self_dis, "%s: %zu top-1 disagreements, llama.cpp's own %.0f",
-                  name, disagree, self_dis);
+    /* and the logits no further from llama.cpp's than llama.cpp's own kernels are apart */
     cr_expect_leq(max_diff, 1.5 * self_max + 0.01,
                   "%s: logit difference %.5f, llama.cpp's own %.5f", name, max_diff, self_max);
     kv_seq_close(&s);
@@ -479,6 +504,6 @@ Test(parity, test_synthetic_models_equal_llama_cpp) {
         check_synthetic(e);
         n++;
     }
-    cr_expect_geq(n, 7, "the fixture covers every architecture and weight type");
+    cr_expect_geq(n, 36, "the fixture covers every architecture, weight type and mixture");
     cJSON_Delete(fx);
 }

@@ -10,6 +10,7 @@
 #include "helpers.h"
 
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,4 +150,103 @@ Test(quant, test_hand_built_blocks_decode_as_documented) {
     q6[209] = 0x3C;
     cr_assert_eq(eng_q_dequantize_row(GGML_Q6_K, q6, out, 256), 0);
     for (int i = 0; i < 256; i++) cr_expect_eq(out[i], -32.0f, "element %d", i);
+}
+
+/* ---- quantizers (engine/quantize.c) ---- */
+
+/* Gaussian-ish values (sum of four uniforms) with a few outliers, as trained weights look. */
+static void weights(float *x, size_t n, uint64_t seed) {
+    for (size_t i = 0; i < n; i++) {
+        float s = 0;
+        for (int k = 0; k < 4; k++) s += frand(&seed);
+        x[i] = s * 0.02f * (i % 97 == 5 ? 8.0f : 1.0f);
+    }
+}
+
+/* Every type encodes rows that decode back near the input, within what its bits allow: the
+ * relative RMS error of each type on 64 rows of 1,024 values, and blocks of zeros exactly 0. */
+Test(quant, test_quantize_round_trips_every_type_within_its_precision) {
+    static const struct {
+        uint32_t type;
+        double max_err;
+    } cases[] = {{GGML_F16, 1e-3},  {GGML_BF16, 8e-3}, {GGML_Q8_0, 0.01},   {GGML_Q6_K, 0.03},
+                 {GGML_Q5_0, 0.08}, {GGML_Q5_1, 0.06}, {GGML_Q5_K, 0.05},   {GGML_Q4_0, 0.16},
+                 {GGML_Q4_1, 0.12}, {GGML_Q4_K, 0.10}, {GGML_IQ4_NL, 0.12}, {GGML_Q3_K, 0.22},
+                 {GGML_Q2_K, 0.45}};
+    enum { N = 1024, ROWS = 64 };
+    static float x[N], y[N];
+    static uint8_t q[N * 4];
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        double se = 0, ss = 0;
+        for (int r = 0; r < ROWS; r++) {
+            weights(x, N, 100 + (uint64_t)r);
+            cr_assert_eq(eng_q_quantize_row(cases[c].type, x, q, N), 0, "%s",
+                         gguf_type_name(cases[c].type));
+            cr_assert_eq(eng_q_dequantize_row(cases[c].type, q, y, N), 0);
+            for (int i = 0; i < N; i++)
+                se += (double)(y[i] - x[i]) * (y[i] - x[i]), ss += (double)x[i] * x[i];
+        }
+        double e = sqrt(se / ss);
+        cr_expect_lt(e, cases[c].max_err, "%s: relative RMS error %.4f",
+                     gguf_type_name(cases[c].type), e);
+        memset(x, 0, sizeof(x));
+        cr_assert_eq(eng_q_quantize_row(cases[c].type, x, q, N), 0);
+        cr_assert_eq(eng_q_dequantize_row(cases[c].type, q, y, N), 0);
+        for (int i = 0; i < N; i++)
+            cr_expect_eq(y[i], 0.0f, "%s: zeros decode to %g", gguf_type_name(cases[c].type), y[i]);
+    }
+    cr_expect_eq(eng_q_quantize_row(GGML_Q4_K, x, q, 100), ENG_EINVAL, "partial block");
+    cr_expect_eq(eng_q_quantize_row(GGML_IQ4_XS, x, q, 256), ENG_EUNSUPPORTED);
+    cr_expect_eq(eng_q_quantize_row(99, x, q, 256), ENG_EUNSUPPORTED);
+}
+
+/* The mixtures choose each tensor's type as llama-quantize did for the real files: every
+ * tensor of Gemma 3 270M Q4_K_M (Q6_K/Q4_K for ffn_down by layer, Q5_0 and Q8_0 where 640-wide
+ * rows do not tile 256-wide blocks, Q8_0 for the tied embeddings) and of SmolLM2 Q4_1. */
+static void expect_mixture_of(const char *file, const char *mixture) {
+    const char *path = real_model_path(file);
+    if (!path) cr_skip_test("%s not fetched (offline?): run `make models`; skipping", file);
+    char msg[ENG_ERRMSG_LEN];
+    gguf_t *g;
+    cr_assert_eq(gguf_open(&g, path, msg), 0, "%s", msg);
+    const eng_qmix_t *mix = eng_q_mix(mixture);
+    cr_assert(mix);
+    const char *arch = gguf_get_str(g, "general.architecture");
+    char key[96];
+    uint64_t n_layer, n_head, n_kv;
+    snprintf(key, sizeof(key), "%s.block_count", arch);
+    cr_assert_eq(gguf_get_u64(g, key, &n_layer, msg), 0);
+    snprintf(key, sizeof(key), "%s.attention.head_count", arch);
+    cr_assert_eq(gguf_get_u64(g, key, &n_head, msg), 0);
+    snprintf(key, sizeof(key), "%s.attention.head_count_kv", arch);
+    cr_assert_eq(gguf_get_u64(g, key, &n_kv, msg), 0);
+    bool tied = !gguf_tensor(g, "output.weight");
+    size_t n = 0;
+    for (size_t i = 0; i < g->n_tensors; i++) {
+        const gguf_tensor_t *t = &g->tensors[i];
+        unsigned layer = 0;
+        sscanf(t->name, "blk.%u.", &layer);
+        /* what the tensor was before quantizing: F32 norms, float weights */
+        eng_qmix_tensor_t d = {
+            t->name, t->n_dims,         t->n_dims < 2 ? GGML_F32 : GGML_F16, t->ne[0],
+            layer,   (uint32_t)n_layer, (uint32_t)(n_head / n_kv),           tied};
+        uint32_t want = t->type, got = eng_q_mix_type(mix, &d);
+        cr_expect_eq(got, want, "%s %s: %s, the file has %s", mixture, t->name, gguf_type_name(got),
+                     gguf_type_name(want));
+        n++;
+    }
+    uint64_t ft = 0;
+    cr_expect_eq(gguf_get_u64(g, "general.file_type", &ft, msg), 0);
+    cr_expect_eq(mix->ftype, ft, "%s records file type %u", mixture, mix->ftype);
+    fprintf(stderr, "quant: %zu tensors of %s typed as llama-quantize's %s typed them\n", n, file,
+            mixture);
+    gguf_close(g);
+}
+
+Test(quant, test_mixtures_type_tensors_as_llama_quantize_did) {
+    expect_mixture_of(GEMMA3_GGUF, "Q4_K_M");
+}
+
+Test(quant, test_legacy_mixture_types_tensors_as_llama_quantize_did) {
+    expect_mixture_of(SMOLLM2_GGUF, "Q4_1");
 }
