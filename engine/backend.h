@@ -149,6 +149,8 @@ typedef struct {
     /* g[i] = gelu(g[i]) * u[i], GELU's tanh form as llama.cpp's CPU computes it: looked up at
      * g rounded to F16, the result rounded to F16 (0 at or below -10, g itself from 10) */
     void (*geglu)(eng_backend_t *be, float *g, const float *u, size_t n);
+    /* x[t][i] += b[i] for T rows of n (projection biases) */
+    void (*add_bias)(eng_backend_t *be, float *x, const float *b, uint32_t T, uint32_t n);
     /* x[i] *= s */
     void (*scale)(eng_backend_t *be, float *x, float s, size_t n);
     /* x[i] += y[i] */

@@ -108,6 +108,10 @@ static int load_weights(eng_ctx_t *c, char *msg) {
         L->k_norm = load_vec(c, S->k_norm, m->hp.head_dim, &fail);
         L->post_attn_norm = load_vec(c, S->post_attn_norm, d, &fail);
         L->post_ffn_norm = load_vec(c, S->post_ffn_norm, d, &fail);
+        uint32_t kvd = m->hp.n_head_kv * m->hp.head_dim;
+        L->bq = load_vec(c, S->bq, m->hp.n_embd_q, &fail);
+        L->bk = load_vec(c, S->bk, kvd, &fail);
+        L->bv = load_vec(c, S->bv, kvd, &fail);
         const eng_tensor_t *src[7] = {&S->wq,     &S->wk,   &S->wv,    &S->wo,
                                       &S->w_gate, &S->w_up, &S->w_down};
         eng_tensor_t *dst[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
@@ -127,9 +131,10 @@ static void free_weights(eng_ctx_t *c) {
             eng_tensor_t *w[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
             for (int i = 0; i < 7; i++)
                 if (w[i]->data) be->ops->free_weight(be, w[i]);
-            const float *norms[6] = {L->attn_norm, L->ffn_norm,       L->q_norm,
-                                     L->k_norm,    L->post_attn_norm, L->post_ffn_norm};
-            for (int i = 0; i < 6; i++) be->ops->release(be, (void *)norms[i]);
+            const float *vecs[9] = {
+                L->attn_norm,     L->ffn_norm, L->q_norm, L->k_norm, L->post_attn_norm,
+                L->post_ffn_norm, L->bq,       L->bk,     L->bv};
+            for (int i = 0; i < 9; i++) be->ops->release(be, (void *)vecs[i]);
         }
         if (c->tok_embd.data) be->ops->free_weight(be, &c->tok_embd);
         if (!c->m->hp.tied_output && c->output.data) be->ops->free_weight(be, &c->output);
@@ -571,6 +576,9 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
         op->matmul(be, &L->wq, c->xn, c->q, T);
         op->matmul(be, &L->wk, c->xn, c->k, T);
         op->matmul(be, &L->wv, c->xn, c->v, T);
+        if (L->bq) op->add_bias(be, c->q, L->bq, T, hp->n_embd_q);
+        if (L->bk) op->add_bias(be, c->k, L->bk, T, hp->n_head_kv * hp->head_dim);
+        if (L->bv) op->add_bias(be, c->v, L->bv, T, hp->n_head_kv * hp->head_dim);
         /* QK-norm: every head's query and key RMS-normed before RoPE */
         if (L->q_norm)
             op->rmsnorm(be, c->q, L->q_norm, c->q, T * hp->n_head, hp->head_dim, hp->rms_eps);

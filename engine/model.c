@@ -1,8 +1,8 @@
 /* model.c - Llama-family hyper-parameters and weights from GGUF metadata.
  *
- * Accepts the `llama` architecture (Llama 2/3, TinyLlama, SmolLM, Mistral
- * without sliding window all convert to it), `mistral` and `gemma3`. Every tensor's
- * shape is checked against the hyper-parameters before use.
+ * Accepts the `llama` architecture (Llama 2/3, TinyLlama, SmolLM, Mistral without sliding
+ * window all convert to it), `mistral`, `gemma3`, `qwen2` and `qwen3`. Every tensor's shape is
+ * checked against the hyper-parameters before use.
  */
 #include "model.h"
 #include "quant.h"
@@ -134,11 +134,11 @@ static int load_hparams(eng_model_t *m, char *msg) {
     eng_hparams_t *hp = &m->hp;
     const char *arch = gguf_get_str(g, "general.architecture");
     if (!arch) return eng_fail(msg, ENG_EFORMAT, "missing metadata 'general.architecture'");
-    bool gemma3 = !strcmp(arch, "gemma3");
-    if (strcmp(arch, "llama") != 0 && strcmp(arch, "mistral") != 0 && !gemma3)
+    bool gemma3 = !strcmp(arch, "gemma3"), qwen = !strcmp(arch, "qwen2") || !strcmp(arch, "qwen3");
+    if (strcmp(arch, "llama") != 0 && strcmp(arch, "mistral") != 0 && !gemma3 && !qwen)
         return eng_fail(msg, ENG_EUNSUPPORTED,
-                        "architecture '%s' is not supported (tidald runs llama, mistral and "
-                        "gemma3)",
+                        "architecture '%s' is not supported (tidald runs llama, mistral, gemma3, "
+                        "qwen2 and qwen3)",
                         arch);
     snprintf(hp->arch, sizeof(hp->arch), "%s", arch);
     const char *name = gguf_get_str(g, "general.name");
@@ -181,6 +181,8 @@ static int load_hparams(eng_model_t *m, char *msg) {
         return rc;
     if (gemma3) {
         if ((rc = load_gemma3(g, arch, hp, msg))) return rc;
+    } else if (qwen) {
+        hp->rope_neox = true; /* Qwen2: QKV biases; Qwen3: QK-norm (the layer tensors) */
     } else {
         char key[128];
         snprintf(key, sizeof(key), "%s.attention.sliding_window", arch);
@@ -205,7 +207,8 @@ static int load_weights(eng_model_t *m, char *msg) {
     const gguf_t *g = m->gguf;
     const eng_hparams_t *hp = &m->hp;
     uint32_t d = hp->n_embd, kvd = hp->n_head_kv * hp->head_dim, qd = hp->n_embd_q;
-    bool gemma3 = !strcmp(hp->arch, "gemma3");
+    bool gemma3 = !strcmp(hp->arch, "gemma3"), qwen2 = !strcmp(hp->arch, "qwen2"),
+         qwen3 = !strcmp(hp->arch, "qwen3");
     int rc;
     if ((rc = weight(g, "token_embd.weight", d, hp->n_vocab, &m->tok_embd, msg))) return rc;
     if ((rc = vector(g, "output_norm.weight", d, &m->output_norm, true, msg))) return rc;
@@ -229,10 +232,17 @@ static int load_weights(eng_model_t *m, char *msg) {
     if ((rc = vector(g, n, len, &L->field, required, msg))) return rc;
         V(attn_norm, "attn_norm", d, true)
         V(ffn_norm, "ffn_norm", d, true)
-        V(q_norm, "attn_q_norm", hp->head_dim, gemma3)
-        V(k_norm, "attn_k_norm", hp->head_dim, gemma3)
+        V(q_norm, "attn_q_norm", hp->head_dim, gemma3 || qwen3)
+        V(k_norm, "attn_k_norm", hp->head_dim, gemma3 || qwen3)
         V(post_attn_norm, "post_attention_norm", d, gemma3)
         V(post_ffn_norm, "post_ffw_norm", d, gemma3)
+#define B(field, suffix, len)                                                                      \
+    snprintf(n, sizeof(n), "blk.%u.%s.bias", l, suffix);                                           \
+    if ((rc = vector(g, n, len, &L->field, qwen2, msg))) return rc;
+        B(bq, "attn_q", qd)
+        B(bk, "attn_k", kvd)
+        B(bv, "attn_v", kvd)
+#undef B
         W(wq, "attn_q", d, qd)
         W(wk, "attn_k", d, kvd)
         W(wv, "attn_v", d, kvd)

@@ -10,6 +10,7 @@ typedef struct {
     const float *attn_norm, *ffn_norm;
     const float *q_norm, *k_norm;                /* [head_dim] per-head RMSNorm (or NULL) */
     const float *post_attn_norm, *post_ffn_norm; /* [n_embd] sandwich norms (or NULL) */
+    const float *bq, *bk, *bv;                   /* projection biases (Qwen2; or NULL) */
     eng_tensor_t wq, wk, wv, wo, w_gate, w_up, w_down;
 } eng_layer_t;
 

@@ -39,13 +39,15 @@ def fnv1a64(path):
 # mkmodel's models: every weight type on its own (the kq shape's rows tile 256-wide blocks)
 MODELS = ["tiny-f32", "tiny-f16", "tiny-bf16", "tiny-q8_0",
           "gemma-f32", "gemma-f16", "gemma-q8_0",
+          "qwen2-f32", "qwen2-f16", "qwen2-q8_0", "qwen3-f32", "qwen3-f16", "qwen3-q8_0",
           "kq-q4_0", "kq-q4_1", "kq-q5_0", "kq-q5_1", "kq-q8_0", "kq-q2_k", "kq-q3_k",
           "kq-q4_k", "kq-q5_k", "kq-q6_k", "kq-iq4_nl"]
 # `tidald quantize`'s mixtures of float models: SOURCE@MIXTURE
 QUANTIZED = ["kq-f32@" + t for t in ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S",
                                       "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
                                       "Q5_K_M", "Q6_K", "IQ4_NL"]] + \
-            ["gemma-f32@Q4_K_M", "gemma-f32@Q4_0", "tiny-f32@Q5_K_M"]
+            ["gemma-f32@Q4_K_M", "gemma-f32@Q4_0", "tiny-f32@Q5_K_M", "qwen2-f32@Q4_K_M",
+             "qwen3-f32@Q5_0"]
 PROMPT = [1, 403, 407, 261, 378]
 GREEDY_TOKENS = 64
 FORCED_TOKENS = 200

@@ -21,6 +21,13 @@ const synth_shape_t synth_shapes[] = {
      "gemma3 architecture for tests: 12 layers (10 with a 16-token window, 2 global), 4 heads "
      "of 32 over dim 64, one KV head, QK-norm, sandwich norms, GeGLU",
      "gemma3", 32, 16},
+    {"qwen2", 512, 64, 2, 4, 2, 128, 256, 0,
+     "qwen2 architecture for tests: 2 layers, dim 64, GQA 4/2, QKV biases, NEOX RoPE", "qwen2", 0,
+     0},
+    {"qwen3", 512, 64, 2, 4, 2, 128, 256, 0,
+     "qwen3 architecture for tests: 2 layers, 4 heads of 32 over dim 64, GQA 4/2, QK-norm, NEOX "
+     "RoPE",
+     "qwen3", 32, 0},
     {"kq", 512, 256, 2, 4, 2, 512, 256, 0,
      "every quantized type for tests: rows of 256 and 512 (whole K-quant blocks), 2 layers, "
      "GQA 4/2"},
@@ -150,6 +157,16 @@ static int add_norm(gw_t *w, owned_t *o, const char *name, uint32_t n, uint64_t 
     return 0;
 }
 
+/* a bias vector: small values around zero */
+static int add_bias(gw_t *w, owned_t *o, const char *name, uint32_t n, uint64_t *rng) {
+    float *v = own(o, malloc(sizeof(float) * n));
+    if (!v) return -1;
+    for (uint32_t i = 0; i < n; i++) v[i] = rng_uniform(rng, 0.2f);
+    uint64_t ne[1] = {n};
+    gw_tensor(w, name, 1, ne, 0, v, sizeof(float) * n);
+    return 0;
+}
+
 int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     char shape_name[32];
     const char *dash = strrchr(name, '-');
@@ -199,7 +216,8 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     char **vocab = make_vocab(sh->n_vocab, &scores, &types);
     int rc = -1;
     const char *arch = sh->arch ? sh->arch : "llama";
-    bool gemma3 = strcmp(arch, "gemma3") == 0;
+    bool gemma3 = strcmp(arch, "gemma3") == 0, qwen2 = strcmp(arch, "qwen2") == 0,
+         qwen3 = strcmp(arch, "qwen3") == 0;
     uint32_t hd = sh->head_dim ? sh->head_dim : sh->n_embd / sh->n_head, kvd = hd * sh->n_head_kv;
     uint32_t qd = hd * sh->n_head;
     if (!w || !vocab || !scores || !types) goto done;
@@ -215,7 +233,14 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
     gw_kv_u32(w, KEY("feed_forward_length"), sh->n_ff);
     gw_kv_u32(w, KEY("attention.head_count"), sh->n_head);
     gw_kv_u32(w, KEY("attention.head_count_kv"), sh->n_head_kv);
-    if (gemma3) {
+    if (qwen2 || qwen3) {
+        if (qwen3) {
+            gw_kv_u32(w, KEY("attention.key_length"), hd);
+            gw_kv_u32(w, KEY("attention.value_length"), hd);
+        }
+        gw_kv_f32(w, KEY("rope.freq_base"), 1000000.0f);
+        gw_kv_f32(w, KEY("attention.layer_norm_rms_epsilon"), 1e-6f);
+    } else if (gemma3) {
         gw_kv_u32(w, KEY("attention.key_length"), hd);
         gw_kv_u32(w, KEY("attention.value_length"), hd);
         gw_kv_u32(w, KEY("attention.sliding_window"), sh->swa_window);
@@ -264,10 +289,20 @@ int synth_write(const char *name, const char *path, uint64_t seed, char *msg) {
         WT("attn_k", sh->n_embd, kvd, s_in * 4)
         WT("attn_v", sh->n_embd, kvd, s_in)
         WT("attn_output", qd, sh->n_embd, s_in)
-        if (gemma3) {
+        if (gemma3 || qwen3) {
             NORM("attn_q_norm", hd)
             NORM("attn_k_norm", hd)
+        }
+        if (gemma3) {
             NORM("post_attention_norm", sh->n_embd)
+        }
+        if (qwen2) {
+            const char *bias[3] = {"attn_q", "attn_k", "attn_v"};
+            uint32_t len[3] = {qd, kvd, kvd};
+            for (int b = 0; b < 3; b++) {
+                snprintf(n, sizeof(n), "blk.%u.%s.bias", l, bias[b]);
+                if (add_bias(w, &o, n, len[b], &rng)) goto done;
+            }
         }
         NORM("ffn_norm", sh->n_embd)
         WT("ffn_gate", sh->n_embd, sh->n_ff, s_in * 2)

@@ -572,6 +572,12 @@ static void cpu_geglu(eng_backend_t *be, float *g, const float *u, size_t n) {
     }
 }
 
+static void cpu_add_bias(eng_backend_t *be, float *x, const float *b, uint32_t T, uint32_t n) {
+    (void)be;
+    for (uint32_t t = 0; t < T; t++)
+        for (uint32_t i = 0; i < n; i++) x[(size_t)t * n + i] += b[i];
+}
+
 static void cpu_scale(eng_backend_t *be, float *x, float s, size_t n) {
     (void)be;
     for (size_t i = 0; i < n; i++) x[i] *= s;
@@ -698,6 +704,7 @@ static const eng_backend_ops_t cpu_ops = {
     .swiglu = cpu_swiglu,
     .geglu = cpu_geglu,
     .scale = cpu_scale,
+    .add_bias = cpu_add_bias,
     .add = cpu_add,
     .get_rows = cpu_get_rows,
     .parallel_for = cpu_parallel_for,

@@ -557,6 +557,11 @@ static void cu_geglu_op(eng_backend_t *be, float *g, const float *u, size_t n) {
     if (!failed(c) && !replaying(c)) cu_geglu(c->st, g, u, n);
 }
 
+static void cu_add_bias_op(eng_backend_t *be, float *x, const float *b, uint32_t T, uint32_t n) {
+    cu_ctx_t *c = ctx_of(be);
+    if (!failed(c) && !replaying(c)) cu_add_bias(c->st, x, b, T, n);
+}
+
 static void cu_scale_op(eng_backend_t *be, float *x, float s, size_t n) {
     cu_ctx_t *c = ctx_of(be);
     if (!failed(c) && !replaying(c)) cu_scale(c->st, x, s, n);
@@ -761,6 +766,7 @@ static const eng_backend_ops_t cuda_ops = {
     .swiglu = cu_swiglu_op,
     .geglu = cu_geglu_op,
     .scale = cu_scale_op,
+    .add_bias = cu_add_bias_op,
     .add = cu_add_op,
     .argmax = cu_argmax_op,
     .get_rows = cu_get_rows_op,

@@ -163,6 +163,17 @@ extern "C" void cu_geglu(cudaStream_t st, float *g, const float *u, size_t n) {
     if (n) k_geglu<<<blocks_for(n, 256), 256, 0, st>>>(g, u, n);
 }
 
+__global__ void k_add_bias(float *x, const float *b, uint32_t n, size_t total) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] += b[i % n];
+}
+
+extern "C" void cu_add_bias(cudaStream_t st, float *x, const float *b, uint32_t T, uint32_t n) {
+    size_t total = (size_t)T * n;
+    if (total) k_add_bias<<<blocks_for(total, 256), 256, 0, st>>>(x, b, n, total);
+}
+
 __global__ void k_scale(float *x, float s, size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)

@@ -48,6 +48,8 @@ void cu_swiglu(cudaStream_t st, float *g, const float *u, size_t n);
 /* g = gelu(g) * u as the CPU backend computes it (F16-rounded GELU) */
 void cu_geglu(cudaStream_t st, float *g, const float *u, size_t n);
 void cu_scale(cudaStream_t st, float *x, float s, size_t n);
+/* x[t][i] += b[i], T rows of n */
+void cu_add_bias(cudaStream_t st, float *x, const float *b, uint32_t T, uint32_t n);
 void cu_add(cudaStream_t st, float *x, const float *y, size_t n);
 /* f32 -> f16 (type CU_W_F16) or bf16 (CU_W_BF16), n values */
 void cu_convert(cudaStream_t st, uint32_t type, const float *x, void *out, size_t n);

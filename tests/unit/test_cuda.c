@@ -222,12 +222,14 @@ Test(cuda, test_row_ops_match_cpu) {
     p.gpu->ops->upload(p.gpu, dy, yc, sizeof(x));
     p.cpu->ops->geglu(p.cpu, yc, u, T * N);
     p.cpu->ops->scale(p.cpu, yc, 25.3f, T * N);
+    p.cpu->ops->add_bias(p.cpu, yc, w, T, N);
     gpu_begin(p.gpu, &pl);
     p.gpu->ops->geglu(p.gpu, dy, du, T * N);
     p.gpu->ops->scale(p.gpu, dy, 25.3f, T * N);
+    p.gpu->ops->add_bias(p.gpu, dy, dw, T, N);
     gpu_end(p.gpu);
     host_f(p.gpu, yg, dy, T * N);
-    cr_expect_lt(rel_err(yg, yc, T * N), 1e-6, "geglu + scale");
+    cr_expect_lt(rel_err(yg, yc, T * N), 1e-6, "geglu + scale + add_bias");
     /* embedding rows from each weight type */
     const uint32_t types[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q8_0};
     for (int a = 0; a < 4; a++) {

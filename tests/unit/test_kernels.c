@@ -121,6 +121,8 @@ Test(kernels, test_swiglu_and_add_match_reference) {
     cr_expect_lt(rel_err(a, b, 100), 1e-7);
     be->ops->scale(be, a, 0.25f, 100);
     for (int i = 0; i < 100; i++) cr_expect_eq(a[i], b[i] * 0.25f);
+    be->ops->add_bias(be, a, u, 4, 25); /* 4 rows of 25, the same bias on each */
+    for (int i = 0; i < 100; i++) cr_expect_eq(a[i], b[i] * 0.25f + u[i % 25]);
     be->ops->destroy(be);
 }
 

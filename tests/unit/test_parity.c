@@ -504,6 +504,6 @@ Test(parity, test_synthetic_models_equal_llama_cpp) {
         check_synthetic(e);
         n++;
     }
-    cr_expect_geq(n, 36, "the fixture covers every architecture, weight type and mixture");
+    cr_expect_geq(n, 44, "the fixture covers every architecture, weight type and mixture");
     cJSON_Delete(fx);
 }
