@@ -173,7 +173,7 @@ LEGACY_SCALAR(dot_iq4_nl_scalar, GGML_IQ4_NL, 18)
 /* ---- scalar kernels: K-quants against qdot_ak_t ---- */
 
 /* Q4_K / Q5_K scales: eight 6-bit scales and mins in 12 bytes (engine/quant.c). */
-static void k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+static inline void k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
     for (int j = 0; j < 8; j++) {
         if (j < 4) {
             sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
