@@ -77,7 +77,7 @@ static int rd_str_dup(cursor_t *c, char **out, size_t *out_len, const char *what
     return 0;
 }
 
-static size_t scalar_size(uint32_t t) {
+size_t gguf_scalar_size(uint32_t t) {
     switch (t) {
     case GGUF_U8:
     case GGUF_I8:
@@ -175,7 +175,7 @@ static int parse_kv(cursor_t *c, gguf_kv_t *kv) {
                 if ((rc = rd_str_ref(c, &kv->arr_s[i], &kv->arr_slen[i], kv->key))) return rc;
             return 0;
         }
-        size_t es = scalar_size(kv->arr_type);
+        size_t es = gguf_scalar_size(kv->arr_type);
         if (!es)
             return eng_fail(c->msg, ENG_EFORMAT, "GGUF key '%s': unsupported array element type %u",
                             kv->key, kv->arr_type);
@@ -187,7 +187,7 @@ static int parse_kv(cursor_t *c, gguf_kv_t *kv) {
         c->pos += (size_t)kv->arr_n * es;
         return 0;
     }
-    size_t es = scalar_size(kv->type);
+    size_t es = gguf_scalar_size(kv->type);
     if (!es)
         return eng_fail(c->msg, ENG_EFORMAT, "GGUF key '%s': unknown value type %u", kv->key,
                         kv->type);

@@ -110,6 +110,9 @@ int gguf_get_f64(const gguf_t *g, const char *key, double *out, char *msg);
 int gguf_get_bool(const gguf_t *g, const char *key, bool *out, char *msg);
 const char *gguf_get_str(const gguf_t *g, const char *key);
 
+/* Bytes of one scalar metadata value of the type (GGUF_U8 ... GGUF_F64); 0 for strings, arrays
+ * and unknown types. */
+size_t gguf_scalar_size(uint32_t gguf_vtype);
 const char *gguf_type_name(uint32_t ggml_type);
 /* Bytes of one row of n elements of any type engine/quant.h knows (the loader accepts fewer);
  * 0 if the type is unknown, n is not a multiple of its block size, or the size overflows. */

@@ -216,35 +216,13 @@ int gw_write_mem(gw_t *w, uint8_t **out, size_t *len) {
     return 0;
 }
 
-static size_t scalar_bytes(uint32_t t) {
-    switch (t) {
-    case GGUF_U8:
-    case GGUF_I8:
-    case GGUF_BOOL:
-        return 1;
-    case GGUF_U16:
-    case GGUF_I16:
-        return 2;
-    case GGUF_U32:
-    case GGUF_I32:
-    case GGUF_F32:
-        return 4;
-    case GGUF_U64:
-    case GGUF_I64:
-    case GGUF_F64:
-        return 8;
-    default:
-        return 0;
-    }
-}
-
 int gw_kv_copy(gw_t *w, const gguf_kv_t *kv) {
     if (kv->type == GGUF_STRING) {
         key(w, kv->key, GGUF_STRING);
         put_u64(w, kv->str_len);
         put(w, kv->str, kv->str_len);
     } else if (kv->type == GGUF_ARRAY) {
-        size_t es = scalar_bytes(kv->arr_type);
+        size_t es = gguf_scalar_size(kv->arr_type);
         if (kv->arr_type != GGUF_STRING && !es) return -1; /* arrays of arrays */
         key(w, kv->key, GGUF_ARRAY);
         put_u32(w, kv->arr_type);
@@ -257,7 +235,7 @@ int gw_kv_copy(gw_t *w, const gguf_kv_t *kv) {
         else
             put(w, kv->arr, (size_t)kv->arr_n * es);
     } else {
-        size_t es = scalar_bytes(kv->type);
+        size_t es = gguf_scalar_size(kv->type);
         if (!es) return -1;
         uint8_t b[8];
         if (kv->type == GGUF_F32) {

@@ -258,3 +258,52 @@ Test(gguf, test_gguf_accepts_version_2) {
     gguf_close(g);
     free(buf);
 }
+
+/* gw_kv_copy reproduces every key of a file (scalars of each width, strings, string and
+ * numeric arrays): what `tidald quantize` relies on to carry a model's metadata over. */
+Test(gguf, test_kv_copy_reproduces_every_key) {
+    char msg[ENG_ERRMSG_LEN];
+    gguf_t *g;
+    cr_assert_eq(gguf_open(&g, synth_path("tiny-f32"), msg), 0, "%s", msg);
+    gw_t *w = gw_create();
+    gw_kv_copy(w, &(gguf_kv_t){.key = "x.i8", .type = GGUF_I8, .v.i = -5});
+    gw_kv_copy(w, &(gguf_kv_t){.key = "x.i64", .type = GGUF_I64, .v.i = -1234567890123});
+    gw_kv_copy(w, &(gguf_kv_t){.key = "x.f64", .type = GGUF_F64, .v.f = 0.1});
+    for (size_t i = 0; i < g->n_kv; i++)
+        cr_assert_eq(gw_kv_copy(w, &g->kv[i]), 0, "%s", g->kv[i].key);
+    uint8_t *buf;
+    size_t len;
+    cr_assert_eq(gw_write_mem(w, &buf, &len), 0);
+    gguf_t *h;
+    cr_assert_eq(gguf_parse(&h, buf, len, msg), 0, "%s", msg);
+    cr_assert_eq(h->n_kv, g->n_kv + 3);
+    cr_expect_eq(gguf_find(h, "x.i8")->v.i, -5);
+    cr_expect_eq(gguf_find(h, "x.i64")->v.i, -1234567890123);
+    cr_expect_eq(gguf_find(h, "x.f64")->v.f, 0.1);
+    for (size_t i = 0; i < g->n_kv; i++) {
+        const gguf_kv_t *a = &g->kv[i], *b = gguf_find(h, a->key);
+        cr_assert(b, "%s", a->key);
+        cr_expect_eq(a->type, b->type, "%s", a->key);
+        if (a->type == GGUF_STRING) {
+            cr_expect(a->str_len == b->str_len && !memcmp(a->str, b->str, a->str_len), "%s",
+                      a->key);
+        } else if (a->type == GGUF_ARRAY) {
+            cr_expect_eq(a->arr_type, b->arr_type, "%s", a->key);
+            cr_assert_eq(a->arr_n, b->arr_n, "%s", a->key);
+            if (a->arr_type == GGUF_STRING)
+                for (uint64_t k = 0; k < a->arr_n; k++)
+                    cr_expect(a->arr_slen[k] == b->arr_slen[k] &&
+                                  !memcmp(a->arr_s[k], b->arr_s[k], a->arr_slen[k]),
+                              "%s[%llu]", a->key, (unsigned long long)k);
+            else
+                cr_expect_eq(memcmp(a->arr, b->arr, a->arr_n * gguf_scalar_size(a->arr_type)), 0,
+                             "%s", a->key);
+        } else {
+            cr_expect_eq(a->v.u, b->v.u, "%s", a->key);
+        }
+    }
+    gguf_close(h);
+    free(buf);
+    gw_free(w);
+    gguf_close(g);
+}
