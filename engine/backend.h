@@ -137,10 +137,11 @@ typedef struct {
      * positions pos0.. of `layer` through its block table, in the pool's value type */
     void (*kv_store)(eng_backend_t *be, uint32_t layer, const eng_attn_seq_t *seqs, uint32_t n_seqs,
                      const float *k, const float *v);
-    /* K-shift: rotate the keys of positions [from, to) of one layer back by delta positions
-     * (a pure rotation: RoPE(p) then this equals RoPE(p - delta)) */
-    void (*k_shift)(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint32_t from, uint32_t to,
-                    uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, const eng_rope_t *r);
+    /* K-shift: rotate the keys of positions [from, to) of every layer back by delta positions
+     * (a pure rotation: RoPE(p) then this equals RoPE(p - delta)), layer l with rope[l] (host
+     * array of the pool's n_layer) */
+    void (*k_shift)(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to, uint32_t delta,
+                    uint32_t n_head_kv, uint32_t head_dim, const eng_rope_t *rope);
     /* out[r] = the index of the largest of rows[r][0..n) (the lowest index on ties), for R
      * rows; out in backend memory. NULL: the engine does it on the host. */
     void (*argmax)(eng_backend_t *be, const float *rows, uint32_t R, uint32_t n, int32_t *out);

@@ -40,6 +40,7 @@ struct eng_ctx {
     int32_t *ids;
     eng_attn_seq_t *aseq;
     uint8_t *kinds;        /* [n_layer][max_seqs]: the step's plan */
+    eng_rope_t *rope;      /* [n_layer]: each layer's RoPE, fixed per context */
     uint32_t *sel, *n_sel; /* backend memory: max_seqs * n_head * sel_budget selections */
     uint32_t sel_budget;
 };
@@ -225,11 +226,18 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
     c->ids = malloc(sizeof(int32_t) * T);
     c->aseq = malloc(sizeof(eng_attn_seq_t) * c->p.max_seqs);
     c->kinds = malloc((size_t)hp->n_layer * c->p.max_seqs);
+    c->rope = malloc(sizeof(eng_rope_t) * hp->n_layer);
     if (!c->x || !c->xn || !c->q || !c->k || !c->v || !c->att || !c->ffg || !c->ffu ||
         !c->logit_in || !c->logit_buf || !c->pos || !c->ids || !c->aseq || !c->n_sel ||
-        !c->logit_host || !c->argmax_host || !c->argmax_dev || !c->kinds) {
+        !c->logit_host || !c->argmax_host || !c->argmax_dev || !c->kinds || !c->rope) {
         rc = eng_fail(msg, ENG_ENOMEM, "out of %s memory for activations", op->name);
         goto fail;
+    }
+    /* sliding-window layers turn with their own base and no scaling */
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
+        bool swa = eng_layer_is_swa(hp, l);
+        c->rope[l] = (eng_rope_t){hp->n_rot, swa ? hp->rope_base_swa : hp->rope_base,
+                                  swa ? 1.0f : hp->rope_freq_scale, hp->rope_neox, c->rope_freqs};
     }
     uint32_t n_blocks = pool_blocks(c, kvd);
     if (n_blocks == 0) {
@@ -275,6 +283,7 @@ void eng_ctx_free(eng_ctx_t *c) {
     free(c->ids);
     free(c->aseq);
     free(c->kinds);
+    free(c->rope);
     free(c);
 }
 
@@ -424,25 +433,15 @@ static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_
     }
 }
 
-/* Layer l's RoPE: sliding-window layers turn with their own base and no scaling. */
-static eng_rope_t layer_rope(const eng_ctx_t *c, uint32_t l) {
-    const eng_hparams_t *hp = &c->m->hp;
-    bool swa = eng_layer_is_swa(hp, l);
-    return (eng_rope_t){hp->n_rot, swa ? hp->rope_base_swa : hp->rope_base,
-                        swa ? 1.0f : hp->rope_freq_scale, hp->rope_neox, c->rope_freqs};
-}
-
 uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
     const eng_hparams_t *hp = &c->m->hp;
     uint32_t keep = kv_seq_sink_span(seq);
     uint32_t gone = kv_seq_evict(seq, n);
     /* K-shift: every key after the sink blocks moves down by `gone` positions, turned back
      * with its own layer's RoPE */
-    for (uint32_t l = 0; gone && l < hp->n_layer; l++) {
-        eng_rope_t r = layer_rope(c, l);
-        c->be->ops->k_shift(c->be, seq, l, keep, seq->n_tokens, gone, hp->n_head_kv, hp->head_dim,
-                            &r);
-    }
+    if (gone)
+        c->be->ops->k_shift(c->be, seq, keep, seq->n_tokens, gone, hp->n_head_kv, hp->head_dim,
+                            c->rope);
     return gone;
 }
 
@@ -570,7 +569,6 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
         bool swa = eng_layer_is_swa(hp, l);
         eng_attn_shape_t shape = {hp->n_head, hp->n_head_kv, hp->head_dim, hp->attn_scale,
                                   swa ? hp->swa_window : 0};
-        eng_rope_t rope = layer_rope(c, l);
         set_layer_kinds(c, items, n_items, l);
         op->rmsnorm(be, c->x, L->attn_norm, c->xn, T, d, hp->rms_eps);
         op->matmul(be, &L->wq, c->xn, c->q, T);
@@ -584,8 +582,8 @@ int eng_forward(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, char *m
             op->rmsnorm(be, c->q, L->q_norm, c->q, T * hp->n_head, hp->head_dim, hp->rms_eps);
         if (L->k_norm)
             op->rmsnorm(be, c->k, L->k_norm, c->k, T * hp->n_head_kv, hp->head_dim, hp->rms_eps);
-        op->rope(be, c->q, c->pos, T, hp->n_head, hp->head_dim, &rope);
-        op->rope(be, c->k, c->pos, T, hp->n_head_kv, hp->head_dim, &rope);
+        op->rope(be, c->q, c->pos, T, hp->n_head, hp->head_dim, &c->rope[l]);
+        op->rope(be, c->k, c->pos, T, hp->n_head_kv, hp->head_dim, &c->rope[l]);
         /* append this step's keys and values through the block tables */
         op->kv_store(be, l, c->aseq, n_items, c->k, c->v);
         op->attention(be, &shape, l, c->q, c->aseq, n_items, c->att);

@@ -230,6 +230,11 @@ static void cpu_rmsnorm(eng_backend_t *be, const float *x, const float *weight, 
     }
 }
 
+/* The angle of pair i, from theta = pos * base^(-2i/n_rot) built up by the caller. */
+static inline float rope_angle(const eng_rope_t *r, float theta, uint32_t i) {
+    return (r->freq_factors ? theta / r->freq_factors[i] : theta) * r->freq_scale;
+}
+
 /* The dims pair i of a head turns: (2i, 2i+1) in NORM mode, (i, i + n_rot/2) in NEOX. */
 static inline void rope_pair(const eng_rope_t *r, uint32_t i, size_t *a, size_t *b) {
     *a = r->neox ? i : 2 * (size_t)i;
@@ -245,7 +250,7 @@ static void cpu_rope(eng_backend_t *be, float *x, const uint32_t *pos, uint32_t 
             float *v = x + ((size_t)t * n_heads + h) * head_dim;
             float theta = (float)pos[t];
             for (uint32_t i = 0; i < r->n_rot / 2; i++) {
-                float th = (r->freq_factors ? theta / r->freq_factors[i] : theta) * r->freq_scale;
+                float th = rope_angle(r, theta, i);
                 float cs = cosf(th), sn = sinf(th);
                 size_t ia, ib;
                 rope_pair(r, i, &ia, &ib);
@@ -497,10 +502,9 @@ static void cpu_attention(eng_backend_t *be, const eng_attn_shape_t *sh, uint32_
     pool_run(c->pool, attn_range, &j, n, 1);
 }
 
-static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint32_t from,
-                        uint32_t to, uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
-                        const eng_rope_t *r) {
-    (void)be;
+/* The K-shift of one layer. */
+static void k_shift_layer(kv_seq_t *seq, uint32_t layer, uint32_t from, uint32_t to, uint32_t delta,
+                          uint32_t n_head_kv, uint32_t head_dim, const eng_rope_t *r) {
     /* the rotation by -delta: the same angles as RoPE at position delta, negated. The angles
      * of up to KS_PAIRS dimension pairs at a time live on the stack, so any n_rot works. */
     enum { KS_PAIRS = 256 };
@@ -511,7 +515,7 @@ static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint32
     for (uint32_t p0 = 0; p0 < r->n_rot / 2; p0 += KS_PAIRS) {
         uint32_t np = r->n_rot / 2 - p0 < KS_PAIRS ? r->n_rot / 2 - p0 : KS_PAIRS;
         for (uint32_t j = 0; j < np; j++) {
-            float th = (r->freq_factors ? theta / r->freq_factors[p0 + j] : theta) * r->freq_scale;
+            float th = rope_angle(r, theta, p0 + j);
             cs[j] = cosf(th);
             sn[j] = -sinf(th);
             theta *= theta_scale;
@@ -543,6 +547,14 @@ static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint32
                 }
         }
     }
+}
+
+static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to,
+                        uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
+                        const eng_rope_t *rope) {
+    (void)be;
+    for (uint32_t l = 0; l < seq->pool->n_layer; l++)
+        k_shift_layer(seq, l, from, to, delta, n_head_kv, head_dim, &rope[l]);
 }
 
 static void cpu_swiglu(eng_backend_t *be, float *g, const float *u, size_t n) {

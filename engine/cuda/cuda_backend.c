@@ -646,9 +646,9 @@ static void cu_attention_op(eng_backend_t *be, const eng_attn_shape_t *sh, uint3
     ok(c, cudaGetLastError(), "attention launch");
 }
 
-static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint32_t from,
-                          uint32_t to, uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
-                          const eng_rope_t *r) {
+static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_t to,
+                          uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
+                          const eng_rope_t *rope) {
     cu_ctx_t *c = ctx_of(be);
     if (to <= from) return;
     cudaSetDevice(c->device);
@@ -659,8 +659,11 @@ static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t layer, uint
        cudaMemcpyAsync(c->d_shift_table, seq->blocks, 4 * (size_t)seq->n_blocks,
                        cudaMemcpyHostToDevice, c->st),
        "K-shift table");
-    cu_k_shift(c->st, pool_of(seq->pool), c->d_shift_table, layer, from, to, delta, n_head_kv,
-               head_dim, r->n_rot, r->base, r->freq_scale, r->neox, r->freq_factors);
+    /* one table upload and one wait for all layers, each turned back with its own RoPE */
+    for (uint32_t l = 0; l < seq->pool->n_layer; l++)
+        cu_k_shift(c->st, pool_of(seq->pool), c->d_shift_table, l, from, to, delta, n_head_kv,
+                   head_dim, rope[l].n_rot, rope[l].base, rope[l].freq_scale, rope[l].neox,
+                   rope[l].freq_factors);
     ok(c, cudaStreamSynchronize(c->st), "K-shift"); /* the table buffer is reused next time */
 report:
     if (failed(c)) { /* outside a step nobody else will report it */

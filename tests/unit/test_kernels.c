@@ -261,7 +261,7 @@ Test(kernels, test_k_shift_of_a_wide_head_equals_rope_at_the_new_positions) {
         ref_rope(want, at, NPOS, 1, HD, &r);
         for (uint32_t p = 0; p < NPOS; p++)
             memcpy(kv_seq_k(&seq, 0, p), base + p * HD, sizeof(float) * HD);
-        be->ops->k_shift(be, &seq, 0, 0, NPOS, DELTA, 1, HD, &r);
+        be->ops->k_shift(be, &seq, 0, NPOS, DELTA, 1, HD, &r); /* the pool's one layer */
         for (uint32_t p = 0; p < NPOS; p++) {
             double e = rel_err(kv_seq_k(&seq, 0, p), want + p * HD, HD);
             cr_expect_lt(e, 1e-4, "neox %d position %u: err %g", neox, p, e);
