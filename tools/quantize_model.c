@@ -38,6 +38,23 @@ static uint32_t kv_u32(const gguf_t *g, const char *arch, const char *suffix, ui
     return gguf_get_u64(g, key, &v, NULL) == 0 ? (uint32_t)v : dflt;
 }
 
+void quantize_describe(const gguf_t *g, const gguf_tensor_t *t, eng_qmix_tensor_t *d) {
+    const char *arch = gguf_get_str(g, "general.architecture");
+    arch = arch ? arch : "llama";
+    uint32_t n_head = kv_u32(g, arch, "attention.head_count", 1);
+    uint32_t n_kv = kv_u32(g, arch, "attention.head_count_kv", n_head);
+    unsigned layer = 0;
+    sscanf(t->name, "blk.%u.", &layer);
+    *d = (eng_qmix_tensor_t){t->name,
+                             t->n_dims,
+                             t->type,
+                             t->ne[0],
+                             layer,
+                             kv_u32(g, arch, "block_count", 0),
+                             n_kv ? n_head / n_kv : 1,
+                             !gguf_tensor(g, "output.weight")};
+}
+
 static bool is_float(uint32_t t) {
     return t == GGML_F32 || t == GGML_F16 || t == GGML_BF16;
 }
@@ -67,10 +84,6 @@ int quantize_model(const char *in, const char *out, const char *type, int n_thre
         rc = eng_fail(msg, ENG_EFORMAT, "%s: missing metadata 'general.architecture'", in);
         goto done;
     }
-    uint32_t n_layer = kv_u32(g, arch, "block_count", 0);
-    uint32_t n_head = kv_u32(g, arch, "attention.head_count", 1);
-    uint32_t n_kv = kv_u32(g, arch, "attention.head_count_kv", n_head);
-    bool tied = !gguf_tensor(g, "output.weight");
     /* float tensors only: a quantized one would be rounded twice */
     uint64_t widest = 0;
     for (size_t i = 0; i < g->n_tensors; i++) {
@@ -110,10 +123,8 @@ int quantize_model(const char *in, const char *out, const char *type, int n_thre
     size_t before = 0, after = 0;
     for (size_t i = 0; i < g->n_tensors; i++) {
         const gguf_tensor_t *t = &g->tensors[i];
-        unsigned layer = 0;
-        sscanf(t->name, "blk.%u.", &layer);
-        eng_qmix_tensor_t d = {
-            t->name, t->n_dims, t->type, t->ne[0], layer, n_layer, n_kv ? n_head / n_kv : 1, tied};
+        eng_qmix_tensor_t d;
+        quantize_describe(g, t, &d);
         uint32_t to = eng_q_mix_type(mix, &d);
         size_t n_rows = t->nbytes / gguf_row_bytes(t->type, t->ne[0]);
         size_t dst_row = gguf_row_bytes(to, t->ne[0]), bytes = dst_row * n_rows;

@@ -7,6 +7,7 @@
 #include "../../base/err.h"
 #include "../../engine/gguf.h"
 #include "../../engine/quant.h"
+#include "../../tools/quantize_model.h"
 #include "helpers.h"
 
 #include <criterion/criterion.h>
@@ -211,25 +212,13 @@ static void expect_mixture_of(const char *file, const char *mixture) {
     cr_assert_eq(gguf_open(&g, path, msg), 0, "%s", msg);
     const eng_qmix_t *mix = eng_q_mix(mixture);
     cr_assert(mix);
-    const char *arch = gguf_get_str(g, "general.architecture");
-    char key[96];
-    uint64_t n_layer, n_head, n_kv;
-    snprintf(key, sizeof(key), "%s.block_count", arch);
-    cr_assert_eq(gguf_get_u64(g, key, &n_layer, msg), 0);
-    snprintf(key, sizeof(key), "%s.attention.head_count", arch);
-    cr_assert_eq(gguf_get_u64(g, key, &n_head, msg), 0);
-    snprintf(key, sizeof(key), "%s.attention.head_count_kv", arch);
-    cr_assert_eq(gguf_get_u64(g, key, &n_kv, msg), 0);
-    bool tied = !gguf_tensor(g, "output.weight");
     size_t n = 0;
     for (size_t i = 0; i < g->n_tensors; i++) {
         const gguf_tensor_t *t = &g->tensors[i];
-        unsigned layer = 0;
-        sscanf(t->name, "blk.%u.", &layer);
+        eng_qmix_tensor_t d;
+        quantize_describe(g, t, &d); /* as tidald quantize describes it */
         /* what the tensor was before quantizing: F32 norms, float weights */
-        eng_qmix_tensor_t d = {
-            t->name, t->n_dims,         t->n_dims < 2 ? GGML_F32 : GGML_F16, t->ne[0],
-            layer,   (uint32_t)n_layer, (uint32_t)(n_head / n_kv),           tied};
+        d.type = t->n_dims < 2 ? GGML_F32 : GGML_F16;
         uint32_t want = t->type, got = eng_q_mix_type(mix, &d);
         cr_expect_eq(got, want, "%s %s: %s, the file has %s", mixture, t->name, gguf_type_name(got),
                      gguf_type_name(want));
