@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 
+import reference_fixtures  # the script's own directory is on sys.path
+
 
 def fnv1a64(path):
     """the file's 64-bit FNV-1a hash, as the test computes it (no SHA-256 in the C tests)"""
@@ -54,9 +56,9 @@ FORCED_TOKENS = 200
 
 
 def top(np, row, k):
-    idx = np.argpartition(-row, k)[:k]
-    idx = idx[np.argsort(-row[idx], kind="stable")]
-    return [int(i) for i in idx], [round(float(row[i]), 5) for i in idx]
+    """reference_fixtures.top with the logits rounded as the fixture stores them"""
+    ids, logits = reference_fixtures.top(np, row, k)
+    return ids, [round(x, 5) for x in logits]
 
 
 def forced_ids(n_vocab):

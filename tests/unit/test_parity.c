@@ -77,6 +77,15 @@ static void close_parity(parity_t *p) {
     eng_model_free(p->m);
 }
 
+/* Open a model against its fixture, run one check, close. */
+static void with_parity(const char *gguf, const char *fixture,
+                        void (*check)(parity_t *, const char *), const char *label) {
+    parity_t p;
+    open_parity(&p, gguf, fixture);
+    check(&p, label);
+    close_parity(&p);
+}
+
 static int32_t *int_array(const cJSON *a, size_t *n) {
     *n = (size_t)cJSON_GetArraySize(a);
     int32_t *v = malloc(sizeof(int32_t) * (*n ? *n : 1));
@@ -141,7 +150,7 @@ static void check_texts(const eng_tokenizer_t *t, const cJSON *fx, const char *l
 }
 
 /* Greedy from llama.cpp's prompt ids; the same tokens as llama.cpp's. */
-static void check_greedy(parity_t *p) {
+static void check_greedy(parity_t *p, const char *label) {
     float *logits = malloc(sizeof(float) * p->V);
     int n_prompts = 0, full = 0;
     const cJSON *g;
@@ -186,9 +195,30 @@ static void check_greedy(parity_t *p) {
         free(ids);
         free(gen);
     }
-    fprintf(stderr, "parity: %d of %d prompts give llama.cpp's greedy tokens to the end\n", full,
-            n_prompts);
+    fprintf(stderr, "parity %s: %d of %d prompts give llama.cpp's greedy tokens to the end\n",
+            label, full, n_prompts);
     free(logits);
+}
+
+/* One teacher-forced row of a fixture against our logits: llama.cpp's top-1 id and top-2 gap,
+ * our top-1 difference at its top-1 and the largest difference over its top 5. */
+typedef struct {
+    int32_t want, got;
+    double gap, top1_diff, top5_diff;
+} forced_row_t;
+
+static forced_row_t forced_row(const cJSON *row, const float *ours, uint32_t V) {
+    const cJSON *top = cJSON_GetObjectItem(row, "top"), *lg = cJSON_GetObjectItem(row, "logits");
+    forced_row_t r = {
+        (int32_t)cJSON_GetArrayItem(top, 0)->valuedouble, test_argmax(ours, V),
+        cJSON_GetArrayItem(lg, 0)->valuedouble - cJSON_GetArrayItem(lg, 1)->valuedouble, 0, 0};
+    for (int k = 0; k < 5; k++) {
+        int32_t id = (int32_t)cJSON_GetArrayItem(top, k)->valuedouble;
+        double df = fabs(ours[id] - cJSON_GetArrayItem(lg, k)->valuedouble);
+        r.top5_diff = fmax(r.top5_diff, df);
+        if (k == 0) r.top1_diff = df;
+    }
+    return r;
 }
 
 /* Teacher-forced top-1 agreement over the fixture's 2,048 positions. */
@@ -209,26 +239,16 @@ static void check_forced(parity_t *p, const char *label) {
         eng_batch_item_t it = {&s, ids + at, len, logits, true};
         cr_assert_eq(eng_forward(p->c, &it, 1, msg), 0, "%s", msg);
         for (uint32_t j = 0; j < len; j++) {
-            const cJSON *row = cJSON_GetArrayItem(rows, (int)(at + j));
-            const cJSON *top = cJSON_GetObjectItem(row, "top"),
-                        *lg = cJSON_GetObjectItem(row, "logits");
-            const float *ours = logits + (size_t)j * p->V;
-            int32_t want = (int32_t)cJSON_GetArrayItem(top, 0)->valuedouble;
-            double gap =
-                cJSON_GetArrayItem(lg, 0)->valuedouble - cJSON_GetArrayItem(lg, 1)->valuedouble;
-            for (int k = 0; k < 5; k++) {
-                int32_t id = (int32_t)cJSON_GetArrayItem(top, k)->valuedouble;
-                double df = fabs(ours[id] - cJSON_GetArrayItem(lg, k)->valuedouble);
-                max_diff = fmax(max_diff, df);
-                if (k == 0) sum_diff += df;
-            }
-            int32_t got = test_argmax(ours, p->V);
-            if (gap > GAP_MIN) {
+            forced_row_t r = forced_row(cJSON_GetArrayItem(rows, (int)(at + j)),
+                                        logits + (size_t)j * p->V, p->V);
+            max_diff = fmax(max_diff, r.top5_diff);
+            sum_diff += r.top1_diff;
+            if (r.gap > GAP_MIN) {
                 checked++;
-                disagree += got != want;
+                disagree += r.got != r.want;
             } else {
                 near_ties++;
-                near_tie_flips += got != want;
+                near_tie_flips += r.got != r.want;
             }
         }
     }
@@ -307,18 +327,17 @@ static void check_perplexity(parity_t *p, const char *label) {
 #define SMOLLM2_FX "tests/fixtures/reference/SmolLM2-135M-Instruct.Q4_1.json"
 
 Test(parity, test_smollm2_perplexity_equals_llama_cpp) {
-    parity_t p;
-    open_parity(&p, SMOLLM2_GGUF, SMOLLM2_FX);
-    check_perplexity(&p, "SmolLM2");
-    close_parity(&p);
+    with_parity(SMOLLM2_GGUF, SMOLLM2_FX, check_perplexity, "SmolLM2");
+}
+
+/* The prompts (the chat ones through the model's template) and the tokenizer texts. */
+static void check_tokens(parity_t *p, const char *label) {
+    check_tokenizer(p);
+    check_texts(eng_model_tokenizer(p->m), p->fx, label);
 }
 
 Test(parity, test_smollm2_tokenizes_like_llama_cpp) {
-    parity_t p;
-    open_parity(&p, SMOLLM2_GGUF, SMOLLM2_FX);
-    check_tokenizer(&p);
-    check_texts(eng_model_tokenizer(p.m), p.fx, "SmolLM2");
-    close_parity(&p);
+    with_parity(SMOLLM2_GGUF, SMOLLM2_FX, check_tokens, "SmolLM2");
 }
 
 #define GEMMA3_FX "tests/fixtures/reference/gemma-3-270m-q4_k_m.json"
@@ -326,49 +345,30 @@ Test(parity, test_smollm2_tokenizes_like_llama_cpp) {
 /* Gemma 3's SentencePiece vocabulary (262,144 pieces), its prompts with BOS, and its chat
  * prompts in Gemma's turn format (the GGUF file carries no template). */
 Test(parity, test_gemma3_tokenizes_like_llama_cpp) {
-    parity_t p;
-    open_parity(&p, GEMMA3_GGUF, GEMMA3_FX);
-    check_tokenizer(&p);
-    check_texts(eng_model_tokenizer(p.m), p.fx, "Gemma 3");
-    close_parity(&p);
+    with_parity(GEMMA3_GGUF, GEMMA3_FX, check_tokens, "Gemma 3");
 }
 
 /* The gemma3 architecture: GeGLU, QK-norm, sandwich norms, scaled embeddings, NEOX RoPE with
  * two bases, and 512-token sliding windows on five layers of six (the forced text's 2,048
  * positions run far past the window). */
 Test(parity, test_gemma3_greedy_equals_llama_cpp) {
-    parity_t p;
-    open_parity(&p, GEMMA3_GGUF, GEMMA3_FX);
-    check_greedy(&p);
-    close_parity(&p);
+    with_parity(GEMMA3_GGUF, GEMMA3_FX, check_greedy, "Gemma 3");
 }
 
 Test(parity, test_gemma3_teacher_forced_top1_equals_llama_cpp) {
-    parity_t p;
-    open_parity(&p, GEMMA3_GGUF, GEMMA3_FX);
-    check_forced(&p, "Gemma 3");
-    close_parity(&p);
+    with_parity(GEMMA3_GGUF, GEMMA3_FX, check_forced, "Gemma 3");
 }
 
 Test(parity, test_gemma3_perplexity_equals_llama_cpp) {
-    parity_t p;
-    open_parity(&p, GEMMA3_GGUF, GEMMA3_FX);
-    check_perplexity(&p, "Gemma 3");
-    close_parity(&p);
+    with_parity(GEMMA3_GGUF, GEMMA3_FX, check_perplexity, "Gemma 3");
 }
 
 Test(parity, test_smollm2_greedy_equals_llama_cpp) {
-    parity_t p;
-    open_parity(&p, SMOLLM2_GGUF, SMOLLM2_FX);
-    check_greedy(&p);
-    close_parity(&p);
+    with_parity(SMOLLM2_GGUF, SMOLLM2_FX, check_greedy, "SmolLM2");
 }
 
 Test(parity, test_smollm2_teacher_forced_top1_equals_llama_cpp) {
-    parity_t p;
-    open_parity(&p, SMOLLM2_GGUF, SMOLLM2_FX);
-    check_forced(&p, "SmolLM2");
-    close_parity(&p);
+    with_parity(SMOLLM2_GGUF, SMOLLM2_FX, check_forced, "SmolLM2");
 }
 
 /* ---- synthetic models: every architecture and weight type ------------------------------ */
@@ -461,18 +461,13 @@ static void check_synthetic(const cJSON *e) {
     double self_dis = cJSON_GetObjectItem(self, "disagree")->valuedouble;
     double self_max = cJSON_GetObjectItem(self, "max_diff")->valuedouble;
     for (size_t p = 0; p < n_forced; p++) {
-        const cJSON *row = cJSON_GetArrayItem(cJSON_GetObjectItem(forced, "rows"), (int)p);
-        const cJSON *top = cJSON_GetObjectItem(row, "top"),
-                    *lg = cJSON_GetObjectItem(row, "logits");
-        const float *ours = logits + p * V;
-        for (int k = 0; k < 5; k++)
-            max_diff = fmax(max_diff, fabs(ours[(int)cJSON_GetArrayItem(top, k)->valuedouble] -
-                                           cJSON_GetArrayItem(lg, k)->valuedouble));
-        double gap =
-            cJSON_GetArrayItem(lg, 0)->valuedouble - cJSON_GetArrayItem(lg, 1)->valuedouble;
+        forced_row_t r = forced_row(cJSON_GetArrayItem(cJSON_GetObjectItem(forced, "rows"), (int)p),
+                                    logits + p * V, V);
+        max_diff = fmax(max_diff, r.top5_diff);
+        double gap = r.gap;
+        int32_t want = r.want, got = r.got;
         if (gap <= GAP_MIN) continue;
         checked++;
-        int32_t want = (int32_t)cJSON_GetArrayItem(top, 0)->valuedouble, got = test_argmax(ours, V);
         disagree += got != want;
         /* every decision that rounding cannot flip: a gap wider than two logits each moved by
          * llama.cpp's own largest difference between its two attention kernels (for the float
