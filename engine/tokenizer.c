@@ -316,6 +316,10 @@ int eng__pre_from_name(const char *name) {
     return -1;
 }
 
+bool eng_tok_pre_supported(const char *name) {
+    return name && eng__pre_from_name(name) >= 0;
+}
+
 int eng__pretokenize(const char *text, size_t len, int pre, size_t **ends, size_t *n_out) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, init_locale);
@@ -982,6 +986,24 @@ void eng__tokenizer_free(eng_tokenizer_t *t) {
     free(t->vocab.e);
     free(t->merges.e);
     free(t);
+}
+
+int eng_vocab_load(eng_tokenizer_t **out, const char *path, char *msg) {
+    *out = NULL;
+    gguf_t *g = NULL;
+    int rc = gguf_open(&g, path, msg);
+    if (rc) return rc;
+    const gguf_kv_t *toks = gguf_find(g, "tokenizer.ggml.tokens");
+    if (!toks || toks->type != GGUF_ARRAY || toks->arr_n == 0 || toks->arr_n > UINT32_MAX)
+        rc = eng_fail(msg, ENG_EFORMAT, "%s: no vocabulary ('tokenizer.ggml.tokens')", path);
+    else
+        rc = eng__tokenizer_load(out, g, (uint32_t)toks->arr_n, msg);
+    gguf_close(g); /* the tokenizer holds copies of everything it keeps */
+    return rc;
+}
+
+void eng_vocab_free(eng_tokenizer_t *t) {
+    eng__tokenizer_free(t);
 }
 
 eng_tok_kind_t eng_tok_kind(const eng_tokenizer_t *t) {

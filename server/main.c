@@ -30,6 +30,8 @@ static void usage(FILE *f) {
             "  generate   generate text from a prompt (tidald generate --help)\n"
             "  perplexity evaluate a text, full vs TidalDecode (tidald perplexity --help)\n"
             "  quantize   convert an F32/F16/BF16 model: tidald quantize IN.gguf OUT.gguf TYPE\n"
+            "  convert-tokenizer  a Hugging Face tokenizer.json to a GGUF vocabulary\n"
+            "  tokenize   print a text's token ids (tidald tokenize --help)\n"
             "  help       show this help\n");
 }
 
@@ -294,6 +296,8 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "generate") == 0) return cmd_generate(argc - 1, argv + 1);
     if (strcmp(argv[1], "perplexity") == 0) return cmd_perplexity(argc - 1, argv + 1);
     if (strcmp(argv[1], "quantize") == 0) return cmd_quantize(argc - 1, argv + 1);
+    if (strcmp(argv[1], "convert-tokenizer") == 0) return cmd_convert_tokenizer(argc - 1, argv + 1);
+    if (strcmp(argv[1], "tokenize") == 0) return cmd_tokenize(argc - 1, argv + 1);
     fprintf(stderr, "tidald: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;

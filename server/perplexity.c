@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-static char *read_file(const char *path, size_t *len) {
+char *cli_read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
     size_t cap = 1 << 16, n = 0;
@@ -99,7 +99,7 @@ int cmd_perplexity(int argc, char **argv) {
     float *lf = NULL, *lt = NULL;
     kv_seq_t seq = {0};
     size_t len = 0, n = 0;
-    char *text = read_file(cfg.file, &len);
+    char *text = cli_read_file(cfg.file, &len);
     if (!text) {
         fprintf(stderr, "tidald perplexity: cannot read '%s'\n", cfg.file);
         return 1;
