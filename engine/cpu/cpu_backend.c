@@ -52,9 +52,22 @@ static int ensure_scratch(cpu_ctx_t *c, size_t n) {
     return 0;
 }
 
+/* A weight this backend repacked at load (cpu_load_weight): qdot_x8 groups of eight rows of
+ * the ggml type in the low bits. row_bytes stays the file's, for the bandwidth figures. */
+#define CPU_X8 0x40000000u
+
+static size_t x8_group_bytes(const eng_tensor_t *w) {
+    return qdot_x8_group_bytes(w->type & ~CPU_X8, w->cols);
+}
+
 /* Dequantize/convert one row of w into dst (cols floats). */
 static void row_to_f32(const eng_tensor_t *w, uint32_t r, float *dst) {
     const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+    if (w->type & CPU_X8) {
+        qdot_x8_row(w->type & ~CPU_X8, (const uint8_t *)w->data + (r / QDOT_X8) * x8_group_bytes(w),
+                    (int)(r % QDOT_X8), w->cols, dst);
+        return;
+    }
     switch (w->type) {
     case GGML_F32:
         memcpy(dst, src, (size_t)w->cols * 4);
@@ -186,11 +199,34 @@ static void qmatmul_range(void *arg, size_t b, size_t e, int worker) {
     }
 }
 
+/* Eight interleaved rows at a time against every token, QDOT_NT tokens per unpacked group. */
+static void qmatmul_x8_range(void *arg, size_t b, size_t e, int worker) {
+    (void)worker;
+    qmatmul_job_t *j = arg;
+    const eng_tensor_t *w = j->w;
+    qdot_x8_fn fn = qdot_kernel_x8(w->type & ~CPU_X8);
+    size_t gb = x8_group_bytes(w);
+    for (size_t grp = b; grp < e; grp++) {
+        const uint8_t *g = (const uint8_t *)w->data + grp * gb;
+        for (uint32_t t = 0; t < j->T; t += QDOT_NT) {
+            int nt = j->T - t < QDOT_NT ? (int)(j->T - t) : QDOT_NT;
+            const void *xs[QDOT_NT];
+            float out[QDOT_NT * QDOT_X8];
+            for (int k = 0; k < nt; k++) xs[k] = j->xq + (size_t)(t + k) * j->xq_row;
+            fn(g, xs, nt, w->cols, out);
+            for (int k = 0; k < nt; k++)
+                memcpy(j->y + (size_t)(t + k) * w->rows + grp * QDOT_X8, out + QDOT_X8 * k,
+                       sizeof(float) * QDOT_X8);
+        }
+    }
+}
+
 /* The quantized path; false when the type has no integer kernel (or memory ran out, in which
  * case the float path still computes the product). */
 static bool cpu_qmatmul(cpu_ctx_t *c, const eng_tensor_t *w, const float *x, float *y, uint32_t T) {
-    qdot_act_t act = qdot_act(w->type);
-    qdot_fn dot = qdot_kernel(w->type);
+    uint32_t type = w->type & ~CPU_X8;
+    qdot_act_t act = qdot_act(type);
+    qdot_fn dot = qdot_kernel(type);
     if (act == QDOT_ACT_NONE || !dot) return false;
     size_t row = qdot_act_bytes(act, w->cols), need = row * T;
     if (need > c->xq_len) {
@@ -199,12 +235,17 @@ static bool cpu_qmatmul(cpu_ctx_t *c, const eng_tensor_t *w, const float *x, flo
         c->xq = p;
         c->xq_len = need;
     }
-    qmatmul_job_t j = {w, dot, qdot_kernel_n(w->type), act, x, c->xq, row, y, T};
+    qmatmul_job_t j = {w, dot, qdot_kernel_n(type), act, x, c->xq, row, y, T};
     if (T >= 8)
         pool_run(c->pool, quantize_range, &j, T, 1);
     else
         quantize_range(&j, 0, T, 0);
-    run_row_blocks(c, w, qmatmul_range, &j);
+    if (w->type & CPU_X8) {
+        size_t groups = w->rows / QDOT_X8, chunk = groups / ((size_t)c->n_threads * 8);
+        pool_run(c->pool, qmatmul_x8_range, &j, groups, chunk ? chunk : 1);
+    } else {
+        run_row_blocks(c, w, qmatmul_range, &j);
+    }
     return true;
 }
 
@@ -606,6 +647,45 @@ static void cpu_get_rows(eng_backend_t *be, const eng_tensor_t *w, const int32_t
     for (uint32_t t = 0; t < T; t++) row_to_f32(w, (uint32_t)ids[t], out + (size_t)t * w->cols);
 }
 
+typedef struct {
+    const eng_tensor_t *w;
+    uint8_t *dst;
+    size_t gb;
+} pack_job_t;
+
+static void pack_range(void *arg, size_t b, size_t e, int worker) {
+    (void)worker;
+    pack_job_t *p = arg;
+    for (size_t g = b; g < e; g++)
+        qdot_x8_pack(p->w->type, (const uint8_t *)p->w->data + g * QDOT_X8 * p->w->row_bytes,
+                     p->w->row_bytes, p->w->cols, p->dst + g * p->gb);
+}
+
+/* Weights of a type with an interleaved form at this CPU's level (Q4_K with AVX-512 VNNI) are
+ * repacked, eight rows to a group (qdot.h); every other weight is used from the file as is.
+ * Without memory for the copy the file's layout serves. */
+static int cpu_load_weight(eng_backend_t *be, const eng_tensor_t *w, eng_tensor_t *out, char *msg) {
+    (void)msg;
+    cpu_ctx_t *c = ctx_of(be);
+    *out = *w;
+    size_t gb = qdot_x8_group_bytes(w->type, w->cols);
+    if (!gb || !w->data || w->rows % QDOT_X8) return 0;
+    size_t bytes = gb * (w->rows / QDOT_X8);
+    uint8_t *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p) return 0;
+    pack_job_t j = {w, p, gb};
+    pool_run(c->pool, pack_range, &j, w->rows / QDOT_X8, 16);
+    out->data = p;
+    out->type = w->type | CPU_X8;
+    return 0;
+}
+
+static void cpu_free_weight(eng_backend_t *be, eng_tensor_t *w) {
+    (void)be;
+    if (w->type & CPU_X8) free((void *)w->data);
+    w->data = NULL;
+}
+
 static int cpu_reserve(eng_backend_t *be, size_t max_cols, uint32_t block_size, uint32_t max_seqs,
                        uint32_t n_ctx) {
     cpu_ctx_t *c = ctx_of(be);
@@ -709,6 +789,8 @@ static const eng_backend_ops_t cpu_ops = {
     .kv_store = cpu_kv_store,
     .reserve = cpu_reserve,
     .matmul = cpu_matmul,
+    .load_weight = cpu_load_weight,
+    .free_weight = cpu_free_weight,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .k_shift = cpu_k_shift,

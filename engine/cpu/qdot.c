@@ -330,6 +330,26 @@ static float dot_iq4_xs_scalar(const void *w, const void *xq, size_t n) {
     return acc;
 }
 
+/* One super-block of eight rows: the f16 factors as floats, each row's 6-bit scales by
+ * sub-block, its minimums in pairs of sub-blocks (the lanes of a dpwssd against pairs of
+ * activation sums), and the codes: byte ((k * 4 + g) * 8 + r) * 8 + e holds element
+ * 64k + 8g + e of row r in its low nibble and element 64k + 32 + 8g + e in its high one. */
+typedef struct {
+    float d[8], dmin[8];
+    uint8_t sc[8][8];       /* [sub-block][row] */
+    uint8_t mn[4][8][2];    /* [sub-block pair][row][which of the pair] */
+    uint8_t qs[4][4][8][8]; /* [pair k][group g][row][element] */
+} qx8_q4_k_t;
+
+/* Q6_K's eight-row group: the codes as bytes (0-63; the 6-bit codes unpacked once at load,
+ * about a third more memory than the file's, and no unpacking per step), byte (z * 8 + r) * 8
+ * + e holding element 8z + e of row r; the per-16 scales in pairs ([pair][row][which]). */
+typedef struct {
+    float d[8];
+    int8_t sc[8][8][2];
+    uint8_t q[32][8][8];
+} qx8_q6_k_t;
+
 /* ---- vector kernels ---- */
 
 #define QDOT_X86_AVX2
@@ -341,6 +361,80 @@ static float dot_iq4_xs_scalar(const void *w, const void *xq, size_t n) {
 #define QDOT_X86_AVXVNNI
 #include "qdot_x86.inc"
 #undef QDOT_X86_AVXVNNI
+
+/* ---- Q4_K, eight rows interleaved ---- */
+
+size_t qdot_x8_group_bytes(uint32_t t, size_t n) {
+    if (!qdot_kernel_x8(t) || n % 256) return 0;
+    return (t == GGML_Q6_K ? sizeof(qx8_q6_k_t) : sizeof(qx8_q4_k_t)) * (n / 256);
+}
+
+/* element e's 6-bit code in a Q6_K block */
+static int q6_code(const uint8_t *b, int e) {
+    int h = e / 128, l = e % 128, g = l / 32, i = l % 32;
+    int lo = (b[64 * h + 32 * (g % 2) + i] >> (4 * (g / 2))) & 0x0f;
+    return lo | ((b[128 + 32 * h + i] >> (2 * g)) & 3) << 4;
+}
+
+static void pack_q6_k(const void *rows, size_t row_bytes, size_t n, qx8_q6_k_t *out) {
+    for (size_t i = 0; i < n / 256; i++, out++)
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = (const uint8_t *)rows + r * row_bytes + i * 210;
+            out->d[r] = rd_f16(b + 208);
+            for (int m = 0; m < 16; m++) out->sc[m / 2][r][m % 2] = (int8_t)b[192 + m];
+            for (int e = 0; e < 256; e++) out->q[e / 8][r][e % 8] = (uint8_t)q6_code(b, e);
+        }
+}
+
+void qdot_x8_pack(uint32_t t, const void *rows, size_t row_bytes, size_t n, void *group) {
+    if (t == GGML_Q6_K) {
+        pack_q6_k(rows, row_bytes, n, group);
+        return;
+    }
+    qx8_q4_k_t *out = group;
+    for (size_t i = 0; i < n / 256; i++, out++) {
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = (const uint8_t *)rows + r * row_bytes + i * 144;
+            uint8_t sc[8], mn[8];
+            k_scales(b + 4, sc, mn);
+            out->d[r] = rd_f16(b);
+            out->dmin[r] = rd_f16(b + 2);
+            for (int j = 0; j < 8; j++) out->sc[j][r] = sc[j], out->mn[j / 2][r][j % 2] = mn[j];
+            /* sub-block j's codes: low nibbles (j even) or high (j odd) of qs[32 * (j / 2) ..] */
+            uint8_t code[256];
+            for (int e = 0; e < 256; e++) {
+                int j = e / 32, l = e % 32;
+                code[e] = (b[16 + 32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0f;
+            }
+            for (int k = 0; k < 4; k++)
+                for (int g = 0; g < 4; g++)
+                    for (int e = 0; e < 8; e++)
+                        out->qs[k][g][r][e] = (uint8_t)(code[64 * k + 8 * g + e] |
+                                                        code[64 * k + 32 + 8 * g + e] << 4);
+        }
+    }
+}
+
+void qdot_x8_row(uint32_t t, const void *group, int r, size_t n, float *dst) {
+    if (t == GGML_Q6_K) { /* as the dequantizer: d * scale, times code - 32 */
+        const qx8_q6_k_t *B = group;
+        for (size_t i = 0; i < n / 256; i++, B++)
+            for (int e = 0; e < 256; e++) {
+                int m = e / 16;
+                dst[256 * i + e] = B->d[r] * (float)B->sc[m / 2][r][m % 2] *
+                                   (float)((int)B->q[e / 8][r][e % 8] - 32);
+            }
+        return;
+    }
+    const qx8_q4_k_t *B = group;
+    for (size_t i = 0; i < n / 256; i++, B++)
+        for (int e = 0; e < 256; e++) {
+            int j = e / 32, k = e / 64, hi = (e % 64) / 32, g = (e % 32) / 8;
+            float d1 = B->d[r] * B->sc[j][r], m1 = B->dmin[r] * B->mn[j / 2][r][j % 2];
+            int code = (B->qs[k][g][r][e % 8] >> (4 * hi)) & 0x0f;
+            dst[256 * i + e] = d1 * (float)code - m1;
+        }
+}
 
 /* ---- the table ---- */
 
@@ -387,6 +481,11 @@ qdot_n_fn qdot_kernel_n(uint32_t t) {
     return q ? q->n[level] : NULL;
 }
 
+qdot_x8_fn qdot_kernel_x8(uint32_t t) {
+    if (level != QDOT_AVX512VNNI) return NULL;
+    return t == GGML_Q4_K ? dot_q4_k_x8_vnni512 : t == GGML_Q6_K ? dot_q6_k_x8_vnni512 : NULL;
+}
+
 qdot_fn qdot_kernel(uint32_t t) {
     const qdot_type_t *q = type_of(t);
     return q ? q->one[level] : NULL;
@@ -412,7 +511,8 @@ static int has_level(int l) {
     case QDOT_AVXVNNI:
         return avx2 && cpuid_bit(7, 1, 0, 4); /* AVX-VNNI: CPUID.(7,1):EAX[4] */
     case QDOT_AVX512VNNI:
-        return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+        return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw");
     default:
         return 0;
     }

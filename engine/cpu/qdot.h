@@ -59,6 +59,23 @@ qdot_n_fn qdot_kernel_n(uint32_t ggml_type);
 /* The scalar kernel, for tests. */
 qdot_fn qdot_kernel_scalar(uint32_t ggml_type);
 
+/* Weights repacked at load, eight rows interleaved (Q4_K at the AVX-512 VNNI level): one
+ * 64-byte load holds four codes of eight rows for two sub-blocks, against the same activation
+ * bytes broadcast, so each int32 lane is one row's sum and no horizontal add remains until the
+ * end; the scales, minimums and f16 factors of the eight rows sit beside them, unpacked. */
+#define QDOT_X8 8
+/* Bytes of one group of 8 rows of n elements, or 0 if the type has no packed form at the
+ * chosen level (then the kernel is NULL too). */
+size_t qdot_x8_group_bytes(uint32_t ggml_type, size_t n);
+/* Pack 8 rows of n elements (row_bytes apart) into one group. */
+void qdot_x8_pack(uint32_t ggml_type, const void *rows, size_t row_bytes, size_t n, void *group);
+/* One group against nt <= QDOT_NT tokens: out[t * 8 + r] for row r; a token's results do not
+ * depend on nt. */
+typedef void (*qdot_x8_fn)(const void *group, const void *const *xq, int nt, size_t n, float *out);
+qdot_x8_fn qdot_kernel_x8(uint32_t ggml_type);
+/* Row r (0-7) of a group back to floats, bit-exact with the type's dequantizer. */
+void qdot_x8_row(uint32_t ggml_type, const void *group, int r, size_t n, float *dst);
+
 /* Instruction-set levels of the vector kernels. */
 enum { QDOT_SCALAR = 0, QDOT_AVX2 = 1, QDOT_AVXVNNI = 2, QDOT_AVX512VNNI = 3 };
 /* Use the kernels of one level: 0, or -1 if this CPU lacks it (the level is unchanged). */
