@@ -6,6 +6,7 @@
  * sum in integers per (sub-)block, then scale in float.
  */
 #include "qdot.h"
+#include "../quant.h"
 #include "../../base/f16.h"
 #include "../gguf.h"
 
@@ -350,6 +351,20 @@ typedef struct {
     uint8_t q[32][8][8];
 } qx8_q6_k_t;
 
+/* The legacy types' eight-row group, per 32-element block: the rows' d and minimum (0 for the
+ * types without one) as floats and unsigned codes, x = d * (code - off) + m, byte
+ * (g * 8 + r) * 8 + e holding element 8g + e of row r. Q4_0 and Q4_1 keep nibbles (byte
+ * (h * 8 + r) * 8 + e: element 8h + e low, 8h + 16 + e high); the others whole bytes, Q8_0 and
+ * IQ4_NL's signed values offset by 128 so that dpbusd's unsigned side takes them. */
+typedef struct {
+    float d[8], m[8];
+    uint8_t q[4][8][8];
+} qx8_l8_t;
+typedef struct {
+    float d[8], m[8];
+    uint8_t q[2][8][8];
+} qx8_l4_t;
+
 /* ---- vector kernels ---- */
 
 #define QDOT_X86_AVX2
@@ -364,9 +379,56 @@ typedef struct {
 
 /* ---- Q4_K, eight rows interleaved ---- */
 
+static bool x8_nibbles(uint32_t t) {
+    return t == GGML_Q4_0 || t == GGML_Q4_1;
+}
+
 size_t qdot_x8_group_bytes(uint32_t t, size_t n) {
-    if (!qdot_kernel_x8(t) || n % 256) return 0;
-    return (t == GGML_Q6_K ? sizeof(qx8_q6_k_t) : sizeof(qx8_q4_k_t)) * (n / 256);
+    if (!qdot_kernel_x8(t)) return 0;
+    if (t == GGML_Q4_K || t == GGML_Q6_K)
+        return n % 256 ? 0 : (t == GGML_Q6_K ? sizeof(qx8_q6_k_t) : sizeof(qx8_q4_k_t)) * (n / 256);
+    return n % 32 ? 0 : (x8_nibbles(t) ? sizeof(qx8_l4_t) : sizeof(qx8_l8_t)) * (n / 32);
+}
+
+/* A legacy block's codes as the group stores them (see qx8_l8_t), its d and minimum. */
+static void legacy_codes(uint32_t t, const uint8_t *b, uint8_t code[32], float *d, float *m) {
+    *d = rd_f16(b);
+    *m = t == GGML_Q4_1 || t == GGML_Q5_1 ? rd_f16(b + 2) : 0.0f;
+    uint32_t qh = 0;
+    const uint8_t *qs = b + 2;
+    if (t == GGML_Q4_1) qs = b + 4;
+    if (t == GGML_Q5_0) memcpy(&qh, b + 2, 4), qs = b + 6;
+    if (t == GGML_Q5_1) memcpy(&qh, b + 4, 4), qs = b + 8;
+    for (int l = 0; l < 32; l++) {
+        int nib = l < 16 ? qs[l] & 0x0f : qs[l - 16] >> 4;
+        if (t == GGML_Q8_0)
+            code[l] = (uint8_t)(qs[l] ^ 0x80);
+        else if (t == GGML_IQ4_NL)
+            code[l] = (uint8_t)(iq4_levels[nib] + 128);
+        else
+            code[l] = (uint8_t)(nib | ((qh >> l) & 1) << 4);
+    }
+}
+
+static void pack_legacy(uint32_t t, const void *rows, size_t row_bytes, size_t n, void *group) {
+    size_t bb = eng_q_block_bytes(t);
+    for (size_t i = 0; i < n / 32; i++)
+        for (int r = 0; r < 8; r++) {
+            uint8_t code[32];
+            float d, m;
+            legacy_codes(t, (const uint8_t *)rows + r * row_bytes + i * bb, code, &d, &m);
+            if (x8_nibbles(t)) {
+                qx8_l4_t *o = (qx8_l4_t *)group + i;
+                o->d[r] = d, o->m[r] = m;
+                for (int h = 0; h < 2; h++)
+                    for (int e = 0; e < 8; e++)
+                        o->q[h][r][e] = (uint8_t)(code[8 * h + e] | code[8 * h + 16 + e] << 4);
+            } else {
+                qx8_l8_t *o = (qx8_l8_t *)group + i;
+                o->d[r] = d, o->m[r] = m;
+                for (int e = 0; e < 32; e++) o->q[e / 8][r][e % 8] = code[e];
+            }
+        }
 }
 
 /* element e's 6-bit code in a Q6_K block */
@@ -387,6 +449,10 @@ static void pack_q6_k(const void *rows, size_t row_bytes, size_t n, qx8_q6_k_t *
 }
 
 void qdot_x8_pack(uint32_t t, const void *rows, size_t row_bytes, size_t n, void *group) {
+    if (t != GGML_Q4_K && t != GGML_Q6_K) {
+        pack_legacy(t, rows, row_bytes, n, group);
+        return;
+    }
     if (t == GGML_Q6_K) {
         pack_q6_k(rows, row_bytes, n, group);
         return;
@@ -415,7 +481,34 @@ void qdot_x8_pack(uint32_t t, const void *rows, size_t row_bytes, size_t n, void
     }
 }
 
+/* the offset x8 codes carry: x = d * (code - off) + m */
+static int x8_offset(uint32_t t) {
+    return t == GGML_Q4_0 ? 8 : t == GGML_Q5_0 ? 16 : t == GGML_Q8_0 || t == GGML_IQ4_NL ? 128 : 0;
+}
+
 void qdot_x8_row(uint32_t t, const void *group, int r, size_t n, float *dst) {
+    if (t != GGML_Q4_K && t != GGML_Q6_K) { /* as each dequantizer: d * value (+ m) */
+        int off = x8_offset(t);
+        for (size_t i = 0; i < n / 32; i++)
+            for (int e = 0; e < 32; e++) {
+                int code;
+                float d, m;
+                if (x8_nibbles(t)) {
+                    const qx8_l4_t *B = (const qx8_l4_t *)group + i;
+                    code = (B->q[(e / 8) % 2][r][e % 8] >> (e >= 16 ? 4 : 0)) & 0x0f;
+                    d = B->d[r], m = B->m[r];
+                } else {
+                    const qx8_l8_t *B = (const qx8_l8_t *)group + i;
+                    code = B->q[e / 8][r][e % 8];
+                    d = B->d[r], m = B->m[r];
+                }
+                int v = code - off;
+                dst[32 * i + e] = t == GGML_Q4_1 || t == GGML_Q5_1 ? (float)v * d + m
+                                  : t == GGML_IQ4_NL               ? d * (float)v
+                                                                   : (float)v * d;
+            }
+        return;
+    }
     if (t == GGML_Q6_K) { /* as the dequantizer: d * scale, times code - 32 */
         const qx8_q6_k_t *B = group;
         for (size_t i = 0; i < n / 256; i++, B++)
@@ -483,7 +576,26 @@ qdot_n_fn qdot_kernel_n(uint32_t t) {
 
 qdot_x8_fn qdot_kernel_x8(uint32_t t) {
     if (level != QDOT_AVX512VNNI) return NULL;
-    return t == GGML_Q4_K ? dot_q4_k_x8_vnni512 : t == GGML_Q6_K ? dot_q6_k_x8_vnni512 : NULL;
+    switch (t) {
+    case GGML_Q4_K:
+        return dot_q4_k_x8_vnni512;
+    case GGML_Q6_K:
+        return dot_q6_k_x8_vnni512;
+    case GGML_Q4_0:
+        return dot_q4_0_x8_vnni512;
+    case GGML_Q4_1:
+        return dot_q4_1_x8_vnni512;
+    case GGML_Q5_0:
+        return dot_q5_0_x8_vnni512;
+    case GGML_Q5_1:
+        return dot_q5_1_x8_vnni512;
+    case GGML_Q8_0:
+        return dot_q8_0_x8_vnni512;
+    case GGML_IQ4_NL:
+        return dot_iq4_nl_x8_vnni512;
+    default:
+        return NULL;
+    }
 }
 
 qdot_fn qdot_kernel(uint32_t t) {

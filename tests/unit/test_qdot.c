@@ -206,25 +206,27 @@ Test(qdot, test_k_activation_blocks) {
     for (int i = 0; i < 256; i++) cr_expect_leq(fabs(b[0].d * b[0].q[i] - x[i]), fabs(b[0].d));
 }
 
-/* Q4_K and Q6_K repacked eight rows to a group (the CPU backend's layout at the AVX-512 VNNI
- * level): each row unpacks bit for bit to the file's dequantized row, the group kernel gives each
- * row's scalar-kernel dot to float rounding, and a token's results do not depend on how many
- * tokens share the call. */
+/* Q4_K, Q6_K and the legacy types repacked eight rows to a group (the CPU backend's layout at the
+ * AVX-512 VNNI level): each row unpacks bit for bit to the file's dequantized row, the group kernel
+ * gives each row's scalar-kernel dot to float rounding, and a token's results do not depend on how
+ * many tokens share the call. */
 static void check_x8(uint32_t type) {
     qdot_init(QDOT_AVX512VNNI);
     if (!qdot_kernel_x8(type))
         cr_skip_test("the eight-row kernels need AVX-512 VNNI (this CPU: %s)", qdot_level_name());
-    const size_t bb = eng_q_block_bytes(type), n = 1024, rb = bb * (n / 256);
+    const size_t bb = eng_q_block_bytes(type), be = eng_q_block_elems(type), n = 1024,
+                 rb = bb * (n / be);
     uint8_t *rows = malloc(rb * 8), *group = malloc(qdot_x8_group_bytes(type, n));
     float *wf = malloc(sizeof(float) * n), *got = malloc(sizeof(float) * n);
     uint64_t rng = 4242;
     for (int r = 0; r < 8; r++) { /* random blocks: every scale, minimum and code reachable */
         for (size_t i = 0; i < rb; i++) rows[r * rb + i] = (uint8_t)(frand(&rng) * 128 + 128);
-        for (size_t b = 0; b < n / 256; b++) { /* finite, moderate f16 factors */
+        for (size_t b = 0; b < n / be; b++) { /* finite, moderate f16 factors */
             uint8_t *blk = rows + r * rb + b * bb;
             size_t at = type == GGML_Q6_K ? 208 : 0;
             blk[at] = (uint8_t)(frand(&rng) * 100 + 100), blk[at + 1] = 0x1c;
-            if (type == GGML_Q4_K) blk[2] = (uint8_t)(frand(&rng) * 100 + 100), blk[3] = 0x18;
+            if (type == GGML_Q4_K || type == GGML_Q4_1 || type == GGML_Q5_1)
+                blk[2] = (uint8_t)(frand(&rng) * 100 + 100), blk[3] = 0x18;
         }
     }
     qdot_x8_pack(type, rows, rb, n, group);
@@ -233,13 +235,14 @@ static void check_x8(uint32_t type) {
         qdot_x8_row(type, group, r, n, got);
         cr_expect(memcmp(wf, got, sizeof(float) * n) == 0, "row %d unpacks to the file's row", r);
     }
-    size_t row = qdot_act_bytes(QDOT_ACT_K, n);
+    qdot_act_t act = qdot_act(type);
+    size_t row = qdot_act_bytes(act, n);
     uint8_t *xq = malloc(row * QDOT_NT);
     float *x = malloc(sizeof(float) * n);
     const void *xs[QDOT_NT];
     for (int t = 0; t < QDOT_NT; t++) {
         for (size_t i = 0; i < n; i++) x[i] = frand(&rng) * (float)(t + 1);
-        qdot_quantize(QDOT_ACT_K, x, xq + t * row, n);
+        qdot_quantize(act, x, xq + t * row, n);
         xs[t] = xq + t * row;
     }
     qdot_fn scalar = qdot_kernel_scalar(type);
@@ -269,4 +272,9 @@ Test(qdot, test_q4_k_eight_row_groups_match_the_rows) {
 
 Test(qdot, test_q6_k_eight_row_groups_match_the_rows) {
     check_x8(GGML_Q6_K);
+}
+
+Test(qdot, test_legacy_eight_row_groups_match_the_rows) {
+    const uint32_t types[] = {GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q5_1, GGML_Q8_0, GGML_IQ4_NL};
+    for (size_t k = 0; k < sizeof(types) / sizeof(types[0]); k++) check_x8(types[k]);
 }
