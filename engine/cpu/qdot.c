@@ -34,6 +34,14 @@ static const int8_t iq4_levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
  * codes round(x * 127 / amax) with ties to even, d = amax / 127 stored as f16, and for Q8_1
  * s = d * sum stored as f16. The model's logits move by tenths under a different rounding of
  * the activations, so matching it matters for token-for-token parity. */
+/* nearbyintf for |x| < 2^22 in the default rounding mode (round half to even), inline: adding
+ * 1.5 * 2^23 leaves no fraction bits, so the addition itself rounds (the base x86-64 target has
+ * no round instruction, and nearbyintf is a libm call per element) */
+static inline int round_even(float x) {
+    const float c = 12582912.0f; /* IEEE arithmetic: (x + c) - c is not folded without fast-math */
+    return (int)((x + c) - c);
+}
+
 static void quantize_a32(const float *x, qdot_a32_t *out, size_t n) {
     for (size_t b = 0; b < n / QDOT_A32; b++) {
         const float *v = x + b * QDOT_A32;
@@ -42,7 +50,7 @@ static void quantize_a32(const float *x, qdot_a32_t *out, size_t n) {
         float d = amax / 127.0f, id = amax != 0 ? 127.0f / amax : 0.0f;
         int32_t sum = 0;
         for (int i = 0; i < QDOT_A32; i++) {
-            int q = (int)nearbyintf(v[i] * id);
+            int q = round_even(v[i] * id);
             out[b].q[i] = (int8_t)q;
             sum += q;
         }
@@ -67,7 +75,7 @@ static void quantize_ak(const float *x, qdot_ak_t *out, size_t n) {
         }
         float iscale = -127.0f / max;
         for (int i = 0; i < QDOT_AK; i++) {
-            int q = (int)nearbyintf(iscale * v[i]);
+            int q = round_even(iscale * v[i]);
             out[b].q[i] = (int8_t)(q > 127 ? 127 : q);
         }
         for (int g = 0; g < QDOT_AK / 16; g++) {
