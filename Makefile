@@ -104,11 +104,7 @@ $(BUILD)/cuda/%.o: engine/cuda/%.c
 $(BUILD)/cuda/base/err.o: base/err.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CUDA_CFLAGS) -c $< -o $@
-$(BUILD)/cuda/engine/quant.o: engine/quant.c
-	@mkdir -p $(dir $@)
-	$(CC) $(CUDA_CFLAGS) -c $< -o $@
-$(CUDA_LIB): $(BUILD)/cuda/cuda_backend.o $(BUILD)/cuda/kernels.o $(BUILD)/cuda/base/err.o \
-             $(BUILD)/cuda/engine/quant.o
+$(CUDA_LIB): $(BUILD)/cuda/cuda_backend.o $(BUILD)/cuda/kernels.o $(BUILD)/cuda/base/err.o
 	$(CC) -shared -o $@ $^ -L$(CUDA_HOME)/lib64 -lcublas -lcudart_static -lrt -ldl -lm -pthread \
 	  -Wl,-rpath,'$$ORIGIN:$(CUDA_HOME)/lib64' -Wl,--no-undefined
 
@@ -302,11 +298,7 @@ $(EMU_DIR)/%.o: engine/cuda/%.c
 $(EMU_DIR)/base/err.o: base/err.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -c $< -o $@
-$(EMU_DIR)/engine/quant.o: engine/quant.c
-	@mkdir -p $(dir $@)
-	$(CC) $(CSTD) $(WARN) -O1 -g -fPIC -c $< -o $@
-$(EMU_DIR)/libtidald-cuda.so: $(EMU_DIR)/cuda_backend.o $(EMU_DIR)/kernels_emu.o $(EMU_DIR)/emu_runtime.o $(EMU_DIR)/base/err.o \
-                              $(EMU_DIR)/engine/quant.o
+$(EMU_DIR)/libtidald-cuda.so: $(EMU_DIR)/cuda_backend.o $(EMU_DIR)/kernels_emu.o $(EMU_DIR)/emu_runtime.o $(EMU_DIR)/base/err.o
 	$(CXX) -shared -o $@ $^ -lm
 $(EMU_DIR)/libcuda.so.1: tests/cuda_emu/fake_driver.c
 	@mkdir -p $(dir $@)

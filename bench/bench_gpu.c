@@ -2,6 +2,7 @@
  *
  *   bench_gpu MODEL.gguf [--device cuda]
  *
+ * MODEL may be F16 or quantized (b1-Q4_K_M: the quantized GEMV kernels).
  * Decodes batches of 1, 8 and 32 sequences (32-token prompts, then 64 timed steps) and
  * reports tokens/s, the bytes each step must read (every weight once, plus each sequence's
  * KV cache) and the bandwidth that implies, next to the card's nominal bandwidth and a
@@ -13,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 static double now_s(void) {
@@ -66,8 +68,13 @@ int main(int argc, char **argv) {
     eng_device_info_t info;
     eng_ctx_device_info(c, &info);
     double measured = eng_ctx_measure_bandwidth(c);
-    double bpp = hp->weight_type == 0 ? 4 : 2; /* F32 stays F32; F16/BF16/Q8_0 run as 16-bit */
-    double wbytes = weight_bytes(hp, bpp);
+    /* F32 stays F32 and F16/BF16 are 2 bytes a parameter; quantized weights stay in their
+     * blocks on the GPU, so a step reads about the file (less the gathered embedding) */
+    double wbytes = weight_bytes(hp, hp->weight_type == 0 ? 4 : 2);
+    if (hp->weight_type != 0 && hp->weight_type != 1 && hp->weight_type != 30) {
+        struct stat stt;
+        if (stat(path, &stt) == 0) wbytes = (double)stt.st_size;
+    }
     fprintf(stderr,
             "device %s, backend %s\nmemory bandwidth: nominal %.0f GB/s, measured read %.0f "
             "GB/s\nmodel %s: %u layers, dim %u, %.2f GB of weights read per step\n\n",

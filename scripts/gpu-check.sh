@@ -2,8 +2,8 @@
 # gpu-check.sh - everything a GPU machine needs to check, in one run (under 8 minutes on one
 # H100): build with the CUDA backend, run the CUDA parity tests (every kernel and whole models
 # against the CPU backend) and the rest of the unit suite, then the GPU benchmarks: decode
-# tokens/s at batch 1, 8 and 32 on a ~1.1B-parameter F16 synthetic model with its roofline
-# ratio, and full vs TidalDecode decode step time at 1K-32K cached tokens.
+# tokens/s at batch 1, 8 and 32 on a ~1.1B-parameter F16 synthetic model and on its Q4_K_M
+# quantization, each with its roofline ratio, and full vs TidalDecode decode step time at 1K-32K cached tokens.
 #
 # Needs the build dependencies of `make` (make deps installs them on Debian) and the CUDA
 # toolkit at $CUDA_HOME (default /usr/local/cuda). The model-level tests read stories260K from
@@ -64,12 +64,15 @@ if [ -f "$MODELS/stories260K.gguf" ]; then
 fi
 
 phase "models"
-make -s build/models/b1-f16.gguf build/models/long-f16.gguf
+make -s build/models/b1-f16.gguf build/models/long-f16.gguf build/models/b1-Q4_K_M.gguf
 
 phase "decode throughput and roofline (b1-f16, ~1.1B parameters)"
 build/bench_gpu build/models/b1-f16.gguf --device cuda | tee "$OUT/bench_gpu.jsonl"
 echo "--- the same with CUDA graphs off (kernel launches per step instead of one graph)"
 TIDALD_CUDA_GRAPHS=0 build/bench_gpu build/models/b1-f16.gguf --device cuda | tee "$OUT/bench_gpu_nographs.jsonl"
+
+phase "decode throughput and roofline, quantized (b1-Q4_K_M: the dp4a GEMV kernels)"
+build/bench_gpu build/models/b1-Q4_K_M.gguf --device cuda | tee "$OUT/bench_gpu_q4km.jsonl"
 
 phase "full vs TidalDecode (budget 256), long-f16, F16 cache"
 build/bench_attention build/models/long-f16.gguf 256 f16 cuda | tee "$OUT/bench_attention.jsonl"

@@ -3,11 +3,14 @@
  * Built into libtidald-cuda.so with the CUDA runtime and cuBLAS, and loaded by
  * engine/backend.c with dlopen, so the daemon itself never links CUDA. Everything runs on one
  * stream owned by the backend:
- * - weights: F16 and BF16 tensors are copied as they are, quantized ones are dequantized to
- *   F16 at load
- *   and F32 stays F32 (small reference models then match the CPU bit for bit in the
- *   projections); projections are one cuBLAS GEMM per weight over all tokens of the step with
- *   FP32 accumulation (activations converted to the weight's 16-bit type first);
+ * - weights: F32, F16 and BF16 tensors are copied as they are (small F32 reference models
+ *   then match the CPU bit for bit in the projections), and so are quantized ones, in their
+ *   GGUF blocks (kernels.cu reads every type engine/quant.c knows);
+ * - projections: one cuBLAS GEMM per weight over all tokens of the step with FP32
+ *   accumulation (activations converted to the weight's 16-bit type first); for a quantized
+ *   weight, steps of up to QMV_MAX_T tokens (decode batches) quantize the activations to 8 bits
+ *   and run the fused dequantize-and-dot GEMV (dp4a), longer ones (prefill) dequantize the
+ *   weight to F16 a tile of rows at a time into a GEMM;
  * - begin_step copies the step's plan (ids, positions, slices, block tables, per-layer kinds)
  *   to the GPU in one transfer from pinned memory; the ops then only launch kernels;
  * - the telemetry of every layer stays on the GPU until end_step, which copies it back once;
@@ -21,9 +24,7 @@
  */
 #include "../backend.h"
 #include "../../base/err.h"
-#include "../../base/f16.h"
 #include "../gguf.h"
-#include "../quant.h"
 #include "kernels.h"
 
 #include <cublas_v2.h>
@@ -56,9 +57,12 @@ typedef struct {
     /* reserve() */
     size_t max_cols;
     uint32_t n_ctx;
-    /* activations converted for cuBLAS */
-    void *xh;
-    size_t xh_bytes;
+    /* activations converted for cuBLAS, and in 8 bits for the quantized GEMV */
+    void *xh, *xq;
+    size_t xh_bytes, xq_bytes;
+    /* a quantized weight's dequantized F16 tile (prefill) and the most any weight needs */
+    void *tile;
+    size_t tile_bytes, tile_need;
     /* the step's plan: one pinned staging area and its device copy */
     void *h_stage, *d_stage;
     size_t stage_bytes;
@@ -253,39 +257,36 @@ static size_t cu_kv_budget(eng_backend_t *be) {
 
 /* ---- weights ---- */
 
+/* Rows of a quantized weight dequantized at a time for prefill: the whole weight up to 32M
+ * elements (64 MiB of F16), else a multiple of 64 rows of it. */
+#define TILE_ELEMS ((size_t)32 << 20)
+#define QMV_MAX_T 32 /* tokens up to which a quantized weight takes the GEMV */
+static uint32_t tile_rows(const eng_tensor_t *w) {
+    size_t r = TILE_ELEMS / w->cols;
+    if (r >= w->rows) return w->rows;
+    return r >= 64 ? (uint32_t)(r & ~(size_t)63) : (r ? (uint32_t)r : 1);
+}
+
+static bool is_quantized(uint32_t type) {
+    return type != GGML_F32 && type != GGML_F16 && type != GGML_BF16;
+}
+
 static int cu_load_weight(eng_backend_t *be, const eng_tensor_t *w, eng_tensor_t *out, char *msg) {
-    (void)be;
+    cu_ctx_t *c = ctx_of(be);
     *out = *w;
     out->data = NULL;
-    const void *src = w->data;
-    uint16_t *conv = NULL;
-    if (w->type != GGML_F32 && w->type != GGML_F16 && w->type != GGML_BF16) {
-        /* quantized: dequantized to F16 once (fused quantized kernels are still to come) */
-        if (!eng_q_block_elems(w->type))
-            return eng_fail(msg, ENG_EUNSUPPORTED, "the CUDA backend cannot use tensor type %u",
-                            w->type);
-        conv = malloc(sizeof(uint16_t) * w->rows * (size_t)w->cols);
-        float *row = malloc(sizeof(float) * w->cols);
-        if (!conv || !row) {
-            free(conv), free(row);
-            return eng_fail(msg, ENG_ENOMEM, "out of host memory converting a quantized weight");
-        }
-        for (uint32_t r = 0; r < w->rows; r++) {
-            eng_q_dequantize_row(w->type, (const uint8_t *)w->data + (size_t)r * w->row_bytes, row,
-                                 w->cols);
-            for (uint32_t i = 0; i < w->cols; i++)
-                conv[(size_t)r * w->cols + i] = eng_f32_to_f16(row[i]);
-        }
-        free(row);
-        out->type = GGML_F16;
-        out->row_bytes = (size_t)w->cols * 2;
-        src = conv;
+    if (is_quantized(w->type)) {
+        if (!cu_q_supported(w->type))
+            return eng_fail(msg, ENG_EUNSUPPORTED,
+                            "the CUDA backend has no kernels for tensor type %u (a %u x %u weight)",
+                            w->type, w->rows, w->cols);
+        size_t tile = 2 * (size_t)tile_rows(w) * w->cols;
+        if (tile > c->tile_need) c->tile_need = tile;
     }
-    size_t bytes = out->row_bytes * w->rows;
+    size_t bytes = w->row_bytes * w->rows;
     void *d = NULL;
     cudaError_t e = cudaMalloc(&d, bytes);
-    if (e == cudaSuccess) e = cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice);
-    free(conv);
+    if (e == cudaSuccess) e = cudaMemcpy(d, w->data, bytes, cudaMemcpyHostToDevice);
     if (e != cudaSuccess) {
         cudaFree(d);
         cudaGetLastError();
@@ -393,9 +394,13 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
     }
     /* buffers this step needs */
     size_t xh = 2 * (size_t)st->T * (c->max_cols > 64 ? c->max_cols : 64);
+    size_t xq = sizeof(cu_q8_t) * (st->T <= QMV_MAX_T ? st->T : QMV_MAX_T) * (c->max_cols / 32);
+    size_t tile = st->T > QMV_MAX_T ? c->tile_need : 0;
     size_t tele = 5 * (size_t)L * n * st->n_head;
     size_t scores = c->any_select ? (size_t)n * st->n_head * c->n_ctx : 0;
     if (!grow(c, &c->xh, &c->xh_bytes, xh, "activation buffer") ||
+        !grow(c, &c->xq, &c->xq_bytes, xq, "8-bit activations") ||
+        !grow(c, &c->tile, &c->tile_bytes, tile, "dequantized weight tile") ||
         !grow(c, (void **)&c->d_tele, &c->tele_bytes, tele * 4, "telemetry buffer") ||
         !grow(c, (void **)&c->d_scores, &c->score_bytes, scores * 4, "selection scores") ||
         !grow(c, (void **)&c->d_gsum, &c->gsum_bytes, scores * 4, "selection scores"))
@@ -508,7 +513,33 @@ static void cu_matmul(eng_backend_t *be, const eng_tensor_t *w, const float *x, 
                 "sgemm");
         return;
     }
+    if (is_quantized(w->type) && T <= QMV_MAX_T) {
+        if (!grow(c, &c->xq, &c->xq_bytes, sizeof(cu_q8_t) * T * (w->cols / 32),
+                  "8-bit activations"))
+            return;
+        cu_quantize_q8(c->st, x, (size_t)T * w->cols, c->xq);
+        cu_qmatvec(c->st, w->type, w->data, w->row_bytes, w->rows, w->cols, c->xq, T, y);
+        return;
+    }
     if (!grow(c, &c->xh, &c->xh_bytes, 2 * (size_t)T * w->cols, "activation buffer")) return;
+    if (is_quantized(w->type)) {
+        uint32_t tr = tile_rows(w);
+        if (!grow(c, &c->tile, &c->tile_bytes, 2 * (size_t)tr * w->cols, "dequantized weight tile"))
+            return;
+        cu_convert(c->st, CU_W_F16, x, c->xh, (size_t)T * w->cols);
+        for (uint32_t r0 = 0; r0 < w->rows && !failed(c); r0 += tr) {
+            uint32_t R = w->rows - r0 < tr ? w->rows - r0 : tr;
+            cu_dequant_f16(c->st, w->type, (const uint8_t *)w->data + (size_t)r0 * w->row_bytes,
+                           w->row_bytes, w->cols, R, c->tile);
+            blas_ok(c,
+                    cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)R, (int)T, (int)w->cols,
+                                 &one, c->tile, CUDA_R_16F, (int)w->cols, c->xh, CUDA_R_16F,
+                                 (int)w->cols, &zero, y + r0, CUDA_R_32F, (int)w->rows,
+                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                    "gemm");
+        }
+        return;
+    }
     cudaDataType_t dt = w->type == GGML_BF16 ? CUDA_R_16BF : CUDA_R_16F;
     cu_convert(c->st, w->type == GGML_BF16 ? CU_W_BF16 : CU_W_F16, x, c->xh, (size_t)T * w->cols);
     blas_ok(c,
@@ -728,6 +759,8 @@ static void cu_destroy(eng_backend_t *be) {
     cu_ctx_t *c = ctx_of(be);
     if (c) {
         cudaFree(c->xh);
+        cudaFree(c->xq);
+        cudaFree(c->tile);
         cudaFree(c->d_stage);
         cudaFreeHost(c->h_stage);
         cudaFree(c->d_part);

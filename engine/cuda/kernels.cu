@@ -1,7 +1,9 @@
 /* kernels.cu - the CUDA backend's kernels: embedding gather, RMSNorm, RoPE and the K-shift,
  * SwiGLU, residual add, activation conversion for cuBLAS, KV stores through block tables, and
  * attention: flash-decoding paged decode (dense, selection, sparse) with the entropy telemetry
- * folded into the online softmax, the TidalDecode top-k selection, and tiled causal prefill.
+ * folded into the online softmax, the TidalDecode top-k selection, and tiled causal prefill;
+ * and for quantized weights kept in their GGUF blocks: 8-bit activations, the dp4a GEMV of
+ * decode batches, dequantized F16 tiles for cuBLAS, and exact embedding rows.
  *
  * The arithmetic follows the CPU backend (engine/cpu/cpu_backend.c) step by step so that the
  * parity tests can hold both to the same references.
@@ -38,6 +40,372 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+/* ---- quantized weights ----------------------------------------------------------------
+ *
+ * Quantized weights stay in their GGUF blocks on the device (engine/quant.c documents each
+ * layout). Every type is read in groups of 16 consecutive elements of a row: four words of
+ * 8-bit integers q and the group's d, m and off, element e being d * (q[e] + off) + m with the
+ * roundings engine/quant.c's dequantizers make (__fmul_rn and __fadd_rn keep nvcc from fusing
+ * them), so a dequantized row is bit-exact with the CPU's. The GEMV multiplies the integers
+ * with 8-bit activations (dp4a) and applies d, off and m once per group. Fields are read as
+ * 16-bit words: every block size and field offset is even, no block is 4-byte aligned. */
+
+enum {
+    QT_Q4_0 = 2,
+    QT_Q4_1 = 3,
+    QT_Q5_0 = 6,
+    QT_Q5_1 = 7,
+    QT_Q8_0 = 8,
+    QT_Q2_K = 10,
+    QT_Q3_K = 11,
+    QT_Q4_K = 12,
+    QT_Q5_K = 13,
+    QT_Q6_K = 14,
+    QT_IQ4_NL = 20,
+    QT_IQ4_XS = 23
+};
+
+typedef struct {
+    int q[4];   /* the 16 integers, four to a word (int8) */
+    float d, m; /* element = d * (q + off) + m */
+    int off;
+} g16_t;
+
+/* IQ4_NL's and IQ4_XS's levels */
+__constant__ int8_t c_iq4_levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                        1,    13,   25,  38,  53,  69,  89,  113};
+
+__device__ __forceinline__ uint32_t ld16(const uint8_t *p) {
+    return *(const uint16_t *)p;
+}
+__device__ __forceinline__ uint32_t ld32(const uint8_t *p) {
+    return ld16(p) | ld16(p + 2) << 16;
+}
+__device__ __forceinline__ float ldh(const uint8_t *p) {
+    return __half2float(*(const __half *)p);
+}
+/* 16 bytes from p, shifted right by `shift` and masked per byte */
+__device__ __forceinline__ void bits16(const uint8_t *p, int shift, uint32_t mask, int *q) {
+    for (int i = 0; i < 4; i++) q[i] = (int)((ld32(p + 4 * i) >> shift) & mask);
+}
+/* bit k (k < 4) of b to bit 8k + to */
+__device__ __forceinline__ int spread4(uint32_t b, int to) {
+    return (int)(((b & 1) | (b & 2) << 7 | (b & 4) << 14 | (b & 8) << 21) << to);
+}
+/* each byte of q (a nibble) to its IQ4 level */
+__device__ __forceinline__ void iq4_levels(int *q) {
+    for (int i = 0; i < 4; i++) {
+        uint32_t v = 0;
+        for (int k = 0; k < 4; k++)
+            v |= (uint32_t)(uint8_t)c_iq4_levels[((uint32_t)q[i] >> 8 * k) & 15] << 8 * k;
+        q[i] = (int)v;
+    }
+}
+
+/* One type's block: its size and the unpacking of its group h (0..elems/16-1). */
+template <uint32_t TY> struct qt;
+template <> struct qt<QT_Q4_0> {
+    static constexpr uint32_t id = QT_Q4_0, elems = 32, bytes = 18;
+    static constexpr bool has_m = false;
+    __device__ static void unpack(const uint8_t *b, uint32_t h, g16_t &u) {
+        bits16(b + 2, 4 * h, 0x0f0f0f0fu, u.q);
+        u.d = ldh(b), u.m = 0, u.off = -8;
+    }
+};
+template <> struct qt<QT_Q4_1> {
+    static constexpr uint32_t id = QT_Q4_1, elems = 32, bytes = 20;
+    static constexpr bool has_m = true;
+    __device__ static void unpack(const uint8_t *b, uint32_t h, g16_t &u) {
+        bits16(b + 4, 4 * h, 0x0f0f0f0fu, u.q);
+        u.d = ldh(b), u.m = ldh(b + 2), u.off = 0;
+    }
+};
+template <> struct qt<QT_Q5_0> {
+    static constexpr uint32_t id = QT_Q5_0, elems = 32, bytes = 22;
+    static constexpr bool has_m = false;
+    __device__ static void unpack(const uint8_t *b, uint32_t h, g16_t &u) {
+        uint32_t qh = ld32(b + 2) >> 16 * h;
+        bits16(b + 6, 4 * h, 0x0f0f0f0fu, u.q);
+        for (int i = 0; i < 4; i++) u.q[i] |= spread4((qh >> 4 * i) & 15, 4);
+        u.d = ldh(b), u.m = 0, u.off = -16;
+    }
+};
+template <> struct qt<QT_Q5_1> {
+    static constexpr uint32_t id = QT_Q5_1, elems = 32, bytes = 24;
+    static constexpr bool has_m = true;
+    __device__ static void unpack(const uint8_t *b, uint32_t h, g16_t &u) {
+        uint32_t qh = ld32(b + 4) >> 16 * h;
+        bits16(b + 8, 4 * h, 0x0f0f0f0fu, u.q);
+        for (int i = 0; i < 4; i++) u.q[i] |= spread4((qh >> 4 * i) & 15, 4);
+        u.d = ldh(b), u.m = ldh(b + 2), u.off = 0;
+    }
+};
+template <> struct qt<QT_Q8_0> {
+    static constexpr uint32_t id = QT_Q8_0, elems = 32, bytes = 34;
+    static constexpr bool has_m = false;
+    __device__ static void unpack(const uint8_t *b, uint32_t h, g16_t &u) {
+        bits16(b + 2 + 16 * h, 0, 0xffffffffu, u.q);
+        u.d = ldh(b), u.m = 0, u.off = 0;
+    }
+};
+template <> struct qt<QT_IQ4_NL> {
+    static constexpr uint32_t id = QT_IQ4_NL, elems = 32, bytes = 18;
+    static constexpr bool has_m = false;
+    __device__ static void unpack(const uint8_t *b, uint32_t h, g16_t &u) {
+        bits16(b + 2, 4 * h, 0x0f0f0f0fu, u.q);
+        iq4_levels(u.q);
+        u.d = ldh(b), u.m = 0, u.off = 0;
+    }
+};
+/* K-quants: group j of a super-block is its elements 16j .. 16j + 15 */
+template <> struct qt<QT_Q2_K> {
+    static constexpr uint32_t id = QT_Q2_K, elems = 256, bytes = 84;
+    static constexpr bool has_m = true;
+    __device__ static void unpack(const uint8_t *b, uint32_t j, g16_t &u) {
+        bits16(b + 16 + (j / 8) * 32 + 16 * (j % 2), 2 * ((j % 8) / 2), 0x03030303u, u.q);
+        uint32_t sc = b[j];
+        u.d = __fmul_rn(ldh(b + 80), (float)(sc & 15));
+        u.m = -__fmul_rn(ldh(b + 82), (float)(sc >> 4));
+        u.off = 0;
+    }
+};
+template <> struct qt<QT_Q3_K> {
+    static constexpr uint32_t id = QT_Q3_K, elems = 256, bytes = 110;
+    static constexpr bool has_m = false;
+    __device__ static void unpack(const uint8_t *b, uint32_t j, g16_t &u) {
+        int hi[4];
+        bits16(b + 32 + (j / 8) * 32 + 16 * (j % 2), 2 * ((j % 8) / 2), 0x03030303u, u.q);
+        bits16(b + 16 * (j % 2), (int)(j / 2), 0x01010101u, hi);
+        for (int i = 0; i < 4; i++) u.q[i] |= hi[i] << 2;
+        const uint8_t *sc = b + 96;
+        int lo = (j < 8 ? sc[j] : sc[j - 8] >> 4) & 15, top = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+        u.d = __fmul_rn(ldh(b + 108), (float)((lo | top << 4) - 32));
+        u.m = 0, u.off = -4;
+    }
+};
+/* Q4_K's and Q5_K's 6-bit scale and min of sub-block j (0..7) */
+__device__ __forceinline__ void k_scale_min(const uint8_t *s, uint32_t j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63, *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+        *mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    }
+}
+template <> struct qt<QT_Q4_K> {
+    static constexpr uint32_t id = QT_Q4_K, elems = 256, bytes = 144;
+    static constexpr bool has_m = true;
+    __device__ static void unpack(const uint8_t *b, uint32_t j, g16_t &u) {
+        uint32_t sub = j / 2;
+        int sc, mn;
+        bits16(b + 16 + (sub / 2) * 32 + 16 * (j % 2), 4 * (sub % 2), 0x0f0f0f0fu, u.q);
+        k_scale_min(b + 4, sub, &sc, &mn);
+        u.d = __fmul_rn(ldh(b), (float)sc), u.m = -__fmul_rn(ldh(b + 2), (float)mn), u.off = 0;
+    }
+};
+template <> struct qt<QT_Q5_K> {
+    static constexpr uint32_t id = QT_Q5_K, elems = 256, bytes = 176;
+    static constexpr bool has_m = true;
+    __device__ static void unpack(const uint8_t *b, uint32_t j, g16_t &u) {
+        uint32_t sub = j / 2;
+        int sc, mn, hi[4];
+        bits16(b + 48 + (sub / 2) * 32 + 16 * (j % 2), 4 * (sub % 2), 0x0f0f0f0fu, u.q);
+        bits16(b + 16 + 16 * (j % 2), (int)sub, 0x01010101u, hi);
+        for (int i = 0; i < 4; i++) u.q[i] |= hi[i] << 4;
+        k_scale_min(b + 4, sub, &sc, &mn);
+        u.d = __fmul_rn(ldh(b), (float)sc), u.m = -__fmul_rn(ldh(b + 2), (float)mn), u.off = 0;
+    }
+};
+template <> struct qt<QT_Q6_K> {
+    static constexpr uint32_t id = QT_Q6_K, elems = 256, bytes = 210;
+    static constexpr bool has_m = false;
+    __device__ static void unpack(const uint8_t *b, uint32_t j, g16_t &u) {
+        int hi[4];
+        bits16(b + (j / 8) * 64 + 16 * (j % 4), 4 * ((j % 8) / 4), 0x0f0f0f0fu, u.q);
+        bits16(b + 128 + (j / 8) * 32 + 16 * (j % 2), 2 * ((j % 8) / 2), 0x03030303u, hi);
+        for (int i = 0; i < 4; i++) u.q[i] |= hi[i] << 4;
+        u.d = __fmul_rn(ldh(b + 208), (float)(int8_t)b[192 + j]);
+        u.m = 0, u.off = -32;
+    }
+};
+template <> struct qt<QT_IQ4_XS> {
+    static constexpr uint32_t id = QT_IQ4_XS, elems = 256, bytes = 136;
+    static constexpr bool has_m = false;
+    __device__ static void unpack(const uint8_t *b, uint32_t j, g16_t &u) {
+        uint32_t sub = j / 2;
+        int lo = (b[4 + sub / 2] >> (4 * (sub % 2))) & 15, top = (ld16(b + 2) >> (2 * sub)) & 3;
+        bits16(b + 8 + sub * 16, 4 * (j % 2), 0x0f0f0f0fu, u.q);
+        iq4_levels(u.q);
+        u.d = __fmul_rn(ldh(b), (float)((lo | top << 4) - 32));
+        u.m = 0, u.off = 0;
+    }
+};
+
+/* Group g (of cols / 16) of a row. */
+template <uint32_t TY>
+__device__ __forceinline__ void q_group(const uint8_t *row, uint32_t g, g16_t &u) {
+    constexpr uint32_t per = qt<TY>::elems / 16;
+    qt<TY>::unpack(row + (size_t)(g / per) * qt<TY>::bytes, g % per, u);
+}
+
+/* Element e of a group, as engine/quant.c computes it. */
+template <bool HAS_M> __device__ __forceinline__ float q_elem(const g16_t &u, int e) {
+    int q = (int8_t)((uint32_t)u.q[e >> 2] >> 8 * (e & 3));
+    float v = __fmul_rn(u.d, (float)(q + u.off));
+    return HAS_M ? __fadd_rn(v, u.m) : v;
+}
+
+/* Call f with the tag of the type; false if there are no kernels for it. */
+template <typename F> static bool q_dispatch(uint32_t type, F f) {
+    switch (type) {
+    case QT_Q4_0:
+        f(qt<QT_Q4_0>());
+        return true;
+    case QT_Q4_1:
+        f(qt<QT_Q4_1>());
+        return true;
+    case QT_Q5_0:
+        f(qt<QT_Q5_0>());
+        return true;
+    case QT_Q5_1:
+        f(qt<QT_Q5_1>());
+        return true;
+    case QT_Q8_0:
+        f(qt<QT_Q8_0>());
+        return true;
+    case QT_Q2_K:
+        f(qt<QT_Q2_K>());
+        return true;
+    case QT_Q3_K:
+        f(qt<QT_Q3_K>());
+        return true;
+    case QT_Q4_K:
+        f(qt<QT_Q4_K>());
+        return true;
+    case QT_Q5_K:
+        f(qt<QT_Q5_K>());
+        return true;
+    case QT_Q6_K:
+        f(qt<QT_Q6_K>());
+        return true;
+    case QT_IQ4_NL:
+        f(qt<QT_IQ4_NL>());
+        return true;
+    case QT_IQ4_XS:
+        f(qt<QT_IQ4_XS>());
+        return true;
+    }
+    return false;
+}
+
+extern "C" bool cu_q_supported(uint32_t type) {
+    return q_dispatch(type, [](auto) {});
+}
+
+template <uint32_t TY>
+__global__ void k_get_rows_q(const uint8_t *w, size_t row_bytes, uint32_t cols, const int32_t *ids,
+                             float *out) {
+    const uint8_t *row = w + (size_t)ids[blockIdx.x] * row_bytes;
+    float *o = out + (size_t)blockIdx.x * cols;
+    for (uint32_t g = threadIdx.x; g < cols / 16; g += blockDim.x) {
+        g16_t u;
+        q_group<TY>(row, g, u);
+        for (int e = 0; e < 16; e++) o[16 * g + e] = q_elem<qt<TY>::has_m>(u, e);
+    }
+}
+
+template <uint32_t TY>
+__global__ void k_dequant_f16(const uint8_t *w, size_t row_bytes, uint32_t cols, size_t n_groups,
+                              __half *out) {
+    uint32_t ng = cols / 16;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_groups;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / ng;
+        uint32_t g = (uint32_t)(i % ng);
+        g16_t u;
+        q_group<TY>(w + r * row_bytes, g, u);
+        __half *o = out + r * cols + 16 * (size_t)g;
+        for (int e = 0; e < 16; e++) o[e] = __float2half_rn(q_elem<qt<TY>::has_m>(u, e));
+    }
+}
+
+extern "C" void cu_dequant_f16(cudaStream_t st, uint32_t type, const void *w, size_t row_bytes,
+                               uint32_t cols, uint32_t rows, void *out) {
+    size_t n = (size_t)rows * (cols / 16);
+    if (!n) return;
+    unsigned grid = blocks_for(n, 256) < 65536 ? blocks_for(n, 256) : 65536;
+    q_dispatch(type, [&](auto tag) {
+        k_dequant_f16<decltype(tag)::id>
+            <<<grid, 256, 0, st>>>((const uint8_t *)w, row_bytes, cols, n, (__half *)out);
+    });
+}
+
+/* The activations in 8 bits, per 32 values: one warp per block. */
+__global__ void k_quantize_q8(const float *x, size_t nb, cu_q8_t *out) {
+    size_t b = (size_t)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    uint32_t lane = threadIdx.x % WARP;
+    if (b >= nb) return;
+    float v = x[b * 32 + lane];
+    float d = warp_max(fabsf(v)) / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+    int q = __float2int_rn(v * id), s = q;
+    out[b].q[lane] = (int8_t)q;
+    for (int o = 8; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o); /* within each half */
+    if (lane == 0) out[b].d = d;
+    if ((lane & 15) == 0) out[b].s[lane >> 4] = (int16_t)s;
+}
+
+extern "C" void cu_quantize_q8(cudaStream_t st, const float *x, size_t n, cu_q8_t *out) {
+    size_t nb = n / 32;
+    if (nb) k_quantize_q8<<<blocks_for(nb, 8), 8 * WARP, 0, st>>>(x, nb, out);
+}
+
+/* y[t][r] = row r . x[t] for QMV_T tokens per block (blockIdx.y), one warp per row; the lanes
+ * take the row's groups in turn, so a warp reads 32 consecutive groups at a time. */
+#define QMV_WARPS 4
+#define QMV_T 8
+template <uint32_t TY>
+__global__ void __launch_bounds__(QMV_WARPS *WARP)
+    k_qmatvec(const uint8_t *w, size_t row_bytes, uint32_t rows, uint32_t cols, const cu_q8_t *xq,
+              uint32_t T, float *y) {
+    uint32_t r = blockIdx.x * QMV_WARPS + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    if (r >= rows) return; /* whole warps */
+    uint32_t t0 = blockIdx.y * QMV_T, nt = min(T - t0, (uint32_t)QMV_T), nb = cols / 32;
+    const uint8_t *row = w + (size_t)r * row_bytes;
+    float acc[QMV_T];
+    for (int t = 0; t < QMV_T; t++) acc[t] = 0;
+    for (uint32_t g = lane; g < cols / 16; g += WARP) {
+        g16_t u;
+        q_group<TY>(row, g, u);
+#pragma unroll
+        for (uint32_t t = 0; t < QMV_T; t++) {
+            if (t >= nt) break;
+            const cu_q8_t *a = xq + (size_t)(t0 + t) * nb + g / 2;
+            const int *aq = (const int *)a->q + 4 * (g & 1);
+            int s = a->s[g & 1], isum = 0;
+            for (int i = 0; i < 4; i++) isum = __dp4a(u.q[i], aq[i], isum);
+            float v = u.d * (float)(isum + u.off * s);
+            if constexpr (qt<TY>::has_m) v += u.m * (float)s;
+            acc[t] += a->d * v;
+        }
+    }
+#pragma unroll
+    for (uint32_t t = 0; t < QMV_T; t++) {
+        if (t >= nt) break;
+        float v = warp_sum(acc[t]);
+        if (lane == 0) y[(size_t)(t0 + t) * rows + r] = v;
+    }
+}
+
+extern "C" void cu_qmatvec(cudaStream_t st, uint32_t type, const void *w, size_t row_bytes,
+                           uint32_t rows, uint32_t cols, const cu_q8_t *xq, uint32_t T, float *y) {
+    if (!rows || !T) return;
+    dim3 grid((rows + QMV_WARPS - 1) / QMV_WARPS, (T + QMV_T - 1) / QMV_T);
+    q_dispatch(type, [&](auto tag) {
+        k_qmatvec<decltype(tag)::id><<<grid, QMV_WARPS * WARP, 0, st>>>(
+            (const uint8_t *)w, row_bytes, rows, cols, xq, T, y);
+    });
+}
+
 /* ---- element-wise and row kernels ---------------------------------------------------- */
 
 __device__ __forceinline__ float w_elem(uint32_t type, const void *row, uint32_t i) {
@@ -57,7 +425,11 @@ __global__ void k_get_rows(uint32_t type, const char *w, size_t row_bytes, uint3
 extern "C" void cu_get_rows(cudaStream_t st, uint32_t type, const void *w, size_t row_bytes,
                             uint32_t cols, const int32_t *ids, uint32_t T, float *out) {
     if (!T) return;
-    k_get_rows<<<T, 256, 0, st>>>(type, (const char *)w, row_bytes, cols, ids, out);
+    bool quantized = q_dispatch(type, [&](auto tag) {
+        k_get_rows_q<decltype(tag)::id>
+            <<<T, 128, 0, st>>>((const uint8_t *)w, row_bytes, cols, ids, out);
+    });
+    if (!quantized) k_get_rows<<<T, 256, 0, st>>>(type, (const char *)w, row_bytes, cols, ids, out);
 }
 
 __global__ void k_rmsnorm(const float *x, const float *w, float *out, uint32_t n, float eps) {

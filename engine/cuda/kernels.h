@@ -36,8 +36,34 @@ typedef struct {
 
 enum { CU_W_F32 = 0, CU_W_F16 = 1, CU_W_BF16 = 30 }; /* ggml type ids */
 
+/* Rows ids[0..T) of a weight of any type cu_q_supported takes (or F32/F16/BF16) as floats;
+ * quantized rows bit-exact with eng_q_dequantize_row. */
 void cu_get_rows(cudaStream_t st, uint32_t type, const void *w, size_t row_bytes, uint32_t cols,
                  const int32_t *ids, uint32_t T, float *out);
+
+/* ---- quantized weights, kept in their GGUF blocks ---- */
+
+/* Whether the kernels take the ggml type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K, IQ4_NL,
+ * IQ4_XS. */
+bool cu_q_supported(uint32_t type);
+/* 8-bit activations: per 32 values d = max|x| / 127, q = x * (1 / d) rounded to nearest even
+ * (0 where d is 0), and the sums of q over each half. */
+typedef struct {
+    int8_t q[32];
+    float d;
+    int16_t s[2];
+} cu_q8_t;
+/* x (n floats, n a multiple of 32) to n / 32 blocks. */
+void cu_quantize_q8(cudaStream_t st, const float *x, size_t n, cu_q8_t *out);
+/* Decode batches: y[t][r] = row r of w . x[t] for T tokens (xq: T rows of cols / 32 blocks),
+ * integer dot products per 16 weights, scaled per group and block. Reads the weight once per 8
+ * tokens. */
+void cu_qmatvec(cudaStream_t st, uint32_t type, const void *w, size_t row_bytes, uint32_t rows,
+                uint32_t cols, const cu_q8_t *xq, uint32_t T, float *y);
+/* rows rows of w to F16 (row-major, cols wide), each element the F16 rounding of
+ * eng_q_dequantize_row's: the tiles prefill multiplies with cuBLAS. */
+void cu_dequant_f16(cudaStream_t st, uint32_t type, const void *w, size_t row_bytes, uint32_t cols,
+                    uint32_t rows, void *out);
 void cu_rmsnorm(cudaStream_t st, const float *x, const float *w, float *out, uint32_t T, uint32_t n,
                 float eps);
 /* eng_rope_t's rotation: NORM or NEOX pairs, linear freq_scale, optional frequency factors */

@@ -36,6 +36,7 @@ extern void *emu_dyn_smem;
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 #define __shared__ static /* blocks run one at a time */
+#define __constant__
 
 void emu_run_grid(dim3 g, dim3 b, size_t shm, const std::function<void()> &body);
 bool emu_capturing(cudaStream_t st);
@@ -104,6 +105,18 @@ static inline float emu_expf(float x) {
 #define __expf emu_expf /* glibc declares its own __expf */
 static inline float __fmul_rn(float a, float b) {
     return a * b;
+}
+static inline float __fadd_rn(float a, float b) {
+    return a + b;
+}
+/* four signed byte products of a and b, summed into c */
+static inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; i++) c += (int)(int8_t)(a >> 8 * i) * (int)(int8_t)(b >> 8 * i);
+    return c;
+}
+/* round to nearest, ties to even, as the device does */
+static inline int __float2int_rn(float x) {
+    return (int)nearbyintf(x);
 }
 static inline unsigned __float_as_uint(float f) {
     return emu_bits(f) & 0xffffffffu;

@@ -6,7 +6,7 @@ import re
 import sys
 
 src = open(sys.argv[1]).read()
-launch = re.compile(r'(\w+)<<<(.*?)>>>\((.*?)\);', re.S)
+launch = re.compile(r'(\w+(?:<[^<>]*>)?)\s*<<<(.*?)>>>\((.*?)\);', re.S)
 out, n = launch.subn(lambda m: 'emu_launch(%s, %s, %s);' % (m.group(1), m.group(2), m.group(3)), src)
 out = out.replace('extern __shared__ float smem[];', 'float *smem = (float *)emu_dyn_smem;')
 if n == 0 or '<<<' in out:

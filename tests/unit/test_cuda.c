@@ -12,6 +12,7 @@
 #include "../../engine/engine.h"
 #include "../../base/f16.h"
 #include "../../engine/gguf.h"
+#include "../../engine/quant.h"
 #include "../../tools/gguf_writer.h"
 #include "helpers.h"
 #include "ref_ops.h"
@@ -133,11 +134,7 @@ static void check_matmul(pair_t *p, uint32_t type, uint32_t rows, uint32_t cols,
     eng_tensor_t w = {type, rows, cols, rb, wd}, wg;
     char msg[ENG_ERRMSG_LEN];
     cr_assert_eq(p->gpu->ops->load_weight(p->gpu, &w, &wg, msg), 0, "%s", msg);
-    /* the CPU rounds a quantized weight's input to 8 bits; the GPU computes in floating point */
-    if (type == GGML_Q8_0)
-        ref_matmul_float(&w, x, yc, T);
-    else
-        p->cpu->ops->matmul(p->cpu, &w, x, yc, T);
+    p->cpu->ops->matmul(p->cpu, &w, x, yc, T);
     float *dx = dev_f(p->gpu, x, (size_t)T * cols), *dy = dev_f(p->gpu, NULL, (size_t)T * rows);
     plan_t pl = {NULL, NULL, 0, NULL, 0, NULL, 1, 1};
     gpu_begin(p->gpu, &pl);
@@ -156,13 +153,187 @@ static void check_matmul(pair_t *p, uint32_t type, uint32_t rows, uint32_t cols,
 Test(cuda, test_matmul_matches_cpu_for_every_type_and_batch) {
     pair_t p;
     pair_open(&p);
-    const uint32_t types[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q8_0};
+    const uint32_t types[] = {GGML_F32, GGML_F16, GGML_BF16};
     const uint32_t shapes[][2] = {{64, 64}, {172, 64}, {288, 768}, {1000, 256}};
     const uint32_t Ts[] = {1, 3, 8, 33};
-    for (size_t a = 0; a < 4; a++)
+    for (size_t a = 0; a < 3; a++)
         for (size_t s = 0; s < 4; s++)
             for (size_t t = 0; t < 4; t++)
                 check_matmul(&p, types[a], shapes[s][0], shapes[s][1], Ts[t]);
+    pair_close(&p);
+}
+
+/* ---- quantized weights ---- */
+
+static const uint32_t q_types[] = {GGML_Q4_0, GGML_Q4_1, GGML_Q5_0,   GGML_Q5_1,
+                                   GGML_Q8_0, GGML_Q2_K, GGML_Q3_K,   GGML_Q4_K,
+                                   GGML_Q5_K, GGML_Q6_K, GGML_IQ4_NL, GGML_IQ4_XS};
+#define N_QTYPES (sizeof(q_types) / sizeof(q_types[0]))
+
+/* rows x cols of the type from random weights (IQ4_XS, which has no quantizer here: random
+ * blocks with a sane scale) */
+static uint8_t *q_weight(uint32_t type, uint32_t rows, uint32_t cols, uint64_t seed, size_t *rb) {
+    *rb = eng_q_block_bytes(type) * (cols / eng_q_block_elems(type));
+    uint8_t *wd = malloc(*rb * rows);
+    float *wf = malloc(sizeof(float) * cols);
+    uint64_t rng = seed;
+    for (uint32_t r = 0; r < rows; r++) {
+        uint8_t *row = wd + (size_t)r * *rb;
+        if (type == GGML_IQ4_XS) {
+            for (size_t i = 0; i < *rb; i++) row[i] = (uint8_t)(frand(&rng) * 128 + 128);
+            for (size_t b = 0; b < *rb; b += eng_q_block_bytes(type)) {
+                uint16_t d = eng_f32_to_f16(0.002f * (1.5f + frand(&rng)));
+                memcpy(row + b, &d, 2);
+            }
+            continue;
+        }
+        for (uint32_t i = 0; i < cols; i++) wf[i] = frand(&rng);
+        cr_assert_eq(eng_q_quantize_row(type, wf, row, cols), 0);
+    }
+    free(wf);
+    return wd;
+}
+
+/* The GEMV's arithmetic on the host in double: each token's activations in 8 bits per 32 as
+ * cu_quantize_q8 rounds them, times the dequantized weight. */
+static void ref_matmul_q8(const eng_tensor_t *w, const float *x, float *y, uint32_t T) {
+    float *row = malloc(sizeof(float) * w->cols), *xq = malloc(sizeof(float) * w->cols);
+    float *xd = malloc(sizeof(float) * w->cols / 32);
+    for (uint32_t t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * w->cols;
+        for (uint32_t b = 0; b < w->cols / 32; b++) {
+            float amax = 0;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xt[32 * b + i]));
+            float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+            xd[b] = d;
+            for (int i = 0; i < 32; i++) xq[32 * b + i] = nearbyintf(xt[32 * b + i] * id);
+        }
+        for (uint32_t r = 0; r < w->rows; r++) {
+            eng_q_dequantize_row(w->type, (const uint8_t *)w->data + (size_t)r * w->row_bytes, row,
+                                 w->cols);
+            double acc = 0;
+            for (uint32_t b = 0; b < w->cols / 32; b++) {
+                double s = 0;
+                for (int i = 0; i < 32; i++) s += (double)row[32 * b + i] * xq[32 * b + i];
+                acc += s * xd[b];
+            }
+            y[(size_t)t * w->rows + r] = (float)acc;
+        }
+    }
+    free(row), free(xq), free(xd);
+}
+
+/* The prefill path on the host in double: the dequantized weight and the activations each
+ * rounded to F16. */
+static void ref_matmul_f16(const eng_tensor_t *w, const float *x, float *y, uint32_t T) {
+    float *row = malloc(sizeof(float) * w->cols);
+    for (uint32_t r = 0; r < w->rows; r++) {
+        eng_q_dequantize_row(w->type, (const uint8_t *)w->data + (size_t)r * w->row_bytes, row,
+                             w->cols);
+        for (uint32_t i = 0; i < w->cols; i++) row[i] = eng_f16_to_f32(eng_f32_to_f16(row[i]));
+        for (uint32_t t = 0; t < T; t++) {
+            double acc = 0;
+            for (uint32_t i = 0; i < w->cols; i++)
+                acc += (double)row[i] * eng_f16_to_f32(eng_f32_to_f16(x[(size_t)t * w->cols + i]));
+            y[(size_t)t * w->rows + r] = (float)acc;
+        }
+    }
+    free(row);
+}
+
+/* One quantized projection on the GPU: up to 32 tokens the GEMV, against its arithmetic on
+ * the host (summation order only); past that the F16 tiles, against theirs; and either way
+ * against the CPU backend, whose own 8-bit activations (per 256 for the K-quants) put it
+ * within about a percent. */
+static void check_qmatmul(pair_t *p, uint32_t type, uint32_t rows, uint32_t cols, uint32_t T) {
+    uint64_t rng = 7 + rows + cols * 3 + T * 5 + type * 11;
+    size_t rb;
+    uint8_t *wd = q_weight(type, rows, cols, rng, &rb);
+    float *x = malloc(sizeof(float) * T * cols), *yr = malloc(sizeof(float) * T * rows);
+    float *yc = malloc(sizeof(float) * T * rows), *yg = malloc(sizeof(float) * T * rows);
+    for (size_t i = 0; i < (size_t)T * cols; i++) x[i] = frand(&rng);
+    eng_tensor_t w = {type, rows, cols, rb, wd}, wg;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(p->gpu->ops->load_weight(p->gpu, &w, &wg, msg), 0, "%s", msg);
+    if (T <= 32)
+        ref_matmul_q8(&w, x, yr, T);
+    else
+        ref_matmul_f16(&w, x, yr, T);
+    p->cpu->ops->matmul(p->cpu, &w, x, yc, T);
+    float *dx = dev_f(p->gpu, x, (size_t)T * cols), *dy = dev_f(p->gpu, NULL, (size_t)T * rows);
+    static const int32_t ids[64];
+    static const uint32_t pos[64];
+    plan_t pl = {ids, pos, T, NULL, 0, NULL, 1, 1}; /* sized for T tokens */
+    gpu_begin(p->gpu, &pl);
+    p->gpu->ops->matmul(p->gpu, &wg, dx, dy, T);
+    gpu_end(p->gpu);
+    host_f(p->gpu, yg, dy, (size_t)T * rows);
+    double e = rel_err(yg, yr, (size_t)T * rows), ec = rel_err(yg, yc, (size_t)T * rows);
+    cr_expect_lt(e, 1e-5, "matmul %s %ux%u T=%u: rel err %g against the %s reference",
+                 gguf_type_name(type), rows, cols, T, e, T <= 32 ? "8-bit" : "F16");
+    cr_expect_lt(ec, 1.5e-2, "matmul %s %ux%u T=%u: rel err %g against the CPU",
+                 gguf_type_name(type), rows, cols, T, ec);
+    p->gpu->ops->free_weight(p->gpu, &wg);
+    p->gpu->ops->release(p->gpu, dx);
+    p->gpu->ops->release(p->gpu, dy);
+    free(x), free(yr), free(yc), free(yg), free(wd);
+}
+
+Test(cuda, test_quantized_matmul_matches_references_for_every_type_and_batch) {
+    pair_t p;
+    pair_open(&p);
+    /* rows not a multiple of the 4 rows of a GEMV block; 32-wide types also on 64 columns */
+    const uint32_t shapes[][2] = {{64, 64}, {172, 64}, {290, 768}, {1000, 256}};
+    const uint32_t Ts[] = {1, 3, 8, 12, 32, 33};
+    for (size_t a = 0; a < N_QTYPES; a++)
+        for (size_t s = 0; s < 4; s++) {
+            if (shapes[s][1] % eng_q_block_elems(q_types[a])) continue;
+            for (size_t t = 0; t < 6; t++)
+                check_qmatmul(&p, q_types[a], shapes[s][0], shapes[s][1], Ts[t]);
+        }
+    pair_close(&p);
+}
+
+/* Quantized weights go to the device as they are (no F16 copy), their rows come back exactly
+ * as engine/quant.c dequantizes them, and a type without kernels is refused by name. */
+Test(cuda, test_quantized_weights_stay_quantized_and_rows_are_exact) {
+    pair_t p;
+    pair_open(&p);
+    enum { R = 9, C = 512, T = 6 };
+    int32_t ids[T] = {0, 8, 3, 3, 5, 1};
+    uint32_t pos[T] = {0};
+    plan_t pl = {ids, pos, T, NULL, 0, NULL, 1, 1};
+    float *dy = dev_f(p.gpu, NULL, T * C), *yg = malloc(sizeof(float) * T * C);
+    float *want = malloc(sizeof(float) * C);
+    char msg[ENG_ERRMSG_LEN];
+    for (size_t a = 0; a < N_QTYPES; a++) {
+        size_t rb;
+        uint8_t *wd = q_weight(q_types[a], R, C, 31 + a, &rb), *back = malloc(rb * R);
+        eng_tensor_t w = {q_types[a], R, C, rb, wd}, wg;
+        cr_assert_eq(p.gpu->ops->load_weight(p.gpu, &w, &wg, msg), 0, "%s", msg);
+        const char *name = gguf_type_name(q_types[a]);
+        cr_expect_eq(wg.type, q_types[a], "%s stays %s on the device", name, name);
+        cr_expect_eq(wg.row_bytes, rb, "%s: %zu bytes a row on the device", name, wg.row_bytes);
+        p.gpu->ops->download(p.gpu, back, wg.data, rb * R);
+        cr_expect_eq(memcmp(back, wd, rb * R), 0, "%s: the device holds the file's blocks", name);
+        gpu_begin(p.gpu, &pl);
+        p.gpu->ops->get_rows(p.gpu, &wg, ids, T, dy);
+        gpu_end(p.gpu);
+        host_f(p.gpu, yg, dy, T * C);
+        for (int t = 0; t < T; t++) {
+            eng_q_dequantize_row(q_types[a], wd + (size_t)ids[t] * rb, want, C);
+            cr_expect_eq(memcmp(yg + (size_t)t * C, want, sizeof(float) * C), 0,
+                         "%s: row %d bit-exact with eng_q_dequantize_row", name, ids[t]);
+        }
+        p.gpu->ops->free_weight(p.gpu, &wg);
+        free(wd), free(back);
+    }
+    uint8_t junk[64] = {0};
+    eng_tensor_t bad = {16 /* IQ2_XXS */, 1, 256, 66, junk}, bg;
+    cr_expect_eq(p.gpu->ops->load_weight(p.gpu, &bad, &bg, msg), ENG_EUNSUPPORTED);
+    cr_expect(strstr(msg, "type 16"), "the type is named: %s", msg);
+    p.gpu->ops->release(p.gpu, dy);
+    free(yg), free(want);
     pair_close(&p);
 }
 
@@ -246,9 +417,7 @@ Test(cuda, test_row_ops_match_cpu) {
         p.gpu->ops->get_rows(p.gpu, &wg, ids, T, dy);
         gpu_end(p.gpu);
         host_f(p.gpu, yg, dy, T * 64);
-        /* Q8_0 is dequantized to F16 at load: one F16 rounding of d * q */
-        double tol = types[a] == GGML_Q8_0 ? 2e-3 : 1e-7;
-        cr_expect_lt(max_abs(yg, yc, T * 64), tol, "get_rows %s", gguf_type_name(types[a]));
+        cr_expect_eq(max_abs(yg, yc, T * 64), 0, "get_rows %s", gguf_type_name(types[a]));
         p.gpu->ops->free_weight(p.gpu, &wg);
     }
     float *bufs[] = {dx, dw, du, dy, dff};

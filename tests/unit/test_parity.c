@@ -406,7 +406,7 @@ static const char *quantized_path(const char *name) {
     return path;
 }
 
-static void check_synthetic(const cJSON *e) {
+static void check_synthetic(const cJSON *e, eng_device_t dev) {
     const char *name = cJSON_GetObjectItem(e, "model")->valuestring;
     const char *path = strchr(name, '@') ? quantized_path(name) : synth_path(name);
     char want_hash[17], msg[ENG_ERRMSG_LEN];
@@ -419,7 +419,7 @@ static void check_synthetic(const cJSON *e) {
     cr_assert_eq(eng_model_load(&m, path, msg), 0, "%s", msg);
     eng_ctx_params_t cp;
     eng_ctx_params_default(&cp);
-    cp.device = ENG_DEVICE_CPU;
+    cp.device = dev;
     cp.n_ctx = 256;
     cp.max_seqs = 1;
     cp.kv_f16 = true;
@@ -478,10 +478,11 @@ static void check_synthetic(const cJSON *e) {
                          name, p, got, want, gap);
     }
     fprintf(stderr,
-            "parity %s: greedy equal for %zu of %zu tokens; forced top-1 equal at %zu of %zu "
+            "parity %s%s: greedy equal for %zu of %zu tokens; forced top-1 equal at %zu of %zu "
             "positions with a gap > %.2f (llama.cpp flash vs plain attention: %.0f differ); "
             "largest top-5 logit difference %.5f (llama.cpp's own %.5f)\n",
-            name, same, n_gen, checked - disagree, checked, GAP_MIN, self_dis, max_diff, self_max);
+            name, dev == ENG_DEVICE_CUDA ? " (CUDA)" : "", same, n_gen, checked - disagree, checked,
+            GAP_MIN, self_dis, max_diff, self_max);
     /* and the logits no further from llama.cpp's than llama.cpp's own kernels are apart */
     cr_expect_leq(max_diff, 1.5 * self_max + 0.01,
                   "%s: logit difference %.5f, llama.cpp's own %.5f", name, max_diff, self_max);
@@ -496,9 +497,26 @@ Test(parity, test_synthetic_models_equal_llama_cpp) {
     const cJSON *e;
     int n = 0;
     cJSON_ArrayForEach(e, cJSON_GetObjectItem(fx, "models")) {
-        check_synthetic(e);
+        check_synthetic(e, ENG_DEVICE_CPU);
         n++;
     }
     cr_expect_geq(n, 44, "the fixture covers every architecture, weight type and mixture");
+    cJSON_Delete(fx);
+}
+
+/* The CUDA backend's quantized kernels end to end (the emulator where there is no GPU): every
+ * quantized synthetic model (each type and mixture, four architectures) held to llama.cpp's
+ * answers by the same rules as the CPU. */
+Test(cuda, test_quantized_synthetic_models_equal_llama_cpp) {
+    need_cuda_gpu();
+    cJSON *fx = load_json("tests/fixtures/reference/synthetic.json");
+    const cJSON *e;
+    int n = 0;
+    cJSON_ArrayForEach(e, cJSON_GetObjectItem(fx, "models")) {
+        if (!strchr(cJSON_GetObjectItem(e, "model")->valuestring, '@')) continue;
+        check_synthetic(e, ENG_DEVICE_CUDA);
+        n++;
+    }
+    cr_expect_geq(n, 20, "every quantized type and mixture");
     cJSON_Delete(fx);
 }
