@@ -34,6 +34,7 @@ typedef struct {
     uint32_t n_ctx;
     uint8_t *xq; /* the step's activations quantized for the current matmul */
     size_t xq_len;
+    bool no_tiles; /* TIDALD_ATTN_TILES=0: prefill attention query by query (for comparison) */
 } cpu_ctx_t;
 
 static cpu_ctx_t *ctx_of(eng_backend_t *be) {
@@ -313,6 +314,7 @@ typedef struct {
     uint32_t n_seqs;
     const size_t *task0; /* first task index of each sequence */
     float *out;
+    bool tiles; /* prefill slices run as tiles (attend_tile) */
 } attn_job_t;
 
 /* Online-softmax state of one (query, head): running max m, sum l = sum w_i, the weighted
@@ -478,6 +480,93 @@ static uint32_t select_positions(const eng_attn_seq_t *s, uint32_t n, const floa
     return m;
 }
 
+/* Prefill tiles: the queries of a dense slice but its last (which carries the telemetry) go
+ * TILE_Q at a time with every head of one KV-head group, TILE_ROWS query rows or more, so each
+ * key and value row is read once for all of them (simd.dots, simd.wsum) instead of once per
+ * query and head. The arithmetic per (query, head) is attend()'s: the same chunks, the same
+ * online-softmax rescaling, the same order of additions. */
+#define TILE_ROWS 16
+static uint32_t tile_q(const eng_attn_shape_t *sh) {
+    uint32_t g = sh->n_head / sh->n_head_kv;
+    return g >= TILE_ROWS ? 1 : TILE_ROWS / g;
+}
+static bool tiled(const eng_attn_seq_t *s) {
+    return s->kind == ENG_ATT_DENSE && s->n_q > 1;
+}
+static size_t n_tiles(const eng_attn_seq_t *s, const eng_attn_shape_t *sh) {
+    return (size_t)((s->n_q - 1 + tile_q(sh) - 1) / tile_q(sh)) * sh->n_head_kv;
+}
+/* scratch floats one tile needs */
+static size_t tile_floats(const eng_attn_shape_t *sh, uint32_t block_size) {
+    size_t R = (size_t)tile_q(sh) * (sh->n_head / sh->n_head_kv), hd = sh->head_dim;
+    return 2 * R * hd + R * block_size + 2 * (size_t)block_size * hd + 2 * R;
+}
+
+static void attend_tile(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t q0, uint32_t g,
+                        float *buf) {
+    const eng_attn_shape_t *sh = j->sh;
+    const kv_seq_t *seq = s->seq;
+    const kv_pool_t *pool = seq->pool;
+    uint32_t G = sh->n_head / sh->n_head_kv, hd = sh->head_dim, bs = pool->block_size;
+    uint32_t nq = s->n_q - 1 - q0 < tile_q(sh) ? s->n_q - 1 - q0 : tile_q(sh), R = nq * G;
+    float *Q = buf, *O = Q + (size_t)R * hd, *P = O + (size_t)R * hd, *Kf = P + (size_t)R * bs;
+    float *Vf = Kf + (size_t)bs * hd, *m = Vf + (size_t)bs * hd, *l = m + R;
+    for (uint32_t qq = 0; qq < nq; qq++) /* the tile's rows: query-major, heads of the group */
+        memcpy(Q + (size_t)qq * G * hd,
+               j->q + (((size_t)s->q_start + q0 + qq) * sh->n_head + (size_t)g * G) * hd,
+               sizeof(float) * G * hd);
+    memset(O, 0, sizeof(float) * R * hd);
+    for (uint32_t r = 0; r < R; r++) m[r] = -INFINITY, l[r] = 0;
+    /* query q0 + qq at position pos0 + q0 + qq sees keys [lo, pos]: lo from the window */
+    uint32_t first = s->pos0 + q0, last = first + nq - 1;
+    uint32_t lo0 = sh->window && first + 1 > sh->window ? first + 1 - sh->window : 0;
+    size_t off = (size_t)g * hd * pool->elem, stride = (size_t)pool->kv_dim;
+    bool f16 = pool->elem == 2;
+    for (uint32_t p0 = lo0; p0 <= last;) {
+        uint32_t end = (p0 / bs + 1) * bs, nk = (end < last + 1 ? end : last + 1) - p0;
+        const char *kb = (const char *)kv_seq_kp(seq, j->layer, p0) + off;
+        const char *vb = (const char *)kv_seq_vp(seq, j->layer, p0) + off;
+        const float *K = (const float *)kb, *V = (const float *)vb;
+        size_t ld = stride;
+        if (f16) { /* converted once for every row of the tile */
+            for (uint32_t i = 0; i < nk; i++) {
+                simd.f16_to_f32((const uint16_t *)kb + i * stride, Kf + (size_t)i * hd, hd);
+                simd.f16_to_f32((const uint16_t *)vb + i * stride, Vf + (size_t)i * hd, hd);
+            }
+            K = Kf, V = Vf, ld = hd;
+        }
+        simd.dots(Q, hd, R, K, ld, nk, hd, P, bs);
+        for (uint32_t r = 0; r < R; r++) {
+            uint32_t pos = first + r / G,
+                     lo = sh->window && pos + 1 > sh->window ? pos + 1 - sh->window : 0;
+            float *pr = P + (size_t)r * bs, bm = -INFINITY;
+            for (uint32_t i = 0; i < nk; i++) {
+                uint32_t p = p0 + i;
+                pr[i] = p < lo || p > pos ? -INFINITY : pr[i] * sh->scale;
+                if (pr[i] > bm) bm = pr[i];
+            }
+            if (bm > m[r]) {
+                float rs = expf(m[r] - bm), *o = O + (size_t)r * hd;
+                for (uint32_t d = 0; d < hd; d++) o[d] *= rs;
+                l[r] *= rs;
+                m[r] = bm;
+            }
+            for (uint32_t i = 0; i < nk; i++) {
+                float w = pr[i] == -INFINITY ? 0.0f : expf(pr[i] - m[r]);
+                if (pr[i] != -INFINITY) l[r] += w;
+                pr[i] = w;
+            }
+        }
+        simd.wsum(O, hd, R, P, bs, V, ld, nk, hd);
+        p0 += nk;
+    }
+    for (uint32_t r = 0; r < R; r++) {
+        float inv = 1.0f / l[r], *o = O + (size_t)r * hd;
+        float *dst = j->out + (((size_t)s->q_start + q0 + r / G) * sh->n_head + g * G + r % G) * hd;
+        for (uint32_t d = 0; d < hd; d++) dst[d] = o[d] * inv;
+    }
+}
+
 /* One task: a (query, head), or for a per-group selection a (query, KV head). */
 static void attn_task(const attn_job_t *j, const eng_attn_seq_t *s, size_t local, scratch_t *w) {
     const eng_attn_shape_t *sh = j->sh;
@@ -507,14 +596,22 @@ static void attn_task(const attn_job_t *j, const eng_attn_seq_t *s, size_t local
         attend(j, s, 0, h, NULL, 0, w, w->all);
         s->n_sel[h] =
             select_positions(s, s->pos0 + 1, w->all, w->idx, s->sel + (size_t)h * s->budget);
+    } else if (j->tiles && tiled(s)) { /* the tiles, then the last query head by head */
+        size_t nt = n_tiles(s, sh);
+        if (local < nt)
+            attend_tile(j, s, (uint32_t)(local / sh->n_head_kv) * tile_q(sh),
+                        (uint32_t)(local % sh->n_head_kv), w->chunk);
+        else
+            attend(j, s, s->n_q - 1, (uint32_t)(local - nt), NULL, 0, w, NULL);
     } else {
         attend(j, s, (uint32_t)(local / sh->n_head), (uint32_t)(local % sh->n_head), NULL, 0, w,
                NULL);
     }
 }
 
-static size_t tasks_of(const eng_attn_seq_t *s, const eng_attn_shape_t *sh) {
+static size_t tasks_of(const eng_attn_seq_t *s, const eng_attn_shape_t *sh, bool tiles) {
     if (s->kind == ENG_ATT_SELECT && s->per_group) return sh->n_head_kv;
+    if (tiles && tiled(s)) return n_tiles(s, sh) + sh->n_head;
     return (size_t)s->n_q * sh->n_head;
 }
 
@@ -535,11 +632,18 @@ static void cpu_attention(eng_backend_t *be, const eng_attn_shape_t *sh, uint32_
     if (!n_seqs) return;
     size_t *task0 = c->task0; /* sized by cpu_reserve() for the maximum batch */
     size_t n = 0;
+    /* tiles where some slice is a prefill and every worker's scratch can hold one */
+    bool tiles = false;
+    for (uint32_t i = 0; i < n_seqs && !tiles; i++) tiles = tiled(&seqs[i]);
+    if (tiles && !c->no_tiles)
+        tiles = ensure_scratch(c, tile_floats(sh, seqs[0].seq->pool->block_size)) == 0;
+    else
+        tiles = false;
     for (uint32_t i = 0; i < n_seqs; i++) {
         task0[i] = n;
-        n += tasks_of(&seqs[i], sh);
+        n += tasks_of(&seqs[i], sh, tiles);
     }
-    attn_job_t j = {c, sh, layer, q, seqs, n_seqs, task0, out};
+    attn_job_t j = {c, sh, layer, q, seqs, n_seqs, task0, out, tiles};
     pool_run(c->pool, attn_range, &j, n, 1);
 }
 
@@ -834,6 +938,8 @@ int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg) {
     be->ops = &cpu_ops;
     be->ctx = c;
     c->n_threads = n_threads;
+    const char *tiles = getenv("TIDALD_ATTN_TILES");
+    c->no_tiles = tiles && strcmp(tiles, "0") == 0;
     c->scratch = calloc((size_t)n_threads, sizeof(float *));
     c->big = calloc((size_t)n_threads, sizeof(float *));
     c->pool = pool_create(n_threads);

@@ -58,6 +58,18 @@ static void axpy_f16_scalar(float *y, float a, const uint16_t *x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += a * eng_f16_to_f32(x[i]);
 }
 
+static void dots_scalar(const float *q, size_t ldq, size_t R, const float *k, size_t ldk, size_t nk,
+                        size_t n, float *out, size_t ldo) {
+    for (size_t r = 0; r < R; r++)
+        for (size_t i = 0; i < nk; i++) out[r * ldo + i] = dot_scalar(q + r * ldq, k + i * ldk, n);
+}
+
+static void wsum_scalar(float *o, size_t ldo, size_t R, const float *w, size_t ldw, const float *v,
+                        size_t ldv, size_t nk, size_t n) {
+    for (size_t r = 0; r < R; r++)
+        for (size_t i = 0; i < nk; i++) axpy_scalar(o + r * ldo, w[r * ldw + i], v + i * ldv, n);
+}
+
 /* ---- AVX2 + FMA ------------------------------------------------------ */
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -206,6 +218,65 @@ AVX2 static void axpy_f16_avx2(float *y, float a, const uint16_t *x, size_t n) {
 
 /* ---- AVX-512F -------------------------------------------------------- */
 
+/* dot_avx2's arithmetic for four query rows against one key: two accumulators per row */
+AVX2 static void dots_avx2(const float *q, size_t ldq, size_t R, const float *k, size_t ldk,
+                           size_t nk, size_t n, float *out, size_t ldo) {
+    size_t r = 0;
+    for (; r + 4 <= R; r += 4)
+        for (size_t j = 0; j < nk; j++) {
+            const float *kj = k + j * ldk;
+            __m256 s0[4], s1[4];
+            for (int a = 0; a < 4; a++) s0[a] = _mm256_setzero_ps(), s1[a] = _mm256_setzero_ps();
+            size_t i = 0;
+            for (; i + 16 <= n; i += 16) {
+                __m256 k0 = _mm256_loadu_ps(kj + i), k1 = _mm256_loadu_ps(kj + i + 8);
+                for (int a = 0; a < 4; a++) {
+                    const float *qa = q + (r + a) * ldq;
+                    s0[a] = _mm256_fmadd_ps(_mm256_loadu_ps(qa + i), k0, s0[a]);
+                    s1[a] = _mm256_fmadd_ps(_mm256_loadu_ps(qa + i + 8), k1, s1[a]);
+                }
+            }
+            for (; i + 8 <= n; i += 8) {
+                __m256 k0 = _mm256_loadu_ps(kj + i);
+                for (int a = 0; a < 4; a++)
+                    s0[a] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (r + a) * ldq + i), k0, s0[a]);
+            }
+            for (int a = 0; a < 4; a++) {
+                const float *qa = q + (r + a) * ldq;
+                float s = hsum256(_mm256_add_ps(s0[a], s1[a]));
+                for (size_t t = i; t < n; t++) s += qa[t] * kj[t];
+                out[(r + a) * ldo + j] = s;
+            }
+        }
+    for (; r < R; r++)
+        for (size_t j = 0; j < nk; j++) out[r * ldo + j] = dot_avx2(q + r * ldq, k + j * ldk, n);
+}
+
+/* four query rows' 8-wide slices of o in registers while the keys go by */
+AVX2 static void wsum_avx2(float *o, size_t ldo, size_t R, const float *w, size_t ldw,
+                           const float *v, size_t ldv, size_t nk, size_t n) {
+    size_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+        size_t d = 0;
+        for (; d + 8 <= n; d += 8) {
+            __m256 acc[4];
+            for (int a = 0; a < 4; a++) acc[a] = _mm256_loadu_ps(o + (r + a) * ldo + d);
+            for (size_t i = 0; i < nk; i++) {
+                __m256 vv = _mm256_loadu_ps(v + i * ldv + d);
+                for (int a = 0; a < 4; a++)
+                    acc[a] = _mm256_fmadd_ps(_mm256_set1_ps(w[(r + a) * ldw + i]), vv, acc[a]);
+            }
+            for (int a = 0; a < 4; a++) _mm256_storeu_ps(o + (r + a) * ldo + d, acc[a]);
+        }
+        for (int a = 0; a < 4; a++)
+            for (size_t i = 0; i < nk; i++)
+                for (size_t t = d; t < n; t++)
+                    o[(r + a) * ldo + t] += w[(r + a) * ldw + i] * v[i * ldv + t];
+    }
+    for (; r < R; r++)
+        for (size_t i = 0; i < nk; i++) axpy_avx2(o + r * ldo, w[r * ldw + i], v + i * ldv, n);
+}
+
 #define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 
 AVX512 static float dot_avx512(const float *a, const float *b, size_t n) {
@@ -307,18 +378,69 @@ AVX512 static void tile4x3_avx512(const float *rows, size_t n, const float *cons
     memcpy(out, s, sizeof(s));
 }
 
+/* dot_avx512's arithmetic for four query rows against one key */
+AVX512 static void dots_avx512(const float *q, size_t ldq, size_t R, const float *k, size_t ldk,
+                               size_t nk, size_t n, float *out, size_t ldo) {
+    size_t r = 0;
+    for (; r + 4 <= R; r += 4)
+        for (size_t j = 0; j < nk; j++) {
+            const float *kj = k + j * ldk;
+            __m512 s0[4];
+            for (int a = 0; a < 4; a++) s0[a] = _mm512_setzero_ps();
+            size_t i = 0;
+            for (; i + 16 <= n; i += 16) {
+                __m512 kv = _mm512_loadu_ps(kj + i);
+                for (int a = 0; a < 4; a++)
+                    s0[a] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (r + a) * ldq + i), kv, s0[a]);
+            }
+            for (int a = 0; a < 4; a++) {
+                const float *qa = q + (r + a) * ldq;
+                float s = _mm512_reduce_add_ps(s0[a]);
+                for (size_t t = i; t < n; t++) s += qa[t] * kj[t];
+                out[(r + a) * ldo + j] = s;
+            }
+        }
+    for (; r < R; r++)
+        for (size_t j = 0; j < nk; j++) out[r * ldo + j] = dot_avx512(q + r * ldq, k + j * ldk, n);
+}
+
+/* four query rows' 16-wide slices of o in registers while the keys go by */
+AVX512 static void wsum_avx512(float *o, size_t ldo, size_t R, const float *w, size_t ldw,
+                               const float *v, size_t ldv, size_t nk, size_t n) {
+    size_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+        size_t d = 0;
+        for (; d + 16 <= n; d += 16) {
+            __m512 acc[4];
+            for (int a = 0; a < 4; a++) acc[a] = _mm512_loadu_ps(o + (r + a) * ldo + d);
+            for (size_t i = 0; i < nk; i++) {
+                __m512 vv = _mm512_loadu_ps(v + i * ldv + d);
+                for (int a = 0; a < 4; a++)
+                    acc[a] = _mm512_fmadd_ps(_mm512_set1_ps(w[(r + a) * ldw + i]), vv, acc[a]);
+            }
+            for (int a = 0; a < 4; a++) _mm512_storeu_ps(o + (r + a) * ldo + d, acc[a]);
+        }
+        for (int a = 0; a < 4; a++)
+            for (size_t i = 0; i < nk; i++)
+                for (size_t t = d; t < n; t++)
+                    o[(r + a) * ldo + t] += w[(r + a) * ldw + i] * v[i * ldv + t];
+    }
+    for (; r < R; r++)
+        for (size_t i = 0; i < nk; i++) axpy_avx512(o + r * ldo, w[r * ldw + i], v + i * ldv, n);
+}
+
 /* ---- dispatch -------------------------------------------------------- */
 
 /* AVX-512 reuses the AVX2 F16 KV kernels: head sizes are small, the halves a 256-bit load */
-static const simd_ops_t ops_scalar = {"scalar",       dot4_scalar,    dot_scalar,
-                                      axpy_scalar,    f16_scalar,     dot4_f16_scalar,
-                                      tile4x3_scalar, dot_f16_scalar, axpy_f16_scalar};
-static const simd_ops_t ops_avx2 = {"avx2",       dot4_avx2,    dot_avx2,
-                                    axpy_avx2,    f16_avx2,     dot4_f16_avx2,
-                                    tile4x3_avx2, dot_f16_avx2, axpy_f16_avx2};
-static const simd_ops_t ops_avx512 = {"avx512",       dot4_avx512,  dot_avx512,
-                                      axpy_avx512,    f16_avx512,   dot4_f16_avx512,
-                                      tile4x3_avx512, dot_f16_avx2, axpy_f16_avx2};
+static const simd_ops_t ops_scalar = {
+    "scalar",       dot4_scalar,    dot_scalar,      axpy_scalar, f16_scalar, dot4_f16_scalar,
+    tile4x3_scalar, dot_f16_scalar, axpy_f16_scalar, dots_scalar, wsum_scalar};
+static const simd_ops_t ops_avx2 = {"avx2",        dot4_avx2,     dot_avx2,     axpy_avx2,
+                                    f16_avx2,      dot4_f16_avx2, tile4x3_avx2, dot_f16_avx2,
+                                    axpy_f16_avx2, dots_avx2,     wsum_avx2};
+static const simd_ops_t ops_avx512 = {"avx512",      dot4_avx512,     dot_avx512,     axpy_avx512,
+                                      f16_avx512,    dot4_f16_avx512, tile4x3_avx512, dot_f16_avx2,
+                                      axpy_f16_avx2, dots_avx512,     wsum_avx512};
 
 simd_ops_t simd; /* set by simd_init() / simd_select() before any kernel runs */
 

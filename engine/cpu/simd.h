@@ -26,6 +26,14 @@ typedef struct {
     /* F16 KV cache: dot(a, half b) and y += a * half x */
     float (*dot_f16)(const float *a, const uint16_t *b, size_t n);
     void (*axpy_f16)(float *y, float a, const uint16_t *x, size_t n);
+    /* Prefill attention over a tile of R query rows (rows of q and o n floats, ld apart):
+     * out[r * ldo + i] = dot(q + r * ldq, k + i * ldk) for i < nk, each computed as dot()
+     * computes it; and o[r * ldo + d] += sum over i < nk of w[r * ldw + i] * v[i * ldv + d], in
+     * the order axpy() adds them: each row of k or v is loaded once for several query rows. */
+    void (*dots)(const float *q, size_t ldq, size_t R, const float *k, size_t ldk, size_t nk,
+                 size_t n, float *out, size_t ldo);
+    void (*wsum)(float *o, size_t ldo, size_t R, const float *w, size_t ldw, const float *v,
+                 size_t ldv, size_t nk, size_t n);
 } simd_ops_t;
 
 extern simd_ops_t simd;

@@ -148,10 +148,12 @@ Test(kernels, test_geglu_matches_reference_with_f16_rounding) {
 }
 
 /* Paged attention for several sequences of different lengths and a block size that does not
- * divide them, against contiguous reference attention. */
+ * divide them, against contiguous reference attention; and the prefill slices (5 and 30
+ * queries: whole and partial tiles of 4 queries x 4 heads) bit for bit what the same backend
+ * computes query by query (TIDALD_ATTN_TILES=0). */
 static void paged_attention_case(uint32_t window) {
     const uint32_t n_head = 8, n_kv = 2, hd = 16, kvd = n_kv * hd, L = 2, layer = 1;
-    const uint32_t lens[3] = {1, 23, 70}, nq[3] = {1, 5, 1}; /* last nq tokens are queries */
+    const uint32_t lens[3] = {1, 23, 70}, nq[3] = {1, 5, 30}; /* last nq tokens are queries */
     eng_attn_shape_t sh = {n_head, n_kv, hd, 1.0f / sqrtf((float)hd), window};
     kv_pool_t pool;
     char msg[ENG_ERRMSG_LEN];
@@ -178,6 +180,7 @@ static void paged_attention_case(uint32_t window) {
     float *q = malloc(sizeof(float) * total_q * n_head * hd);
     float *out = malloc(sizeof(float) * total_q * n_head * hd);
     float *ref = malloc(sizeof(float) * n_head * hd);
+    float *out1 = malloc(sizeof(float) * total_q * n_head * hd);
     for (size_t i = 0; i < (size_t)total_q * n_head * hd; i++) q[i] = frand(&rng);
     eng_attn_seq_t as[3];
     uint32_t row = 0;
@@ -198,13 +201,21 @@ static void paged_attention_case(uint32_t window) {
                              j, e);
             }
         be->ops->destroy(be);
+        setenv("TIDALD_ATTN_TILES", "0", 1);
+        be = make_backend(2);
+        unsetenv("TIDALD_ATTN_TILES");
+        be->ops->attention(be, &sh, layer, q, as, 3, out1);
+        cr_expect_eq(memcmp(out, out1, sizeof(float) * total_q * n_head * hd), 0,
+                     "%s window %u: tiled prefill attention differs from query by query", paths[p],
+                     window);
+        be->ops->destroy(be);
     }
     for (int s = 0; s < 3; s++) {
         kv_seq_close(&seq[s]);
         free(k[s]), free(v[s]);
     }
     kv_pool_close(&pool);
-    free(q), free(out), free(ref);
+    free(q), free(out), free(ref), free(out1);
 }
 
 Test(kernels, test_paged_attention_matches_contiguous_reference) {
