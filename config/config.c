@@ -79,6 +79,8 @@ static const flag_t gen_flags[] = {
     {"--kv-block-size", F_INT, 1, 4096, OFF(block_size), "N",
      "KV cache tokens per block: the eviction granularity (default 16)"},
     {"--kv-type", F_STR, 0, 0, OFF(kv_type), "TYPE", "KV cache values: f16 or f32 (default f16)"},
+    {"--swa-full", F_BOOL, 0, 0, OFF(swa_full), "",
+     "sliding-window models: keep every position of the local layers too"},
     {"--evict-chunk", F_INT, 0, 1 << 24, OFF(evict_chunk), "N",
      "tokens evicted when the window fills, block-rounded (default window/8)"},
     {"--no-eviction", F_BOOL, 0, 0, OFF(no_eviction), "",
@@ -307,6 +309,9 @@ static const opt_t opts[] = {
      "KV cache values: f16 (half the memory and attention reads) or f32"},
     {"kv_mem_mb", V_INT, COFF(kv_mem_mb), "0", 0, 1 << 24,
      "KV cache budget in MiB, 0 = max_running full contexts (at most half the RAM)"},
+    {"swa_full", V_BOOL, COFF(swa_full), "false", 0, 0,
+     "sliding-window models: keep every position of the local layers too (default: they hold "
+     "their window, in a pool of their own)"},
     {"default_max_tokens", V_INT, COFF(default_max_tokens), "256", 1, 1 << 24,
      "max_tokens when a request gives none"},
     {"max_nonstream_tokens", V_INT, COFF(max_nonstream_tokens), "16384", 1, 1 << 24,

@@ -37,6 +37,7 @@ typedef struct {
     int32_t sinks;       /* attention-sink tokens kept by eviction */
     int32_t block_size;  /* KV cache tokens per block (eviction granularity) */
     const char *kv_type; /* f16 or f32 */
+    bool swa_full;       /* sliding-window models: keep every position of the local layers */
     int32_t evict_chunk; /* tokens evicted at a time, 0 = window/8 (block-rounded) */
     bool no_eviction;    /* stop at a full window instead of evicting */
     bool chunked;        /* perplexity as llama-perplexity computes it: --ctx-size chunks, halves */
@@ -92,6 +93,7 @@ typedef struct {
     /* attention: eviction and TidalDecode defaults, entropy-collapse detection */
     int64_t sinks;
     bool kv_eviction;
+    bool swa_full;
     char *kv_pressure; /* evict or preempt */
     char *attention;   /* full or tidal */
     int64_t token_budget;

@@ -118,6 +118,12 @@ typedef struct {
     uint32_t max_batch_tokens; /* tokens per forward call (default 512) */
     uint32_t max_seqs;         /* sequences per forward call (default 16) */
     bool kv_f16;               /* store keys and values as F16 (half the memory and reads) */
+    /* Sliding-window models: keep every position of the local layers too (llama.cpp's
+     * --swa-full). Off: the local layers' keys live in a pool of their own and return to it
+     * once out of the window, so they hold about window tokens per sequence. */
+    bool swa_full;
+    uint32_t sinks; /* sink tokens a sequence keeps (kv_seq_t.n_sinks, default 4): the split
+                       cache keeps their blocks in the local layers too */
 } eng_ctx_params_t;
 
 typedef struct eng_ctx eng_ctx_t;
@@ -140,7 +146,8 @@ void eng_ctx_device_info(const eng_ctx_t *c, eng_device_info_t *out);
 double eng_ctx_measure_bandwidth(eng_ctx_t *c);
 /* Copy bytes of the KV pool's value storage (kvcache.h's layout) from or to host memory, at a
  * byte offset: for tools and tests that build or inspect a cache directly, wherever the
- * backend keeps it. ENG_ERANGE past the pool's end. */
+ * backend keeps it. ENG_ERANGE past the pool's end. A split cache (sliding-window models)
+ * exposes its main pool, the global layers', here. */
 int eng_ctx_kv_upload(eng_ctx_t *c, size_t offset, const void *src, size_t bytes);
 int eng_ctx_kv_download(eng_ctx_t *c, size_t offset, void *dst, size_t bytes);
 /* Run fn(arg, i) for i < n on the context's host worker threads (serially if it has none). */

@@ -21,7 +21,9 @@ struct eng_ctx {
     eng_backend_t *be;
     pool_t *host_pool; /* host threads for eng_ctx_parallel_for when the backend has none */
     kv_pool_t pool;
-    void *pool_data; /* backend memory behind the pool */
+    void *pool_data;  /* backend memory behind the pool */
+    kv_pool_t lpool;  /* sliding-window models: the local layers' pool (attached to pool) */
+    void *lpool_data; /* its backend memory */
     eng_ctx_params_t p;
     /* the weights as the backend computes with them (the file's tensors on the CPU) */
     eng_tensor_t tok_embd, output;
@@ -50,6 +52,7 @@ void eng_ctx_params_default(eng_ctx_params_t *p) {
     p->block_size = 16;
     p->max_batch_tokens = 512;
     p->max_seqs = 16;
+    p->sinks = 4;
 }
 
 int eng_device_parse(const char *s) {
@@ -146,15 +149,37 @@ static void free_weights(eng_ctx_t *c) {
     c->layers = NULL;
 }
 
-/* Blocks for the KV pool: the budget asked for, else every sequence's full context capped by
- * what the device has left (GPU) or half the machine's memory (CPU), so with large models the
- * scheduler's pressure policy shares a smaller pool. */
-static uint32_t pool_blocks(eng_ctx_t *c, uint32_t kvd) {
+/* Layers of the model whose keys stay in the window: a split cache keeps them apart (none when
+ * swa_full asks for every position, or when the window spans the whole context). */
+static uint32_t split_local_layers(const eng_ctx_t *c) {
     const eng_hparams_t *hp = &c->m->hp;
+    if (c->p.swa_full || !hp->swa_window || hp->swa_window >= c->p.n_ctx) return 0;
+    uint32_t n = 0;
+    for (uint32_t l = 0; l < hp->n_layer; l++) n += eng_layer_is_swa(hp, l);
+    return n < hp->n_layer ? n : 0; /* every layer local: one pool, nothing to split */
+}
+
+/* Blocks of the local layers' pool that n_seqs sequences can hold live at once. A step's
+ * query at p sees (p - window, p], so a sequence appending n tokens touches at most
+ * (window + n - 2) / bs + 2 blocks, and the step appends max_batch_tokens at most; each
+ * sequence also keeps its sink blocks. */
+static uint64_t local_pool_blocks(const eng_ctx_t *c, uint32_t n_seqs) {
+    uint64_t bs = c->p.block_size, W = c->m->hp.swa_window;
+    return (uint64_t)n_seqs * ((W + bs - 1) / bs + 2 + (c->p.sinks + bs - 1) / bs) +
+           (c->p.max_batch_tokens + bs - 1) / bs;
+}
+
+/* Blocks for the KV pool of n_layer layers: the budget asked for (less what the local pool
+ * takes, local_bytes), else every sequence's full context capped by what the device has left
+ * (GPU) or half the machine's memory (CPU), so with large models the scheduler's pressure
+ * policy shares a smaller pool. */
+static uint32_t pool_blocks(eng_ctx_t *c, uint32_t n_layer, uint32_t kvd, size_t local_bytes) {
     uint32_t elem = c->p.kv_f16 ? 2 : 4;
     if (c->p.kv_mem_bytes)
-        return kv_pool_blocks_for_bytes_typed(hp->n_layer, kvd, c->p.block_size, c->p.kv_mem_bytes,
-                                              elem);
+        return c->p.kv_mem_bytes <= local_bytes
+                   ? 0
+                   : kv_pool_blocks_for_bytes_typed(n_layer, kvd, c->p.block_size,
+                                                    c->p.kv_mem_bytes - local_bytes, elem);
     uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size;
     uint64_t nb = per_seq * c->p.max_seqs;
     size_t avail = c->be->ops->kv_budget ? c->be->ops->kv_budget(c->be) : 0;
@@ -163,12 +188,63 @@ static uint32_t pool_blocks(eng_ctx_t *c, uint32_t kvd) {
         if (pages > 0 && psz > 0) avail = (size_t)((uint64_t)pages * (uint64_t)psz / 2);
     }
     if (avail) {
-        uint64_t cap =
-            kv_pool_blocks_for_bytes_typed(hp->n_layer, kvd, c->p.block_size, avail, elem);
+        avail = avail > local_bytes ? avail - local_bytes : 0;
+        uint64_t cap = kv_pool_blocks_for_bytes_typed(n_layer, kvd, c->p.block_size, avail, elem);
         if (cap < per_seq && !c->be->ops->kv_budget) cap = per_seq; /* one full context */
         if (nb > cap) nb = cap;
     }
     return nb > UINT32_MAX / 2 ? UINT32_MAX / 2 : (uint32_t)nb;
+}
+
+/* Allocate one pool's backend memory and set it up. */
+static int make_pool(eng_ctx_t *c, kv_pool_t *pool, void **data, uint32_t n_layer, uint32_t kvd,
+                     uint32_t n_blocks, char *msg) {
+    const eng_backend_ops_t *op = c->be->ops;
+    size_t bytes = kv_pool_bytes(n_layer, kvd, c->p.block_size, n_blocks, c->p.kv_f16);
+    if (!bytes || !(*data = op->alloc(c->be, bytes)))
+        return eng_fail(msg, ENG_ENOMEM, "cannot allocate a KV pool of %u blocks (%zu MiB) on %s",
+                        n_blocks, bytes >> 20, op->name);
+    return kv_pool_init_over(pool, n_layer, kvd, c->p.block_size, n_blocks, c->p.kv_f16, *data,
+                             msg);
+}
+
+/* The KV cache: one pool, or for a sliding-window model the global layers' pool with the local
+ * layers' pool attached. */
+static int make_kv_cache(eng_ctx_t *c, uint32_t kvd, char *msg) {
+    const eng_hparams_t *hp = &c->m->hp;
+    uint32_t n_local = split_local_layers(c), n_full = hp->n_layer - n_local;
+    uint32_t lblocks = 0;
+    size_t lbytes = 0;
+    if (n_local) {
+        /* room for max_seqs sequences' windows, never more than the full pool could hold (both
+         * share the logical blocks); under a KV budget at most half of it, but always one
+         * sequence's window and a step's tokens, so a sequence alone always progresses (the
+         * scheduler preempts for either pool) */
+        uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size;
+        uint64_t nb = local_pool_blocks(c, c->p.max_seqs);
+        if (nb > per_seq * c->p.max_seqs) nb = per_seq * c->p.max_seqs;
+        if (c->p.kv_mem_bytes) {
+            uint64_t half = kv_pool_blocks_for_bytes_typed(
+                n_local, kvd, c->p.block_size, c->p.kv_mem_bytes / 2, c->p.kv_f16 ? 2 : 4);
+            uint64_t one = local_pool_blocks(c, 1);
+            if (nb > half) nb = half > one ? half : one;
+        }
+        lblocks = nb > UINT32_MAX / 2 ? UINT32_MAX / 2 : (uint32_t)nb;
+        lbytes = kv_pool_bytes(n_local, kvd, c->p.block_size, lblocks, c->p.kv_f16);
+    }
+    uint32_t n_blocks = pool_blocks(c, n_full, kvd, lbytes);
+    if (n_blocks == 0)
+        return eng_fail(msg, ENG_EINVAL, "KV memory budget is smaller than one block%s",
+                        n_local ? " after the sliding-window layers' pool" : "");
+    int rc = make_pool(c, &c->pool, &c->pool_data, n_full, kvd, n_blocks, msg);
+    if (rc || !n_local) return rc;
+    if ((rc = make_pool(c, &c->lpool, &c->lpool_data, n_local, kvd, lblocks, msg))) return rc;
+    bool *is_local = malloc(sizeof(bool) * hp->n_layer);
+    if (!is_local) return eng_fail(msg, ENG_ENOMEM, "out of memory");
+    for (uint32_t l = 0; l < hp->n_layer; l++) is_local[l] = eng_layer_is_swa(hp, l);
+    rc = kv_pool_attach_local(&c->pool, &c->lpool, hp->swa_window, is_local, hp->n_layer, msg);
+    free(is_local);
+    return rc;
 }
 
 int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t *p, char *msg) {
@@ -239,20 +315,7 @@ int eng_ctx_create(eng_ctx_t **out, const eng_model_t *m, const eng_ctx_params_t
         c->rope[l] = (eng_rope_t){hp->n_rot, swa ? hp->rope_base_swa : hp->rope_base,
                                   swa ? 1.0f : hp->rope_freq_scale, hp->rope_neox, c->rope_freqs};
     }
-    uint32_t n_blocks = pool_blocks(c, kvd);
-    if (n_blocks == 0) {
-        rc = eng_fail(msg, ENG_EINVAL, "KV memory budget is smaller than one block");
-        goto fail;
-    }
-    size_t bytes = kv_pool_bytes(hp->n_layer, kvd, c->p.block_size, n_blocks, c->p.kv_f16);
-    if (!bytes || !(c->pool_data = op->alloc(c->be, bytes))) {
-        rc = eng_fail(msg, ENG_ENOMEM, "cannot allocate a KV pool of %u blocks (%zu MiB) on %s",
-                      n_blocks, bytes >> 20, op->name);
-        goto fail;
-    }
-    if ((rc = kv_pool_init_over(&c->pool, hp->n_layer, kvd, c->p.block_size, n_blocks, c->p.kv_f16,
-                                c->pool_data, msg)))
-        goto fail;
+    if ((rc = make_kv_cache(c, kvd, msg))) goto fail;
     *out = c;
     return 0;
 fail:
@@ -263,6 +326,7 @@ fail:
 void eng_ctx_free(eng_ctx_t *c) {
     if (!c) return;
     kv_pool_close(&c->pool);
+    kv_pool_close(&c->lpool);
     if (c->be) {
         eng_backend_t *be = c->be;
         free_weights(c);
@@ -273,6 +337,7 @@ void eng_ctx_free(eng_ctx_t *c) {
         be->ops->release(be, c->n_sel);
         be->ops->release(be, c->argmax_dev);
         be->ops->release(be, c->pool_data);
+        be->ops->release(be, c->lpool_data);
         be->ops->destroy(be);
     }
     if (c->host_pool) pool_destroy(c->host_pool);
@@ -498,16 +563,22 @@ static int prepare(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, uint
         c->sel = sel;
         c->sel_budget = budget;
     }
-    uint32_t need = 0;
+    uint32_t need = 0, lneed = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         kv_seq_t *s = items[i].seq;
         uint32_t want =
             (s->n_tokens + items[i].n_tokens + c->pool.block_size - 1) / c->pool.block_size;
         if (want > s->n_blocks) need += want - s->n_blocks;
+        kv_seq_drop_out_of_window(s); /* the local blocks no query of this step sees */
+        lneed += kv_seq_local_need(s, s->n_tokens + items[i].n_tokens);
     }
     if (need > c->pool.n_free)
         return eng_fail(msg, ENG_ENOSPACE, "KV cache needs %u free blocks, has %u", need,
                         c->pool.n_free);
+    if (lneed > c->lpool.n_free)
+        return eng_fail(msg, ENG_ENOSPACE,
+                        "KV cache needs %u free blocks for its sliding-window layers, has %u",
+                        lneed, c->lpool.n_free);
     for (uint32_t i = 0; i < n_items; i++) {
         int rc = kv_seq_reserve(items[i].seq, items[i].seq->n_tokens + items[i].n_tokens);
         if (rc) return eng_fail(msg, rc, "KV reservation failed");

@@ -83,7 +83,40 @@ void kv_pool_close(kv_pool_t *p) {
     if (p->own_data) free(p->data);
     free(p->free_list);
     free(p->refs);
+    free(p->layer_slot);
+    free(p->layer_local);
     memset(p, 0, sizeof(*p));
+}
+
+int kv_pool_attach_local(kv_pool_t *full, kv_pool_t *local, uint32_t window, const bool *is_local,
+                         uint32_t n_model_layers, char *msg) {
+    uint32_t n_local = 0;
+    for (uint32_t l = 0; l < n_model_layers; l++) n_local += is_local[l];
+    if (full->local || !window || n_local != local->n_layer ||
+        n_model_layers - n_local != full->n_layer || local->kv_dim != full->kv_dim ||
+        local->block_size != full->block_size || local->elem != full->elem)
+        return eng_fail(msg, ENG_EINVAL,
+                        "KV pool split: %u local of %u layers do not match pools of %u and %u "
+                        "layers (or their shapes differ)",
+                        n_local, n_model_layers, full->n_layer, local->n_layer);
+    full->layer_slot = malloc(sizeof(uint32_t) * n_model_layers);
+    full->layer_local = malloc(n_model_layers);
+    if (!full->layer_slot || !full->layer_local) {
+        free(full->layer_slot);
+        free(full->layer_local);
+        full->layer_slot = NULL;
+        full->layer_local = NULL;
+        return eng_fail(msg, ENG_ENOMEM, "KV pool split: out of memory");
+    }
+    uint32_t nf = 0, nl = 0;
+    for (uint32_t l = 0; l < n_model_layers; l++) {
+        full->layer_local[l] = is_local[l];
+        full->layer_slot[l] = is_local[l] ? nl++ : nf++;
+    }
+    full->local = local;
+    full->window = window;
+    full->n_model_layers = n_model_layers;
+    return 0;
 }
 
 int kv_block_alloc(kv_pool_t *p, uint32_t *block) {
@@ -108,20 +141,65 @@ void kv_seq_init(kv_seq_t *s, kv_pool_t *pool) {
     s->n_sinks = 4;
 }
 
+/* Logical blocks whose positions are all at or before n_tokens - window: no query from
+ * position n_tokens on sees them in a local layer. */
+static uint32_t dead_blocks(const kv_seq_t *s) {
+    const kv_pool_t *p = s->pool;
+    if (s->n_tokens < p->window) return 0;
+    uint32_t n = (s->n_tokens - p->window + 1) / p->block_size;
+    return n < s->n_blocks ? n : s->n_blocks;
+}
+
+void kv_seq_drop_out_of_window(kv_seq_t *s) {
+    if (!s->pool->local) return;
+    /* the sink blocks stay: eviction K-shifts later tokens down next to them, back into the
+     * window of the local layers */
+    uint32_t sink_blocks = kv_seq_sink_span(s) / s->pool->block_size;
+    uint32_t dead = dead_blocks(s);
+    if (s->n_dead < sink_blocks) s->n_dead = sink_blocks;
+    for (; s->n_dead < dead; s->n_dead++) {
+        uint32_t *b = &s->lblocks[s->n_dead];
+        if (*b != KV_NO_BLOCK) kv_block_unref(s->pool->local, *b);
+        *b = KV_NO_BLOCK;
+    }
+}
+
+uint32_t kv_seq_local_need(const kv_seq_t *s, uint32_t n_tokens) {
+    const kv_pool_t *p = s->pool;
+    if (!p->local) return 0;
+    uint32_t want = (uint32_t)(((uint64_t)n_tokens + p->block_size - 1) / p->block_size);
+    return want > s->n_blocks ? want - s->n_blocks : 0;
+}
+
+/* Both tables hold at least `need` entries. */
+static int grow_tables(kv_seq_t *s, uint32_t need) {
+    if (need <= s->cap_blocks) return 0;
+    uint32_t cap = s->cap_blocks ? s->cap_blocks : 8;
+    while (cap < need) cap *= 2;
+    uint32_t *nb = realloc(s->blocks, sizeof(uint32_t) * cap);
+    if (!nb) return ENG_ENOMEM;
+    s->blocks = nb;
+    if (s->pool->local) {
+        uint32_t *lb = realloc(s->lblocks, sizeof(uint32_t) * cap);
+        if (!lb) return ENG_ENOMEM; /* cap_blocks unchanged: the next call grows both again */
+        s->lblocks = lb;
+    }
+    s->cap_blocks = cap;
+    return 0;
+}
+
 int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens) {
     kv_pool_t *p = s->pool;
     uint32_t need = (uint32_t)(((uint64_t)n_tokens + p->block_size - 1) / p->block_size);
-    if (need > s->cap_blocks) {
-        uint32_t cap = s->cap_blocks ? s->cap_blocks : 8;
-        while (cap < need) cap *= 2;
-        uint32_t *nb = realloc(s->blocks, sizeof(uint32_t) * cap);
-        if (!nb) return ENG_ENOMEM;
-        s->blocks = nb;
-        s->cap_blocks = cap;
-    }
+    int rc = grow_tables(s, need);
+    if (rc) return rc;
+    kv_seq_drop_out_of_window(s);
     while (s->n_blocks < need) {
-        int rc = kv_block_alloc(p, &s->blocks[s->n_blocks]);
-        if (rc) return rc;
+        if ((rc = kv_block_alloc(p, &s->blocks[s->n_blocks]))) return rc;
+        if (p->local && (rc = kv_block_alloc(p->local, &s->lblocks[s->n_blocks]))) {
+            kv_block_unref(p, s->blocks[s->n_blocks]);
+            return rc;
+        }
         s->n_blocks++;
     }
     return 0;
@@ -138,6 +216,16 @@ uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n) {
     for (uint32_t i = 0; i < k; i++) kv_block_unref(p, s->blocks[sink_blocks + i]);
     memmove(s->blocks + sink_blocks, s->blocks + sink_blocks + k,
             sizeof(uint32_t) * (s->n_blocks - sink_blocks - k));
+    if (p->local) {
+        for (uint32_t i = 0; i < k; i++)
+            if (s->lblocks[sink_blocks + i] != KV_NO_BLOCK)
+                kv_block_unref(p->local, s->lblocks[sink_blocks + i]);
+        memmove(s->lblocks + sink_blocks, s->lblocks + sink_blocks + k,
+                sizeof(uint32_t) * (s->n_blocks - sink_blocks - k));
+        /* the out-of-window entries after the sinks lose those evicted */
+        if (s->n_dead > sink_blocks)
+            s->n_dead = s->n_dead - sink_blocks > k ? s->n_dead - k : sink_blocks;
+    }
     s->n_blocks -= k;
     s->n_tokens -= k * bs;
     s->n_evicted += (uint64_t)k * bs;
@@ -146,7 +234,13 @@ uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n) {
 
 void kv_seq_reset(kv_seq_t *s) {
     kv_pool_t *p = s->pool;
-    while (s->n_blocks) kv_block_unref(p, s->blocks[--s->n_blocks]);
+    while (s->n_blocks) {
+        --s->n_blocks;
+        kv_block_unref(p, s->blocks[s->n_blocks]);
+        if (p->local && s->lblocks[s->n_blocks] != KV_NO_BLOCK)
+            kv_block_unref(p->local, s->lblocks[s->n_blocks]);
+    }
+    s->n_dead = 0;
     s->n_tokens = 0;
     s->n_evicted = 0;
 }
@@ -154,5 +248,6 @@ void kv_seq_reset(kv_seq_t *s) {
 void kv_seq_close(kv_seq_t *s) {
     if (s->pool) kv_seq_reset(s);
     free(s->blocks);
+    free(s->lblocks);
     memset(s, 0, sizeof(*s));
 }

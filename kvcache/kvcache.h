@@ -10,6 +10,14 @@
  * forked sequences build on this; a block shared by more than one holder is
  * read-only, and whoever would change it copies it first).
  *
+ * Sliding-window models (Gemma 3's local layers) split the cache in two pools: the full pool
+ * holds the layers that see every position, and a second pool, attached to it with
+ * kv_pool_attach_local(), holds the local layers, which see only the last `window`
+ * positions. A sequence then has a second block table over the same logical blocks, and a
+ * local block whose every position has left the window of the next query returns to its pool
+ * (its table entry becomes KV_NO_BLOCK): the local layers hold about window tokens (and the
+ * sink blocks) per sequence however long it grows, as llama.cpp's iSWA cache does.
+ *
  * Not thread-safe: the engine thread owns the pool. Attention kernels may read
  * concurrently while no allocation is in progress.
  */
@@ -20,7 +28,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef struct {
+#define KV_NO_BLOCK UINT32_MAX /* a local table's entry whose block left the window */
+
+typedef struct kv_pool {
     uint32_t n_layer;
     uint32_t kv_dim;     /* n_head_kv * head_dim */
     uint32_t block_size; /* tokens per block */
@@ -31,11 +41,21 @@ typedef struct {
     uint32_t *free_list; /* stack of free block ids */
     uint32_t n_free;
     uint32_t *refs; /* per block: the references held (0: on the free list) */
+    /* Split layout (kv_pool_attach_local): the local layers' pool, or NULL when this pool
+     * holds every layer. Then layer l of the model is stored as layer layer_slot[l] of this
+     * pool, or of `local` when layer_local[l]. */
+    struct kv_pool *local;
+    uint32_t window;         /* local layers: a query at p sees keys (p - window, p] */
+    uint32_t n_model_layers; /* layers of the model (n_layer + local->n_layer) */
+    uint32_t *layer_slot;
+    uint8_t *layer_local;
 } kv_pool_t;
 
 typedef struct {
     kv_pool_t *pool;
-    uint32_t *blocks; /* block table: logical -> physical */
+    uint32_t *blocks;  /* block table: logical -> physical */
+    uint32_t *lblocks; /* split pools: the local layers' table (KV_NO_BLOCK: out of window) */
+    uint32_t n_dead;   /* split pools: lblocks[sink blocks..n_dead) are all KV_NO_BLOCK */
     uint32_t n_blocks, cap_blocks;
     uint32_t n_tokens;  /* tokens whose K/V are stored (cache-relative positions 0..n_tokens-1) */
     uint32_t n_sinks;   /* attention sinks: the first tokens eviction never drops */
@@ -56,7 +76,18 @@ int kv_pool_init_over(kv_pool_t *p, uint32_t n_layer, uint32_t kv_dim, uint32_t 
 /* Bytes of value storage for a pool of this shape (0 on overflow). */
 size_t kv_pool_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size, uint32_t n_blocks,
                      bool f16);
+/* Close the pool (not an attached local pool: its owner closes that too). */
 void kv_pool_close(kv_pool_t *p);
+/* Split the cache: `full` keeps the layers l with !is_local[l] (full->n_layer of them, in
+ * order), `local` the others (local->n_layer), which see the last `window` positions. Both
+ * pools must have the same kv_dim, block size and value type; `local` stays the caller's.
+ * Sequences must be initialised after this. ENG_EINVAL on a mismatch (msg filled). */
+int kv_pool_attach_local(kv_pool_t *full, kv_pool_t *local, uint32_t window, const bool *is_local,
+                         uint32_t n_model_layers, char *msg);
+/* The model's layers the cache holds, in one pool or split over two. */
+static inline uint32_t kv_pool_layers(const kv_pool_t *p) {
+    return p->local ? p->n_model_layers : p->n_layer;
+}
 /* How many blocks fit in mem_bytes for the given shape (at least 0). */
 uint32_t kv_pool_blocks_for_bytes(uint32_t n_layer, uint32_t kv_dim, uint32_t block_size,
                                   size_t mem_bytes);
@@ -96,6 +127,15 @@ static inline uint32_t kv_seq_sink_span(const kv_seq_t *s) {
     return (s->n_sinks + bs - 1) / bs * bs;
 }
 
+/* Split pools: return to the local pool every local block whose positions are all out of the
+ * window of the next query (position n_tokens): those at or before n_tokens - window, except
+ * the sink blocks, which eviction brings back into the window. Safe at any time
+ * (kv_seq_reserve does it first); a no-op without a local pool. */
+void kv_seq_drop_out_of_window(kv_seq_t *s);
+/* Local blocks a reservation for n_tokens in total would take after dropping those out of the
+ * window (0 without a local pool), for checking both pools before reserving. */
+uint32_t kv_seq_local_need(const kv_seq_t *s, uint32_t n_tokens);
+
 /* Drop all tokens and the table's reference to every block. */
 void kv_seq_reset(kv_seq_t *s);
 void kv_seq_close(kv_seq_t *s);
@@ -104,7 +144,16 @@ void kv_seq_close(kv_seq_t *s);
  * pool's value type. */
 static inline void *kv_seq_kp(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
     const kv_pool_t *p = s->pool;
-    uint32_t b = s->blocks[pos / p->block_size];
+    const uint32_t *tab = s->blocks;
+    if (p->local) {
+        bool loc = p->layer_local[layer];
+        layer = p->layer_slot[layer];
+        if (loc) {
+            tab = s->lblocks;
+            p = p->local;
+        }
+    }
+    uint32_t b = tab[pos / p->block_size];
     size_t slab = (size_t)p->block_size * p->kv_dim;
     size_t idx =
         ((size_t)b * p->n_layer + layer) * 2 * slab + (size_t)(pos % p->block_size) * p->kv_dim;
@@ -113,6 +162,12 @@ static inline void *kv_seq_kp(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
 static inline void *kv_seq_vp(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
     return (char *)kv_seq_kp(s, layer, pos) +
            (size_t)s->pool->block_size * s->pool->kv_dim * s->pool->elem;
+}
+/* False when position pos of the model's layer `layer` is no longer stored: a local layer's
+ * block out of the window (only a split cache drops any). */
+static inline bool kv_seq_has(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
+    const kv_pool_t *p = s->pool;
+    return !p->local || !p->layer_local[layer] || s->lblocks[pos / p->block_size] != KV_NO_BLOCK;
 }
 /* The same as floats: F32 pools only. */
 static inline float *kv_seq_k(const kv_seq_t *s, uint32_t layer, uint32_t pos) {

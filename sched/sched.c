@@ -547,7 +547,12 @@ static bool allocate(sched_t *s, sched_request_t *r, uint32_t n, bool may_free) 
             return false;
         }
         if (!may_free) return false;
-        sched_request_t *v = s->p.pressure_evict ? evict_victim(s) : NULL;
+        /* eviction drops the oldest tokens, whose sliding-window blocks are long gone: when
+         * that pool is the one dry, only preemption makes room */
+        const kv_pool_t *pool = r->seq.pool;
+        bool local_dry =
+            pool->local && kv_seq_local_need(&r->seq, r->seq.n_tokens + n) > pool->local->n_free;
+        sched_request_t *v = s->p.pressure_evict && !local_dry ? evict_victim(s) : NULL;
         if (v) {
             forget_evicted(s, v,
                            eng_seq_evict(s->ctx, &v->seq, eng_ctx_kv_pool(s->ctx)->block_size));
@@ -581,7 +586,12 @@ static bool schedule(sched_t *s, sched_request_t *r, uint32_t *budget, bool may_
         }
     }
     if (n > 1) { /* a prefill chunk takes what the free blocks hold before anyone is moved */
-        uint64_t room = (uint64_t)(r->seq.n_blocks + pool->n_free) * pool->block_size;
+        uint32_t free = pool->n_free;
+        if (pool->local) { /* a split cache: both pools must hold the chunk */
+            kv_seq_drop_out_of_window(&r->seq);
+            if (pool->local->n_free < free) free = pool->local->n_free;
+        }
+        uint64_t room = (uint64_t)(r->seq.n_blocks + free) * pool->block_size;
         if (room > r->seq.n_tokens && room - r->seq.n_tokens < n)
             n = (uint32_t)(room - r->seq.n_tokens);
     }

@@ -122,6 +122,8 @@ int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx) {
     }
     cp.block_size = (uint32_t)cfg->block_size;
     cp.kv_f16 = strcmp(cfg->kv_type, "f16") == 0;
+    cp.swa_full = cfg->swa_full;
+    cp.sinks = (uint32_t)cfg->sinks;
     cp.max_seqs = 1;
     cp.max_batch_tokens = (uint32_t)cfg->batch_size;
     if (eng_ctx_create(ctx, *model, &cp, msg) != 0) {

@@ -1111,6 +1111,8 @@ static void load_model(uv_work_t *w) {
     p.block_size = (uint32_t)cfg->kv_block_size;
     p.kv_mem_bytes = (size_t)cfg->kv_mem_mb << 20;
     p.kv_f16 = strcmp(cfg->kv_type, "f16") == 0;
+    p.swa_full = cfg->swa_full;
+    p.sinks = (uint32_t)cfg->sinks;
     p.max_seqs = (uint32_t)cfg->max_running;
     p.max_batch_tokens =
         (uint32_t)(cfg->step_tokens > cfg->max_running ? cfg->step_tokens : cfg->max_running);
@@ -1180,8 +1182,18 @@ static void loaded(uv_work_t *w, int status) {
     eng_device_info_t dev;
     eng_ctx_device_info(s->ctx, &dev);
     srv_log(SRV_INFO, NULL, "ready", "model %s: %u layers, %u ctx, %u KV blocks, backend %s on %s",
-            s->model_name, hp->n_layer, eng_ctx_n_ctx(s->ctx), eng_ctx_kv_pool(s->ctx)->n_blocks,
+            s->model_name, hp->n_layer, eng_ctx_n_ctx(s->ctx), pool->n_blocks,
             eng_ctx_backend_name(s->ctx), dev.name);
+    if (pool->local)
+        srv_log(SRV_INFO, NULL, "kv_split",
+                "%u sliding-window layers keep their %u-token window in %u blocks of their own "
+                "(%zu MiB); %u global layers in the %u blocks above (--swa-full keeps every "
+                "position in every layer)",
+                pool->local->n_layer, pool->window, pool->local->n_blocks,
+                kv_pool_bytes(pool->local->n_layer, pool->kv_dim, pool->block_size,
+                              pool->local->n_blocks, pool->elem == 2) >>
+                    20,
+                pool->n_layer, pool->n_blocks);
 }
 
 /* Add one key (trimmed); keys longer than the parser keeps of Authorization are refused. */

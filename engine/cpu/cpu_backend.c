@@ -666,6 +666,7 @@ static void k_shift_layer(kv_seq_t *seq, uint32_t layer, uint32_t from, uint32_t
             theta *= theta_scale;
         }
         for (uint32_t p = from; p < to; p++) {
+            if (!kv_seq_has(seq, layer, p)) continue; /* a local layer's key out of the window */
             void *kp = kv_seq_kp(seq, layer, p);
             for (uint32_t h = 0; h < n_head_kv; h++)
                 for (uint32_t j = 0; j < np; j++) {
@@ -698,7 +699,7 @@ static void cpu_k_shift(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint32_
                         uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
                         const eng_rope_t *rope) {
     (void)be;
-    for (uint32_t l = 0; l < seq->pool->n_layer; l++)
+    for (uint32_t l = 0; l < kv_pool_layers(seq->pool); l++)
         k_shift_layer(seq, l, from, to, delta, n_head_kv, head_dim, &rope[l]);
 }
 

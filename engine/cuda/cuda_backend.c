@@ -329,7 +329,7 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
     c->any_select = false;
     for (uint32_t i = 0; i < n; i++) {
         const eng_attn_seq_t *a = &st->seqs[i];
-        n_tab += a->seq->n_blocks;
+        n_tab += a->seq->n_blocks * (a->seq->pool->local ? 2 : 1); /* a split cache: two tables */
         if (a->n_q == 1 && a->pos0 + 1 > c->max_keys) c->max_keys = a->pos0 + 1;
         if (a->n_q > 1 && a->n_q > c->max_q) c->max_q = a->n_q;
     }
@@ -366,10 +366,16 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
     for (uint32_t i = 0; i < n; i++) {
         const eng_attn_seq_t *a = &st->seqs[i];
         for (uint32_t j = 0; j < a->n_q; j++) row[a->q_start + j] = i;
-        cs[i] = (cu_seq_t){a->q_start, a->n_q,         a->pos0,      (uint32_t)t_off, a->n_sinks,
-                           a->budget,  a->force_sinks, a->per_group, a->sel,          a->n_sel};
+        cs[i] = (cu_seq_t){a->q_start,      a->n_q,     a->pos0,   (uint32_t)t_off,
+                           (uint32_t)t_off, a->n_sinks, a->budget, a->force_sinks,
+                           a->per_group,    a->sel,     a->n_sel};
         memcpy(tab + t_off, a->seq->blocks, 4 * (size_t)a->seq->n_blocks);
         t_off += a->seq->n_blocks;
+        if (a->seq->pool->local) { /* the local layers' table follows the slice's own */
+            cs[i].local_off = (uint32_t)t_off;
+            memcpy(tab + t_off, a->seq->lblocks, 4 * (size_t)a->seq->n_blocks);
+            t_off += a->seq->n_blocks;
+        }
     }
     memcpy(h + o_kind, st->kinds, (size_t)L * n);
     char *d = c->d_stage;
@@ -609,8 +615,16 @@ static void cu_add_op(eng_backend_t *be, float *x, const float *y, size_t n) {
     if (!failed(c) && !replaying(c)) cu_add(c->st, x, y, n);
 }
 
-static cu_pool_t pool_of(const kv_pool_t *p) {
-    return (cu_pool_t){p->data, p->n_layer, p->kv_dim, p->block_size, p->elem};
+/* The pool that holds the model's layer *layer, which becomes its index there (a split cache
+ * keeps the sliding-window layers in a pool of their own). */
+static cu_pool_t pool_of(const kv_pool_t *p, uint32_t *layer) {
+    bool local = false;
+    if (p->local) {
+        local = p->layer_local[*layer];
+        *layer = p->layer_slot[*layer];
+        if (local) p = p->local;
+    }
+    return (cu_pool_t){p->data, p->n_layer, p->kv_dim, p->block_size, p->elem, local};
 }
 
 static void cu_kv_store_op(eng_backend_t *be, uint32_t layer, const eng_attn_seq_t *seqs,
@@ -622,8 +636,9 @@ static void cu_kv_store_op(eng_backend_t *be, uint32_t layer, const eng_attn_seq
         return;
     }
     if (replaying(c)) return;
-    cu_kv_store(c->st, pool_of(seqs[0].seq->pool), layer, k, v, c->d_pos, c->d_row_seq, c->d_seqs,
-                c->d_tables, c->T);
+    uint32_t slot = layer;
+    cu_pool_t pool = pool_of(seqs[0].seq->pool, &slot);
+    cu_kv_store(c->st, pool, slot, k, v, c->d_pos, c->d_row_seq, c->d_seqs, c->d_tables, c->T);
 }
 
 static void cu_attention_op(eng_backend_t *be, const eng_attn_shape_t *sh, uint32_t layer,
@@ -658,22 +673,22 @@ static void cu_attention_op(eng_backend_t *be, const eng_attn_shape_t *sh, uint3
     }
     if (replaying(c)) return; /* the host bookkeeping above is all a replay needs */
     cu_shape_t shape = {sh->n_head, sh->n_head_kv, sh->head_dim, sh->scale, sh->window};
-    cu_pool_t pool = pool_of(seqs[0].seq->pool);
+    uint32_t slot = layer;
+    cu_pool_t pool = pool_of(seqs[0].seq->pool, &slot);
     const uint8_t *kinds = c->d_kinds + (size_t)layer * n_seqs;
     size_t plane = (size_t)c->n_layer * n_seqs * c->n_head, at = (size_t)layer * n_seqs * c->n_head;
     cu_tele_t tele = {c->d_tele + at, c->d_tele + plane + at, c->d_tele + 2 * plane + at,
                       c->d_tele + 3 * plane + at, c->d_tele + 4 * plane + at};
     if (c->max_keys) {
         if (!grow_part(c, n_seqs, sh->n_head, sh->head_dim, c->max_keys)) return;
-        cu_attn_decode(c->st, shape, pool, layer, q, c->d_seqs, kinds, c->d_tables, n_seqs,
+        cu_attn_decode(c->st, shape, pool, slot, q, c->d_seqs, kinds, c->d_tables, n_seqs,
                        c->max_keys, c->d_part, select ? c->d_scores : NULL, c->n_ctx, out, tele);
         if (select)
             cu_attn_select(c->st, shape, c->d_seqs, kinds, n_seqs, c->d_scores, c->n_ctx, tele,
                            c->d_gsum);
     }
     if (c->max_q > 1)
-        cu_attn_prefill(c->st, shape, pool, layer, q, c->d_seqs, c->d_tables, n_seqs, c->max_q,
-                        out);
+        cu_attn_prefill(c->st, shape, pool, slot, q, c->d_seqs, c->d_tables, n_seqs, c->max_q, out);
     ok(c, cudaGetLastError(), "attention launch");
 }
 
@@ -683,18 +698,25 @@ static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint3
     cu_ctx_t *c = ctx_of(be);
     if (to <= from) return;
     cudaSetDevice(c->device);
-    if (!grow(c, (void **)&c->d_shift_table, &c->shift_bytes, 4 * (size_t)seq->n_blocks,
-              "K-shift table"))
+    /* a split cache's local table (entries out of the window skipped) follows the full one */
+    size_t nb = seq->n_blocks, tabs = seq->pool->local ? 2 : 1;
+    if (!grow(c, (void **)&c->d_shift_table, &c->shift_bytes, 4 * nb * tabs, "K-shift table"))
         goto report;
-    ok(c,
-       cudaMemcpyAsync(c->d_shift_table, seq->blocks, 4 * (size_t)seq->n_blocks,
-                       cudaMemcpyHostToDevice, c->st),
+    ok(c, cudaMemcpyAsync(c->d_shift_table, seq->blocks, 4 * nb, cudaMemcpyHostToDevice, c->st),
        "K-shift table");
+    if (tabs == 2)
+        ok(c,
+           cudaMemcpyAsync(c->d_shift_table + nb, seq->lblocks, 4 * nb, cudaMemcpyHostToDevice,
+                           c->st),
+           "K-shift table");
     /* one table upload and one wait for all layers, each turned back with its own RoPE */
-    for (uint32_t l = 0; l < seq->pool->n_layer; l++)
-        cu_k_shift(c->st, pool_of(seq->pool), c->d_shift_table, l, from, to, delta, n_head_kv,
-                   head_dim, rope[l].n_rot, rope[l].base, rope[l].freq_scale, rope[l].neox,
-                   rope[l].freq_factors);
+    for (uint32_t l = 0; l < kv_pool_layers(seq->pool); l++) {
+        uint32_t slot = l;
+        cu_pool_t pool = pool_of(seq->pool, &slot);
+        cu_k_shift(c->st, pool, c->d_shift_table + (pool.local ? nb : 0), slot, from, to, delta,
+                   n_head_kv, head_dim, rope[l].n_rot, rope[l].base, rope[l].freq_scale,
+                   rope[l].neox, rope[l].freq_factors);
+    }
     ok(c, cudaStreamSynchronize(c->st), "K-shift"); /* the table buffer is reused next time */
 report:
     if (failed(c)) { /* outside a step nobody else will report it */

@@ -604,6 +604,11 @@ __device__ __forceinline__ void kv_st(const cu_pool_t &p, size_t i, float v) {
         ((float *)p.data)[i] = v;
 }
 
+/* The slice's table for this pool: the local layers' own in a split cache. */
+__device__ __forceinline__ uint32_t table_of(const cu_pool_t &p, const cu_seq_t &s) {
+    return p.local ? s.local_off : s.table_off;
+}
+
 __global__ void k_kv_store(cu_pool_t pool, uint32_t layer, const float *k, const float *v,
                            const uint32_t *pos, const uint32_t *row_seq, const cu_seq_t *seqs,
                            const uint32_t *tables, uint32_t T) {
@@ -611,7 +616,7 @@ __global__ void k_kv_store(cu_pool_t pool, uint32_t layer, const float *k, const
     if (idx >= (size_t)T * pool.kv_dim) return;
     uint32_t t = (uint32_t)(idx / pool.kv_dim), e = (uint32_t)(idx % pool.kv_dim);
     const cu_seq_t &s = seqs[row_seq[t]];
-    uint32_t p = pos[t], b = tables[s.table_off + p / pool.block_size];
+    uint32_t p = pos[t], b = tables[table_of(pool, s) + p / pool.block_size];
     size_t at = kv_index(pool, b, layer, p) + e;
     kv_st(pool, at, k[idx]);
     kv_st(pool, at + (size_t)pool.block_size * pool.kv_dim, v[idx]);
@@ -640,7 +645,9 @@ __global__ void k_shift(cu_pool_t pool, const uint32_t *table, uint32_t layer, u
     float a = rope_angle(delta, i, theta_scale, ff, freq_scale), cs = cosf(a), sn = -sinf(a);
     uint32_t da, db;
     rope_dims(i, n_rot, neox, &da, &db);
-    size_t at = kv_index(pool, table[p / pool.block_size], layer, p) + (size_t)h * hd;
+    uint32_t b = table[p / pool.block_size];
+    if (b == 0xFFFFFFFFu) return; /* a local layer's block out of the window */
+    size_t at = kv_index(pool, b, layer, p) + (size_t)h * hd;
     float x = kv_ld(pool, at + da), y = kv_ld(pool, at + db);
     kv_st(pool, at + da, x * cs - y * sn);
     kv_st(pool, at + db, x * sn + y * cs);
@@ -793,7 +800,8 @@ __global__ void __launch_bounds__(DEC_WARPS *WARP)
         uint32_t p = 0;
         if (j < k1) {
             p = kind == K_SPARSE ? sel[j] : lo + j;
-            size_t at = kv_index(pool, tables[s.table_off + p / pool.block_size], layer, p) + koff;
+            size_t at =
+                kv_index(pool, tables[table_of(pool, s) + p / pool.block_size], layer, p) + koff;
             sv = dot_q(qs, pool, at, hd);
             vidx = at + slab;
             if (kind == K_SELECT && sc) sc[p] = sv;
@@ -1057,9 +1065,10 @@ __global__ void __launch_bounds__(PF_WARPS *WARP)
         for (uint32_t x = threadIdx.x; x < PF_KT * hd; x += blockDim.x) {
             uint32_t j = x / hd, d = x % hd, p = t0 + j;
             float kv = 0, vv = 0;
-            if (p < last) {
+            if (p >= first && p < last) { /* keys before `first` are masked for every query */
                 size_t at =
-                    kv_index(pool, tables[s.table_off + p / pool.block_size], layer, p) + koff + d;
+                    kv_index(pool, tables[table_of(pool, s) + p / pool.block_size], layer, p) +
+                    koff + d;
                 kv = kv_ld(pool, at);
                 vv = kv_ld(pool, at + slab);
             }

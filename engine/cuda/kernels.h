@@ -15,15 +15,18 @@
 extern "C" {
 #endif
 
-/* The KV pool as the kernels see it (kvcache.h's layout). */
+/* The KV pool as the kernels see it (kvcache.h's layout). A split cache has two: `local` marks
+ * the sliding-window layers' pool, read through each slice's local table. */
 typedef struct {
     void *data;
     uint32_t n_layer, kv_dim, block_size, elem; /* elem: 2 (F16) or 4 (F32) */
+    uint32_t local;
 } cu_pool_t;
 
 /* One attention slice of a step (eng_attn_seq_t without the host pointers). */
 typedef struct {
     uint32_t q_start, n_q, pos0, table_off; /* table_off: first entry in the step's tables */
+    uint32_t local_off; /* a split cache: the first entry of the slice's local table */
     uint32_t n_sinks, budget, force_sinks, per_group;
     uint32_t *sel, *n_sel; /* [n_head][budget], [n_head] */
 } cu_seq_t;
@@ -84,7 +87,8 @@ void cu_convert(cudaStream_t st, uint32_t type, const float *x, void *out, size_
 void cu_kv_store(cudaStream_t st, cu_pool_t pool, uint32_t layer, const float *k, const float *v,
                  const uint32_t *pos, const uint32_t *row_seq, const cu_seq_t *seqs,
                  const uint32_t *tables, uint32_t T);
-/* Rotate the keys of positions [from, to) of one layer back by delta (K-shift). */
+/* Rotate the keys of positions [from, to) of one layer back by delta (K-shift); blocks whose
+ * table entry is 0xFFFFFFFF (out of a local layer's window) are skipped. */
 void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t layer,
                 uint32_t from, uint32_t to, uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
                 uint32_t n_rot, float base, float freq_scale, bool neox, const float *freq_factors);

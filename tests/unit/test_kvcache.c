@@ -96,3 +96,78 @@ Test(kvcache, test_shared_block_returns_only_with_its_last_reference) {
     cr_expect_eq(kv_block_alloc(&p, &d), ENG_ENOSPACE);
     kv_pool_close(&p);
 }
+
+/* A sliding-window split: layers 0, 1, 3 and 4 of five are local with a window of 6 and live in
+ * a pool of their own, layer 2 sees everything. Local blocks return once every position in
+ * them is out of the next query's window, but for the sink block; the local layers keep their
+ * own slots, a full layer's key stays where it was, and eviction and reset release both
+ * tables. */
+Test(kvcache, test_split_pool_frees_local_blocks_out_of_the_window) {
+    kv_pool_t full, local;
+    char msg[ENG_ERRMSG_LEN];
+    const bool is_local[5] = {true, true, false, true, true};
+    cr_assert_eq(kv_pool_init(&full, 1, 2, 4, 16, msg), 0);
+    cr_assert_eq(kv_pool_init(&local, 4, 2, 4, 4, msg), 0);
+    kv_pool_t odd;
+    cr_assert_eq(kv_pool_init(&odd, 3, 2, 4, 4, msg), 0);
+    cr_expect_eq(kv_pool_attach_local(&full, &odd, 6, is_local, 5, msg), ENG_EINVAL,
+                 "3 local layers where the model has 4");
+    kv_pool_close(&odd);
+    cr_assert_eq(kv_pool_attach_local(&full, &local, 6, is_local, 5, msg), 0, "%s", msg);
+    cr_expect_eq(kv_pool_layers(&full), 5);
+    kv_seq_t s;
+    kv_seq_init(&s, &full);
+    s.n_sinks = 4; /* block 0 */
+    /* a prompt of 13 tokens: positions 0..12 in blocks 0..3 of both tables */
+    cr_assert_eq(kv_seq_reserve(&s, 13), 0);
+    cr_expect_eq(s.n_blocks, 4);
+    cr_expect_eq(local.n_free, 0);
+    for (uint32_t p = 0; p < 13; p++)
+        for (uint32_t l = 0; l < 5; l++) {
+            cr_assert(kv_seq_has(&s, l, p));
+            kv_seq_k(&s, l, p)[0] = (float)(100 * l + p);
+            kv_seq_v(&s, l, p)[1] = -(float)(100 * l + p);
+        }
+    for (uint32_t p = 0; p < 13; p++) /* no layer's slot was overwritten by another's */
+        for (uint32_t l = 0; l < 5; l++) {
+            cr_expect_eq(kv_seq_k(&s, l, p)[0], (float)(100 * l + p));
+            cr_expect_eq(kv_seq_v(&s, l, p)[1], -(float)(100 * l + p));
+        }
+    s.n_tokens = 13;
+    /* the next query (position 13) sees (7, 13]: block 1 (positions 4..7) is out, block 0
+     * holds the sinks and stays */
+    cr_assert_eq(kv_seq_reserve(&s, 14), 0);
+    cr_expect_eq(s.lblocks[1], KV_NO_BLOCK);
+    cr_expect_neq(s.lblocks[0], KV_NO_BLOCK);
+    cr_expect_not(kv_seq_has(&s, 0, 7));
+    cr_expect(kv_seq_has(&s, 2, 7), "the global layer keeps every position");
+    cr_expect(kv_seq_has(&s, 0, 8));
+    cr_expect(kv_seq_has(&s, 0, 3));
+    cr_expect_eq(local.n_free, 1);
+    cr_expect_eq(kv_seq_k(&s, 2, 5)[0], 205.0f);
+    cr_expect_eq(kv_seq_k(&s, 3, 2)[0], 302.0f);
+    /* 14 more tokens: the sink block and three more at most, however long it grows */
+    for (uint32_t n = 15; n <= 28; n++) {
+        s.n_tokens = n - 1;
+        cr_assert_eq(kv_seq_reserve(&s, n), 0, "%u tokens: %s", n, "the local pool ran dry");
+    }
+    s.n_tokens = 28;
+    cr_expect_eq(s.n_blocks, 7);
+    cr_expect_eq(full.n_free, 9);
+    /* evict 8 tokens after the sink block: both tables lose logical blocks 1 and 2 */
+    cr_expect_eq(kv_seq_evict(&s, 8), 8);
+    cr_expect_eq(s.n_blocks, 5);
+    cr_expect_eq(full.n_free, 11);
+    cr_expect_neq(s.lblocks[0], KV_NO_BLOCK);
+    uint32_t live = 0;
+    for (uint32_t b = 0; b < s.n_blocks; b++) live += s.lblocks[b] != KV_NO_BLOCK;
+    cr_expect_eq(live + local.n_free, local.n_blocks, "every local block is held or free");
+    /* 20 tokens now: the next query sees (14, 20], in blocks 3 and 4, which held (22, 28] */
+    cr_expect(kv_seq_has(&s, 0, 15));
+    cr_expect_not(kv_seq_has(&s, 0, 11));
+    kv_seq_close(&s);
+    cr_expect_eq(full.n_free, 16);
+    cr_expect_eq(local.n_free, 4);
+    kv_pool_close(&full);
+    kv_pool_close(&local);
+}

@@ -773,3 +773,79 @@ Test(scheduler, test_preempted_evicting_stream_recomputes_its_whole_cache) {
         }
     }
 }
+
+/* Gemma 3's split cache (synthetic gemma3: 16-token windows on ten layers of twelve) when its
+ * sliding-window pool is the one that runs dry: four requests that each hold three local
+ * blocks (the sink block and the two the window spans) share nine. The scheduler preempts for that
+ * pool (eviction would free nothing there, so even the evict policy preempts), and every request
+ * finishes with the text it gets alone. */
+static void run_local_pressure(bool evict_policy) {
+    const char *prompts[4] = {"Once upon a time", "The dog ran", "One day", "A cat and a bird"};
+    char msg[ENG_ERRMSG_LEN];
+    result_t solo[4], got[4];
+    for (int pass = 0; pass < 2; pass++) {
+        sfx_t f;
+        memset(&f, 0, sizeof(f));
+        pthread_mutex_init(&f.mu, NULL);
+        pthread_cond_init(&f.cv, NULL);
+        cr_assert_eq(eng_model_load(&f.m, synth_path("gemma-f32"), msg), 0, "%s", msg);
+        const eng_hparams_t *hp = eng_model_hparams(f.m);
+        size_t kvd = (size_t)hp->n_head_kv * hp->head_dim;
+        size_t lb = 10 * 2 * 16 * kvd * 4, gb = 2 * 2 * 16 * kvd * 4; /* bytes per block */
+        eng_ctx_params_t cp;
+        eng_ctx_params_default(&cp);
+        cp.device = ENG_DEVICE_CPU;
+        cp.max_seqs = 4;
+        cp.n_threads = 2;
+        cp.n_ctx = 256;
+        cp.max_batch_tokens = 32;
+        cp.kv_mem_bytes = pass ? 6 * lb + 64 * gb : 0; /* pass 0: roomy, the solo reference */
+        cr_assert_eq(eng_ctx_create(&f.c, f.m, &cp, msg), 0, "%s", msg);
+        kv_pool_t *pool = eng_ctx_kv_pool(f.c);
+        cr_assert(pool->local, "the gemma3 model gets a split cache");
+        if (pass) cr_assert_eq(pool->local->n_blocks, 9, "%u local blocks", pool->local->n_blocks);
+        sched_params_t sp = {.max_running = 4,
+                             .max_waiting = 8,
+                             .step_tokens = 32,
+                             .notify = on_notify,
+                             .notify_arg = &f,
+                             .pressure_evict = evict_policy};
+        cr_assert_eq(sched_create(&f.s, f.c, f.m, &sp, msg), 0, "%s", msg);
+        sched_request_t *rs[4];
+        for (int i = 0; i < 4; i++) {
+            sched_req_params_t p = greedy_params(f.m, prompts[i], 48);
+            p.ignore_eos = true;
+            p.evict = evict_policy;
+            p.sinks = 4; /* each keeps its sink block in the local layers too */
+            rs[i] = sched_request_create(&p);
+            cr_assert_eq(sched_submit(f.s, rs[i], msg), 0, "%s", msg);
+            if (!pass) { /* alone: one at a time */
+                collect(&f, rs[i], &solo[i]);
+                sched_request_release(rs[i]);
+            }
+        }
+        if (pass) {
+            for (int i = 0; i < 4; i++) {
+                collect(&f, rs[i], &got[i]);
+                cr_expect_eq(got[i].finish, SCHED_FINISH_LENGTH, "request %d", i);
+                cr_expect_eq(got[i].completion_tokens, 48);
+                cr_expect_str_eq(got[i].text, solo[i].text, "request %d", i);
+                sched_request_release(rs[i]);
+            }
+            sched_stats_t st;
+            sched_stats(f.s, &st);
+            cr_expect_gt(st.preemptions, 0, "the local pool never ran dry");
+            cr_expect_eq(st.evicted_tokens, 0, "eviction cannot free sliding-window blocks");
+            expect_idle_and_empty(&f);
+            cr_expect_eq(pool->local->n_free, pool->local->n_blocks);
+        }
+        sfx_close(&f);
+    }
+}
+
+Test(scheduler, test_sliding_window_pool_pressure_preempts_and_recomputes_exactly) {
+    run_local_pressure(false);
+}
+Test(scheduler, test_sliding_window_pool_pressure_under_the_evict_policy) {
+    run_local_pressure(true);
+}
