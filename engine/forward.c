@@ -563,22 +563,22 @@ static int prepare(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, uint
         c->sel = sel;
         c->sel_budget = budget;
     }
-    uint32_t need = 0, lneed = 0;
+    uint32_t need = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         kv_seq_t *s = items[i].seq;
         uint32_t want =
             (s->n_tokens + items[i].n_tokens + c->pool.block_size - 1) / c->pool.block_size;
         if (want > s->n_blocks) need += want - s->n_blocks;
         kv_seq_drop_out_of_window(s); /* the local blocks no query of this step sees */
-        lneed += kv_seq_local_need(s, s->n_tokens + items[i].n_tokens);
     }
     if (need > c->pool.n_free)
         return eng_fail(msg, ENG_ENOSPACE, "KV cache needs %u free blocks, has %u", need,
                         c->pool.n_free);
-    if (lneed > c->lpool.n_free)
+    /* a split cache's tables share the logical blocks: each new one takes a local block too */
+    if (c->pool.local && need > c->lpool.n_free)
         return eng_fail(msg, ENG_ENOSPACE,
-                        "KV cache needs %u free blocks for its sliding-window layers, has %u",
-                        lneed, c->lpool.n_free);
+                        "KV cache needs %u free blocks for its sliding-window layers, has %u", need,
+                        c->lpool.n_free);
     for (uint32_t i = 0; i < n_items; i++) {
         int rc = kv_seq_reserve(items[i].seq, items[i].seq->n_tokens + items[i].n_tokens);
         if (rc) return eng_fail(msg, rc, "KV reservation failed");

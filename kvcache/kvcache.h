@@ -140,19 +140,23 @@ uint32_t kv_seq_local_need(const kv_seq_t *s, uint32_t n_tokens);
 void kv_seq_reset(kv_seq_t *s);
 void kv_seq_close(kv_seq_t *s);
 
+/* The pool that stores the model's layer `layer` (a split cache's local pool for its
+ * sliding-window layers) and, in *slot, the layer's index there. */
+static inline const kv_pool_t *kv_pool_of_layer(const kv_pool_t *p, uint32_t layer,
+                                                uint32_t *slot) {
+    if (!p->local) {
+        *slot = layer;
+        return p;
+    }
+    *slot = p->layer_slot[layer];
+    return p->layer_local[layer] ? p->local : p;
+}
+
 /* Address of the key (or value) vector of token `pos` in `layer` (pos < capacity), in the
  * pool's value type. */
 static inline void *kv_seq_kp(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
-    const kv_pool_t *p = s->pool;
-    const uint32_t *tab = s->blocks;
-    if (p->local) {
-        bool loc = p->layer_local[layer];
-        layer = p->layer_slot[layer];
-        if (loc) {
-            tab = s->lblocks;
-            p = p->local;
-        }
-    }
+    const kv_pool_t *p = kv_pool_of_layer(s->pool, layer, &layer);
+    const uint32_t *tab = p == s->pool ? s->blocks : s->lblocks;
     uint32_t b = tab[pos / p->block_size];
     size_t slab = (size_t)p->block_size * p->kv_dim;
     size_t idx =

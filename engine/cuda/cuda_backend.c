@@ -618,13 +618,8 @@ static void cu_add_op(eng_backend_t *be, float *x, const float *y, size_t n) {
 /* The pool that holds the model's layer *layer, which becomes its index there (a split cache
  * keeps the sliding-window layers in a pool of their own). */
 static cu_pool_t pool_of(const kv_pool_t *p, uint32_t *layer) {
-    bool local = false;
-    if (p->local) {
-        local = p->layer_local[*layer];
-        *layer = p->layer_slot[*layer];
-        if (local) p = p->local;
-    }
-    return (cu_pool_t){p->data, p->n_layer, p->kv_dim, p->block_size, p->elem, local};
+    const kv_pool_t *q = kv_pool_of_layer(p, *layer, layer);
+    return (cu_pool_t){q->data, q->n_layer, q->kv_dim, q->block_size, q->elem, q != p};
 }
 
 static void cu_kv_store_op(eng_backend_t *be, uint32_t layer, const eng_attn_seq_t *seqs,
