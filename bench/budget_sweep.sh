@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # budget_sweep.sh - choose a TidalDecode budget and check StreamingLLM's sink result on
 # ../shared/models/stories260K.gguf over bench/data/stories.txt (our own text, ~4.4K tokens):
-#   - full attention, 128-token window, 4 sinks vs 0 sinks; the whole 2048-token context;
+#   - full attention, 128-token window, 4 sinks vs 1 vs 0 sinks; the whole 2048-token context;
 #   - tidal with budgets 8, 16, 32, 64 and full attention at the model's trained 512 window.
 set -euo pipefail
 BUILD=${BUILD:-build}
@@ -15,13 +15,15 @@ run() { "$BUILD/tidald" perplexity --model "$MODEL" --file "$TEXT" "$@" 2>/dev/n
 field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
 
 printf '%-34s %10s %10s %10s\n' "configuration" "ppl" "top1 agr" "mean KL" >&2
-for args in "--ctx-size 128 --sinks 4" "--ctx-size 128 --sinks 0" "--ctx-size 2048 --sinks 4"; do
+for args in "--ctx-size 128 --sinks 4" "--ctx-size 128 --sinks 1" "--ctx-size 128 --sinks 0" \
+    "--ctx-size 2048 --sinks 4"; do
     OUT=$(run $args)
     echo "{\"bench\":\"perplexity\",\"args\":\"$args\",\"result\":$OUT}"
     printf '%-34s %10s %10s %10s\n' "full $args" "$(echo "$OUT" | field perplexity)" "-" "-" >&2
 done
 # the same comparison over a prefix that fits the model's whole 2048-token context
-for args in "--ctx-size 2048 --no-eviction" "--ctx-size 128 --sinks 4" "--ctx-size 128 --sinks 0"; do
+for args in "--ctx-size 2048 --no-eviction" "--ctx-size 128 --sinks 4" "--ctx-size 128 --sinks 1" \
+    "--ctx-size 128 --sinks 0"; do
     OUT=$(run --eval-tokens 2048 $args)
     echo "{\"bench\":\"perplexity\",\"args\":\"--eval-tokens 2048 $args\",\"result\":$OUT}"
     printf '%-34s %10s %10s %10s\n' "first 2048: $args" "$(echo "$OUT" | field perplexity)" "-" "-" >&2

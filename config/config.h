@@ -35,10 +35,10 @@ typedef struct {
     const char *file;    /* perplexity: the text to evaluate */
     int32_t eval_tokens; /* perplexity: evaluate only the first N tokens, 0 = all */
     int32_t sinks;       /* attention-sink tokens kept by eviction */
-    int32_t block_size;  /* KV cache tokens per block (eviction granularity) */
+    int32_t block_size;  /* KV cache tokens per block */
     const char *kv_type; /* f16 or f32 */
     bool swa_full;       /* sliding-window models: keep every position of the local layers */
-    int32_t evict_chunk; /* tokens evicted at a time, 0 = window/8 (block-rounded) */
+    int32_t evict_chunk; /* tokens evicted at a time, 0 = window/8 */
     bool no_eviction;    /* stop at a full window instead of evicting */
     bool chunked;        /* perplexity as llama-perplexity computes it: --ctx-size chunks, halves */
     const char *attention;        /* full or tidal */

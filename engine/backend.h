@@ -175,7 +175,7 @@ int eng_cpu_backend_create(eng_backend_t **out, int n_threads, char *msg);
 /* The entry point the CUDA backend's shared library exports (engine/cuda/). */
 typedef int (*eng_cuda_create_fn)(eng_backend_t **out, int device, char *msg, size_t msg_len);
 #define ENG_CUDA_CREATE_SYMBOL "tidald_cuda_backend_create"
-#define ENG_CUDA_ABI 6 /* bumped whenever this table (or the KV structures it reads) changes */
+#define ENG_CUDA_ABI 7 /* bumped whenever this table (or the KV structures it reads) changes */
 typedef int (*eng_cuda_abi_fn)(void);
 #define ENG_CUDA_ABI_SYMBOL "tidald_cuda_backend_abi"
 

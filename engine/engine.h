@@ -201,8 +201,9 @@ typedef struct {
     int32_t *argmax;
 } eng_batch_item_t;
 
-/* Evict at least n of the oldest non-sink tokens (block-granular) and K-shift the keys after
- * them so positions stay contiguous and correctly rotated. Returns the tokens evicted. */
+/* Evict the n oldest tokens after the sinks (fewer if fewer are there; kv_seq_evict) and
+ * K-shift the keys after them so positions stay contiguous and correctly rotated. Returns the
+ * tokens evicted. */
 uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n);
 /* Before appending `need` tokens to a sequence limited to `window`: evict the overflow, at
  * least `chunk` tokens at a time (0: window / 8). Returns the tokens evicted; the caller checks

@@ -180,7 +180,8 @@ static uint32_t pool_blocks(eng_ctx_t *c, uint32_t n_layer, uint32_t kvd, size_t
                    ? 0
                    : kv_pool_blocks_for_bytes_typed(n_layer, kvd, c->p.block_size,
                                                     c->p.kv_mem_bytes - local_bytes, elem);
-    uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size;
+    /* a full context, and the two blocks at most whose slots eviction left partly empty */
+    uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size + 2;
     uint64_t nb = per_seq * c->p.max_seqs;
     size_t avail = c->be->ops->kv_budget ? c->be->ops->kv_budget(c->be) : 0;
     if (!avail) {
@@ -220,7 +221,7 @@ static int make_kv_cache(eng_ctx_t *c, uint32_t kvd, char *msg) {
          * share the logical blocks); under a KV budget at most half of it, but always one
          * sequence's window and a step's tokens, so a sequence alone always progresses (the
          * scheduler preempts for either pool) */
-        uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size;
+        uint64_t per_seq = (c->p.n_ctx + c->p.block_size - 1) / c->p.block_size + 2;
         uint64_t nb = local_pool_blocks(c, c->p.max_seqs);
         if (nb > per_seq * c->p.max_seqs) nb = per_seq * c->p.max_seqs;
         if (c->p.kv_mem_bytes) {
@@ -500,13 +501,12 @@ static void set_layer_kinds(eng_ctx_t *c, const eng_batch_item_t *items, uint32_
 
 uint32_t eng_seq_evict(eng_ctx_t *c, kv_seq_t *seq, uint32_t n) {
     const eng_hparams_t *hp = &c->m->hp;
-    uint32_t keep = kv_seq_sink_span(seq);
     uint32_t gone = kv_seq_evict(seq, n);
-    /* K-shift: every key after the sink blocks moves down by `gone` positions, turned back
-     * with its own layer's RoPE */
+    /* K-shift: every key after the sinks moves down by `gone` positions, turned back with its
+     * own layer's RoPE */
     if (gone)
-        c->be->ops->k_shift(c->be, seq, keep, seq->n_tokens, gone, hp->n_head_kv, hp->head_dim,
-                            c->rope);
+        c->be->ops->k_shift(c->be, seq, seq->n_sinks, seq->n_tokens, gone, hp->n_head_kv,
+                            hp->head_dim, c->rope);
     return gone;
 }
 
@@ -566,8 +566,7 @@ static int prepare(eng_ctx_t *c, eng_batch_item_t *items, uint32_t n_items, uint
     uint32_t need = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         kv_seq_t *s = items[i].seq;
-        uint32_t want =
-            (s->n_tokens + items[i].n_tokens + c->pool.block_size - 1) / c->pool.block_size;
+        uint32_t want = kv_seq_blocks_for(s, s->n_tokens + items[i].n_tokens);
         if (want > s->n_blocks) need += want - s->n_blocks;
         kv_seq_drop_out_of_window(s); /* the local blocks no query of this step sees */
     }

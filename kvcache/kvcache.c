@@ -141,20 +141,22 @@ void kv_seq_init(kv_seq_t *s, kv_pool_t *pool) {
     s->n_sinks = 4;
 }
 
-/* Logical blocks whose positions are all at or before n_tokens - window: no query from
- * position n_tokens on sees them in a local layer. */
+/* Logical blocks whose slots all lie before the first one a query from position n_tokens on
+ * sees in a local layer: positions at or before n_tokens - window, and the evicted slots. */
 static uint32_t dead_blocks(const kv_seq_t *s) {
     const kv_pool_t *p = s->pool;
-    if (s->n_tokens < p->window) return 0;
-    uint32_t n = (s->n_tokens - p->window + 1) / p->block_size;
-    return n < s->n_blocks ? n : s->n_blocks;
+    uint32_t gone = s->n_tokens + 1 > p->window ? s->n_tokens + 1 - p->window : 0;
+    uint64_t first_live =
+        (uint64_t)s->n_sinks + s->skip + (gone > s->n_sinks ? gone - s->n_sinks : 0);
+    uint64_t n = first_live / p->block_size;
+    return n < s->n_blocks ? (uint32_t)n : s->n_blocks;
 }
 
 void kv_seq_drop_out_of_window(kv_seq_t *s) {
     if (!s->pool->local) return;
     /* the sink blocks stay: eviction K-shifts later tokens down next to them, back into the
      * window of the local layers */
-    uint32_t sink_blocks = kv_seq_sink_span(s) / s->pool->block_size;
+    uint32_t sink_blocks = kv_seq_sink_blocks(s);
     uint32_t dead = dead_blocks(s);
     if (s->n_dead < sink_blocks) s->n_dead = sink_blocks;
     for (; s->n_dead < dead; s->n_dead++) {
@@ -167,7 +169,7 @@ void kv_seq_drop_out_of_window(kv_seq_t *s) {
 uint32_t kv_seq_local_need(const kv_seq_t *s, uint32_t n_tokens) {
     const kv_pool_t *p = s->pool;
     if (!p->local) return 0;
-    uint32_t want = (uint32_t)(((uint64_t)n_tokens + p->block_size - 1) / p->block_size);
+    uint32_t want = kv_seq_blocks_for(s, n_tokens);
     return want > s->n_blocks ? want - s->n_blocks : 0;
 }
 
@@ -190,7 +192,7 @@ static int grow_tables(kv_seq_t *s, uint32_t need) {
 
 int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens) {
     kv_pool_t *p = s->pool;
-    uint32_t need = (uint32_t)(((uint64_t)n_tokens + p->block_size - 1) / p->block_size);
+    uint32_t need = kv_seq_blocks_for(s, n_tokens);
     int rc = grow_tables(s, need);
     if (rc) return rc;
     kv_seq_drop_out_of_window(s);
@@ -207,29 +209,32 @@ int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens) {
 
 uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n) {
     kv_pool_t *p = s->pool;
-    uint32_t bs = p->block_size;
-    uint32_t sink_blocks = kv_seq_sink_span(s) / bs;
-    uint32_t full = s->n_tokens / bs;
-    if (full <= sink_blocks || n == 0) return 0;
-    uint32_t k = (n + bs - 1) / bs;
-    if (k > full - sink_blocks) k = full - sink_blocks;
-    for (uint32_t i = 0; i < k; i++) kv_block_unref(p, s->blocks[sink_blocks + i]);
-    memmove(s->blocks + sink_blocks, s->blocks + sink_blocks + k,
-            sizeof(uint32_t) * (s->n_blocks - sink_blocks - k));
-    if (p->local) {
-        for (uint32_t i = 0; i < k; i++)
-            if (s->lblocks[sink_blocks + i] != KV_NO_BLOCK)
-                kv_block_unref(p->local, s->lblocks[sink_blocks + i]);
-        memmove(s->lblocks + sink_blocks, s->lblocks + sink_blocks + k,
-                sizeof(uint32_t) * (s->n_blocks - sink_blocks - k));
-        /* the out-of-window entries after the sinks lose those evicted */
-        if (s->n_dead > sink_blocks)
-            s->n_dead = s->n_dead - sink_blocks > k ? s->n_dead - k : sink_blocks;
+    uint32_t bs = p->block_size, S = s->n_sinks;
+    if (s->n_tokens <= S || n == 0) return 0;
+    if (n > s->n_tokens - S) n = s->n_tokens - S;
+    s->skip += n;
+    s->n_tokens -= n;
+    s->n_evicted += n;
+    /* the blocks after the sink blocks that hold nothing but evicted slots go back */
+    uint32_t first = kv_seq_sink_blocks(s), end = (S + s->skip) / bs;
+    uint32_t k = end > first ? end - first : 0;
+    if (k) {
+        for (uint32_t i = 0; i < k; i++) kv_block_unref(p, s->blocks[first + i]);
+        memmove(s->blocks + first, s->blocks + first + k,
+                sizeof(uint32_t) * (s->n_blocks - first - k));
+        if (p->local) {
+            for (uint32_t i = 0; i < k; i++)
+                if (s->lblocks[first + i] != KV_NO_BLOCK)
+                    kv_block_unref(p->local, s->lblocks[first + i]);
+            memmove(s->lblocks + first, s->lblocks + first + k,
+                    sizeof(uint32_t) * (s->n_blocks - first - k));
+            /* the out-of-window entries after the sinks lose those freed */
+            if (s->n_dead > first) s->n_dead = s->n_dead - first > k ? s->n_dead - k : first;
+        }
+        s->n_blocks -= k;
+        s->skip -= k * bs;
     }
-    s->n_blocks -= k;
-    s->n_tokens -= k * bs;
-    s->n_evicted += (uint64_t)k * bs;
-    return k * bs;
+    return n;
 }
 
 void kv_seq_reset(kv_seq_t *s) {
@@ -241,6 +246,7 @@ void kv_seq_reset(kv_seq_t *s) {
             kv_block_unref(p->local, s->lblocks[s->n_blocks]);
     }
     s->n_dead = 0;
+    s->skip = 0;
     s->n_tokens = 0;
     s->n_evicted = 0;
 }

@@ -59,6 +59,8 @@ typedef struct {
     uint32_t n_blocks, cap_blocks;
     uint32_t n_tokens;  /* tokens whose K/V are stored (cache-relative positions 0..n_tokens-1) */
     uint32_t n_sinks;   /* attention sinks: the first tokens eviction never drops */
+    uint32_t skip;      /* slots after the sinks whose tokens were evicted but whose block still
+                           holds live tokens too (kv_seq_slot); below 2 blocks */
     uint64_t n_evicted; /* tokens evicted over the sequence's life */
 } kv_seq_t;
 
@@ -113,18 +115,48 @@ void kv_seq_init(kv_seq_t *s, kv_pool_t *pool);
  * table). ENG_ENOSPACE if the pool is exhausted (already allocated blocks are kept, so the
  * caller may retry after freeing others); ENG_ENOMEM if the table cannot grow. */
 int kv_seq_reserve(kv_seq_t *s, uint32_t n_tokens);
-/* Sink-aware eviction, block-granular (StreamingLLM, arXiv 2309.17453): return up to
- * ceil(n / block_size) of the oldest blocks after the sink blocks (the blocks holding the
- * first n_sinks tokens) to the pool (drops the table's references) and close the gap in
- * the block table. Returns the tokens
- * evicted (a multiple of the block size); positions after the sinks move down by that much,
- * and the caller re-rotates their keys (K-shift). */
+/* Sink-aware eviction, token-exact (StreamingLLM, arXiv 2309.17453): drop the n oldest tokens
+ * after the first n_sinks (fewer when fewer are there). Positions after the sinks move down by
+ * the count returned, and the caller re-rotates their keys (K-shift). The sinks cost exactly
+ * n_sinks slots of the window at any block size: the dropped tokens' slots become `skip`, and
+ * every block that only they occupied returns to the pool (its table entry is removed). */
 uint32_t kv_seq_evict(kv_seq_t *s, uint32_t n);
-/* The tokens eviction always keeps at the front: the whole blocks that hold the first n_sinks
- * tokens (eviction is block-granular). */
-static inline uint32_t kv_seq_sink_span(const kv_seq_t *s) {
+/* The blocks at the front of the table that hold sink slots: eviction never frees them. */
+static inline uint32_t kv_seq_sink_blocks(const kv_seq_t *s) {
     uint32_t bs = s->pool->block_size;
-    return (s->n_sinks + bs - 1) / bs * bs;
+    return (s->n_sinks + bs - 1) / bs;
+}
+/* The tokens kv_seq_evict must drop for one more block to go back to the pool (the first block
+ * after the sink blocks); more than the sequence holds past its sinks when it cannot. */
+static inline uint32_t kv_seq_evict_for_block(const kv_seq_t *s) {
+    uint32_t bs = s->pool->block_size;
+    return (kv_seq_sink_blocks(s) + 1) * bs - s->n_sinks - s->skip;
+}
+/* The slot of position pos across the table's blocks: the sinks keep theirs, the positions after
+ * them sit `skip` slots further on (0 until something is evicted). */
+static inline uint32_t kv_seq_slot(const kv_seq_t *s, uint32_t pos) {
+    return pos < s->n_sinks ? pos : pos + s->skip;
+}
+/* The end (exclusive) of the run of positions from pos that lie side by side in one block:
+ * kernels read keys and values in such runs. */
+static inline uint32_t kv_seq_run_end(const kv_seq_t *s, uint32_t pos) {
+    uint32_t bs = s->pool->block_size;
+    if (!s->skip) return (pos / bs + 1) * bs;
+    if (pos < s->n_sinks) {
+        uint32_t e = (pos / bs + 1) * bs;
+        return e < s->n_sinks ? e : s->n_sinks;
+    }
+    return ((pos + s->skip) / bs + 1) * bs - s->skip;
+}
+/* The most evicted slots a sequence with n_sinks sinks carries (skip stays below the end of the
+ * first block after the sink blocks): what eviction may add to a full window's blocks. */
+static inline uint32_t kv_skip_max(uint32_t block_size, uint32_t n_sinks) {
+    return ((n_sinks + block_size - 1) / block_size + 1) * block_size - n_sinks - 1;
+}
+/* Table entries a sequence of n_tokens tokens needs (n_tokens at least its current count). */
+static inline uint32_t kv_seq_blocks_for(const kv_seq_t *s, uint32_t n_tokens) {
+    uint32_t bs = s->pool->block_size;
+    return (uint32_t)(((uint64_t)n_tokens + s->skip + bs - 1) / bs);
 }
 
 /* Split pools: return to the local pool every local block whose positions are all out of the
@@ -157,6 +189,7 @@ static inline const kv_pool_t *kv_pool_of_layer(const kv_pool_t *p, uint32_t lay
 static inline void *kv_seq_kp(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
     const kv_pool_t *p = kv_pool_of_layer(s->pool, layer, &layer);
     const uint32_t *tab = p == s->pool ? s->blocks : s->lblocks;
+    pos = kv_seq_slot(s, pos);
     uint32_t b = tab[pos / p->block_size];
     size_t slab = (size_t)p->block_size * p->kv_dim;
     size_t idx =
@@ -171,7 +204,8 @@ static inline void *kv_seq_vp(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
  * block out of the window (only a split cache drops any). */
 static inline bool kv_seq_has(const kv_seq_t *s, uint32_t layer, uint32_t pos) {
     const kv_pool_t *p = s->pool;
-    return !p->local || !p->layer_local[layer] || s->lblocks[pos / p->block_size] != KV_NO_BLOCK;
+    return !p->local || !p->layer_local[layer] ||
+           s->lblocks[kv_seq_slot(s, pos) / p->block_size] != KV_NO_BLOCK;
 }
 /* The same as floats: F32 pools only. */
 static inline float *kv_seq_k(const kv_seq_t *s, uint32_t layer, uint32_t pos) {

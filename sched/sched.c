@@ -315,11 +315,13 @@ static uint32_t blocks_for(const sched_t *s, uint64_t tokens) {
     return (uint32_t)((tokens + bs - 1) / bs);
 }
 
-/* The blocks a request needs at its largest: prompt + max_tokens, capped by its window. */
+/* The blocks a request needs at its largest: prompt + max_tokens, capped by its window, and
+ * past it the slots eviction leaves in the blocks it keeps (kv_seq_t.skip). */
 static uint32_t blocks_needed(const sched_t *s, const sched_request_t *r) {
     uint64_t toks = (uint64_t)r->p.n_prompt + r->p.max_tokens;
-    if (toks > window_of(s, r)) toks = window_of(s, r);
-    return blocks_for(s, toks);
+    if (toks <= window_of(s, r)) return blocks_for(s, toks);
+    uint32_t slack = r->p.evict ? kv_skip_max(eng_ctx_kv_pool(s->ctx)->block_size, r->p.sinks) : 0;
+    return blocks_for(s, (uint64_t)window_of(s, r) + slack);
 }
 
 int sched_submit(sched_t *s, sched_request_t *r, char *msg) {
@@ -480,11 +482,11 @@ static void sweep(sched_t *s) {
 
 /* ---- eviction, preemption and the allocation primitive -------------------- */
 
-/* After the engine evicted `gone` of r's oldest non-sink tokens (sink-aware, block-granular,
- * keys after them K-shifted), drop the same tokens from r's token list. */
+/* After the engine evicted `gone` of r's oldest non-sink tokens (sink-aware, keys after them
+ * K-shifted), drop the same tokens from r's token list. */
 static void forget_evicted(sched_t *s, sched_request_t *r, uint32_t gone) {
     if (!gone) return;
-    uint32_t from = kv_seq_sink_span(&r->seq); /* eviction dropped the tokens right after it */
+    uint32_t from = r->seq.n_sinks; /* eviction dropped the tokens right after the sinks */
     memmove(r->toks + from, r->toks + from + gone, sizeof(int32_t) * (r->n_toks - from - gone));
     r->n_toks -= gone;
     r->n_computed -= gone;
@@ -512,11 +514,11 @@ static bool preempt(sched_t *s, sched_request_t *r) {
 /* The evict policy's victim: the longest running sequence that allows eviction, is not in
  * this step's batch, and has a block past its sinks to give. */
 static sched_request_t *evict_victim(sched_t *s) {
-    uint32_t bs = eng_ctx_kv_pool(s->ctx)->block_size;
     sched_request_t *v = NULL;
     for (size_t i = 0; i < s->n_running; i++) {
         sched_request_t *r = s->running[i];
-        if (r->p.evict && !r->batched && r->seq.n_tokens >= kv_seq_sink_span(&r->seq) + bs &&
+        if (r->p.evict && !r->batched &&
+            r->seq.n_tokens >= r->seq.n_sinks + kv_seq_evict_for_block(&r->seq) &&
             (!v || r->seq.n_tokens > v->seq.n_tokens))
             v = r;
     }
@@ -554,8 +556,7 @@ static bool allocate(sched_t *s, sched_request_t *r, uint32_t n, bool may_free) 
             pool->local && kv_seq_local_need(&r->seq, r->seq.n_tokens + n) > pool->local->n_free;
         sched_request_t *v = s->p.pressure_evict && !local_dry ? evict_victim(s) : NULL;
         if (v) {
-            forget_evicted(s, v,
-                           eng_seq_evict(s->ctx, &v->seq, eng_ctx_kv_pool(s->ctx)->block_size));
+            forget_evicted(s, v, eng_seq_evict(s->ctx, &v->seq, kv_seq_evict_for_block(&v->seq)));
             continue;
         }
         if (!(v = preempt_victim(s)) || !preempt(s, v)) return false;
@@ -591,9 +592,9 @@ static bool schedule(sched_t *s, sched_request_t *r, uint32_t *budget, bool may_
             kv_seq_drop_out_of_window(&r->seq);
             if (pool->local->n_free < free) free = pool->local->n_free;
         }
-        uint64_t room = (uint64_t)(r->seq.n_blocks + free) * pool->block_size;
-        if (room > r->seq.n_tokens && room - r->seq.n_tokens < n)
-            n = (uint32_t)(room - r->seq.n_tokens);
+        uint64_t room = (uint64_t)(r->seq.n_blocks + free) * pool->block_size,
+                 used = (uint64_t)r->seq.n_tokens + r->seq.skip; /* slots, evicted ones too */
+        if (room > used && room - used < n) n = (uint32_t)(room - used);
     }
     if (!allocate(s, r, n, may_free)) return false;
     bool last = r->n_computed + n == r->n_toks;
@@ -658,7 +659,7 @@ static void build_batch(sched_t *s) {
     uint64_t pending = 0; /* blocks that admitted prefills still need */
     for (size_t i = 0; i < s->n_running; i++) {
         sched_request_t *r = s->running[i];
-        uint32_t want = blocks_for(s, r->n_toks);
+        uint32_t want = kv_seq_blocks_for(&r->seq, r->n_toks);
         if (!r->decoding && want > r->seq.n_blocks) pending += want - r->seq.n_blocks;
     }
     while (budget && s->n_waiting && s->n_running < s->p.max_running &&

@@ -384,7 +384,7 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
     size_t row = (size_t)(s->q_start + qi), kvoff = (size_t)kvh * hd;
     const float *q = j->q + (row * sh->n_head + h) * hd;
     float *o = j->out + (row * sh->n_head + h) * hd;
-    uint32_t n_keys = s->pos0 + qi + 1, bs = s->seq->pool->block_size;
+    uint32_t n_keys = s->pos0 + qi + 1;
     acc_t a = {-INFINITY, 0, 0, 0};
     bool stats = s->entropy || s->sink_mass;
     memset(o, 0, hd * sizeof(float));
@@ -392,7 +392,7 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
         /* a sliding-window layer sees the last `window` keys; chunks stay within blocks */
         uint32_t lo = sh->window && n_keys > sh->window ? n_keys - sh->window : 0;
         for (uint32_t p0 = lo; p0 < n_keys;) {
-            uint32_t end = (p0 / bs + 1) * bs, nk = (end < n_keys ? end : n_keys) - p0;
+            uint32_t end = kv_seq_run_end(s->seq, p0), nk = (end < n_keys ? end : n_keys) - p0;
             size_t off = kvoff * s->seq->pool->elem;
             fold(q, s->seq, j->layer, kvoff, hd, sh->scale,
                  (const char *)kv_seq_kp(s->seq, j->layer, p0) + off,
@@ -405,8 +405,8 @@ static void attend(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t qi, ui
         /* chunk the sorted positions by block, as the dense path does, so a selection of every
          * position computes exactly what dense attention computes */
         for (uint32_t i = 0; i < n_sel;) {
-            uint32_t blk = sel[i] / bs, e = i;
-            while (e < n_sel && sel[e] / bs == blk) e++;
+            uint32_t end = kv_seq_run_end(s->seq, sel[i]), e = i;
+            while (e < n_sel && sel[e] < end) e++;
             fold(q, s->seq, j->layer, kvoff, hd, sh->scale, NULL, NULL, 0, sel + i, e - i,
                  s->n_sinks, w->chunk, o, &a, NULL, stats);
             i = e;
@@ -523,7 +523,7 @@ static void attend_tile(const attn_job_t *j, const eng_attn_seq_t *s, uint32_t q
     size_t off = (size_t)g * hd * pool->elem, stride = (size_t)pool->kv_dim;
     bool f16 = pool->elem == 2;
     for (uint32_t p0 = lo0; p0 <= last;) {
-        uint32_t end = (p0 / bs + 1) * bs, nk = (end < last + 1 ? end : last + 1) - p0;
+        uint32_t end = kv_seq_run_end(seq, p0), nk = (end < last + 1 ? end : last + 1) - p0;
         const char *kb = (const char *)kv_seq_kp(seq, j->layer, p0) + off;
         const char *vb = (const char *)kv_seq_vp(seq, j->layer, p0) + off;
         const float *K = (const float *)kb, *V = (const float *)vb;

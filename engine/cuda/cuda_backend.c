@@ -368,7 +368,8 @@ static int cu_begin_step(eng_backend_t *be, const eng_step_t *st, char *msg) {
         for (uint32_t j = 0; j < a->n_q; j++) row[a->q_start + j] = i;
         cs[i] = (cu_seq_t){a->q_start,      a->n_q,     a->pos0,   (uint32_t)t_off,
                            (uint32_t)t_off, a->n_sinks, a->budget, a->force_sinks,
-                           a->per_group,    a->sel,     a->n_sel};
+                           a->per_group,    a->sel,     a->n_sel,  a->seq->n_sinks,
+                           a->seq->skip};
         memcpy(tab + t_off, a->seq->blocks, 4 * (size_t)a->seq->n_blocks);
         t_off += a->seq->n_blocks;
         if (a->seq->pool->local) { /* the local layers' table follows the slice's own */
@@ -708,9 +709,9 @@ static void cu_k_shift_op(eng_backend_t *be, kv_seq_t *seq, uint32_t from, uint3
     for (uint32_t l = 0; l < kv_pool_layers(seq->pool); l++) {
         uint32_t slot = l;
         cu_pool_t pool = pool_of(seq->pool, &slot);
-        cu_k_shift(c->st, pool, c->d_shift_table + (pool.local ? nb : 0), slot, from, to, delta,
-                   n_head_kv, head_dim, rope[l].n_rot, rope[l].base, rope[l].freq_scale,
-                   rope[l].neox, rope[l].freq_factors);
+        cu_k_shift(c->st, pool, c->d_shift_table + (pool.local ? nb : 0), seq->n_sinks, seq->skip,
+                   slot, from, to, delta, n_head_kv, head_dim, rope[l].n_rot, rope[l].base,
+                   rope[l].freq_scale, rope[l].neox, rope[l].freq_factors);
     }
     ok(c, cudaStreamSynchronize(c->st), "K-shift"); /* the table buffer is reused next time */
 report:

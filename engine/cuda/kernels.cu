@@ -608,6 +608,12 @@ __device__ __forceinline__ void kv_st(const cu_pool_t &p, size_t i, float v) {
 __device__ __forceinline__ uint32_t table_of(const cu_pool_t &p, const cu_seq_t &s) {
     return p.local ? s.local_off : s.table_off;
 }
+/* Element index of the key vector of the slice's position pos (kv_seq_kp's slot mapping). */
+__device__ __forceinline__ size_t kv_at(const cu_pool_t &p, const uint32_t *tables,
+                                        const cu_seq_t &s, uint32_t layer, uint32_t pos) {
+    uint32_t slot = pos < s.kv_sinks ? pos : pos + s.skip;
+    return kv_index(p, tables[table_of(p, s) + slot / p.block_size], layer, slot);
+}
 
 __global__ void k_kv_store(cu_pool_t pool, uint32_t layer, const float *k, const float *v,
                            const uint32_t *pos, const uint32_t *row_seq, const cu_seq_t *seqs,
@@ -616,8 +622,7 @@ __global__ void k_kv_store(cu_pool_t pool, uint32_t layer, const float *k, const
     if (idx >= (size_t)T * pool.kv_dim) return;
     uint32_t t = (uint32_t)(idx / pool.kv_dim), e = (uint32_t)(idx % pool.kv_dim);
     const cu_seq_t &s = seqs[row_seq[t]];
-    uint32_t p = pos[t], b = tables[table_of(pool, s) + p / pool.block_size];
-    size_t at = kv_index(pool, b, layer, p) + e;
+    size_t at = kv_at(pool, tables, s, layer, pos[t]) + e;
     kv_st(pool, at, k[idx]);
     kv_st(pool, at + (size_t)pool.block_size * pool.kv_dim, v[idx]);
 }
@@ -631,10 +636,10 @@ extern "C" void cu_kv_store(cudaStream_t st, cu_pool_t pool, uint32_t layer, con
                                                        tables, T);
 }
 
-__global__ void k_shift(cu_pool_t pool, const uint32_t *table, uint32_t layer, uint32_t from,
-                        uint32_t n_pos, float delta, uint32_t n_head_kv, uint32_t hd,
-                        uint32_t n_rot, float theta_scale, float freq_scale, bool neox,
-                        const float *ff) {
+__global__ void k_shift(cu_pool_t pool, const uint32_t *table, uint32_t sinks, uint32_t skip,
+                        uint32_t layer, uint32_t from, uint32_t n_pos, float delta,
+                        uint32_t n_head_kv, uint32_t hd, uint32_t n_rot, float theta_scale,
+                        float freq_scale, bool neox, const float *ff) {
     uint32_t pairs = n_rot / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t per_pos = (size_t)n_head_kv * pairs;
@@ -645,24 +650,24 @@ __global__ void k_shift(cu_pool_t pool, const uint32_t *table, uint32_t layer, u
     float a = rope_angle(delta, i, theta_scale, ff, freq_scale), cs = cosf(a), sn = -sinf(a);
     uint32_t da, db;
     rope_dims(i, n_rot, neox, &da, &db);
-    uint32_t b = table[p / pool.block_size];
+    uint32_t slot = p < sinks ? p : p + skip, b = table[slot / pool.block_size];
     if (b == 0xFFFFFFFFu) return; /* a local layer's block out of the window */
-    size_t at = kv_index(pool, b, layer, p) + (size_t)h * hd;
+    size_t at = kv_index(pool, b, layer, slot) + (size_t)h * hd;
     float x = kv_ld(pool, at + da), y = kv_ld(pool, at + db);
     kv_st(pool, at + da, x * cs - y * sn);
     kv_st(pool, at + db, x * sn + y * cs);
 }
 
-extern "C" void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t layer,
-                           uint32_t from, uint32_t to, uint32_t delta, uint32_t n_head_kv,
-                           uint32_t head_dim, uint32_t n_rot, float base, float freq_scale,
-                           bool neox, const float *freq_factors) {
+extern "C" void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t sinks,
+                           uint32_t skip, uint32_t layer, uint32_t from, uint32_t to,
+                           uint32_t delta, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot,
+                           float base, float freq_scale, bool neox, const float *freq_factors) {
     if (to <= from || n_rot < 2) return;
     size_t n = (size_t)(to - from) * n_head_kv * (n_rot / 2);
     float theta_scale = powf(base, -2.0f / (float)n_rot);
-    k_shift<<<blocks_for(n, 256), 256, 0, st>>>(pool, table, layer, from, to - from, (float)delta,
-                                                n_head_kv, head_dim, n_rot, theta_scale, freq_scale,
-                                                neox, freq_factors);
+    k_shift<<<blocks_for(n, 256), 256, 0, st>>>(pool, table, sinks, skip, layer, from, to - from,
+                                                (float)delta, n_head_kv, head_dim, n_rot,
+                                                theta_scale, freq_scale, neox, freq_factors);
 }
 
 /* ---- attention ----------------------------------------------------------------------- */
@@ -800,8 +805,7 @@ __global__ void __launch_bounds__(DEC_WARPS *WARP)
         uint32_t p = 0;
         if (j < k1) {
             p = kind == K_SPARSE ? sel[j] : lo + j;
-            size_t at =
-                kv_index(pool, tables[table_of(pool, s) + p / pool.block_size], layer, p) + koff;
+            size_t at = kv_at(pool, tables, s, layer, p) + koff;
             sv = dot_q(qs, pool, at, hd);
             vidx = at + slab;
             if (kind == K_SELECT && sc) sc[p] = sv;
@@ -1066,9 +1070,7 @@ __global__ void __launch_bounds__(PF_WARPS *WARP)
             uint32_t j = x / hd, d = x % hd, p = t0 + j;
             float kv = 0, vv = 0;
             if (p >= first && p < last) { /* keys before `first` are masked for every query */
-                size_t at =
-                    kv_index(pool, tables[table_of(pool, s) + p / pool.block_size], layer, p) +
-                    koff + d;
+                size_t at = kv_at(pool, tables, s, layer, p) + koff + d;
                 kv = kv_ld(pool, at);
                 vv = kv_ld(pool, at + slab);
             }

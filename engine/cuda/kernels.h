@@ -28,7 +28,8 @@ typedef struct {
     uint32_t q_start, n_q, pos0, table_off; /* table_off: first entry in the step's tables */
     uint32_t local_off; /* a split cache: the first entry of the slice's local table */
     uint32_t n_sinks, budget, force_sinks, per_group;
-    uint32_t *sel, *n_sel; /* [n_head][budget], [n_head] */
+    uint32_t *sel, *n_sel;   /* [n_head][budget], [n_head] */
+    uint32_t kv_sinks, skip; /* the cache's slot of position p: p below kv_sinks, else p + skip */
 } cu_seq_t;
 
 /* Per-(slice, head) results of one layer's decode attention. */
@@ -87,11 +88,13 @@ void cu_convert(cudaStream_t st, uint32_t type, const float *x, void *out, size_
 void cu_kv_store(cudaStream_t st, cu_pool_t pool, uint32_t layer, const float *k, const float *v,
                  const uint32_t *pos, const uint32_t *row_seq, const cu_seq_t *seqs,
                  const uint32_t *tables, uint32_t T);
-/* Rotate the keys of positions [from, to) of one layer back by delta (K-shift); blocks whose
- * table entry is 0xFFFFFFFF (out of a local layer's window) are skipped. */
-void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t layer,
-                uint32_t from, uint32_t to, uint32_t delta, uint32_t n_head_kv, uint32_t head_dim,
-                uint32_t n_rot, float base, float freq_scale, bool neox, const float *freq_factors);
+/* Rotate the keys of positions [from, to) of one layer back by delta (K-shift); position p
+ * sits in slot p below `sinks`, else p + skip (kv_seq_slot); blocks whose table entry is
+ * 0xFFFFFFFF (out of a local layer's window) are skipped. */
+void cu_k_shift(cudaStream_t st, cu_pool_t pool, const uint32_t *table, uint32_t sinks,
+                uint32_t skip, uint32_t layer, uint32_t from, uint32_t to, uint32_t delta,
+                uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot, float base, float freq_scale,
+                bool neox, const float *freq_factors);
 
 typedef struct {
     uint32_t n_head, n_head_kv, head_dim;

@@ -263,10 +263,61 @@ Test(attention, test_tidal_decode_equals_full_within_budget_on_a_model) {
     eng_model_free(m);
 }
 
-/* Eviction with the K-shift against the same cache built from scratch at the new positions. */
+/* Attention of one query over every position of s (dense, and sparse over a selection of every
+ * position) against a plain attention over the window rebuilt from scratch: keys k and values v,
+ * [pos][kvd] floats. */
+static void check_window_attention(eng_backend_t *be, const eng_hparams_t *hp, kv_seq_t *s,
+                                   const float *k, const float *v, uint64_t seed) {
+    uint32_t n = s->n_tokens, nh = hp->n_head, hd = hp->head_dim;
+    eng_attn_shape_t sh = {nh, hp->n_head_kv, hd, 1.0f / sqrtf((float)hd)};
+    float *q = malloc(sizeof(float) * nh * hd), *out = malloc(sizeof(float) * nh * hd);
+    uint32_t *sel = malloc(sizeof(uint32_t) * nh * n), *pos = malloc(sizeof(uint32_t) * n);
+    uint32_t n_sel[64], n_att[64];
+    float ent[64], sink[64];
+    for (uint32_t i = 0; i < nh * hd; i++) q[i] = frand(&seed) * 2;
+    for (uint32_t p = 0; p < n; p++) pos[p] = p;
+    for (uint32_t h = 0; h < nh; h++) {
+        memcpy(sel + (size_t)h * n, pos, sizeof(uint32_t) * n);
+        n_sel[h] = n;
+    }
+    for (int sparse = 0; sparse < 2; sparse++) {
+        eng_attn_seq_t a = {.seq = s,
+                            .n_q = 1,
+                            .pos0 = n - 1,
+                            .kind = sparse ? ENG_ATT_SPARSE : ENG_ATT_DENSE,
+                            .budget = n,
+                            .n_sinks = s->n_sinks,
+                            .sel = sel,
+                            .n_sel = n_sel,
+                            .entropy = ent,
+                            .sink_mass = sink,
+                            .n_att = n_att};
+        be->ops->attention(be, &sh, 1, q, &a, 1, out);
+        for (uint32_t h = 0; h < nh; h++) {
+            float ref[256];
+            double e, sm;
+            ref_attention_subset(&sh, h, q + h * hd, k, v, pos, n, s->n_sinks, ref, &e, &sm, NULL);
+            for (uint32_t x = 0; x < hd; x++)
+                cr_assert(fabsf(out[h * hd + x] - ref[x]) < 1e-5f, "%s head %u dim %u: %g vs %g",
+                          sparse ? "sparse" : "dense", h, x, out[h * hd + x], ref[x]);
+            cr_assert(fabs(sink[h] - sm) < 1e-5, "head %u sink mass %g, from scratch %g", h,
+                      sink[h], sm);
+            cr_assert_eq(n_att[h], n);
+        }
+    }
+    free(q), free(out), free(sel), free(pos);
+}
+
+/* Exact eviction with the K-shift against the same window rebuilt from scratch: after each of
+ * several evictions (most not multiples of the block size), the cache holds exactly the n_sinks
+ * sinks and the newest tokens, each key equal to RoPE of its own unrotated key at its new
+ * position, each value unchanged; the blocks only evicted tokens held are back in the pool; and
+ * attention over the cache (dense and sparse, sink mass included) equals a plain attention
+ * over the rebuilt window. */
 static void check_eviction(bool f16) {
     eng_model_t *m;
     eng_ctx_t *c;
+    eng_backend_t *be;
     char msg[ENG_ERRMSG_LEN];
     cr_assert_eq(eng_model_load(&m, synth_path("tiny-f32"), msg), 0, "%s", msg);
     const eng_hparams_t *hp = eng_model_hparams(m);
@@ -279,15 +330,18 @@ static void check_eviction(bool f16) {
     p.kv_f16 = f16;
     g_f16 = f16;
     cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0);
+    cr_assert_eq(eng_cpu_backend_create(&be, 2, msg), 0);
+    cr_assert_eq(be->ops->reserve(be, 4096, 4, 4, 4096), 0);
     kv_pool_t *pool = eng_ctx_kv_pool(c);
-    uint32_t kvd = hp->n_head_kv * hp->head_dim, n = 50, free0 = pool->n_free;
+    uint32_t kvd = hp->n_head_kv * hp->head_dim, n = 50, free0 = pool->n_free, S = 6;
     kv_seq_t s;
     kv_seq_init(&s, pool);
-    s.n_sinks = 6; /* two sink blocks of 4 */
+    s.n_sinks = S; /* a block and a half of sinks */
     cr_assert_eq(kv_seq_reserve(&s, n), 0);
     s.n_tokens = n;
     float *pre = malloc(sizeof(float) * n * kvd * hp->n_layer),
-          *vv = malloc(sizeof(float) * n * kvd * hp->n_layer);
+          *vv = malloc(sizeof(float) * n * kvd * hp->n_layer),
+          *wk = malloc(sizeof(float) * n * kvd), *wv = malloc(sizeof(float) * n * kvd);
     uint64_t r = 3;
     for (uint32_t i = 0; i < n * kvd * hp->n_layer; i++) pre[i] = frand(&r), vv[i] = frand(&r);
     /* keys stored rotated at their positions, as the forward pass stores them */
@@ -303,42 +357,58 @@ static void check_eviction(bool f16) {
                     put(kv_seq_vp(&s, l, q), i, vv[((size_t)l * n + q) * kvd + i]);
             }
         }
-    uint32_t gone = eng_seq_evict(c, &s, 10); /* 10 tokens: 3 blocks of 4 */
-    cr_expect_eq(gone, 12);
-    cr_expect_eq(s.n_tokens, n - 12);
-    cr_expect_eq(pool->n_free, free0 - (n + 3) / 4 + 3);
-    cr_expect_eq(s.n_evicted, 12);
-    for (uint32_t l = 0; l < hp->n_layer; l++)
-        for (uint32_t q = 0; q < s.n_tokens; q++) {
-            uint32_t orig = q < 8 ? q : q + 12; /* sink blocks keep their positions */
-            float want[256];
-            memcpy(want, pre + ((size_t)l * n + orig) * kvd, sizeof(float) * kvd);
-            ref_rope(want, &q, 1, hp->n_head_kv, hp->head_dim, &rope);
-            for (uint32_t i = 0; i < kvd; i++) {
-                float k = f16 ? eng_f16_to_f32(((uint16_t *)kv_seq_kp(&s, l, q))[i])
-                              : kv_seq_k(&s, l, q)[i];
-                float v = f16 ? eng_f16_to_f32(((uint16_t *)kv_seq_vp(&s, l, q))[i])
-                              : kv_seq_v(&s, l, q)[i];
-                float tol = f16 ? 4e-3f : 2e-4f; /* F16 rounds before and after the rotation */
-                cr_assert(fabsf(k - want[i]) < tol, "layer %u pos %u (was %u) dim %u: %g vs %g", l,
-                          q, orig, i, k, want[i]);
-                cr_assert_eq(v, vv[((size_t)l * n + orig) * kvd + i]);
+    uint32_t orig[64]; /* the token each position holds now */
+    for (uint32_t q = 0; q < n; q++) orig[q] = q;
+    const uint32_t steps[] = {10, 3, 1, 7, 2, 40};
+    uint64_t evicted = 0;
+    for (size_t st = 0; st < sizeof(steps) / sizeof(steps[0]); st++) {
+        uint32_t before = s.n_tokens, want = steps[st] < before - S ? steps[st] : before - S;
+        uint32_t gone = eng_seq_evict(c, &s, steps[st]);
+        cr_assert_eq(gone, want, "step %zu: evicted %u, want %u", st, gone, want);
+        memmove(orig + S, orig + S + gone, sizeof(uint32_t) * (before - S - gone));
+        evicted += gone;
+        cr_assert_eq(s.n_tokens, before - gone);
+        cr_assert_eq(s.n_evicted, evicted);
+        /* the sinks cost S slots: nothing but evicted slots is left unused, and every block
+         * holding only those went back */
+        cr_assert_leq(s.skip, kv_skip_max(4, S));
+        cr_assert_eq(s.n_blocks, kv_seq_blocks_for(&s, n - (uint32_t)evicted));
+        cr_assert_eq(pool->n_free, free0 - s.n_blocks);
+        for (uint32_t l = 0; l < hp->n_layer; l++)
+            for (uint32_t q = 0; q < s.n_tokens; q++) {
+                float want_k[256];
+                memcpy(want_k, pre + ((size_t)l * n + orig[q]) * kvd, sizeof(float) * kvd);
+                ref_rope(want_k, &q, 1, hp->n_head_kv, hp->head_dim, &rope);
+                for (uint32_t i = 0; i < kvd; i++) {
+                    float k = f16 ? eng_f16_to_f32(((uint16_t *)kv_seq_kp(&s, l, q))[i])
+                                  : kv_seq_k(&s, l, q)[i];
+                    float v = f16 ? eng_f16_to_f32(((uint16_t *)kv_seq_vp(&s, l, q))[i])
+                                  : kv_seq_v(&s, l, q)[i];
+                    /* F16 rounds before and after each rotation */
+                    float tol = f16 ? 4e-3f * (float)(st + 1) : 2e-4f;
+                    cr_assert(fabsf(k - want_k[i]) < tol,
+                              "step %zu layer %u pos %u (token %u) dim %u: %g vs %g", st, l, q,
+                              orig[q], i, k, want_k[i]);
+                    cr_assert_eq(v, vv[((size_t)l * n + orig[q]) * kvd + i]);
+                    if (l == 1) wk[(size_t)q * kvd + i] = k, wv[(size_t)q * kvd + i] = v;
+                }
             }
-        }
-    /* nothing is evicted from a cache holding only sink blocks */
-    s.n_tokens = 8;
-    cr_expect_eq(eng_seq_evict(c, &s, 4), 0);
-    free(pre), free(vv);
+        check_window_attention(be, hp, &s, wk, wv, 11 + st);
+    }
+    cr_assert_eq(s.n_tokens, S); /* the last step took every token after the sinks */
+    cr_assert_eq(eng_seq_evict(c, &s, 4), 0);
+    free(pre), free(vv), free(wk), free(wv);
     kv_seq_close(&s);
+    be->ops->destroy(be);
     eng_ctx_free(c);
     eng_model_free(m);
 }
 
-Test(attention, test_eviction_keeps_sinks_and_k_shift_equals_rope_at_new_positions) {
+Test(attention, test_exact_eviction_keeps_sinks_and_equals_the_window_rebuilt_from_scratch) {
     check_eviction(false);
 }
 
-Test(attention, test_f16_cache_eviction_k_shift_equals_rope_at_new_positions) {
+Test(attention, test_f16_cache_exact_eviction_equals_the_window_rebuilt_from_scratch) {
     check_eviction(true);
 }
 

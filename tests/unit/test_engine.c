@@ -402,3 +402,79 @@ Test(engine, test_sliding_window_cache_frees_blocks_and_changes_nothing) {
     free(b);
     eng_model_free(m);
 }
+
+/* One stream over stories260K past a 48-token window, evicting 5 tokens at a time (never a
+ * whole block): every step's logits, the tokens fed (greedy when ids_in is NULL, else
+ * ids_in's), and the tokens the cache held at each step. */
+static void stream_run(eng_model_t *m, uint32_t block_size, bool f16, const int32_t *ids_in,
+                       uint32_t n, float *logits_out, int32_t *ids_out, uint32_t *held) {
+    char msg[ENG_ERRMSG_LEN];
+    eng_ctx_params_t p;
+    eng_ctx_params_default(&p);
+    p.device = ENG_DEVICE_CPU;
+    p.max_seqs = 1;
+    p.n_ctx = 256;
+    p.block_size = block_size;
+    p.kv_f16 = f16;
+    eng_ctx_t *c;
+    cr_assert_eq(eng_ctx_create(&c, m, &p, msg), 0, "%s", msg);
+    uint32_t V = eng_model_hparams(m)->n_vocab;
+    kv_seq_t s;
+    kv_seq_init(&s, eng_ctx_kv_pool(c));
+    s.n_sinks = 4;
+    int32_t id = 1;
+    for (uint32_t i = 0; i < n; i++) {
+        eng_seq_make_room(c, &s, 48, 1, 5);
+        held[i] = s.n_tokens;
+        eng_batch_item_t it = {&s, &id, 1, logits_out + (size_t)i * V};
+        cr_assert_eq(eng_forward(c, &it, 1, msg), 0, "step %u: %s", i, msg);
+        ids_out[i] = id;
+        id = ids_in ? ids_in[i + 1 < n ? i + 1 : i] : test_argmax(logits_out + (size_t)i * V, V);
+    }
+    kv_seq_close(&s);
+    eng_ctx_free(c);
+}
+
+/* The sinks cost exactly their 4 slots at any block size: a stream evicting 5 tokens at a time
+ * from a 48-token window computes, with blocks of 16 (4 sinks in a block of 16) and of 5, what
+ * single-token blocks compute (where eviction is exact by construction): the same window
+ * (4 sinks and the newest 44 tokens), the same logits to float rounding (the blocks cut the
+ * keys into other chunks of the online softmax, which an F16 cache amplifies), the same greedy
+ * text.
+ * Before eviction was exact, blocks of 16 kept 16 old tokens and 32 new ones. */
+Test(engine, test_exact_sinks_stream_the_same_window_at_every_block_size) {
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    eng_model_t *m;
+    char msg[ENG_ERRMSG_LEN];
+    cr_assert_eq(eng_model_load(&m, STORIES_PATH, msg), 0, "%s", msg);
+    enum { N = 160 };
+    size_t V = eng_model_hparams(m)->n_vocab;
+    float *ref = malloc(sizeof(float) * V * N), *got = malloc(sizeof(float) * V * N);
+    int32_t ids[N], fed[N];
+    uint32_t held_ref[N], held[N];
+    for (int f16 = 0; f16 < 2; f16++) {
+        stream_run(m, 1, f16, NULL, N, ref, ids, held_ref);
+        uint32_t drops = 0; /* the window fills (47 tokens and the new one), then evicts */
+        for (uint32_t i = 1; i < N; i++) drops += held_ref[i] < held_ref[i - 1];
+        cr_assert_gt(drops, 20);
+        cr_assert_eq(held_ref[47], 47);
+        const uint32_t sizes[] = {16, 5};
+        for (size_t k = 0; k < 2; k++) {
+            stream_run(m, sizes[k], f16, ids, N, got, fed, held);
+            for (uint32_t i = 0; i < N; i++) {
+                cr_assert_eq(held[i], held_ref[i], "block %u step %u", sizes[k], i);
+                cr_assert_eq(
+                    test_argmax(got + (size_t)i * V, V), test_argmax(ref + (size_t)i * V, V),
+                    "block %u%s step %u: another greedy token", sizes[k], f16 ? " (F16)" : "", i);
+                for (size_t j = 0; j < V; j++)
+                    cr_assert(fabsf(got[i * V + j] - ref[i * V + j]) <
+                                  (f16 ? 1e-2f : 1e-4f) * (1 + fabsf(ref[i * V + j])),
+                              "block %u%s step %u logit %zu: %g vs %g", sizes[k],
+                              f16 ? " (F16)" : "", i, j, got[i * V + j], ref[i * V + j]);
+            }
+        }
+    }
+    free(ref);
+    free(got);
+    eng_model_free(m);
+}

@@ -3,6 +3,7 @@
 #include "../../kvcache/kvcache.h"
 
 #include <criterion/criterion.h>
+#include <string.h>
 
 Test(kvcache, test_reserve_allocates_whole_blocks_and_reset_returns_them) {
     kv_pool_t p;
@@ -168,6 +169,63 @@ Test(kvcache, test_split_pool_frees_local_blocks_out_of_the_window) {
     kv_seq_close(&s);
     cr_expect_eq(full.n_free, 16);
     cr_expect_eq(local.n_free, 4);
+    kv_pool_close(&full);
+    kv_pool_close(&local);
+}
+
+/* Exact eviction with sinks that fill part of a block (2 sinks, blocks of 4) in a split cache
+ * (layers 0, 1, 3 and 4 local with a window of 6): evicting 1 to 7 tokens at a time, with
+ * tokens appended in between, every position the next query sees holds its own token's K/V
+ * (tagged with the token) in every layer; the sinks stay; the evicted tokens cost no slot of
+ * the window; blocks that only evicted slots occupied go back to both pools, and nothing else
+ * does. */
+Test(kvcache, test_exact_eviction_keeps_each_token_and_frees_only_dead_blocks) {
+    kv_pool_t full, local;
+    char msg[ENG_ERRMSG_LEN];
+    const bool is_local[5] = {true, true, false, true, true};
+    enum { W = 6, BS = 4, S = 2 };
+    cr_assert_eq(kv_pool_init(&full, 1, 2, BS, 32, msg), 0);
+    cr_assert_eq(kv_pool_init(&local, 4, 2, BS, 8, msg), 0);
+    cr_assert_eq(kv_pool_attach_local(&full, &local, W, is_local, 5, msg), 0, "%s", msg);
+    kv_seq_t s;
+    kv_seq_init(&s, &full);
+    s.n_sinks = S;
+    float tok[64]; /* the token each position holds */
+    float next = 1;
+    const uint32_t evict[] = {1, 3, 5, 2, 7, 4, 6};
+    for (size_t round = 0; round <= sizeof(evict) / sizeof(evict[0]); round++) {
+        for (int a = 0; a < 5; a++) { /* append 5 tokens */
+            cr_assert_eq(kv_seq_reserve(&s, s.n_tokens + 1), 0, "round %zu", round);
+            for (uint32_t l = 0; l < 5; l++)
+                if (kv_seq_has(&s, l, s.n_tokens)) kv_seq_k(&s, l, s.n_tokens)[0] = next;
+            tok[s.n_tokens++] = next++;
+        }
+        if (round < sizeof(evict) / sizeof(evict[0])) {
+            uint32_t before = s.n_tokens, gone = kv_seq_evict(&s, evict[round]);
+            cr_assert_eq(gone, evict[round] < before - S ? evict[round] : before - S);
+            memmove(tok + S, tok + S + gone, sizeof(float) * (before - S - gone));
+            kv_seq_drop_out_of_window(&s);
+        }
+        for (uint32_t p = 0; p < s.n_tokens; p++)
+            for (uint32_t l = 0; l < 5; l++) {
+                bool seen = !is_local[l] || p < S || p + W > s.n_tokens;
+                if (!seen) continue;
+                cr_assert(kv_seq_has(&s, l, p), "round %zu: layer %u lost position %u", round, l,
+                          p);
+                cr_assert_eq(kv_seq_k(&s, l, p)[0], tok[p], "round %zu layer %u position %u", round,
+                             l, p);
+            }
+        cr_assert_leq(s.skip, kv_skip_max(BS, S));
+        cr_assert_eq(s.n_blocks, kv_seq_blocks_for(&s, s.n_tokens));
+        cr_assert_eq(full.n_free, full.n_blocks - s.n_blocks);
+        uint32_t live = 0;
+        for (uint32_t b = 0; b < s.n_blocks; b++) live += s.lblocks[b] != KV_NO_BLOCK;
+        cr_assert_eq(live + local.n_free, local.n_blocks, "every local block is held or free");
+        cr_assert_leq(live, 1 + (W + BS - 1) / BS + 1, "round %zu: %u local blocks", round, live);
+    }
+    kv_seq_close(&s);
+    cr_expect_eq(full.n_free, 32);
+    cr_expect_eq(local.n_free, 8);
     kv_pool_close(&full);
     kv_pool_close(&local);
 }
