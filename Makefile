@@ -273,6 +273,7 @@ bench: deps all $(BUILD)/bench_engine $(BUILD)/bench_attention $(MODEL_DIR)/m100
 	BUILD=$(BUILD) bash bench/serve_bench.sh $(MODEL_DIR)/m100-f32.gguf
 	$(BUILD)/bench_attention $(MODEL_DIR)/long-f16.gguf 256
 	BUILD=$(BUILD) bash bench/budget_sweep.sh
+	BUILD=$(BUILD) REAL_MODEL_DIR=$(REAL_MODEL_DIR) bash bench/streaming_llm.sh
 
 # ---- the CUDA backend on a CPU emulation of CUDA (tests/cuda_emu/) ----
 # The backend's own sources (cuda_backend.c, kernels.cu with its launches rewritten) built

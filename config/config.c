@@ -88,6 +88,10 @@ static const flag_t gen_flags[] = {
     {"--chunked", F_BOOL, 0, 0, OFF(chunked), "",
      "perplexity as llama-perplexity computes it: the text in --ctx-size chunks (512 if 0), "
      "each evaluated alone, the second half of each scored"},
+    {"--recompute-stride", F_INT, 0, 1 << 24, OFF(recompute), "N",
+     "perplexity: the sliding window with re-computation (StreamingLLM's baseline): every N "
+     "tokens a fresh sequence computes the last --ctx-size tokens from scratch and scores its "
+     "last N (1: every token; 0 = off, the default)"},
     {"--attention", F_STR, 0, 0, OFF(attention), "MODE",
      "full or tidal (TidalDecode) (default full)"},
     {"--token-budget", F_INT, 0, 1 << 24, OFF(token_budget), "K",
@@ -163,6 +167,13 @@ int cfg_perplexity_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
     if (c->help) return 0;
     if (!c->file) {
         snprintf(msg, CFG_ERRMSG_LEN, "--file is required");
+        return -1;
+    }
+    if (c->recompute && (c->chunked || strcmp(c->attention, "full"))) {
+        snprintf(msg, CFG_ERRMSG_LEN,
+                 "--recompute-stride is a method of its own with full attention: not with "
+                 "--chunked or --attention %s",
+                 c->chunked ? "(any)" : c->attention);
         return -1;
     }
     return 0;

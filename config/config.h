@@ -41,6 +41,7 @@ typedef struct {
     int32_t evict_chunk; /* tokens evicted at a time, 0 = window/8 */
     bool no_eviction;    /* stop at a full window instead of evicting */
     bool chunked;        /* perplexity as llama-perplexity computes it: --ctx-size chunks, halves */
+    int32_t recompute;   /* perplexity: sliding window re-computed from scratch every N tokens */
     const char *attention;        /* full or tidal */
     int32_t token_budget;         /* TidalDecode K, 0 = the default */
     const char *selection_layers; /* comma-separated, empty = the default */

@@ -81,6 +81,60 @@ static int chunked(const cfg_generate_t *cfg, eng_ctx_t *ctx, const eng_model_t 
     return 0;
 }
 
+/* The sliding window with re-computation (StreamingLLM's baseline): for every `stride` positions
+ * i (each predicting toks[i + 1]), a fresh sequence computes toks[s .. last] from scratch, s
+ * chosen so the last of them sees exactly `window` tokens (itself included), and scores those
+ * positions: each sees between window - stride + 1 and window tokens, all computed with that
+ * context, where the streaming cache keeps keys computed in older contexts. */
+static int recompute(const cfg_generate_t *cfg, eng_ctx_t *ctx, const eng_model_t *model,
+                     const int32_t *toks, size_t n) {
+    uint32_t window = eng_ctx_n_ctx(ctx), stride = (uint32_t)cfg->recompute, sub = 64;
+    uint32_t V = eng_model_hparams(model)->n_vocab;
+    if (stride > window) stride = window;
+    float *logits = malloc(sizeof(float) * V * sub);
+    if (!logits) return 1;
+    char msg[ENG_ERRMSG_LEN];
+    double nll = 0;
+    uint64_t count = 0;
+    int rc = 0;
+    for (size_t b = 0; b + 1 < n && !rc; b += stride) {
+        size_t end = b + stride < n - 1 ? b + stride : n - 1; /* positions [b, end) scored */
+        size_t s = end > window ? end - window : 0;
+        kv_seq_t seq;
+        kv_seq_init(&seq, eng_ctx_kv_pool(ctx));
+        for (size_t at = s; at < end && !rc; at += sub) {
+            uint32_t k = end - at < sub ? (uint32_t)(end - at) : sub;
+            bool scored = at + k > b;
+            eng_batch_item_t it = {&seq, toks + at, k, scored ? logits : NULL, scored};
+            if ((rc = eng_forward(ctx, &it, 1, msg)) || !scored) continue;
+            for (uint32_t j = 0; j < k; j++) {
+                if (at + j < b) continue;
+                int32_t arg;
+                nll += log_z(logits + (size_t)j * V, V, &arg) -
+                       logits[(size_t)j * V + toks[at + j + 1]];
+                count++;
+            }
+        }
+        kv_seq_close(&seq);
+        if (cfg->verbose && b / stride % 50 == 0 && count)
+            fprintf(stderr, "tidald perplexity: %llu tokens, ppl %.4f\n", (unsigned long long)count,
+                    exp(nll / (double)count));
+    }
+    free(logits);
+    if (rc) {
+        fprintf(stderr, "tidald perplexity: %s\n", msg);
+        return 1;
+    }
+    double ppl = exp(nll / (double)count);
+    fprintf(stderr,
+            "tidald perplexity: %llu tokens, window %u re-computed every %u: perplexity %.4f\n",
+            (unsigned long long)count, window, stride, ppl);
+    printf("{\"method\":\"recompute\",\"tokens\":%llu,\"perplexity\":%.6f,\"ctx_size\":%u,"
+           "\"recompute_stride\":%u}\n",
+           (unsigned long long)count, ppl, window, stride);
+    return 0;
+}
+
 int cmd_perplexity(int argc, char **argv) {
     cfg_generate_t cfg;
     char msg[ENG_ERRMSG_LEN] = {0};
@@ -122,6 +176,10 @@ int cmd_perplexity(int argc, char **argv) {
     }
     if (cfg.chunked) {
         status = chunked(&cfg, ctx, model, toks, n);
+        goto done;
+    }
+    if (cfg.recompute) {
+        status = recompute(&cfg, ctx, model, toks, n);
         goto done;
     }
     uint32_t V = hp->n_vocab, window = eng_ctx_n_ctx(ctx);

@@ -137,6 +137,21 @@ if [ -f "$STORIES" ]; then
     "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --ctx-size 128 --chunked >"$TMP/out" 2>"$TMP/err"
     tail -1 "$TMP/out" | python3 -c 'import json,math,sys; j=json.loads(sys.stdin.read()); sys.exit(not (j["method"] == "chunked" and j["chunks"] > 0 and j["tokens"] == j["chunks"] * 63 and 1 < j["perplexity"] < 100))' &&
         clean && ok "perplexity --chunked scores the second half of each 128-token chunk" || bad "perplexity --chunked"
+
+    # the sliding window with re-computation: with a window the text fits in, the same number as
+    # the streaming cache (one pass, nothing evicted); a narrower window re-computed every token
+    "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --ctx-size 400 --eval-tokens 300 --kv-type f32 >"$TMP/stream" 2>"$TMP/err" &&
+        "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --ctx-size 400 --eval-tokens 300 --kv-type f32 --recompute-stride 400 >"$TMP/out" 2>>"$TMP/err" &&
+        "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --ctx-size 64 --eval-tokens 300 --recompute-stride 1 >"$TMP/one" 2>>"$TMP/err" &&
+        python3 - "$TMP/stream" "$TMP/out" "$TMP/one" <<'PY' && clean && ok "perplexity --recompute-stride: the window re-computed from scratch" || bad "perplexity --recompute-stride"
+import json, sys
+s, r, o = (json.loads(open(f).read().splitlines()[-1]) for f in sys.argv[1:])
+assert r["method"] == "recompute" and r["tokens"] == s["tokens"] == o["tokens"] == 299, (s, r, o)
+assert abs(r["perplexity"] - s["perplexity"]) < 1e-4 * s["perplexity"], (s, r)
+assert o["recompute_stride"] == 1 and o["ctx_size"] == 64 and 1 < o["perplexity"] < 100, o
+PY
+    "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --chunked --recompute-stride 4 >"$TMP/out" 2>"$TMP/err"
+    [ $? -eq 2 ] && grep -q -- "--recompute-stride" "$TMP/err" && ok "--recompute-stride with --chunked is refused" || bad "--recompute-stride with --chunked"
 else
     skip=$((skip + 1))
     echo "[SKIP] $STORIES not present: skipping the stories260K CLI cases"
