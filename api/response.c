@@ -276,11 +276,9 @@ char *api_final_response(const api_resp_ctx_t *rc, const api_acc_t *a, sched_fin
     cJSON_AddNumberToObject(u, "prompt_tokens", prompt);
     cJSON_AddNumberToObject(u, "completion_tokens", completion);
     cJSON_AddNumberToObject(u, "total_tokens", prompt + completion);
-    if (rq->entropy) {
-        cJSON *t = cJSON_AddObjectToObject(o, "telemetry");
-        cJSON *arr = cJSON_AddArrayToObject(t, "token_entropy_bits");
-        for (size_t i = 0; i < a->n_tok; i++)
-            cJSON_AddItemToArray(arr, cJSON_CreateNumber(a->tok[i].entropy_bits));
+    if (rq->entropy) { /* one object per token, each what its streamed chunk carries */
+        cJSON *t = cJSON_AddArrayToObject(o, "telemetry");
+        for (size_t i = 0; i < a->n_tok; i++) cJSON_AddItemToArray(t, telemetry(&a->tok[i]));
     }
     return print(o);
 }

@@ -367,6 +367,9 @@ static const opt_t opts[] = {
      "TidalDecode: keep the sink tokens in every selection"},
     {"per_group", V_BOOL, COFF(per_group), "false", 0, 0,
      "TidalDecode: select once per KV-head group"},
+    {"telemetry_sample", V_NUM, COFF(telemetry_sample), "0.0625", 0, 1,
+     "share of generated tokens measured (sampling and attention entropy, sink mass) for the "
+     "Prometheus histograms when the request did not ask for telemetry; the rest compute none"},
     {"entropy_collapse_threshold", V_NUM, COFF(entropy_collapse_threshold), "0.05", 0, 1,
      "normalised attention entropy under which a layer counts as collapsed"},
     {"entropy_collapse_tokens", V_INT, COFF(entropy_collapse_tokens), "32", 1, 1 << 20,

@@ -101,6 +101,7 @@ typedef struct {
     char *selection_layers;
     bool force_sinks;
     bool per_group;
+    double telemetry_sample; /* share of tokens measured for the histograms without telemetry */
     double entropy_collapse_threshold;
     int64_t entropy_collapse_tokens;
     char *config; /* the JSON file these came from, if any */

@@ -65,6 +65,7 @@ struct sched_request {
     char *held;    /* released text held back while it may start a stop string */
     size_t held_len, held_cap;
     uint32_t window;
+    bool measure;         /* the token being computed gets its telemetry measured */
     eng_attn_tele_t tele; /* per-layer, per-head attention telemetry of the last forward */
     float *tele_buf;
     /* outbox, guarded by mu */
@@ -568,6 +569,18 @@ static bool allocate(sched_t *s, sched_request_t *r, uint32_t n, bool may_free) 
 
 static void set_output(sched_t *s, const sched_request_t *r, uint32_t n, eng_batch_item_t *it);
 
+/* Whether r's next token gets telemetry: every token when the request asked for it, else the
+ * configured share of its tokens, spread evenly (tokens 0, 1/share, 2/share, ...), for the
+ * Prometheus histograms. The rest compute no entropy at all: the attention kernels skip their
+ * accumulators, and a greedy request's logits never leave the engine. */
+static bool measured(const sched_request_t *r) {
+    double p = r->p.telemetry_sample;
+    uint32_t i = r->n_generated;
+    if (r->p.entropy || p >= 1) return true;
+    if (!(p > 0)) return false;
+    return i == 0 || floor(i * p) > floor((i - 1) * p);
+}
+
 /* Put r's next chunk (its uncomputed tokens, at most *budget) into the batch. Returns false if
  * r sits this step out (r may then no longer be running). */
 static bool schedule(sched_t *s, sched_request_t *r, uint32_t *budget, bool may_free) {
@@ -598,12 +611,13 @@ static bool schedule(sched_t *s, sched_request_t *r, uint32_t *budget, bool may_
     }
     if (!allocate(s, r, n, may_free)) return false;
     bool last = r->n_computed + n == r->n_toks;
+    if (last) r->measure = measured(r);
     eng_batch_item_t *it = &s->items[s->n_items];
     *it = (eng_batch_item_t){.seq = &r->seq,
                              .tokens = r->toks + r->n_computed,
                              .n_tokens = n,
                              .attn = r->decoding ? &r->p.attn : NULL,
-                             .tele = last ? &r->tele : NULL};
+                             .tele = last && r->measure ? &r->tele : NULL};
     if (last) set_output(s, r, s->n_items, it);
     s->item_req[s->n_items++] = r;
     r->batched = true;
@@ -805,26 +819,27 @@ static void draw(const sched_t *s, sched_request_t *r, float *logits, float *raw
         e->token = *argmax;
         if (e->token < 0) return;
         eng_sampler_accept(r->smp, e->token);
-        e->attn = attn_stats(s, r);
+        e->attn = r->measure ? attn_stats(s, r) : NULL;
         return;
     }
     if (eng_argmax(logits, s->n_vocab) < 0) return; /* NaN or infinity: on_token ends r */
     double lse = 0;
-    if (r->p.logprobs >= 0 || r->p.entropy) {
+    if (r->p.logprobs >= 0 || r->measure) {
         /* the sampler edits logits in place: keep the raw ones only when logprobs need them */
         const float *src = logits;
         if (r->p.logprobs >= 0) src = memcpy(raw, logits, sizeof(float) * s->n_vocab);
         float T = r->p.sampling.temperature > 0 ? r->p.sampling.temperature : 1.0f;
         e->n_top = r->p.logprobs > 0 ? (uint32_t)r->p.logprobs : 0;
         distribution_facts(src, s->n_vocab, T, r->p.logprobs >= 0, &lse,
-                           r->p.entropy ? &e->entropy_bits : NULL, e->top, e->n_top);
+                           r->measure ? &e->entropy_bits : NULL, e->top, e->n_top);
+        e->has_entropy = r->measure;
     }
     if (r->p.ignore_eos && eng_tok_eos(tok) >= 0) logits[eng_tok_eos(tok)] = -INFINITY;
     int32_t id = eng_sampler_sample(r->smp, logits);
     if (id < 0) return;
     eng_sampler_accept(r->smp, id);
     e->token = id;
-    e->attn = attn_stats(s, r);
+    e->attn = r->measure ? attn_stats(s, r) : NULL;
     if (r->p.logprobs >= 0) e->logprob = (float)(raw[id] - lse);
 }
 
@@ -924,8 +939,8 @@ static void draw_item(void *arg, size_t k) {
 }
 
 /* A request that needs only the greedy choice of each token: no temperature, penalties,
- * logprobs, token entropy or banned EOS. Its logits stay in the engine (on a GPU, only the
- * chosen id is copied back). */
+ * logprobs, telemetry asked for or banned EOS. Its logits stay in the engine (on a GPU, only
+ * the chosen id is copied back); its sampled tokens get attention telemetry alone. */
 static bool greedy_only(const sched_request_t *r) {
     const eng_sampler_params_t *p = &r->p.sampling;
     return p->temperature <= 0 && p->repetition_penalty == 1.0f && p->presence_penalty == 0 &&

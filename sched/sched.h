@@ -34,8 +34,9 @@ typedef struct {
     char *stop[SCHED_MAX_STOP]; /* owned; text is cut before the first match */
     uint32_t n_stop;
     int32_t logprobs; /* -1: none; 0..5: chosen token's logprob plus this many alternatives */
-    bool entropy;     /* compute token_entropy_bits */
-    double deadline;  /* CLOCK_MONOTONIC seconds; 0: none */
+    bool entropy;     /* telemetry asked for: token entropy and attention figures, every token */
+    float telemetry_sample; /* the share of the other tokens measured too (0..1; for metrics) */
+    double deadline;        /* CLOCK_MONOTONIC seconds; 0: none */
     bool ignore_eos;
     uint32_t window;        /* this sequence's context window; 0: the context's */
     bool evict;             /* run past the window with sink-aware eviction */
@@ -74,7 +75,8 @@ typedef struct {
     uint32_t n_top;
     sched_logprob_t top[SCHED_MAX_LOGPROBS];
     float entropy_bits;
-    sched_attn_stats_t *attn; /* token events: the attention telemetry (owned), or NULL */
+    bool has_entropy;         /* entropy_bits was measured (telemetry asked for or sampled) */
+    sched_attn_stats_t *attn; /* the attention telemetry (owned), or NULL when not measured */
     double time;              /* CLOCK_MONOTONIC when produced */
     sched_finish_t finish;
     uint32_t prompt_tokens, completion_tokens; /* filled on the final event */

@@ -458,7 +458,8 @@ static void submit_parsed(conn_t *c) {
     c->areq = j->req;
     memset(&j->req, 0, sizeof(j->req));
     api_kind_t kind = j->kind == JOB_CHAT ? API_CHAT : API_COMPLETION;
-    c->areq.eng.entropy = true; /* always measured: it feeds the entropy histogram */
+    /* telemetry costs nothing unless asked for; a share of the other tokens feeds /metrics */
+    c->areq.eng.telemetry_sample = (float)s->cfg->telemetry_sample;
     srv_log(SRV_INFO, c->reqid, "request_start", "%s prompt_tokens=%u max_tokens=%u stream=%d",
             kind == API_CHAT ? "chat" : "completion", c->areq.eng.n_prompt, c->areq.eng.max_tokens,
             c->areq.stream);
@@ -838,19 +839,24 @@ static void finish_request(conn_t *c, const sched_event_t *ev) {
 }
 
 /* Entropy collapse: a layer whose normalised entropy stays under the threshold for a run of
- * tokens fires the counter and a log line once per run. */
+ * tokens fires the counter and a log line once per run. A request without telemetry is
+ * measured on a share of its tokens, evenly spread: its run counts the measured ones, the same
+ * stretch of text. */
 static void watch_collapse(conn_t *c, const sched_attn_stats_t *a) {
     const cfg_t *cfg = c->srv->cfg;
     if (!c->collapse_run) c->collapse_run = calloc(a->n_layer, sizeof(uint32_t));
     if (!c->collapse_run) return;
+    double run = (double)cfg->entropy_collapse_tokens;
+    if (!c->areq.entropy && cfg->telemetry_sample < 1) run = ceil(run * cfg->telemetry_sample);
+    uint32_t need = run >= 1 ? (uint32_t)run : 1;
     for (uint32_t l = 0; l < a->n_layer; l++) {
         if (a->entropy_norm[l] >= cfg->entropy_collapse_threshold) {
             c->collapse_run[l] = 0;
-        } else if (++c->collapse_run[l] == (uint32_t)cfg->entropy_collapse_tokens) {
+        } else if (++c->collapse_run[l] == need) {
             api_metrics_collapse(l);
             srv_log(SRV_WARN, c->reqid, "entropy_collapse",
                     "layer %u: normalised attention entropy under %g for %u tokens", l,
-                    cfg->entropy_collapse_threshold, c->collapse_run[l]);
+                    cfg->entropy_collapse_threshold, (uint32_t)cfg->entropy_collapse_tokens);
         }
     }
 }
@@ -869,7 +875,7 @@ static void deliver(conn_t *c) {
                     api_metrics_observe(API_H_TTFT, e->time - c->t_arrival);
                 else
                     api_metrics_observe(API_H_ITL, e->time - c->t_last_token);
-                api_metrics_observe(API_H_ENTROPY, e->entropy_bits);
+                if (e->has_entropy) api_metrics_observe(API_H_ENTROPY, e->entropy_bits);
                 if (e->attn) {
                     api_metrics_attention(e->attn);
                     watch_collapse(c, e->attn);

@@ -10,6 +10,7 @@
 #include "emu_device.h"
 #include "include/cublas_v2.h"
 
+#include <atomic>
 #include <stdio.h>
 #include <stdlib.h>
 #include <vector>
@@ -248,14 +249,20 @@ cudaError_t cudaFreeHost(void *p) {
     free(p);
     return cudaSuccess;
 }
+/* Bytes copied from the device to the host so far: tests read it (dlsym) to check what a
+ * step brings back, e.g. one id per greedy token instead of a vocabulary of logits. */
+static std::atomic<unsigned long long> d2h_bytes{0};
+__attribute__((visibility("default"))) unsigned long long emu_d2h_bytes(void) {
+    return d2h_bytes.load();
+}
 cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
-    (void)k;
+    if (k == cudaMemcpyDeviceToHost) d2h_bytes += n;
     memcpy(d, s, n);
     return cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
-    (void)k;
     if (emu_capturing(st)) return last_error = cudaErrorStreamCapture; /* not used in graphs */
+    if (k == cudaMemcpyDeviceToHost) d2h_bytes += n;
     memcpy(d, s, n);
     return cudaSuccess;
 }

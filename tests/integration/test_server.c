@@ -780,8 +780,12 @@ Test(server, test_attention_telemetry_in_every_chunk_and_per_layer_metrics) {
     cr_expect_gt(strlen(jstr(j, "choices.0.text")), 3000);
     cJSON_Delete(j);
     cr_expect_gt(harness_metric(d.port, "tidald_kv_evicted_tokens_total"), 1800);
-    cr_expect_geq(harness_metric(d.port, "tidald_attention_entropy_bits_count{layer=\"4\"}"), 2200);
-    cr_expect_geq(harness_metric(d.port, "tidald_sink_mass_count{layer=\"0\"}"), 2200);
+    /* every token of the request that asked for telemetry, and 1 in 16 of the others (tokens
+     * 0, 16, ..., 1984 of 2,000: 125); the greedy request's sampling entropy is never computed */
+    cr_expect_eq(harness_metric(d.port, "tidald_attention_entropy_bits_count{layer=\"4\"}"),
+                 200 + 125);
+    cr_expect_eq(harness_metric(d.port, "tidald_sink_mass_count{layer=\"0\"}"), 200 + 125);
+    cr_expect_eq(harness_metric(d.port, "tidald_token_entropy_bits_count"), 200);
     cr_expect_geq(harness_metric(d.port, "tidald_entropy_collapse_total{layer=\"0\"}"), 0);
     /* a bad attention object is a 400 naming the field */
     j = post_json(d.port, "/v1/completions",
@@ -917,4 +921,65 @@ Test(server, test_smollm2_chat_end_to_end, .timeout = 600) {
  * llama.cpp's greedy tokens for this prompt (the parity fixture) begin with the same text. */
 Test(server, test_gemma3_chat_end_to_end, .timeout = 600) {
     chat_end_to_end("gemma-3-270m-q4_k_m.gguf", 16, "What is the capital of France?");
+}
+
+/* The same greedy request streamed and not: the non-streamed telemetry list holds exactly the
+ * objects of the streamed chunks, one per token. */
+static void check_telemetry_list(int port, const char *path, const char *fields, bool per_head) {
+    char stream_body[512], plain_body[512];
+    snprintf(stream_body, sizeof(stream_body), "{%s,\"stream\":true}", fields);
+    snprintf(plain_body, sizeof(plain_body), "{%s}", fields);
+    char *body, *head;
+    cr_assert_eq(http_req(port, "POST", path, NULL, stream_body, &body, &head), 200, "%s", body);
+    cJSON *streamed = cJSON_CreateArray();
+    char *save = NULL;
+    for (char *line = strtok_r(body, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        if (strncmp(line, "data: {", 7) != 0) continue;
+        cJSON *j = cJSON_Parse(line + 6);
+        cJSON *t = cJSON_DetachItemFromObject(j, "telemetry");
+        if (t) cJSON_AddItemToArray(streamed, t);
+        cJSON_Delete(j);
+    }
+    free(body), free(head);
+    int st;
+    cJSON *j = post_json(port, path, plain_body, &st);
+    cr_assert_eq(st, 200);
+    const cJSON *list = cJSON_GetObjectItem(j, "telemetry");
+    cr_assert(cJSON_IsArray(list), "%s: the telemetry is not a list", path);
+    cr_assert_eq(cJSON_GetArraySize(list), (int)jnum(j, "usage.completion_tokens"));
+    cr_assert_eq(cJSON_GetArraySize(list), cJSON_GetArraySize(streamed));
+    cr_assert_gt(cJSON_GetArraySize(list), 0);
+    const cJSON *first = cJSON_GetArrayItem(list, 0);
+    cr_assert(cJSON_GetObjectItem(first, "attention_entropy_bits") &&
+              cJSON_GetObjectItem(first, "sink_mass") &&
+              cJSON_GetObjectItem(first, "token_entropy_bits"));
+    cr_assert_eq(cJSON_GetObjectItem(first, "sink_mass_per_head") != NULL, per_head);
+    for (int i = 0; i < cJSON_GetArraySize(list); i++) {
+        char *a = cJSON_PrintUnformatted(cJSON_GetArrayItem(list, i)),
+             *b = cJSON_PrintUnformatted(cJSON_GetArrayItem(streamed, i));
+        cr_assert_str_eq(a, b, "%s token %d", path, i);
+        free(a), free(b);
+    }
+    cJSON_Delete(j);
+    cJSON_Delete(streamed);
+}
+
+/* A non-streamed response's telemetry is a list of the very objects the streamed chunks carry,
+ * one per token (completions on stories260K, chat on a model with a template). */
+Test(server, test_non_streamed_telemetry_lists_the_streamed_objects) {
+    daemon_t d;
+    const char *args[] = {"--model", tiny_chat_model(), NULL};
+    daemon_start(&d, args);
+    check_telemetry_list(d.port, "/v1/chat/completions",
+                         "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":12,"
+                         "\"temperature\":0,\"ignore_eos\":true,\"telemetry\":{\"entropy\":true}",
+                         false);
+    cr_expect_eq(daemon_stop(&d), 0);
+    if (!have_stories()) return;
+    start_stories(&d, NULL);
+    check_telemetry_list(d.port, "/v1/completions",
+                         "\"prompt\":\"Once upon a time\",\"max_tokens\":24,\"temperature\":0,"
+                         "\"telemetry\":{\"entropy\":true,\"per_head\":true}",
+                         true);
+    cr_expect_eq(daemon_stop(&d), 0);
 }

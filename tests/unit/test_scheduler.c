@@ -5,6 +5,7 @@
 #include "helpers.h"
 
 #include <criterion/criterion.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -848,4 +849,130 @@ Test(scheduler, test_sliding_window_pool_pressure_preempts_and_recomputes_exactl
 }
 Test(scheduler, test_sliding_window_pool_pressure_under_the_evict_policy) {
     run_local_pressure(true);
+}
+
+/* ---- telemetry only where it is used ---------------------------------------------- */
+
+typedef struct {
+    uint32_t n;                   /* token events */
+    uint32_t attn, entropy;       /* of them with attention telemetry, with token entropy */
+    uint64_t attn_at, entropy_at; /* bit i: token i had it (the first 64) */
+} measured_t;
+
+/* Run one request to its end and note which of its tokens were measured. */
+static void run_measured(sfx_t *f, sched_req_params_t *p, measured_t *m) {
+    char msg[ENG_ERRMSG_LEN];
+    memset(m, 0, sizeof(*m));
+    sched_request_t *r = sched_request_create(p);
+    cr_assert_eq(sched_submit(f->s, r, msg), 0, "%s", msg);
+    for (bool done = false; !done;) {
+        sched_event_t ev[32];
+        size_t n = sched_request_drain(r, ev, 32);
+        for (size_t i = 0; i < n; i++) {
+            if (ev[i].finish != SCHED_FINISH_NONE) {
+                cr_assert_eq(ev[i].finish, SCHED_FINISH_LENGTH, "%s", ev[i].error);
+                done = true;
+            } else {
+                uint64_t bit = m->n < 64 ? 1ull << m->n : 0;
+                if (ev[i].attn) m->attn++, m->attn_at |= bit;
+                if (ev[i].has_entropy) m->entropy++, m->entropy_at |= bit;
+                m->n++;
+            }
+            sched_event_free(&ev[i]);
+        }
+        if (!n) {
+            pthread_mutex_lock(&f->mu);
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 50000000;
+            if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
+            pthread_cond_timedwait(&f->cv, &f->mu, &ts);
+            pthread_mutex_unlock(&f->mu);
+        }
+    }
+    sched_request_release(r);
+}
+
+/* Telemetry is computed for every token of a request that asked for it, and otherwise only for
+ * the sampled share of its tokens (0, 4, 8, ... at a share of 1/4); a greedy request's sampled
+ * tokens get attention figures alone (its distribution is never computed), a sampled request's
+ * the token entropy too; a share of 0 measures nothing. */
+Test(scheduler, test_telemetry_is_measured_only_where_asked_or_sampled) {
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    sfx_t f;
+    sfx_open(&f, STORIES_PATH, 2, 8, 512);
+    const uint64_t every4 = 0x1111; /* tokens 0, 4, 8, 12 of 16 */
+    struct {
+        float temperature, share;
+        bool asked;
+        uint32_t attn, entropy;
+        uint64_t attn_at, entropy_at;
+    } cases[] = {{0, 0.25f, false, 4, 0, every4, 0},
+                 {0.8f, 0.25f, false, 4, 4, every4, every4},
+                 {0, 0.25f, true, 16, 16, 0xffff, 0xffff},
+                 {0.8f, 0, false, 0, 0, 0, 0},
+                 {0, 1, false, 16, 0, 0xffff, 0}};
+    for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+        sched_req_params_t p = greedy_params(f.m, "Once upon a time", 16);
+        p.ignore_eos = cases[k].temperature > 0; /* greedy: the story goes on past 16 tokens */
+        p.sampling.temperature = cases[k].temperature;
+        p.sampling.seed = 7;
+        p.telemetry_sample = cases[k].share;
+        p.entropy = cases[k].asked;
+        measured_t m;
+        run_measured(&f, &p, &m);
+        cr_expect_eq(m.n, 16, "case %zu", k);
+        cr_expect_eq(m.attn, cases[k].attn, "case %zu: %u tokens with attention figures", k,
+                     m.attn);
+        cr_expect_eq(m.entropy, cases[k].entropy, "case %zu: %u with token entropy", k, m.entropy);
+        cr_expect_eq(m.attn_at, cases[k].attn_at, "case %zu: tokens %llx", k,
+                     (unsigned long long)m.attn_at);
+        cr_expect_eq(m.entropy_at, cases[k].entropy_at, "case %zu", k);
+    }
+    sfx_close(&f);
+}
+
+/* On the GPU (the emulator counts the bytes copied back): a greedy request brings back one id
+ * per token, plus its sampled tokens' attention figures, never a row of logits; asking for
+ * telemetry brings every token's logits back (its distribution's entropy is computed on the
+ * host). */
+Test(cuda, test_greedy_requests_copy_back_one_id_per_token_unless_telemetry_is_asked) {
+    need_cuda_gpu();
+    if (!have_stories()) cr_skip_test("%s not present; skipping", STORIES_PATH);
+    const char *lib = getenv("TIDALD_CUDA_LIB");
+    void *h = lib ? dlopen(lib, RTLD_NOW | RTLD_NOLOAD) : NULL;
+    unsigned long long (*d2h)(void) =
+        h ? (unsigned long long (*)(void))dlsym(h, "emu_d2h_bytes") : NULL;
+    if (!d2h) cr_skip_test("not on the CUDA emulator: the bytes copied back are not counted");
+    g_dev = ENG_DEVICE_CUDA;
+    sfx_t f;
+    sfx_open(&f, STORIES_PATH, 2, 8, 512);
+    cr_assert_str_eq(eng_ctx_backend_name(f.c), "cuda");
+    uint32_t V = eng_model_hparams(f.m)->n_vocab, N = 32;
+    struct {
+        float share;
+        bool asked;
+    } cases[] = {{0, false}, {0.0625f, false}, {0, true}};
+    unsigned long long bytes[3];
+    for (int k = 0; k < 3; k++) {
+        sched_req_params_t p = greedy_params(f.m, "Once upon a time", N);
+        p.telemetry_sample = cases[k].share;
+        p.entropy = cases[k].asked;
+        unsigned long long b0 = d2h();
+        measured_t m;
+        run_measured(&f, &p, &m);
+        bytes[k] = d2h() - b0;
+        cr_assert_eq(m.n, N);
+    }
+    g_dev = ENG_DEVICE_CPU;
+    cr_log_info("bytes copied back for %u tokens: %llu greedy, %llu sampled 1/16, %llu with "
+                "telemetry (vocabulary %u)",
+                N, bytes[0], bytes[1], bytes[2], V);
+    /* the ids alone: 4 bytes a token (the prompt's step included) */
+    cr_expect_leq(bytes[0], 4ull * N, "%llu bytes for %u greedy tokens", bytes[0], N);
+    /* and two sampled tokens' attention figures: far less than one row of logits */
+    cr_expect_lt(bytes[1], 4ull * N + 4ull * V, "%llu bytes", bytes[1]);
+    cr_expect_gt(bytes[1], bytes[0]);
+    cr_expect_geq(bytes[2], 4ull * V * N, "%llu bytes with telemetry", bytes[2]);
+    sfx_close(&f);
 }
