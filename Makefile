@@ -21,7 +21,7 @@ ENGINE_SRC := sched/sched.c base/err.c engine/gguf.c engine/quant.c engine/quant
 LLHTTP_SRC := /usr/share/llhttp/llhttp.c /usr/share/llhttp/api.c /usr/share/llhttp/http.c
 API_SRC    := api/request.c api/response.c api/chat.c api/metrics.c
 SERVER_SRC := server/server.c server/http.c server/log.c $(API_SRC)
-MAIN_SRC   := server/main.c server/perplexity.c server/vocab_cmd.c tools/quantize_model.c \
+MAIN_SRC   := server/main.c server/perplexity.c server/calibrate.c server/vocab_cmd.c tools/quantize_model.c \
               tools/hf_vocab.c tools/gguf_writer.c
 TOOL_SRC   := tools/gguf_writer.c tools/synth_model.c tools/quantize_model.c
 # what the tools use of the engine (the quantizers, the GGUF reader, the thread pool)

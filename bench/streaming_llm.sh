@@ -8,7 +8,7 @@
 #     would cost W times the pass);
 #   - dense attention over the model's whole 8,192-token context (evicting past it).
 # Prints one JSON line per run on stdout and a table on stderr. Usage:
-#   bench/streaming_llm.sh [MODEL] [EVAL_TOKENS]
+#   bench/streaming_llm.sh [MODEL] [EVAL_TOKENS]      (THREADS=N: worker threads, 0 = all)
 set -euo pipefail
 BUILD=${BUILD:-build}
 MODEL=${1:-${REAL_MODEL_DIR:-build/models}/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -21,7 +21,11 @@ TEXT=$BUILD/bench-data/licenses.txt
 mkdir -p "$(dirname "$TEXT")"
 L=/usr/share/common-licenses
 cat $L/GPL-3 $L/GPL-2 $L/LGPL-2.1 $L/Apache-2.0 $L/MPL-2.0 $L/Artistic >"$TEXT"
-run() { "$BUILD/tidald" perplexity --model "$MODEL" --file "$TEXT" --eval-tokens "$EVAL" "$@" 2>/dev/null | tail -1; }
+THREADS=${THREADS:-0}
+run() {
+    "$BUILD/tidald" perplexity --model "$MODEL" --file "$TEXT" --eval-tokens "$EVAL" \
+        --threads "$THREADS" "$@" 2>/dev/null | tail -1
+}
 field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
 row() {
     local name=$1

@@ -100,6 +100,15 @@ static const flag_t gen_flags[] = {
      "TidalDecode selection layers (default 2 and ~40% of depth)"},
     {"--force-sinks", F_BOOL, 0, 0, OFF(force_sinks), "", "keep the sinks in every selection"},
     {"--per-group", F_BOOL, 0, 0, OFF(per_group), "", "select once per KV-head group"},
+    {"--budgets", F_STR, 0, 0, OFF(budgets), "K,K",
+     "calibrate: budgets to sweep (default 64,128,256,512,1024)"},
+    {"--layers", F_STR, 0, 0, OFF(layers), "L,L",
+     "calibrate: re-selection layers to sweep (default every layer after the first selection "
+     "layer)"},
+    {"--min-agreement", F_FLOAT, 0, 1, OFF(min_agreement), "P",
+     "calibrate: top-1 agreement with full attention the recommendation keeps (default 0.95)"},
+    {"--out", F_STR, 0, 0, OFF(out), "PATH",
+     "calibrate: write the recommended settings as a JSON file for `tidald serve --config`"},
     {"--verbose", F_BOOL, 0, 0, OFF(verbose), "", "print model and timing details to stderr"},
     {"--help", F_BOOL, 0, 0, OFF(help), "", "show this help"},
 };
@@ -129,6 +138,31 @@ void cfg_perplexity_help(FILE *f) {
         "tokens, perplexity and, in tidal mode, top1_agreement_vs_full and\n"
         "mean_kl_vs_full.\n\noptions (sampling flags are ignored):\n");
     flags_help(f);
+}
+
+void cfg_calibrate_help(FILE *f) {
+    fprintf(f, "usage: tidald calibrate --model PATH --file TEXT [options]\n\n"
+               "Choose TidalDecode's settings for a model on a text: for every re-selection layer\n"
+               "(the first selection layer stays the default's) and every budget, run the text as\n"
+               "`perplexity --attention tidal` does and compare each position with full attention\n"
+               "over the same cache. Prints the table on stderr, one JSON line per setting, and\n"
+               "last the recommendation: the smallest budget, and at it the layer, whose top-1\n"
+               "agreement reaches --min-agreement (else the best agreement seen), as JSON and as\n"
+               "serve flags; --out writes it as a config file for `tidald serve --config`. Use\n"
+               "--ctx-size and --eval-tokens so the cache grows past the budgets.\n\noptions:\n");
+    flags_help(f);
+}
+
+int cfg_calibrate_parse(cfg_generate_t *c, int argc, char **argv, char *msg) {
+    if (cfg_perplexity_parse(c, argc, argv, msg)) return -1;
+    if (c->help) return 0;
+    if (c->chunked || c->recompute) {
+        snprintf(msg, CFG_ERRMSG_LEN,
+                 "calibrate runs the streaming pass: not --chunked or "
+                 "--recompute-stride");
+        return -1;
+    }
+    return 0;
 }
 
 int cfg_parse_layers(const char *s, uint32_t *out, uint32_t max, uint32_t *n, char *msg) {
@@ -195,6 +229,9 @@ static int parse_eval_flags(cfg_generate_t *c, int argc, char **argv, char *msg)
     c->device = "auto";
     c->attention = "full";
     c->token_budget = 256;
+    c->budgets = "64,128,256,512,1024";
+    c->layers = "";
+    c->min_agreement = 0.95f;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *val = NULL;
         size_t alen = strcspn(a, "=");

@@ -42,6 +42,10 @@ typedef struct {
     bool no_eviction;    /* stop at a full window instead of evicting */
     bool chunked;        /* perplexity as llama-perplexity computes it: --ctx-size chunks, halves */
     int32_t recompute;   /* perplexity: sliding window re-computed from scratch every N tokens */
+    const char *budgets; /* calibrate: TidalDecode budgets to sweep, comma-separated */
+    const char *layers;  /* calibrate: re-selection layers to sweep, comma-separated; "" = all */
+    float min_agreement; /* calibrate: top-1 agreement with full attention to recommend */
+    const char *out;     /* calibrate: write the recommendation as a serve --config file */
     const char *attention;        /* full or tidal */
     int32_t token_budget;         /* TidalDecode K, 0 = the default */
     const char *selection_layers; /* comma-separated, empty = the default */
@@ -57,6 +61,8 @@ void cfg_generate_help(FILE *f);
 /* Parse `perplexity` flags: the same table, --file instead of --prompt. */
 int cfg_perplexity_parse(cfg_generate_t *c, int argc, char **argv, char *msg);
 void cfg_perplexity_help(FILE *f);
+int cfg_calibrate_parse(cfg_generate_t *c, int argc, char **argv, char *msg);
+void cfg_calibrate_help(FILE *f);
 /* "2,6" -> layers; -1 with msg on a bad list. */
 int cfg_parse_layers(const char *s, uint32_t *out, uint32_t max, uint32_t *n, char *msg);
 

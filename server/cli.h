@@ -16,9 +16,23 @@ int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx);
 int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a);
 /* The whole file, malloc'd (*len bytes), or NULL. */
 char *cli_read_file(const char *path, size_t *len);
-/* `tidald perplexity`, `convert-tokenizer`, `tokenize` (argv[0] is the subcommand); the process
- * exit code. */
+/* What one streaming pass over a text measured (stream_eval). */
+typedef struct {
+    uint64_t count, evicted; /* positions scored, tokens evicted */
+    double ppl;              /* of the attention asked for */
+    double ppl_full;         /* TidalDecode: full attention over the same caches */
+    double agreement;        /* TidalDecode: top-1 agreement with full attention */
+    double mean_kl;          /* TidalDecode: mean KL(full || tidal), nats */
+    double tok_s;
+} stream_result_t;
+/* Teacher-forced perplexity of toks[0..n) as a streaming model sees it (perplexity.c); 0, or 1
+ * with the error on stderr. */
+int stream_eval(const cfg_generate_t *cfg, eng_ctx_t *ctx, const eng_model_t *model,
+                const int32_t *toks, size_t n, const eng_attn_params_t *attn, stream_result_t *out);
+/* `tidald perplexity`, `calibrate`, `convert-tokenizer`, `tokenize` (argv[0] is the
+ * subcommand); the process exit code. */
 int cmd_perplexity(int argc, char **argv);
+int cmd_calibrate(int argc, char **argv);
 int cmd_convert_tokenizer(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 

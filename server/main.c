@@ -23,16 +23,18 @@ static double now_s(void) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f,
-            "usage: tidald [command] [options]\n\n"
-            "commands:\n"
-            "  serve      serve the OpenAI-compatible HTTP API (the default; tidald serve --help)\n"
-            "  generate   generate text from a prompt (tidald generate --help)\n"
-            "  perplexity evaluate a text, full vs TidalDecode (tidald perplexity --help)\n"
-            "  quantize   convert an F32/F16/BF16 model: tidald quantize IN.gguf OUT.gguf TYPE\n"
-            "  convert-tokenizer  a Hugging Face tokenizer.json to a GGUF vocabulary\n"
-            "  tokenize   print a text's token ids (tidald tokenize --help)\n"
-            "  help       show this help\n");
+    fprintf(
+        f,
+        "usage: tidald [command] [options]\n\n"
+        "commands:\n"
+        "  serve      serve the OpenAI-compatible HTTP API (the default; tidald serve --help)\n"
+        "  generate   generate text from a prompt (tidald generate --help)\n"
+        "  perplexity evaluate a text, full vs TidalDecode (tidald perplexity --help)\n"
+        "  calibrate  choose TidalDecode's layers and budget on a text (tidald calibrate --help)\n"
+        "  quantize   convert an F32/F16/BF16 model: tidald quantize IN.gguf OUT.gguf TYPE\n"
+        "  convert-tokenizer  a Hugging Face tokenizer.json to a GGUF vocabulary\n"
+        "  tokenize   print a text's token ids (tidald tokenize --help)\n"
+        "  help       show this help\n");
 }
 
 static void quantize_usage(FILE *f) {
@@ -297,6 +299,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "serve") == 0) return cmd_serve(argc - 1, argv + 1);
     if (strcmp(argv[1], "generate") == 0) return cmd_generate(argc - 1, argv + 1);
     if (strcmp(argv[1], "perplexity") == 0) return cmd_perplexity(argc - 1, argv + 1);
+    if (strcmp(argv[1], "calibrate") == 0) return cmd_calibrate(argc - 1, argv + 1);
     if (strcmp(argv[1], "quantize") == 0) return cmd_quantize(argc - 1, argv + 1);
     if (strcmp(argv[1], "convert-tokenizer") == 0) return cmd_convert_tokenizer(argc - 1, argv + 1);
     if (strcmp(argv[1], "tokenize") == 0) return cmd_tokenize(argc - 1, argv + 1);

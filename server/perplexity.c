@@ -135,6 +135,79 @@ static int recompute(const cfg_generate_t *cfg, eng_ctx_t *ctx, const eng_model_
     return 0;
 }
 
+/* One teacher-forced pass as a streaming model sees the text: one token at a time, evicting
+ * when the window (the context's) fills unless cfg->no_eviction. With TidalDecode each position
+ * runs with full attention first (its K/V slot then rolled back) and then with `attn`, whose
+ * K/V stay, so both distributions condition on the same cache. 0, or 1 with the error printed. */
+int stream_eval(const cfg_generate_t *cfg, eng_ctx_t *ctx, const eng_model_t *model,
+                const int32_t *toks, size_t n, const eng_attn_params_t *attn,
+                stream_result_t *out) {
+    const eng_hparams_t *hp = eng_model_hparams(model);
+    bool tidal = attn->mode == ENG_ATTN_TIDAL;
+    uint32_t V = hp->n_vocab, window = eng_ctx_n_ctx(ctx);
+    char msg[ENG_ERRMSG_LEN];
+    memset(out, 0, sizeof(*out));
+    float *lf = malloc(sizeof(float) * V), *lt = malloc(sizeof(float) * V);
+    if (!lf || !lt) {
+        free(lf), free(lt);
+        fprintf(stderr, "tidald: out of memory\n");
+        return 1;
+    }
+    kv_seq_t seq;
+    kv_seq_init(&seq, eng_ctx_kv_pool(ctx));
+    seq.n_sinks = (uint32_t)cfg->sinks;
+    double nll = 0, nll_full = 0, kl = 0;
+    uint64_t agree = 0, count = 0;
+    int rc = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (size_t i = 0; i + 1 < n && !rc; i++) {
+        if (!cfg->no_eviction) eng_seq_make_room(ctx, &seq, window, 1, (uint32_t)cfg->evict_chunk);
+        if (seq.n_tokens + 1 > window) break; /* --no-eviction: the window is the limit */
+        eng_batch_item_t it = {&seq, &toks[i], 1, lf};
+        if ((rc = eng_forward(ctx, &it, 1, msg))) break;
+        int32_t af, at;
+        double zf = log_z(lf, V, &af);
+        nll_full += zf - lf[toks[i + 1]];
+        if (tidal) {
+            seq.n_tokens--; /* roll the full-attention slot back; the tidal pass rewrites it */
+            it.logits = lt;
+            it.attn = attn;
+            if ((rc = eng_forward(ctx, &it, 1, msg))) break;
+            double zt = log_z(lt, V, &at);
+            nll += zt - lt[toks[i + 1]];
+            agree += af == at;
+            double k = 0; /* KL(full || tidal) */
+            for (uint32_t v = 0; v < V; v++) {
+                double lpf = lf[v] - zf, lpt = lt[v] - zt;
+                k += exp(lpf) * (lpf - lpt);
+            }
+            kl += k;
+        } else {
+            nll += zf - lf[toks[i + 1]];
+        }
+        count++;
+        if (cfg->verbose && count % 500 == 0)
+            fprintf(stderr, "tidald: %llu tokens, ppl %.4f\n", (unsigned long long)count,
+                    exp(nll / count));
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    out->count = count;
+    out->evicted = seq.n_evicted;
+    if (count) {
+        out->ppl = exp(nll / (double)count);
+        out->ppl_full = exp(nll_full / (double)count);
+        out->agreement = (double)agree / (double)count;
+        out->mean_kl = kl / (double)count;
+    }
+    out->tok_s = count / (secs + 1e-12);
+    kv_seq_close(&seq);
+    free(lf), free(lt);
+    if (rc) fprintf(stderr, "tidald: %s\n", msg);
+    return rc ? 1 : 0;
+}
+
 int cmd_perplexity(int argc, char **argv) {
     cfg_generate_t cfg;
     char msg[ENG_ERRMSG_LEN] = {0};
@@ -150,8 +223,6 @@ int cmd_perplexity(int argc, char **argv) {
     eng_model_t *model = NULL;
     eng_ctx_t *ctx = NULL;
     int32_t *toks = NULL;
-    float *lf = NULL, *lt = NULL;
-    kv_seq_t seq = {0};
     size_t len = 0, n = 0;
     char *text = cli_read_file(cfg.file, &len);
     if (!text) {
@@ -182,79 +253,29 @@ int cmd_perplexity(int argc, char **argv) {
         status = recompute(&cfg, ctx, model, toks, n);
         goto done;
     }
-    uint32_t V = hp->n_vocab, window = eng_ctx_n_ctx(ctx);
-    lf = malloc(sizeof(float) * V);
-    lt = malloc(sizeof(float) * V);
-    if (!lf || !lt) goto done;
-    kv_seq_init(&seq, eng_ctx_kv_pool(ctx));
-    seq.n_sinks = (uint32_t)cfg.sinks;
-    double nll = 0, nll_full = 0, kl = 0;
-    uint64_t agree = 0, count = 0;
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (size_t i = 0; i + 1 < n; i++) {
-        if (!cfg.no_eviction) eng_seq_make_room(ctx, &seq, window, 1, (uint32_t)cfg.evict_chunk);
-        if (seq.n_tokens + 1 > window) break; /* --no-eviction: the window is the limit */
-        eng_batch_item_t it = {&seq, &toks[i], 1, lf};
-        if (eng_forward(ctx, &it, 1, msg)) {
-            fprintf(stderr, "tidald perplexity: %s\n", msg);
-            goto done;
-        }
-        int32_t af, at;
-        double zf = log_z(lf, V, &af);
-        nll_full += zf - lf[toks[i + 1]];
-        if (tidal) {
-            seq.n_tokens--; /* roll the full-attention slot back; the tidal pass rewrites it */
-            it.logits = lt;
-            it.attn = &attn;
-            if (eng_forward(ctx, &it, 1, msg)) {
-                fprintf(stderr, "tidald perplexity: %s\n", msg);
-                goto done;
-            }
-            double zt = log_z(lt, V, &at);
-            nll += zt - lt[toks[i + 1]];
-            agree += af == at;
-            double k = 0; /* KL(full || tidal) */
-            for (uint32_t v = 0; v < V; v++) {
-                double lpf = lf[v] - zf, lpt = lt[v] - zt;
-                k += exp(lpf) * (lpf - lpt);
-            }
-            kl += k;
-        } else {
-            nll += zf - lf[toks[i + 1]];
-        }
-        count++;
-        if (cfg.verbose && count % 500 == 0)
-            fprintf(stderr, "tidald perplexity: %llu tokens, ppl %.4f\n", (unsigned long long)count,
-                    exp(nll / count));
-    }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double secs = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
-    double ppl = exp(nll / (double)count);
+    stream_result_t res;
+    if (stream_eval(&cfg, ctx, model, toks, n, &attn, &res)) goto done;
     fprintf(stderr,
-            "tidald perplexity: %llu tokens, window %u, sinks %u, %s%s: perplexity %.4f "
+            "tidald perplexity: %llu tokens, window %u, sinks %u, %s: perplexity %.4f "
             "(%.1f tok/s)\n",
-            (unsigned long long)count, window, seq.n_sinks, cfg.attention, tidal ? "" : "", ppl,
-            count / (secs + 1e-12));
+            (unsigned long long)res.count, eng_ctx_n_ctx(ctx), (uint32_t)cfg.sinks, cfg.attention,
+            res.ppl, res.tok_s);
     printf("{\"tokens\":%llu,\"perplexity\":%.6f,\"attention\":\"%s\",\"ctx_size\":%u,"
            "\"sinks\":%u,\"evicted_tokens\":%llu",
-           (unsigned long long)count, ppl, cfg.attention, window, seq.n_sinks,
-           (unsigned long long)seq.n_evicted);
+           (unsigned long long)res.count, res.ppl, cfg.attention, eng_ctx_n_ctx(ctx),
+           (uint32_t)cfg.sinks, (unsigned long long)res.evicted);
     if (tidal) {
         printf(",\"token_budget\":%u,\"selection_layers\":[", attn.token_budget);
         for (uint32_t k = 0; k < attn.n_sel_layers; k++)
             printf("%s%u", k ? "," : "", attn.sel_layers[k]);
         printf("],\"force_sinks\":%s,\"per_group\":%s,\"perplexity_full\":%.6f,"
                "\"top1_agreement_vs_full\":%.6f,\"mean_kl_vs_full\":%.6f",
-               attn.force_sinks ? "true" : "false", attn.per_group ? "true" : "false",
-               exp(nll_full / (double)count), (double)agree / (double)count, kl / (double)count);
+               attn.force_sinks ? "true" : "false", attn.per_group ? "true" : "false", res.ppl_full,
+               res.agreement, res.mean_kl);
     }
     printf("}\n");
     status = 0;
 done:
-    if (seq.pool) kv_seq_close(&seq);
-    free(lf);
-    free(lt);
     free(toks);
     free(text);
     eng_ctx_free(ctx);

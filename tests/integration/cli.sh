@@ -150,6 +150,50 @@ assert r["method"] == "recompute" and r["tokens"] == s["tokens"] == o["tokens"] 
 assert abs(r["perplexity"] - s["perplexity"]) < 1e-4 * s["perplexity"], (s, r)
 assert o["recompute_stride"] == 1 and o["ctx_size"] == 64 and 1 < o["perplexity"] < 100, o
 PY
+    # calibrate: every setting measured, the smallest budget reaching the agreement recommended,
+    # and the file it writes sets a server's attention defaults
+    "$BIN" calibrate --model "$STORIES" --file bench/data/stories.txt --ctx-size 512 --eval-tokens 400 \
+        --budgets 16,64 --layers 3,4 --min-agreement 0.8 --out "$TMP/cal.json" >"$TMP/out" 2>"$TMP/err" &&
+        "$BIN" calibrate --model "$STORIES" --file bench/data/stories.txt --ctx-size 512 --eval-tokens 400 \
+            --budgets 4 --layers 4 --min-agreement 0.999 >"$TMP/none" 2>>"$TMP/err" &&
+        python3 - "$TMP/out" "$TMP/cal.json" "$TMP/none" <<'PY' && clean && ok "calibrate sweeps layers and budgets and recommends" || bad "calibrate"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+sweep, rec = rows[:-1], rows[-1]["recommended"]
+assert len(sweep) == 6, rows  # budgets 16 and 64, each with layer 2 alone, 2+3 and 2+4
+assert {tuple(r["selection_layers"]) for r in sweep} == {(2,), (2, 3), (2, 4)}, sweep
+ok = [r for r in sweep if r["top1_agreement_vs_full"] >= 0.8]
+small = min(r["token_budget"] for r in ok)
+best = max(r["top1_agreement_vs_full"] for r in ok if r["token_budget"] == small)
+assert rec["reached"] and rec["token_budget"] == small and rec["top1_agreement_vs_full"] == best, rec
+cal = json.load(open(sys.argv[2]))
+assert cal == {"attention": "tidal", "selection_layers": ",".join(map(str, rec["selection_layers"])),
+               "token_budget": small}, cal
+none = [json.loads(l) for l in open(sys.argv[3])]
+assert none[-1]["recommended"]["reached"] is False and none[-1]["recommended"]["token_budget"] == 4, none
+PY
+    "$BIN" calibrate --model "$STORIES" --file bench/data/stories.txt --budgets x >"$TMP/out" 2>"$TMP/err"
+    [ $? -ne 0 ] && grep -q -- "--budgets" "$TMP/err" && ok "calibrate refuses a bad budget list" || bad "calibrate --budgets x"
+    "$BIN" serve --config "$TMP/cal.json" --model "$STORIES" --port 0 >"$TMP/srv" 2>&1 &
+    srv=$!
+    for _ in $(seq 1 100); do grep -q '"ready"' "$TMP/srv" && break; sleep 0.1; done
+    port=$(sed -n 's/.*(port \([0-9]*\)).*/\1/p' "$TMP/srv" | head -1)
+    python3 - "$port" "$TMP/cal.json" <<'PY' >"$TMP/err" 2>&1 && ok "serve --config takes calibrate's settings as its attention defaults" || bad "serve --config from calibrate"
+import json, sys, urllib.request
+port, cal = sys.argv[1], json.load(open(sys.argv[2]))
+body = json.dumps({"prompt": "Once upon a time", "max_tokens": 120, "temperature": 0,
+                   "telemetry": {"entropy": True}}).encode()
+req = urllib.request.Request("http://127.0.0.1:%s/v1/completions" % port, body,
+                             {"Content-Type": "application/json"})
+tele = json.load(urllib.request.urlopen(req, timeout=60))["telemetry"]
+layers = [int(x) for x in cal["selection_layers"].split(",")]
+# past the budget, the layers between the selection layers (and after the last) are sparse
+want = [l for l in range(layers[0] + 1, 5) if l not in layers]
+assert tele[-1]["sparse_layers"] == want, (tele[-1]["sparse_layers"], want)
+PY
+    kill $srv 2>/dev/null
+    wait $srv 2>/dev/null
+
     "$BIN" perplexity --model "$STORIES" --file bench/data/stories.txt --chunked --recompute-stride 4 >"$TMP/out" 2>"$TMP/err"
     [ $? -eq 2 ] && grep -q -- "--recompute-stride" "$TMP/err" && ok "--recompute-stride with --chunked is refused" || bad "--recompute-stride with --chunked"
 else
