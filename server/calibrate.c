@@ -117,24 +117,10 @@ int cmd_calibrate(int argc, char **argv) {
     eng_ctx_t *ctx = NULL;
     int32_t *toks = NULL;
     setting_t *set = NULL;
-    size_t len = 0, n = 0, n_set = 0;
-    char *text = cli_read_file(cfg.file, &len);
-    if (!text) {
-        fprintf(stderr, "tidald calibrate: cannot read '%s'\n", cfg.file);
-        return 1;
-    }
+    size_t n = 0, n_set = 0;
     if (eval_open(&cfg, &model, &ctx)) goto done;
     const eng_hparams_t *hp = eng_model_hparams(model);
-    const eng_tokenizer_t *tok = eng_model_tokenizer(model);
-    if (eng_tokenize_ex(tok, text, len, eng_tok_add_bos(tok), true, &toks, &n, msg) != 0) {
-        fprintf(stderr, "tidald calibrate: %s: %s\n", cfg.file, msg);
-        goto done;
-    }
-    if (cfg.eval_tokens > 0 && n > (size_t)cfg.eval_tokens) n = (size_t)cfg.eval_tokens;
-    if (n < 2) {
-        fprintf(stderr, "tidald calibrate: the text has fewer than 2 tokens\n");
-        goto done;
-    }
+    if (eval_text_tokens(&cfg, "calibrate", model, &toks, &n)) goto done;
     if (plan(&cfg, hp, &set, &n_set)) goto done;
     fprintf(stderr, "tidald calibrate: %zu settings over %zu tokens, window %u\n", n_set, n,
             eng_ctx_n_ctx(ctx));
@@ -187,7 +173,6 @@ int cmd_calibrate(int argc, char **argv) {
 done:
     free(set);
     free(toks);
-    free(text);
     eng_ctx_free(ctx);
     eng_model_free(model);
     return status;

@@ -14,6 +14,10 @@
 int eval_open(const cfg_generate_t *cfg, eng_model_t **model, eng_ctx_t **ctx);
 /* Attention settings from the command line; 0 or -1 with a message on stderr. */
 int eval_attn_params(const cfg_generate_t *cfg, const eng_hparams_t *hp, eng_attn_params_t *a);
+/* cfg->file's text as tokens, at most --eval-tokens, at least 2 (perplexity.c); 0, or 1 with
+ * the error on stderr under the command's name. */
+int eval_text_tokens(const cfg_generate_t *cfg, const char *cmd, const eng_model_t *model,
+                     int32_t **toks, size_t *n);
 /* The whole file, malloc'd (*len bytes), or NULL. */
 char *cli_read_file(const char *path, size_t *len);
 /* What one streaming pass over a text measured (stream_eval). */

@@ -208,6 +208,33 @@ int stream_eval(const cfg_generate_t *cfg, eng_ctx_t *ctx, const eng_model_t *mo
     return rc ? 1 : 0;
 }
 
+/* The evaluation text of cfg->file as tokens (special-token texts such as <s> between
+ * documents become those tokens), at most --eval-tokens of them; 0, or 1 with the error on
+ * stderr under the command's name. */
+int eval_text_tokens(const cfg_generate_t *cfg, const char *cmd, const eng_model_t *model,
+                     int32_t **toks, size_t *n) {
+    size_t len = 0;
+    char msg[ENG_ERRMSG_LEN];
+    char *text = cli_read_file(cfg->file, &len);
+    if (!text) {
+        fprintf(stderr, "tidald %s: cannot read '%s'\n", cmd, cfg->file);
+        return 1;
+    }
+    const eng_tokenizer_t *tok = eng_model_tokenizer(model);
+    int rc = eng_tokenize_ex(tok, text, len, eng_tok_add_bos(tok), true, toks, n, msg);
+    free(text);
+    if (rc) {
+        fprintf(stderr, "tidald %s: %s: %s\n", cmd, cfg->file, msg);
+        return 1;
+    }
+    if (cfg->eval_tokens > 0 && *n > (size_t)cfg->eval_tokens) *n = (size_t)cfg->eval_tokens;
+    if (*n < 2) {
+        fprintf(stderr, "tidald %s: the text has fewer than 2 tokens\n", cmd);
+        return 1;
+    }
+    return 0;
+}
+
 int cmd_perplexity(int argc, char **argv) {
     cfg_generate_t cfg;
     char msg[ENG_ERRMSG_LEN] = {0};
@@ -223,28 +250,13 @@ int cmd_perplexity(int argc, char **argv) {
     eng_model_t *model = NULL;
     eng_ctx_t *ctx = NULL;
     int32_t *toks = NULL;
-    size_t len = 0, n = 0;
-    char *text = cli_read_file(cfg.file, &len);
-    if (!text) {
-        fprintf(stderr, "tidald perplexity: cannot read '%s'\n", cfg.file);
-        return 1;
-    }
+    size_t n = 0;
     if (eval_open(&cfg, &model, &ctx)) goto done;
     const eng_hparams_t *hp = eng_model_hparams(model);
-    const eng_tokenizer_t *tok = eng_model_tokenizer(model);
     eng_attn_params_t attn;
     if (eval_attn_params(&cfg, hp, &attn)) goto done;
     bool tidal = attn.mode == ENG_ATTN_TIDAL;
-    /* special-token texts (e.g. <s> between documents) become those tokens */
-    if (eng_tokenize_ex(tok, text, len, eng_tok_add_bos(tok), true, &toks, &n, msg) != 0) {
-        fprintf(stderr, "tidald perplexity: %s: %s\n", cfg.file, msg);
-        goto done;
-    }
-    if (cfg.eval_tokens > 0 && n > (size_t)cfg.eval_tokens) n = (size_t)cfg.eval_tokens;
-    if (n < 2) {
-        fprintf(stderr, "tidald perplexity: the text has fewer than 2 tokens\n");
-        goto done;
-    }
+    if (eval_text_tokens(&cfg, "perplexity", model, &toks, &n)) goto done;
     if (cfg.chunked) {
         status = chunked(&cfg, ctx, model, toks, n);
         goto done;
@@ -277,7 +289,6 @@ int cmd_perplexity(int argc, char **argv) {
     status = 0;
 done:
     free(toks);
-    free(text);
     eng_ctx_free(ctx);
     eng_model_free(model);
     return status;
